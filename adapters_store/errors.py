@@ -1,0 +1,64 @@
+"""The adapter store's error tree; every failure a caller can act on has its own type.
+
+    StoreError                  base: anything the store refuses or cannot do
+    ├── BlobNotFound            the key holds no object
+    ├── IntegrityError          an object is missing or its bytes are not the ones announced
+    ├── AdapterFormatError      a file is not a well-formed PocketLoRA adapter (or not safetensors)
+    ├── TransferError           a presigned upload/download got a non-2xx HTTP answer
+    ├── InvalidKey              a key is malformed (leading '/', '..', empty segment, bad charset)
+    └── StoreConfigError        a store URL or its environment is incomplete or wrong
+
+Messages name the field or key at fault and never contain credentials or URL signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+IntegrityReason = Literal["missing", "size_mismatch", "sha256_mismatch"]
+
+
+class StoreError(Exception):
+    """Base class of every adapter store error."""
+
+
+class BlobNotFound(StoreError):
+    """The key holds no object."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no object at key {key!r}")
+        self.key = key
+
+
+class IntegrityError(StoreError):
+    """An object is missing or differs from the size/sha256 it was announced with."""
+
+    def __init__(self, key: str, reason: IntegrityReason, detail: str = "") -> None:
+        msg = f"integrity check failed for {key!r}: {reason}"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+        self.key = key
+        self.reason: IntegrityReason = reason
+
+
+class AdapterFormatError(StoreError):
+    """A file is not a well-formed PocketLoRA adapter blob, manifest or safetensors file."""
+
+
+class TransferError(StoreError):
+    """A presigned-URL transfer failed; `status` is the HTTP status (0 if no answer came)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+
+class InvalidKey(StoreError):
+    """A blob key is malformed."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"invalid key {key!r}: {why}")
+        self.key = key
+
+
+class StoreConfigError(StoreError):
+    """A store URL or the environment it reads is incomplete or wrong."""
