@@ -1,0 +1,438 @@
+"""The inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
+
+Errors (all carry a message that names the adapter and the file or value at fault):
+
+    AdapterRuntimeError         base of everything this module raises on purpose
+    ├── AdapterLoadError        the adapter folder is unusable (pickled .bin, no safetensors, bad config)
+    │   └── IncompatibleAdapter the adapter's manifest names a different base fingerprint
+    ├── AdapterNotLoaded        the name is not resident (never loaded, unloaded or evicted)
+    ├── AdapterBusy             unload of the active adapter (activate another one or None first)
+    └── RuntimeClosed           close() was called
+
+Concurrency. peft keeps the active adapter as plain attributes on every LoRA layer
+(`set_adapter` writes `_active_adapter`; `disable_adapter_layers` writes `_disable_adapters`),
+and its per-call alternative, `adapter_names=`, works by registering forward pre-hooks on those
+same shared modules for the duration of the call (peft/tuners/lora/model.py,
+`_enable_peft_forward_hooks`): two concurrent calls would see each other's hooks. Neither is
+per-thread, so every use of the module tree (apply adapter + generate, load, delete) runs under
+one model lock. Requests pin their adapter at admission; the lock makes each request a single
+critical section, so a swap between requests can never mix two adapters inside one. On 2 cores
+parallel forwards would not be faster anyway.
+
+Lifecycle verbs stay separate as in peft: `load` never activates, `activate` never loads.
+`unload` refuses the active adapter (AdapterBusy): serving silently falling back to the base
+would hide an operator mistake. An adapter pinned by an in-flight request is deleted when that
+request finishes. When resident adapters exceed `max_resident_bytes`, the least recently used
+ones are unloaded, never the active one nor one pinned by an in-flight request.
+
+torch, transformers and peft are imported inside the constructor: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import EllipsisType
+from typing import Any
+
+from adapters_store.fingerprint import model_fingerprint
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+MANIFEST_NAME = "manifest.json"
+_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# peft stores adapters as ModuleDict keys; a '.' would break module paths.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# peft warns (and may reinitialise weights) when an adapter name is a substring of the "lora_"
+# prefix, e.g. "a" or "lora"; a fixed prefix keeps every user name clear of that.
+_PEFT_PREFIX = "pl_"
+_UNKNOWN = object()  # "which adapter the layers have applied" after peft changed it behind us
+
+
+class AdapterRuntimeError(Exception):
+    """Base of the runtime's deliberate errors."""
+
+
+class AdapterLoadError(AdapterRuntimeError):
+    """The adapter folder cannot be loaded (format, config or shape problem)."""
+
+
+class IncompatibleAdapter(AdapterLoadError):
+    """The adapter was trained on a different base model."""
+
+    def __init__(self, name: str, adapter_fingerprint: str, base_fingerprint: str) -> None:
+        super().__init__(
+            f"adapter {name!r} was trained on base {adapter_fingerprint}, "
+            f"but this runtime serves base {base_fingerprint}"
+        )
+        self.adapter_fingerprint = adapter_fingerprint
+        self.base_fingerprint = base_fingerprint
+
+
+class AdapterNotLoaded(AdapterRuntimeError, LookupError):
+    """The named adapter is not resident."""
+
+
+class AdapterBusy(AdapterRuntimeError):
+    """The adapter is active and cannot be unloaded."""
+
+
+class RuntimeClosed(AdapterRuntimeError):
+    """The runtime was closed."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Generated text, the adapter that produced it (None = base), new tokens and wall seconds."""
+
+    text: str
+    adapter: str | None
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class _Resident:
+    name: str
+    nbytes: int
+    pins: int = 0
+    draining: bool = False  # unloaded while pinned: delete when the last pin goes
+
+
+def _peft_name(name: str) -> str:
+    return _PEFT_PREFIX + name
+
+
+def _strip_sha(fingerprint: str) -> str:
+    return fingerprint.removeprefix("sha256:")
+
+
+def _check_weights(path: Path) -> None:
+    """Refuse anything but a well-formed safetensors file, before any parser runs."""
+    try:
+        from adapters_store.blob import ensure_safetensors
+        from adapters_store.errors import AdapterFormatError
+    except ImportError:  # pragma: no cover - the store package is built alongside
+        from adapters_store.fingerprint import SafetensorsHeaderError, read_safetensors_header
+
+        try:
+            read_safetensors_header(path)
+        except SafetensorsHeaderError as exc:
+            raise AdapterLoadError(f"{path.name} is not a safetensors file: {exc}") from None
+        return
+    try:
+        ensure_safetensors(path)
+    except AdapterFormatError as exc:
+        raise AdapterLoadError(f"{path.parent}: {exc}") from None
+
+
+def _check_adapter_dir(name: str, adapter_dir: Path) -> Path:
+    """Return the safetensors weights path of a loadable adapter folder, or raise why not."""
+    if not _NAME.fullmatch(name):
+        raise AdapterLoadError(f"adapter name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if not adapter_dir.is_dir():
+        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} is not a directory")
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLED_SUFFIXES)
+        if pickled:
+            raise AdapterLoadError(
+                f"adapter {name!r}: {adapter_dir} holds only pickled weights ({', '.join(pickled)}); "
+                f"PocketLoRA loads only {WEIGHTS_NAME} (unpickling can run code)"
+            )
+        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} has no {WEIGHTS_NAME}")
+    _check_weights(weights)
+    try:
+        config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"adapter {name!r}: unreadable {CONFIG_NAME}: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"adapter {name!r}: {CONFIG_NAME} must be a JSON object")
+    return weights
+
+
+def _manifest_fingerprint(name: str, adapter_dir: Path) -> str | None:
+    """Return manifest.json's base_fingerprint, None when the folder has no manifest."""
+    path = adapter_dir / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterLoadError(f"adapter {name!r}: unreadable {MANIFEST_NAME}: {exc}") from None
+    value = manifest.get("base_fingerprint") if isinstance(manifest, dict) else None
+    if not isinstance(value, str):
+        raise AdapterLoadError(f"adapter {name!r}: {MANIFEST_NAME} has no base_fingerprint string")
+    return value
+
+
+class AdapterRuntime:
+    """A base causal LM loaded once, serving LoRA adapters that are loaded, swapped and evicted."""
+
+    def __init__(
+        self,
+        base_model_dir: Path,
+        *,
+        max_resident_bytes: int = 256 * 2**20,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)  # process-wide: torch has no per-model setting
+        self._torch = torch
+        self.base_model_dir = Path(base_model_dir)
+        self.max_resident_bytes = max_resident_bytes
+        # Headers only: fails fast on a folder without safetensors weights, before the big load.
+        self._base_fingerprint = model_fingerprint(self.base_model_dir)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32)
+        model.eval()
+        self._model: Any = model  # LoRA layers are injected into it in place by peft
+        self._peft: Any = None  # the PeftModel wrapper, created by the first load
+        self._model_lock = threading.Lock()  # every touch of module state; see module docstring
+        self._state = (
+            threading.Lock()
+        )  # registry/active/pins; never held while waiting for the above
+        self._residents: OrderedDict[str, _Resident] = OrderedDict()  # oldest use first
+        self._doomed: set[str] = set()  # unloaded from the registry, still to delete from peft
+        self._active: str | None = None
+        self._applied: object = None  # adapter the layers currently apply (model lock)
+        self._layers_enabled = True
+        self._closed = False
+
+    @property
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the base weights (adapters_store.fingerprint.model_fingerprint)."""
+        return self._base_fingerprint
+
+    @property
+    def active(self) -> str | None:
+        """The adapter new requests use by default; None means the base model."""
+        return self._active
+
+    def resident(self) -> dict[str, int]:
+        """Return resident adapters and their weight bytes, least recently used first."""
+        with self._state:
+            return {r.name: r.nbytes for r in self._residents.values()}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosed("the adapter runtime is closed")
+
+    def load(self, name: str, adapter_dir: Path, *, expected_fingerprint_check: bool = True) -> int:
+        """Load an adapter from a peft folder (safetensors only) without activating it; return bytes."""
+        self._check_open()
+        adapter_dir = Path(adapter_dir)
+        weights = _check_adapter_dir(name, adapter_dir)
+        if expected_fingerprint_check:
+            theirs = _manifest_fingerprint(name, adapter_dir)
+            if theirs is not None and _strip_sha(theirs) != _strip_sha(self._base_fingerprint):
+                raise IncompatibleAdapter(name, theirs, self._base_fingerprint)
+        nbytes = weights.stat().st_size
+        with self._state:
+            if name in self._residents:
+                raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
+        with self._model_lock:
+            self._reap_locked()
+            self._inject(name, adapter_dir)
+            with self._state:
+                self._residents[name] = _Resident(name, nbytes)
+                self._evict_locked(keep=name)
+            self._reap_locked()
+        return nbytes
+
+    def _inject(self, name: str, adapter_dir: Path) -> None:
+        """Add the adapter's LoRA layers to the model (model lock held)."""
+        from peft import PeftModel
+
+        # peft would pick adapter_model.safetensors over a .bin (load_peft_weights), and we
+        # checked it exists; it never reaches torch.load.
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(
+                    self._model, str(adapter_dir), adapter_name=_peft_name(name), is_trainable=False
+                )
+            else:
+                self._peft.load_adapter(
+                    str(adapter_dir), adapter_name=_peft_name(name), is_trainable=False
+                )
+        except (ValueError, RuntimeError, KeyError, OSError, TypeError) as exc:
+            if self._peft is not None and _peft_name(name) in self._peft.peft_config:
+                self._peft.delete_adapter(_peft_name(name))
+            raise AdapterLoadError(f"adapter {name!r} from {adapter_dir}: {exc}") from exc
+        finally:
+            # Loading may change which adapter peft considers active; re-apply before next use.
+            self._applied = _UNKNOWN
+        self._peft.eval()
+
+    def _evict_locked(self, keep: str) -> None:
+        """Pick least recently used adapters to drop until under budget (state lock held)."""
+        total = sum(r.nbytes for r in self._residents.values())
+        for res in list(self._residents.values()):
+            if total <= self.max_resident_bytes:
+                return
+            if res.name in (keep, self._active) or res.pins > 0:
+                continue
+            del self._residents[res.name]
+            self._doomed.add(res.name)
+            total -= res.nbytes
+
+    def _reap_locked(self) -> None:
+        """Delete doomed adapters from peft (model lock held)."""
+        with self._state:
+            doomed, self._doomed = self._doomed, set()
+        for name in doomed:
+            if self._peft is not None and _peft_name(name) in self._peft.peft_config:
+                self._peft.delete_adapter(_peft_name(name))
+                self._applied = _UNKNOWN
+
+    def _reap_nowait(self) -> None:
+        # Never wait on a generation: whoever holds the model lock next reaps for us.
+        if self._model_lock.acquire(blocking=False):
+            try:
+                self._reap_locked()
+            finally:
+                self._model_lock.release()
+
+    def activate(self, name: str | None) -> None:
+        """Make a resident adapter (or None, the base) the default for new requests."""
+        self._check_open()
+        with self._state:
+            if name is not None:
+                if name not in self._residents:
+                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+                self._residents.move_to_end(name)
+            self._active = name
+        # Apply now if the model is idle, so the next request starts without the switch cost;
+        # if a request is running, the next request applies its own pinned adapter anyway.
+        if self._model_lock.acquire(blocking=False):
+            try:
+                with self._state:
+                    current = self._active
+                self._apply_locked(current)
+            finally:
+                self._model_lock.release()
+
+    def unload(self, name: str) -> None:
+        """Drop a resident adapter; refuses the active one (AdapterBusy)."""
+        self._check_open()
+        with self._state:
+            res = self._residents.get(name)
+            if res is None:
+                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+            if name == self._active:
+                raise AdapterBusy(
+                    f"adapter {name!r} is active; activate another adapter or None first"
+                )
+            del self._residents[name]
+            if res.pins > 0:
+                res.draining = True  # the last in-flight request dooms it
+            else:
+                self._doomed.add(name)
+        self._reap_nowait()
+
+    def _apply_locked(self, name: str | None) -> None:
+        """Point every LoRA layer at `name`, or disable them for the base (model lock held)."""
+        if self._applied is not _UNKNOWN and self._applied == name:
+            return
+        if self._peft is not None:
+            if name is None:
+                self._peft.base_model.disable_adapter_layers()
+                self._layers_enabled = False
+            else:
+                if not self._layers_enabled:
+                    self._peft.base_model.enable_adapter_layers()
+                    self._layers_enabled = True
+                self._peft.set_adapter(_peft_name(name), inference_mode=True)
+        self._applied = name
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 48,
+        adapter: str | EllipsisType | None = ...,
+        chat: bool = True,
+    ) -> GenerationResult:
+        """Greedy-generate a reply with the adapter pinned at admission (default: the active one)."""
+        started = time.perf_counter()
+        self._check_open()
+        with self._state:
+            name = self._active if adapter is ... else adapter
+            res: _Resident | None = None
+            if name is not None:
+                res = self._residents.get(name)
+                if res is None:
+                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+                res.pins += 1
+                self._residents.move_to_end(name)
+        try:
+            with self._model_lock:
+                self._check_open()
+                self._apply_locked(name)
+                text, tokens = self._generate_locked(prompt, max_new_tokens, chat)
+                self._unpin(res)
+                res = None
+                self._reap_locked()
+        finally:
+            self._unpin(res)  # only when the generation raised
+        return GenerationResult(text, name, tokens, time.perf_counter() - started)
+
+    def _unpin(self, res: _Resident | None) -> None:
+        if res is None:
+            return
+        with self._state:
+            res.pins -= 1
+            if res.draining and res.pins == 0:
+                self._doomed.add(res.name)
+
+    def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, int]:
+        """Tokenize, generate greedily and decode (model lock held; fast tokenizers are not
+        safe to share between threads either)."""
+        from transformers import GenerationConfig
+
+        tok = self._tokenizer
+        if chat and tok.chat_template:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            enc = tok(text, add_special_tokens=False, return_tensors="pt")
+        else:
+            enc = tok(prompt, return_tensors="pt")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
+        n_in = enc["input_ids"].shape[1]
+        # The HF model carries the injected LoRA layers; PeftModel.generate adds nothing for LoRA.
+        with self._torch.inference_mode():
+            out = self._model.generate(**enc, generation_config=config)
+        new = out[0, n_in:]
+        return tok.decode(new, skip_special_tokens=True), int(new.shape[0])
+
+    def close(self) -> None:
+        """Release the model; later calls raise RuntimeClosed."""
+        with self._model_lock:
+            self._closed = True
+            self._peft = None
+            self._model = None
+            with self._state:
+                self._residents.clear()
+                self._doomed.clear()
+                self._active = None
+
+    def __enter__(self) -> AdapterRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
