@@ -1,0 +1,44 @@
+"""The orchestrator's error tree, mapped to gRPC status codes in one place (servicers/errors.py).
+
+    OrchestratorError
+    ├── InvalidArgument      a request field is missing or malformed (names the field)
+    ├── NotFound             an unknown job, device, adapter or campaign id
+    ├── AlreadyExists        a conflicting create
+    ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
+    ├── Unauthenticated      no or wrong credential
+    └── PermissionDenied     a valid caller acting on what is not theirs
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator reports to a caller."""
+
+
+class InvalidArgument(OrchestratorError):
+    """A request field is missing or malformed."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(OrchestratorError):
+    """An id names nothing the orchestrator knows."""
+
+
+class AlreadyExists(OrchestratorError):
+    """The thing being created exists already."""
+
+
+class FailedPrecondition(OrchestratorError):
+    """The request is well formed but illegal in the current state."""
+
+
+class Unauthenticated(OrchestratorError):
+    """The caller did not prove who it is."""
+
+
+class PermissionDenied(OrchestratorError):
+    """The caller may not do this."""

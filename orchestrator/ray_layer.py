@@ -1,0 +1,179 @@
+"""All Ray API calls live here: the orchestrator as a Ray application.
+
+Plain classes hold the logic (orchestrator.service.Orchestrator); this module turns them into
+actors with one factory each (Ray Serve's controller pattern):
+
+- FrontendActor: one gRPC front end (async actor); `--replicas N` starts N of them on one port
+  (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports.
+- ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
+  it after a crash, and it holds no state of its own (everything is in the state store).
+- verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.pace import PacePolicy
+
+log = logging.getLogger("pocketlora.orchestrator")
+CONTROL_ACTOR_NAME = "pocketlora-control"
+NAMESPACE = "pocketlora"
+
+
+def ray_env(tmp_root: Path | None = None) -> dict[str, str]:
+    """Environment that keeps every Ray server on 127.0.0.1, quiet, and telemetry off (PLATFORM.md)."""
+    tmp = tmp_root or Path(tempfile.gettempdir()) / f"pocketlora-ray-{os.getuid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {
+        # The only setting seen to make every Ray server bind 127.0.0.1 (_node_ip_address is ignored).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(tmp),
+        "RAY_DEDUP_LOGS": "0",
+    }
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, tmp_root: Path | None = None) -> None:
+    """Start an in-process Ray cluster, or attach to `address` (e.g. ray://host:10001 or auto)."""
+    os.environ.update(ray_env(tmp_root))
+    import ray
+
+    if ray.is_initialized():
+        return
+    # env_vars reach actors and tasks (they are separate processes started by Ray's workers).
+    runtime_env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("POCKETLORA_", "AWS_", "HF_", "TRANSFORMERS_"))}}
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+        return
+    # address="local": a bare ray.init() would attach to any leftover cluster in RAY_TMPDIR.
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=num_cpus or max(os.cpu_count() or 2, 2),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        object_store_memory=200 * 2**20,
+        runtime_env=runtime_env,
+    )
+
+
+def _config_from(d: dict[str, Any]) -> OrchestratorConfig:
+    d = dict(d)
+    d["pace"] = PacePolicy(**d.get("pace", {}))
+    return OrchestratorConfig(**d)
+
+
+def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
+    from adapters_store import open_store
+    from orchestrator.service import local_verifier
+
+    store = open_store(store_url)
+    try:
+        return local_verifier(store, key, sha256, size)
+    finally:
+        store.close()
+
+
+class FrontendActor:
+    """One gRPC front end; becomes a Ray actor through `frontend_actor()`."""
+
+    def __init__(self, db_url: str, store_url: str, config: dict[str, Any], listen: str) -> None:
+        self.db_url, self.store_url, self.config, self.listen = db_url, store_url, config, listen
+        self.running: Any = None
+
+    async def start(self) -> int:
+        """Open the stores and serve; returns the bound port."""
+        import ray
+
+        from orchestrator.server import build_orchestrator, start_server
+
+        verify = ray.remote(num_cpus=0, max_retries=2)(_verify_blob)
+        store_url = self.store_url
+
+        def ray_verifier(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
+            # Runs on an executor thread of this actor; ray.get blocks only that thread.
+            return ray.get(verify.remote(store_url, key, sha256, size))  # type: ignore[no-any-return]
+
+        orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
+        self.running = await start_server(orch, self.listen)
+        return int(self.running.port)
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self.running is not None:
+            await self.running.stop()
+            self.running.orch.state.close()
+            self.running = None
+
+
+class ControlLoopActor:
+    """The control loop; becomes a named, restartable Ray actor through `control_actor()`."""
+
+    def __init__(self, db_url: str, store_url: str, config: dict[str, Any]) -> None:
+        from orchestrator.server import build_orchestrator
+
+        self.orch = build_orchestrator(db_url, store_url, _config_from(config))
+        self.interval = self.orch.config.reap_interval_s
+        self.reaped = 0
+        self.ticks = 0
+
+    async def run(self) -> None:
+        """Reap expired leases and deadlines forever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.reaped += await loop.run_in_executor(None, self.orch.reap)
+            except Exception:  # keep the loop alive through a passing store error
+                log.exception("reaper tick failed")
+            self.ticks += 1
+            await asyncio.sleep(self.interval)
+
+    async def stats(self) -> dict[str, int]:
+        """How much the loop has done."""
+        return {"ticks": self.ticks, "reaped": self.reaped}
+
+
+def start_orchestrator(
+    db_url: str, store_url: str, config: OrchestratorConfig, *, listen: str = "127.0.0.1:0", replicas: int = 1
+) -> tuple[list[Any], Any, list[int]]:
+    """Start the control loop and `replicas` front ends; returns (front ends, control actor, ports)."""
+    import ray
+
+    cfg = asdict(config)
+    control_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(ControlLoopActor)
+    control = control_cls.options(name=CONTROL_ACTOR_NAME, get_if_exists=True).remote(db_url, store_url, cfg)
+    control.run.remote()
+    frontend_cls = ray.remote(num_cpus=0, max_restarts=3, max_concurrency=64)(FrontendActor)
+    host, port = listen.rsplit(":", 1)
+    frontends, ports = [], []
+    for i in range(replicas):
+        # Port 0 gives each replica its own port; a fixed port is shared through SO_REUSEPORT.
+        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}")
+        bound = ray.get(actor.start.remote())
+        frontends.append(actor)
+        ports.append(bound)
+        log.info("front end %d serving on %s:%d", i, host, bound)
+    return frontends, control, ports
+
+
+def stop_orchestrator(frontends: list[Any], control: Any) -> None:
+    """Stop the front ends and the control loop."""
+    import ray
+
+    for actor in frontends:
+        try:
+            ray.get(actor.stop.remote(), timeout=10)
+        except Exception:  # already gone
+            pass
+        ray.kill(actor)
+    ray.kill(control, no_restart=True)

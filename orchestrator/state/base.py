@@ -1,0 +1,166 @@
+"""The state-store contract: every backend passes tests/orchestrator/test_state_contract.py.
+
+All reads and writes happen inside `StateStore.transaction()`. A transaction is atomic and
+durable when the `with` block exits without an exception (the reply to a client is sent only
+after that). Rows read with `for_update=True` stay locked (or, on SQLite, the whole database is
+write-locked) until the transaction ends, so read-modify-write of a job is safe across threads,
+processes and orchestrator replicas.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from orchestrator.domain import (
+    AdapterRecord,
+    CampaignRecord,
+    DeviceRecord,
+    JobFilter,
+    JobRecord,
+)
+
+
+class Tx(abc.ABC):
+    """Operations available inside one transaction."""
+
+    # --- jobs ---
+    @abc.abstractmethod
+    def insert_job(self, job: JobRecord) -> None:
+        """Insert a new job; AlreadyExists if its id or non-empty request_id is taken."""
+
+    @abc.abstractmethod
+    def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
+        """Return the job, or None."""
+
+    @abc.abstractmethod
+    def get_job_by_request(self, request_id: str) -> JobRecord | None:
+        """Return the job submitted with this idempotency key, or None."""
+
+    @abc.abstractmethod
+    def save_job(self, job: JobRecord) -> None:
+        """Write back a job read in this transaction; assigns it a new change_seq."""
+
+    @abc.abstractmethod
+    def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
+        """QUEUED jobs of a device whose backoff has passed, oldest first, locked for update.
+
+        On PostgreSQL rows locked by another replica's transaction are skipped, so two
+        replicas never hand out the same job.
+        """
+
+    @abc.abstractmethod
+    def expired_jobs(self, now: float, limit: int) -> list[JobRecord]:
+        """Leased jobs whose lease expired, or unfinished jobs past their deadline, locked."""
+
+    @abc.abstractmethod
+    def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
+        """Jobs matching the filter, newest first, with ids below before_job_id when given."""
+
+    @abc.abstractmethod
+    def jobs_changed_after(self, change_seq: int, flt: JobFilter, limit: int) -> list[JobRecord]:
+        """Jobs matching the filter with change_seq greater than the given one, in seq order."""
+
+    @abc.abstractmethod
+    def max_change_seq(self) -> int:
+        """The highest change_seq of any job (0 when there are none)."""
+
+    @abc.abstractmethod
+    def count_jobs_by_state(self, campaign_id: str = "") -> dict[str, int]:
+        """Number of jobs in each state (of one campaign when given)."""
+
+    # --- campaigns ---
+    @abc.abstractmethod
+    def insert_campaign(self, campaign: CampaignRecord) -> None:
+        """Insert a campaign; AlreadyExists if its request_id is taken."""
+
+    @abc.abstractmethod
+    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
+        """Return the campaign, or None."""
+
+    @abc.abstractmethod
+    def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
+        """Return the campaign submitted with this idempotency key, or None."""
+
+    # --- devices ---
+    @abc.abstractmethod
+    def upsert_device(self, device: DeviceRecord) -> None:
+        """Insert or replace a device."""
+
+    @abc.abstractmethod
+    def get_device(self, device_id: str, *, for_update: bool = False) -> DeviceRecord | None:
+        """Return the device, or None."""
+
+    @abc.abstractmethod
+    def list_devices(self, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
+        """Devices ordered by id, with ids above after_device_id when given."""
+
+    @abc.abstractmethod
+    def count_devices_by_reason(self, online_since: float) -> tuple[dict[str, int], int, int]:
+        """(devices by eligibility reason, device count, devices seen since online_since)."""
+
+    # --- enrollment tokens ---
+    @abc.abstractmethod
+    def add_enrollment_token(self, token_hash: str, expires_at: float, description: str) -> None:
+        """Store a hashed enrollment token."""
+
+    @abc.abstractmethod
+    def enrollment_token_expiry(self, token_hash: str) -> float | None:
+        """The token's expiry, or None when unknown."""
+
+    # --- adapters ---
+    @abc.abstractmethod
+    def insert_adapter(self, adapter: AdapterRecord) -> None:
+        """Register an adapter version; AlreadyExists on a (device, name, version) clash."""
+
+    @abc.abstractmethod
+    def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        """Return the adapter, or None."""
+
+    @abc.abstractmethod
+    def latest_adapter_version(self, device_id: str, name: str) -> int:
+        """Highest version of (device, name), 0 when none."""
+
+    @abc.abstractmethod
+    def list_adapters(
+        self, device_id: str, name: str, limit: int, before_adapter_id: str = ""
+    ) -> list[AdapterRecord]:
+        """Adapters newest first, filtered by device and name when given."""
+
+    @abc.abstractmethod
+    def adapter_count(self) -> int:
+        """Number of registered adapter versions."""
+
+    @abc.abstractmethod
+    def referenced_blob_keys(self) -> set[str]:
+        """Blob keys referenced by any adapter version (for garbage collection)."""
+
+
+class StateStore(abc.ABC):
+    """A durable store of jobs, devices, campaigns and adapters."""
+
+    url: str
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]:
+        """Open a transaction; commits on normal exit, rolls back on an exception."""
+
+    @abc.abstractmethod
+    def migrate(self) -> int:
+        """Bring the schema to the latest version; return that version."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def iter_all_jobs(self, flt: JobFilter, page: int = 500) -> Iterator[JobRecord]:
+        """Every job matching the filter, newest first (for tests and tools)."""
+        before = ""
+        while True:
+            with self.transaction() as tx:
+                batch = tx.list_jobs(flt, page, before)
+            yield from batch
+            if len(batch) < page:
+                return
+            before = batch[-1].job_id

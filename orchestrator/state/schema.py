@@ -1,0 +1,91 @@
+"""Schema migrations, shared by SQLite and PostgreSQL (dialect differences are substituted).
+
+Each entry upgrades the schema by one version. Never edit a released entry: append a new one.
+`{bigint}`, `{float}` and `{serial}` are filled in per dialect.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[list[str]] = [
+    # 1: the first schema.
+    [
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            credential_hash TEXT NOT NULL,
+            capabilities TEXT NOT NULL,
+            labels TEXT NOT NULL,
+            power TEXT NOT NULL,
+            eligible INTEGER NOT NULL,
+            eligibility_reason TEXT NOT NULL,
+            eligibility_detail TEXT NOT NULL,
+            active_adapter_id TEXT NOT NULL,
+            desired_adapter_id TEXT NOT NULL,
+            adapter_history TEXT NOT NULL,
+            last_seen {float} NOT NULL,
+            enrolled_at {float} NOT NULL,
+            running_job_id TEXT NOT NULL
+        )""",
+        """CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            campaign_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            training TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            max_attempts INTEGER NOT NULL,
+            lease_epoch {bigint} NOT NULL,
+            lease_expires_at {float} NOT NULL,
+            progress TEXT NOT NULL,
+            last_error_class TEXT NOT NULL,
+            last_error TEXT NOT NULL,
+            status_message TEXT NOT NULL,
+            created_at {float} NOT NULL,
+            updated_at {float} NOT NULL,
+            deadline {float} NOT NULL,
+            adapter_id TEXT NOT NULL,
+            not_before {float} NOT NULL,
+            paused_s {float} NOT NULL,
+            paused_since {float} NOT NULL,
+            request_id TEXT,
+            memory_estimate_bytes {bigint} NOT NULL,
+            change_seq {bigint} NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX jobs_request ON jobs (request_id)",
+        "CREATE INDEX jobs_claim ON jobs (device_id, state, not_before)",
+        "CREATE INDEX jobs_lease ON jobs (state, lease_expires_at)",
+        "CREATE INDEX jobs_campaign ON jobs (campaign_id, job_id)",
+        "CREATE INDEX jobs_change ON jobs (change_seq)",
+        """CREATE TABLE campaigns (
+            campaign_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            selector TEXT NOT NULL,
+            request_id TEXT,
+            created_at {float} NOT NULL,
+            job_count INTEGER NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX campaigns_request ON campaigns (request_id)",
+        """CREATE TABLE adapters (
+            adapter_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            size_bytes {bigint} NOT NULL,
+            base_model_id TEXT NOT NULL,
+            base_fingerprint TEXT NOT NULL,
+            manifest TEXT NOT NULL,
+            created_at {float} NOT NULL,
+            blob_key TEXT NOT NULL,
+            UNIQUE (device_id, name, version)
+        )""",
+        """CREATE TABLE enrollment_tokens (
+            token_hash TEXT PRIMARY KEY,
+            expires_at {float} NOT NULL,
+            description TEXT NOT NULL
+        )""",
+    ],
+]
+
+LATEST = len(MIGRATIONS)

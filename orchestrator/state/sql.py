@@ -1,0 +1,297 @@
+"""One SQL implementation of the state contract; sqlite.py and postgres.py supply the dialect."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from orchestrator.domain import (
+    AdapterRecord,
+    CampaignRecord,
+    DeviceRecord,
+    JobFilter,
+    JobRecord,
+    JobState,
+    Progress,
+)
+from orchestrator.errors import AlreadyExists
+from orchestrator.state.base import Tx
+
+_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history"}
+_HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
+_OPEN = [*_HELD, JobState.QUEUED.value]
+
+
+class Dialect:
+    """What differs between SQL backends."""
+
+    placeholder = "?"
+    for_update = ""  # SQLite locks the whole database for the transaction instead
+    skip_locked = ""
+    # change_seq must grow with every write; PostgreSQL uses a sequence shared by replicas.
+    next_change_seq = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM jobs)"
+    unique_errors: tuple[type[BaseException], ...] = ()
+
+
+def _job_to_row(job: JobRecord) -> dict[str, Any]:
+    row = asdict(job)
+    row["state"] = job.state.value
+    row["training"] = json.dumps(job.training, sort_keys=True)
+    row["progress"] = json.dumps(asdict(job.progress))
+    row["request_id"] = job.request_id or None  # NULLs never clash in the unique index
+    return row
+
+
+def _row_to_job(row: dict[str, Any]) -> JobRecord:
+    row = dict(row)
+    row["state"] = JobState(row["state"])
+    row["training"] = json.loads(row["training"])
+    row["progress"] = Progress(**json.loads(row["progress"]))
+    row["request_id"] = row["request_id"] or ""
+    return JobRecord(**row)
+
+
+def _device_to_row(device: DeviceRecord) -> dict[str, Any]:
+    row = asdict(device)
+    for key in _JSON_DEVICE:
+        row[key] = json.dumps(row[key], sort_keys=True)
+    row["eligible"] = int(device.eligible)
+    return row
+
+
+def _row_to_device(row: dict[str, Any]) -> DeviceRecord:
+    row = dict(row)
+    for key in _JSON_DEVICE:
+        row[key] = json.loads(row[key])
+    row["eligible"] = bool(row["eligible"])
+    return DeviceRecord(**row)
+
+
+def _adapter_to_row(adapter: AdapterRecord) -> dict[str, Any]:
+    row = asdict(adapter)
+    row["manifest"] = json.dumps(adapter.manifest, sort_keys=True)
+    return row
+
+
+def _row_to_adapter(row: dict[str, Any]) -> AdapterRecord:
+    row = dict(row)
+    row["manifest"] = json.loads(row["manifest"])
+    return AdapterRecord(**row)
+
+
+def _row_to_campaign(row: dict[str, Any]) -> CampaignRecord:
+    row = dict(row)
+    row["selector"] = json.loads(row["selector"])
+    row["request_id"] = row["request_id"] or ""
+    return CampaignRecord(**row)
+
+
+class SqlTx(Tx):
+    """The contract over a DB-API cursor whose rows are dicts."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self.cur = cursor
+        self.d = dialect
+
+    # --- helpers ---
+    def _q(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        self.cur.execute(sql.replace("?", self.d.placeholder), params)
+        return list(self.cur.fetchall()) if self.cur.description else []
+
+    def _insert(self, table: str, row: dict[str, Any], what: str) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        try:
+            self._q(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+        except self.d.unique_errors as exc:
+            raise AlreadyExists(f"{what} already exists") from exc
+
+    def _lock(self, for_update: bool) -> str:
+        return self.d.for_update if for_update else ""
+
+    @staticmethod
+    def _filter_sql(flt: JobFilter) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if flt.states:
+            where.append(f"state IN ({', '.join('?' for _ in flt.states)})")
+            params += [s.value for s in flt.states]
+        for col, value in (("device_id", flt.device_id), ("campaign_id", flt.campaign_id)):
+            if value:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if flt.created_after:
+            where.append("created_at >= ?")
+            params.append(flt.created_after)
+        if flt.created_before:
+            where.append("created_at < ?")
+            params.append(flt.created_before)
+        return " AND ".join(where) or "1 = 1", params
+
+    # --- jobs ---
+    def insert_job(self, job: JobRecord) -> None:
+        row = _job_to_row(job)
+        del row["change_seq"]
+        cols = ", ".join([*row, "change_seq"])
+        marks = ", ".join(["?"] * len(row) + [self.d.next_change_seq])
+        try:
+            self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks})", list(row.values()))
+        except self.d.unique_errors as exc:
+            raise AlreadyExists(f"job {job.job_id} (request {job.request_id!r}) already exists") from exc
+
+    def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
+        rows = self._q(f"SELECT * FROM jobs WHERE job_id = ?{self._lock(for_update)}", [job_id])
+        return _row_to_job(rows[0]) if rows else None
+
+    def get_job_by_request(self, request_id: str) -> JobRecord | None:
+        rows = self._q("SELECT * FROM jobs WHERE request_id = ?", [request_id])
+        return _row_to_job(rows[0]) if rows else None
+
+    def save_job(self, job: JobRecord) -> None:
+        row = _job_to_row(job)
+        for key in ("job_id", "change_seq"):
+            del row[key]
+        sets = ", ".join(f"{c} = ?" for c in row)
+        self._q(
+            f"UPDATE jobs SET {sets}, change_seq = {self.d.next_change_seq} WHERE job_id = ?",
+            [*row.values(), job.job_id],
+        )
+
+    def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
+        rows = self._q(
+            "SELECT * FROM jobs WHERE device_id = ? AND state = ? AND not_before <= ?"
+            f" ORDER BY created_at, job_id LIMIT ?{self.d.for_update}{self.d.skip_locked}",
+            [device_id, JobState.QUEUED.value, now, limit],
+        )
+        return [_row_to_job(r) for r in rows]
+
+    def expired_jobs(self, now: float, limit: int) -> list[JobRecord]:
+        held = ", ".join("?" for _ in _HELD)
+        open_ = ", ".join("?" for _ in _OPEN)
+        rows = self._q(
+            f"SELECT * FROM jobs WHERE (state IN ({held}) AND lease_expires_at < ?)"
+            f" OR (state IN ({open_}) AND deadline > 0 AND deadline + paused_s < ? AND state <> ?)"
+            f" ORDER BY lease_expires_at LIMIT ?{self.d.for_update}{self.d.skip_locked}",
+            [*_HELD, now, *_OPEN, now, JobState.PAUSED.value, limit],
+        )
+        return [_row_to_job(r) for r in rows]
+
+    def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
+        where, params = self._filter_sql(flt)
+        if before_job_id:
+            where += " AND job_id < ?"
+            params.append(before_job_id)
+        rows = self._q(f"SELECT * FROM jobs WHERE {where} ORDER BY job_id DESC LIMIT ?", [*params, limit])
+        return [_row_to_job(r) for r in rows]
+
+    def jobs_changed_after(self, change_seq: int, flt: JobFilter, limit: int) -> list[JobRecord]:
+        where, params = self._filter_sql(flt)
+        rows = self._q(
+            f"SELECT * FROM jobs WHERE change_seq > ? AND {where} ORDER BY change_seq LIMIT ?",
+            [change_seq, *params, limit],
+        )
+        return [_row_to_job(r) for r in rows]
+
+    def max_change_seq(self) -> int:
+        return int(self._q("SELECT COALESCE(MAX(change_seq), 0) AS s FROM jobs")[0]["s"])
+
+    def count_jobs_by_state(self, campaign_id: str = "") -> dict[str, int]:
+        where, params = ("WHERE campaign_id = ?", [campaign_id]) if campaign_id else ("", [])
+        rows = self._q(f"SELECT state, COUNT(*) AS n FROM jobs {where} GROUP BY state", params)
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    # --- campaigns ---
+    def insert_campaign(self, campaign: CampaignRecord) -> None:
+        row = asdict(campaign)
+        row["selector"] = json.dumps(campaign.selector, sort_keys=True)
+        row["request_id"] = campaign.request_id or None
+        self._insert("campaigns", row, f"campaign (request {campaign.request_id!r})")
+
+    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
+        rows = self._q("SELECT * FROM campaigns WHERE campaign_id = ?", [campaign_id])
+        return _row_to_campaign(rows[0]) if rows else None
+
+    def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
+        rows = self._q("SELECT * FROM campaigns WHERE request_id = ?", [request_id])
+        return _row_to_campaign(rows[0]) if rows else None
+
+    # --- devices ---
+    def upsert_device(self, device: DeviceRecord) -> None:
+        row = _device_to_row(device)
+        updated = self._q("SELECT device_id FROM devices WHERE device_id = ?", [device.device_id])
+        if updated:
+            del row["device_id"]
+            sets = ", ".join(f"{c} = ?" for c in row)
+            self._q(f"UPDATE devices SET {sets} WHERE device_id = ?", [*row.values(), device.device_id])
+        else:
+            self._insert("devices", row, f"device {device.device_id}")
+
+    def get_device(self, device_id: str, *, for_update: bool = False) -> DeviceRecord | None:
+        rows = self._q(f"SELECT * FROM devices WHERE device_id = ?{self._lock(for_update)}", [device_id])
+        return _row_to_device(rows[0]) if rows else None
+
+    def list_devices(self, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
+        rows = self._q(
+            "SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?",
+            [after_device_id, limit],
+        )
+        return [_row_to_device(r) for r in rows]
+
+    def count_devices_by_reason(self, online_since: float) -> tuple[dict[str, int], int, int]:
+        rows = self._q(
+            "SELECT eligibility_reason AS r, COUNT(*) AS n,"
+            " SUM(CASE WHEN last_seen >= ? THEN 1 ELSE 0 END) AS online"
+            " FROM devices GROUP BY eligibility_reason",
+            [online_since],
+        )
+        by_reason = {(r["r"] or "UNSPECIFIED"): int(r["n"]) for r in rows}
+        return by_reason, sum(by_reason.values()), sum(int(r["online"] or 0) for r in rows)
+
+    # --- enrollment tokens ---
+    def add_enrollment_token(self, token_hash: str, expires_at: float, description: str) -> None:
+        row = {"token_hash": token_hash, "expires_at": expires_at, "description": description}
+        self._insert("enrollment_tokens", row, "enrollment token")
+
+    def enrollment_token_expiry(self, token_hash: str) -> float | None:
+        rows = self._q("SELECT expires_at FROM enrollment_tokens WHERE token_hash = ?", [token_hash])
+        return float(rows[0]["expires_at"]) if rows else None
+
+    # --- adapters ---
+    def insert_adapter(self, adapter: AdapterRecord) -> None:
+        what = f"adapter {adapter.device_id}/{adapter.name} v{adapter.version}"
+        self._insert("adapters", _adapter_to_row(adapter), what)
+
+    def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
+        rows = self._q("SELECT * FROM adapters WHERE adapter_id = ?", [adapter_id])
+        return _row_to_adapter(rows[0]) if rows else None
+
+    def latest_adapter_version(self, device_id: str, name: str) -> int:
+        rows = self._q(
+            "SELECT MAX(version) AS v FROM adapters WHERE device_id = ? AND name = ?", [device_id, name]
+        )
+        return int(rows[0]["v"] or 0) if rows else 0
+
+    def list_adapters(
+        self, device_id: str, name: str, limit: int, before_adapter_id: str = ""
+    ) -> list[AdapterRecord]:
+        where, params = ["1 = 1"], []
+        for col, value in (("device_id", device_id), ("name", name)):
+            if value:
+                where.append(f"{col} = ?")
+                params.append(value)
+        if before_adapter_id:
+            where.append("adapter_id < ?")
+            params.append(before_adapter_id)
+        rows = self._q(
+            f"SELECT * FROM adapters WHERE {' AND '.join(where)} ORDER BY adapter_id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_row_to_adapter(r) for r in rows]
+
+    def adapter_count(self) -> int:
+        return int(self._q("SELECT COUNT(*) AS n FROM adapters")[0]["n"])
+
+    def referenced_blob_keys(self) -> set[str]:
+        return {r["blob_key"] for r in self._q("SELECT DISTINCT blob_key FROM adapters")}
+

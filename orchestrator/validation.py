@@ -1,0 +1,84 @@
+"""Request validation: every problem is an InvalidArgument naming the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from orchestrator.errors import InvalidArgument
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def device_id(value: str, field: str = "device_id") -> str:
+    """A device id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not _ID_RE.match(value):
+        raise InvalidArgument(field, f"{value[:64]!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
+    return value
+
+
+def object_id(value: str, field: str) -> str:
+    """A server-assigned id (job, adapter, campaign)."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not _ID_RE.match(value):
+        raise InvalidArgument(field, f"{value[:64]!r} is not a valid id")
+    return value
+
+
+def sha256_hex(value: str, field: str = "sha256") -> str:
+    """Lowercase hex sha256."""
+    if not _HEX64.match(value):
+        raise InvalidArgument(field, "must be 64 lowercase hex characters")
+    return value
+
+
+def page_size(value: int, field: str = "page_size") -> int:
+    """0 means the default; above MAX_PAGE is refused."""
+    if value > MAX_PAGE:
+        raise InvalidArgument(field, f"{value} is above the maximum {MAX_PAGE}")
+    return value or DEFAULT_PAGE
+
+
+def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, Any]:
+    """Check a TrainingSpec (as the proto's JSON dict) and return it unchanged."""
+    name = spec.get("adapter_name", "")
+    if not name:
+        raise InvalidArgument(f"{field}.adapter_name", "is required")
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"{field}.adapter_name", f"{name[:64]!r} must be 1-64 letters, digits, '.', '_', '-'")
+    if not spec.get("base_model_id"):
+        raise InvalidArgument(f"{field}.base_model_id", "is required")
+    dataset, shipped = spec.get("dataset", ""), spec.get("dataset_object", "")
+    if bool(dataset) == bool(shipped):
+        raise InvalidArgument(f"{field}.dataset", "set exactly one of dataset (on the device) and dataset_object")
+    if dataset and (not _NAME_RE.match(dataset.removesuffix(".jsonl")) or "/" in dataset):
+        raise InvalidArgument(f"{field}.dataset", f"{dataset[:64]!r} must be a plain dataset name (no paths)")
+    if shipped and not spec.get("dataset_sha256"):
+        raise InvalidArgument(f"{field}.dataset_sha256", "is required with dataset_object")
+    lora = spec.get("lora", {})
+    rank = int(lora.get("rank", 0))
+    if not 0 <= rank <= 256:
+        raise InvalidArgument(f"{field}.lora.rank", f"{rank} is outside 1-256")
+    if float(lora.get("alpha", 0)) < 0:
+        raise InvalidArgument(f"{field}.lora.alpha", "must not be negative")
+    if float(lora.get("dropout", 0)) >= 1:
+        raise InvalidArgument(f"{field}.lora.dropout", "must be below 1")
+    for mod in lora.get("target_modules", []):
+        if not _NAME_RE.match(mod):
+            raise InvalidArgument(f"{field}.lora.target_modules", f"{mod[:64]!r} is not a module name")
+    lr = float(spec.get("learning_rate", 0))
+    if not 0 <= lr < 1:
+        raise InvalidArgument(f"{field}.learning_rate", f"{lr} is outside [0, 1)")
+    limits = {"effective_batch": 4096, "micro_batch": 4096, "epochs": 1000, "max_steps": 10**7, "max_seq_len": 65536}
+    for key, limit in limits.items():
+        value = int(spec.get(key, 0))
+        if value > limit:
+            raise InvalidArgument(f"{field}.{key}", f"{value} is above {limit}")
+    return spec

@@ -1,0 +1,32 @@
+"""Session-wide test servers (PostgreSQL) and environment: offline, loopback only, no telemetry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.support.postgres import PostgresServer, find_pg_bin  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session, started by the tests themselves."""
+    if find_pg_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries are required in CI")
+        pytest.skip("PostgreSQL server binaries (initdb) not found")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database on the session's server."""
+    return postgres_server.create_database()

@@ -1,0 +1,215 @@
+"""The state-store contract, run unchanged against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from orchestrator.domain import (
+    AdapterRecord,
+    CampaignRecord,
+    DeviceRecord,
+    JobFilter,
+    JobRecord,
+    JobState,
+    Progress,
+    new_id,
+)
+from orchestrator.errors import AlreadyExists
+from orchestrator.state import StateStore, open_state
+
+
+def _job(device: str = "dev-1", **kw: object) -> JobRecord:
+    now = time.time()
+    return JobRecord(job_id=new_id("job"), device_id=device, training={"adapter_name": "a"}, created_at=now, updated_at=now, **kw)  # type: ignore[arg-type]
+
+
+def test_job_round_trip(state: StateStore) -> None:
+    job = _job(progress=Progress(3, 10, 1, 0.5, 99), deadline=123.0)
+    with state.transaction() as tx:
+        tx.insert_job(job)
+    with state.transaction() as tx:
+        got = tx.get_job(job.job_id)
+    assert got is not None
+    got.change_seq = job.change_seq = 0
+    assert got == job
+
+
+def test_request_id_is_unique_but_empty_ids_never_clash(state: StateStore) -> None:
+    with state.transaction() as tx:
+        tx.insert_job(_job(request_id="r1"))
+        tx.insert_job(_job())
+        tx.insert_job(_job())
+    with pytest.raises(AlreadyExists), state.transaction() as tx:
+        tx.insert_job(_job(request_id="r1"))
+    with state.transaction() as tx:
+        assert tx.get_job_by_request("r1") is not None
+        assert len(tx.list_jobs(JobFilter(), 10)) == 3
+
+
+def test_failed_transaction_rolls_back(state: StateStore) -> None:
+    job = _job()
+    with pytest.raises(RuntimeError), state.transaction() as tx:
+        tx.insert_job(job)
+        raise RuntimeError("boom")
+    with state.transaction() as tx:
+        assert tx.get_job(job.job_id) is None
+
+
+def test_save_job_advances_change_seq(state: StateStore) -> None:
+    a, b = _job(), _job()
+    with state.transaction() as tx:
+        tx.insert_job(a)
+        tx.insert_job(b)
+        start = tx.max_change_seq()
+    with state.transaction() as tx:
+        job = tx.get_job(a.job_id, for_update=True)
+        assert job is not None
+        job.state = JobState.LEASED
+        tx.save_job(job)
+    with state.transaction() as tx:
+        changed = tx.jobs_changed_after(start, JobFilter(), 10)
+        assert [j.job_id for j in changed] == [a.job_id]
+        assert changed[0].state == JobState.LEASED
+        assert tx.max_change_seq() > start
+        assert tx.jobs_changed_after(start, JobFilter(states=(JobState.QUEUED,)), 10) == []
+
+
+def test_claimable_jobs_respect_device_state_and_backoff(state: StateStore) -> None:
+    now = time.time()
+    due, later, other, leased = _job(), _job(not_before=now + 60), _job("dev-2"), _job(state=JobState.LEASED)
+    with state.transaction() as tx:
+        for j in (due, later, other, leased):
+            tx.insert_job(j)
+    with state.transaction() as tx:
+        assert [j.job_id for j in tx.claimable_jobs("dev-1", now, 10)] == [due.job_id]
+        assert {j.job_id for j in tx.claimable_jobs("dev-1", now + 61, 10)} == {due.job_id, later.job_id}
+
+
+def test_expired_jobs(state: StateStore) -> None:
+    now = time.time()
+    expired = _job(state=JobState.RUNNING, lease_expires_at=now - 1)
+    fresh = _job(state=JobState.RUNNING, lease_expires_at=now + 60)
+    late = _job(deadline=now - 5)
+    paused_late = _job(state=JobState.PAUSED, lease_expires_at=now + 60, deadline=now - 5)
+    with state.transaction() as tx:
+        for j in (expired, fresh, late, paused_late):
+            tx.insert_job(j)
+    with state.transaction() as tx:
+        assert {j.job_id for j in tx.expired_jobs(now, 10)} == {expired.job_id, late.job_id}
+
+
+def test_list_jobs_pages_and_filters(state: StateStore) -> None:
+    jobs = [_job(campaign_id="c1" if i % 2 else "") for i in range(7)]
+    with state.transaction() as tx:
+        for j in jobs:
+            tx.insert_job(j)
+    seen: list[str] = []
+    before = ""
+    while True:
+        with state.transaction() as tx:
+            page = tx.list_jobs(JobFilter(), 3, before)
+        seen += [j.job_id for j in page]
+        if len(page) < 3:
+            break
+        before = page[-1].job_id
+    assert seen == sorted((j.job_id for j in jobs), reverse=True)
+    with state.transaction() as tx:
+        assert len(tx.list_jobs(JobFilter(campaign_id="c1"), 100)) == 3
+        assert tx.count_jobs_by_state() == {"QUEUED": 7}
+        assert tx.count_jobs_by_state("c1") == {"QUEUED": 3}
+
+
+def test_devices(state: StateStore) -> None:
+    now = time.time()
+    with state.transaction() as tx:
+        for i in range(5):
+            tx.upsert_device(DeviceRecord(f"d{i}", "h", {"ram_bytes": i}, {"k": "v"}, eligibility_reason="TOO_HOT" if i else "ELIGIBLE", last_seen=now - i * 100))
+    with state.transaction() as tx:
+        d = tx.get_device("d1", for_update=True)
+        assert d is not None and d.capabilities == {"ram_bytes": 1} and d.labels == {"k": "v"}
+        d.desired_adapter_id = "ad-1"
+        d.adapter_history = ["", "ad-0"]
+        tx.upsert_device(d)
+    with state.transaction() as tx:
+        d = tx.get_device("d1")
+        assert d is not None and d.desired_adapter_id == "ad-1" and d.adapter_history == ["", "ad-0"]
+        assert [x.device_id for x in tx.list_devices(2, "d1")] == ["d2", "d3"]
+        by_reason, total, online = tx.count_devices_by_reason(now - 150)
+        assert by_reason == {"ELIGIBLE": 1, "TOO_HOT": 4} and total == 5 and online == 2
+
+
+def test_adapters_and_versions(state: StateStore) -> None:
+    def ad(version: int) -> AdapterRecord:
+        return AdapterRecord(new_id("ad"), "persona", version, "d1", "job", 1, "0" * 64, 10, "base", "fp", {"rank": 8}, time.time(), f"blobs/sha256/{version}")
+
+    with state.transaction() as tx:
+        tx.insert_adapter(ad(1))
+        tx.insert_adapter(ad(2))
+        assert tx.latest_adapter_version("d1", "persona") == 2
+        assert tx.latest_adapter_version("d1", "other") == 0
+    with pytest.raises(AlreadyExists), state.transaction() as tx:
+        tx.insert_adapter(ad(2))
+    with state.transaction() as tx:
+        assert [a.version for a in tx.list_adapters("d1", "", 10)] == [2, 1]
+        assert tx.adapter_count() == 2
+        assert tx.referenced_blob_keys() == {"blobs/sha256/1", "blobs/sha256/2"}
+
+
+def test_campaigns_and_tokens(state: StateStore) -> None:
+    c = CampaignRecord(new_id("cmp"), "spring", {"labels": {"a": "b"}}, "req-1", time.time(), 3)
+    with state.transaction() as tx:
+        tx.insert_campaign(c)
+        tx.add_enrollment_token("hash", 99.0, "note")
+    with state.transaction() as tx:
+        assert tx.get_campaign(c.campaign_id) == c
+        assert tx.get_campaign_by_request("req-1") == c
+        assert tx.enrollment_token_expiry("hash") == 99.0
+        assert tx.enrollment_token_expiry("nope") is None
+
+
+def test_state_survives_reopen(state_url: str) -> None:
+    store = open_state(state_url)
+    job = _job()
+    with store.transaction() as tx:
+        tx.insert_job(job)
+    store.close()
+    again = open_state(state_url)
+    with again.transaction() as tx:
+        assert tx.get_job(job.job_id) is not None
+    assert again.migrate() == again.migrate()  # idempotent
+    again.close()
+
+
+def test_concurrent_claims_never_share_a_job(state_url: str) -> None:
+    """Two stores (two replicas' connections) claim in parallel: every job is claimed once."""
+    setup = open_state(state_url)
+    with setup.transaction() as tx:
+        for _ in range(40):
+            tx.insert_job(_job())
+    stores = [open_state(state_url, migrate=False) for _ in range(2)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(store: StateStore) -> None:
+        while True:
+            with store.transaction() as tx:
+                jobs = tx.claimable_jobs("dev-1", time.time(), 1)
+                if not jobs:
+                    return
+                job = jobs[0]
+                job.state = JobState.LEASED
+                tx.save_job(job)
+            with lock:
+                claimed.append(job.job_id)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+    for s in (*stores, setup):
+        s.close()
