@@ -94,7 +94,8 @@ class S3BlobStore(BlobStore):
         except S3Error as exc:
             if exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return  # another process created it between our two calls
-            _map_error(exc, f"creating bucket {self.bucket!r}")
+            # HEAD answers carry no error body, so a bad key or secret often reads "AccessDenied".
+            _map_error(exc, f"opening bucket {self.bucket!r}")
         except ValueError as exc:
             raise StoreConfigError(f"bad S3 bucket name {self.bucket!r}: {exc}") from None
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:

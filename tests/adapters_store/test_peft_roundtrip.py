@@ -20,9 +20,7 @@ transformers = pytest.importorskip("transformers")
 def test_unpacked_adapter_loads_in_peft(tmp_path: Path) -> None:
     base_dir = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    model = peft.get_peft_model(
-        transformers.AutoModelForCausalLM.from_pretrained(base_dir), config
-    )
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
