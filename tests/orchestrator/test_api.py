@@ -1,0 +1,280 @@
+"""The orchestrator through its real gRPC API: leases, fencing, retries, identity, activation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from adapters_store import upload_to_url
+from protos.pocketlora.v1 import agent_service_pb2 as apb
+from protos.pocketlora.v1 import operator_service_pb2 as opb
+from protos.pocketlora.v1 import types_pb2 as tpb
+from tests.support.orch import ENROLL_TOKEN, FakeClock, ServerThread, dev_md, fake_adapter_blob, op_md
+
+SPEC = tpb.TrainingSpec(adapter_name="persona", base_model_id="tiny", dataset="captain")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def srv(tmp_path: Path, clock: FakeClock) -> Iterator[ServerThread]:
+    with ServerThread(tmp_path, clock=clock, lease_s=30.0, retry_base_s=10.0) as s:
+        yield s
+
+
+def enroll(srv: ServerThread, device_id: str, **caps: object) -> tuple[tuple[str, str], ...]:
+    fields: dict[str, object] = {"base_model_id": "tiny", "supports_4bit": True, "ram_bytes": 8 * 2**30, **caps}
+    capabilities = tpb.Capabilities(**fields)  # type: ignore[arg-type]
+    reply = srv.agent.Enroll(apb.EnrollRequest(device_id=device_id, capabilities=capabilities), metadata=op_md(ENROLL_TOKEN))
+    return dev_md(device_id, reply.device_credential)
+
+
+def submit(srv: ServerThread, device_id: str, request_id: str = "", **kw: object) -> opb.SubmitJobResponse:
+    return srv.operator.SubmitJob(opb.SubmitJobRequest(request_id=request_id, device_id=device_id, training=SPEC, **kw), metadata=op_md())  # type: ignore[arg-type]
+
+
+def lease(srv: ServerThread, device_id: str, md: tuple[tuple[str, str], ...]) -> apb.Assignment | None:
+    reply = srv.agent.LeaseJob(apb.LeaseJobRequest(device_id=device_id), metadata=md)
+    assert reply.next_poll_after.seconds + reply.next_poll_after.nanos > 0
+    return reply.assignment if reply.HasField("assignment") else None
+
+
+def code_of(call, *args, **kw) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kw)
+    return info.value.code()  # type: ignore[no-any-return]
+
+
+def state_of(srv: ServerThread, job_id: str) -> int:
+    return srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job.state  # type: ignore[no-any-return]
+
+
+def test_full_lifecycle_registers_a_verified_adapter(srv: ServerThread, tmp_path: Path) -> None:
+    md = enroll(srv, "phone-1")
+    job = submit(srv, "phone-1").job
+    a = lease(srv, "phone-1", md)
+    assert a is not None and a.job_id == job.job_id and a.attempt == 1 and a.upload_url
+    for state in (tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_PAUSED, tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_UPLOADING):
+        srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=state), metadata=md)
+        assert state_of(srv, a.job_id) == state
+    blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
+    upload_to_url(a.upload_url, blob)
+    done = srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md)
+    assert done.adapter.sha256 == info.sha256 and done.adapter.version == 1
+    assert state_of(srv, a.job_id) == tpb.JOB_STATE_SUCCEEDED
+    # The blob now lives at its content address and the device may download it.
+    url = srv.agent.GetAdapterDownloadUrl(apb.GetAdapterDownloadUrlRequest(adapter_id=done.adapter.adapter_id), metadata=md)
+    assert url.adapter.sha256 == info.sha256 and url.url
+    assert srv.store.hash_object(done.adapter.blob_key).sha256 == info.sha256
+    # A second completion of the same job is refused.
+    assert code_of(srv.agent.CompleteJob, apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_tampered_upload_fails_the_attempt_and_retries(srv: ServerThread, tmp_path: Path) -> None:
+    md = enroll(srv, "phone-1")
+    job = submit(srv, "phone-1").job
+    a = lease(srv, "phone-1", md)
+    assert a is not None
+    blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
+    other, _ = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt, seed=1)
+    upload_to_url(a.upload_url, other)  # not the bytes the device reports
+    req = apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size)
+    assert code_of(srv.agent.CompleteJob, req, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+    got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
+    assert got.state == tpb.JOB_STATE_QUEUED and got.last_error_class == tpb.ERROR_CLASS_INTEGRITY
+
+
+def test_expired_lease_is_fenced(srv: ServerThread, clock: FakeClock, tmp_path: Path) -> None:
+    md = enroll(srv, "phone-1")
+    job = submit(srv, "phone-1").job
+    old = lease(srv, "phone-1", md)
+    assert old is not None
+    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    clock.advance(31)
+    assert srv.orch.reap() == 1
+    got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
+    assert got.state == tpb.JOB_STATE_QUEUED and got.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
+    assert lease(srv, "phone-1", md) is None  # backoff
+    clock.advance(11)
+    new = lease(srv, "phone-1", md)
+    assert new is not None and new.lease_epoch == old.lease_epoch + 1 and new.attempt == 2
+    # The old holder's reports and completion are refused.
+    stale = apb.ReportProgressRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, state=tpb.JOB_STATE_RUNNING)
+    assert code_of(srv.agent.ReportProgress, stale, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+    blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=old.job_id, attempt=old.attempt)
+    upload_to_url(old.upload_url, blob)
+    req = apb.CompleteJobRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, sha256=info.sha256, size_bytes=info.size)
+    assert code_of(srv.agent.CompleteJob, req, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+    # A heartbeat naming the stale lease is told to drop it.
+    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=old.job_id, lease_epoch=old.lease_epoch)), metadata=md)
+    assert list(hb.cancel_job_ids) == [old.job_id]
+
+
+def test_error_classes_decide_retries(srv: ServerThread, clock: FakeClock) -> None:
+    md = enroll(srv, "phone-1")
+    retry = submit(srv, "phone-1", request_id="a").job
+    a = lease(srv, "phone-1", md)
+    assert a is not None and a.job_id == retry.job_id
+    r = srv.agent.FailJob(apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_CRASHED, message="segfault"), metadata=md)
+    assert r.will_retry and r.state == tpb.JOB_STATE_QUEUED
+    clock.advance(11)
+    b = lease(srv, "phone-1", md)
+    assert b is not None
+    r = srv.agent.FailJob(apb.FailJobRequest(job_id=b.job_id, lease_epoch=b.lease_epoch, error_class=tpb.ERROR_CLASS_DATASET_INVALID, message="line 3: not JSON"), metadata=md)
+    assert not r.will_retry and r.state == tpb.JOB_STATE_FAILED
+
+
+def test_attempts_are_bounded(srv: ServerThread, clock: FakeClock) -> None:
+    md = enroll(srv, "phone-1")
+    job = submit(srv, "phone-1", max_attempts=2).job
+    for _ in range(2):
+        clock.advance(1000)
+        a = lease(srv, "phone-1", md)
+        assert a is not None
+        srv.agent.FailJob(apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_TRANSIENT), metadata=md)
+    assert state_of(srv, job.job_id) == tpb.JOB_STATE_FAILED
+
+
+def test_cancel_reaches_the_device_on_its_next_heartbeat(srv: ServerThread) -> None:
+    md = enroll(srv, "phone-1")
+    submit(srv, "phone-1")
+    a = lease(srv, "phone-1", md)
+    assert a is not None
+    srv.operator.CancelJob(opb.CancelJobRequest(job_id=a.job_id), metadata=op_md())
+    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING)), metadata=md)
+    assert list(hb.cancel_job_ids) == [a.job_id]
+    rep = srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    assert rep.cancel_requested
+    assert code_of(srv.operator.CancelJob, opb.CancelJobRequest(job_id=a.job_id), metadata=op_md()) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_paused_time_does_not_eat_the_deadline(srv: ServerThread, clock: FakeClock) -> None:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    md = enroll(srv, "phone-1")
+    deadline = Timestamp(seconds=int(clock.now + 100))
+    job = submit(srv, "phone-1", deadline=deadline).job
+    a = lease(srv, "phone-1", md)
+    assert a is not None
+    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED), metadata=md)
+    for _ in range(10):  # 200 s paused, the lease renewed by heartbeats
+        clock.advance(20)
+        srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED)), metadata=md)
+        srv.orch.reap()
+    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    srv.orch.reap()
+    assert state_of(srv, job.job_id) == tpb.JOB_STATE_RUNNING
+    clock.advance(101)
+    srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1"), metadata=md)
+    srv.orch.reap()
+    got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
+    assert got.state == tpb.JOB_STATE_FAILED and got.last_error_class == tpb.ERROR_CLASS_DEADLINE_EXCEEDED
+    assert got.paused.seconds >= 199
+
+
+def test_submit_is_idempotent(srv: ServerThread) -> None:
+    enroll(srv, "phone-1")
+    first = submit(srv, "phone-1", request_id="req-7")
+    again = submit(srv, "phone-1", request_id="req-7")
+    assert first.created and not again.created and first.job.job_id == again.job.job_id
+    listed = srv.operator.ListJobs(opb.ListJobsRequest(), metadata=op_md())
+    assert len(listed.jobs) == 1
+
+
+def test_identity(srv: ServerThread) -> None:
+    md1 = enroll(srv, "phone-1")
+    md2 = enroll(srv, "phone-2")
+    submit(srv, "phone-1")
+    assert code_of(srv.agent.Enroll, apb.EnrollRequest(device_id="x"), metadata=op_md("wrong")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=dev_md("phone-1", "forged")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=md2) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(srv.operator.ListJobs, opb.ListJobsRequest(), metadata=op_md("nope")) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(srv.operator.ListJobs, opb.ListJobsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+    a = lease(srv, "phone-1", md1)
+    assert a is not None
+    assert lease(srv, "phone-2", md2) is None  # never another device's job
+    req = apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING)
+    assert code_of(srv.agent.ReportProgress, req, metadata=md2) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_errors_name_the_field(srv: ServerThread) -> None:
+    enroll(srv, "phone-1")
+    cases = [
+        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(base_model_id="tiny", dataset="d")), "training.adapter_name"),
+        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(adapter_name="a", base_model_id="tiny")), "training.dataset"),
+        (opb.SubmitJobRequest(device_id="bad id!", training=SPEC), "device_id"),
+        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(adapter_name="a", base_model_id="t", dataset="../etc/passwd")), "training.dataset"),
+    ]
+    for req, field in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            srv.operator.SubmitJob(req, metadata=op_md())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(field)
+    assert code_of(srv.operator.GetJob, opb.GetJobRequest(job_id="job-0000"), metadata=op_md()) == grpc.StatusCode.NOT_FOUND
+    assert code_of(srv.operator.SubmitJob, opb.SubmitJobRequest(device_id="ghost", training=SPEC), metadata=op_md()) == grpc.StatusCode.NOT_FOUND
+
+
+def test_placement_says_why_a_job_waits(srv: ServerThread) -> None:
+    md = enroll(srv, "tiny-phone", supports_4bit=False)
+    spec = tpb.TrainingSpec(adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL)
+    job = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="tiny-phone", training=spec), metadata=op_md()).job
+    assert lease(srv, "tiny-phone", md) is None
+    got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
+    assert got.state == tpb.JOB_STATE_QUEUED and "4-bit" in got.status_message
+
+
+def test_activation_rollback_and_heartbeat(srv: ServerThread, tmp_path: Path) -> None:
+    md = enroll(srv, "phone-1")
+    adapters = []
+    for i in range(2):
+        submit(srv, "phone-1")
+        a = lease(srv, "phone-1", md)
+        assert a is not None
+        blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt, seed=i)
+        upload_to_url(a.upload_url, blob)
+        adapters.append(srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md).adapter)
+    assert [x.version for x in adapters] == [1, 2]
+    for adapter in adapters:
+        srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(adapter_id=adapter.adapter_id), metadata=op_md())
+    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1"), metadata=md)
+    assert hb.desired_adapter.adapter_id == adapters[1].adapter_id
+    back = srv.operator.RollbackAdapter(opb.RollbackAdapterRequest(device_id="phone-1"), metadata=op_md())
+    assert back.desired_adapter_id == adapters[0].adapter_id
+    srv.operator.DeactivateAdapter(opb.DeactivateAdapterRequest(device_id="phone-1"), metadata=op_md())
+    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", active_adapter_id=adapters[0].adapter_id), metadata=md)
+    assert not hb.HasField("desired_adapter")
+    dev = srv.operator.GetDevice(opb.GetDeviceRequest(device_id="phone-1"), metadata=op_md()).device
+    assert dev.active_adapter_id == adapters[0].adapter_id and dev.desired_adapter_id == ""
+    summary = srv.operator.GetFleetSummary(opb.GetFleetSummaryRequest(), metadata=op_md())
+    assert summary.jobs_by_state["JOB_STATE_SUCCEEDED"] == 2 and summary.device_count == 1 and summary.adapter_count == 2
+
+
+def test_campaign_fans_out_to_matching_devices(srv: ServerThread) -> None:
+    for i in range(5):
+        enroll(srv, f"d{i}", labels={"tier": "beta" if i % 2 else "ga"})
+    req = opb.SubmitCampaignRequest(request_id="c1", name="beta", selector=tpb.DeviceSelector(labels={"tier": "beta"}), training=SPEC)
+    camp = srv.operator.SubmitCampaign(req, metadata=op_md())
+    assert camp.created and camp.campaign.job_count == 2
+    assert camp.campaign.jobs_by_state["JOB_STATE_QUEUED"] == 2
+    again = srv.operator.SubmitCampaign(req, metadata=op_md())
+    assert not again.created and again.campaign.campaign_id == camp.campaign.campaign_id
+    jobs = srv.operator.ListJobs(opb.ListJobsRequest(filter=tpb.JobFilter(campaign_id=camp.campaign.campaign_id)), metadata=op_md()).jobs
+    assert sorted(j.device_id for j in jobs) == ["d1", "d3"]
+
+
+def test_watch_streams_changes(srv: ServerThread) -> None:
+    md = enroll(srv, "phone-1")
+    job = submit(srv, "phone-1").job
+    stream = srv.operator.WatchJobs(opb.WatchJobsRequest(include_initial=True), metadata=op_md())
+    first = next(stream)
+    assert first.job.job_id == job.job_id and first.job.state == tpb.JOB_STATE_QUEUED
+    lease(srv, "phone-1", md)
+    nxt = next(stream)
+    assert nxt.job.state == tpb.JOB_STATE_LEASED
+    stream.cancel()

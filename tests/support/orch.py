@@ -1,0 +1,102 @@
+"""Run a real orchestrator gRPC server (in a background event loop) for tests, and talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from adapters_store import AdapterManifest, BlobInfo, FileBlobStore, pack_adapter
+from orchestrator.config import OrchestratorConfig
+from orchestrator.server import RunningServer, start_server
+from orchestrator.service import Orchestrator
+from orchestrator.state import open_state
+from protos.pocketlora.v1 import agent_service_pb2_grpc, operator_service_pb2_grpc
+
+OPERATOR_TOKEN = "operator-test-token"
+ENROLL_TOKEN = "enroll-test-token"
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ServerThread:
+    """An Orchestrator over SQLite (or a given URL) and a file store, served on 127.0.0.1:<free>."""
+
+    def __init__(self, tmp: Path, *, db_url: str = "", clock: Any = None, **config: Any) -> None:
+        self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
+        cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+        kw = {"clock": clock} if clock else {}
+        self.orch = Orchestrator(open_state(db_url or f"sqlite:///{tmp / 'state.db'}"), self.store, cfg, **kw)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: RunningServer | None = None
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start_server(self.orch), self.loop).result(30)
+        self.address = f"127.0.0.1:{self.running.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
+        self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.channel.close()
+        if self.running is not None:
+            asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.orch.state.close()
+        self.store.close()
+
+
+def op_md(token: str = OPERATOR_TOKEN) -> tuple[tuple[str, str], ...]:
+    """Operator metadata."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def dev_md(device_id: str, credential: str) -> tuple[tuple[str, str], ...]:
+    """Device metadata."""
+    return (("authorization", f"Bearer {credential}"), ("x-pocketlora-device", device_id))
+
+
+def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, seed: int = 0) -> tuple[Path, BlobInfo]:
+    """A small but well-formed adapter blob (random LoRA tensors, a peft config, a manifest)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    folder = tmp / f"adapter-{job_id}-{attempt}-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "base_model.model.layers.0.q_proj.lora_A.weight": rng.standard_normal((4, 32)).astype("float32"),
+            "base_model.model.layers.0.q_proj.lora_B.weight": rng.standard_normal((32, 4)).astype("float32"),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    manifest = AdapterManifest(
+        adapter_name="persona", base_model_id="tiny", base_fingerprint="sha256:" + "ab" * 32, rank=4, alpha=8.0,
+        target_modules=["q_proj"], dataset_sha256="cd" * 32, metrics={"final_loss": 1.0}, training={},
+        device_id=device_id, job_id=job_id, attempt=attempt, created_at="2026-11-29T00:00:00+00:00",
+    )
+    blob = tmp / f"blob-{job_id}-{attempt}-{seed}.safetensors"
+    return blob, pack_adapter(folder, manifest, blob)
