@@ -157,7 +157,7 @@ def _check_config_matches(config_text: str, manifest: AdapterManifest) -> None:
         raise AdapterFormatError(
             f"manifest field 'rank' is {manifest.rank}, adapter_config r is {r}"
         )
-    if alpha is not None and float(alpha) != manifest.alpha:
+    if isinstance(alpha, int | float) and float(alpha) != manifest.alpha:
         raise AdapterFormatError(
             f"manifest field 'alpha' is {manifest.alpha}, adapter_config lora_alpha is {alpha}"
         )

@@ -227,10 +227,17 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     store: FileBlobStore
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; keep the server quiet and free of request data.
+        log.warning(
+            "presigned URL server: request from %s failed", client_address[0], exc_info=False
+        )
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = 60  # an idle or stalled client must not hold a thread forever
 
     def log_message(self, format: str, *args: Any) -> None:
         # The default logs the request line, query string (the signature) included.
@@ -325,6 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
             remaining -= len(chunk)
 
     def do_HEAD(self) -> None:
-        self._reply(405, close=True)
+        # No URL is ever signed for these methods; refuse like S3 does (signature mismatch).
+        self._reply(403, close=True)
 
-    do_POST = do_DELETE = do_HEAD
+    do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD

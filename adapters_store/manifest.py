@@ -11,13 +11,18 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from adapters_store.errors import AdapterFormatError
 
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"(sha256:)?[0-9a-f]{64}")
+
+
+def utc_now_iso() -> str:
+    """Return the current time as an ISO-8601 UTC string, the form `created_at` expects."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _fail(name: str, value: Any, why: str) -> AdapterFormatError:

@@ -63,7 +63,8 @@ def test_other_refusals(fs: FileBlobStore) -> None:
     assert _status("PUT", f"{fs.url_base}/k%2F1?{query}", b"x") == 403
     assert _status("PUT", base, b"x") == 403  # no query at all
     assert _status("PUT", f"{put}&method=PUT", b"x") == 403  # duplicated parameter
-    assert _status("DELETE", put) == 405
+    assert _status("DELETE", put) == 403
+    assert _status("HEAD", fs.presign_get("k/1", 60)) == 403
     assert _status("GET", fs.presign_get("k/absent", 60)) == 404
     assert _status("PUT", put, b"ok") == 200
     assert fs.hash_object("k/1").size == 2

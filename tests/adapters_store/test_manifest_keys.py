@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from adapters_store import AdapterFormatError, AdapterManifest, InvalidKey
 from adapters_store.keys import blob_key, upload_key, validate_key
+from adapters_store.manifest import utc_now_iso
 from tests.adapters_store.conftest import make_manifest
 
 
@@ -19,6 +20,7 @@ def test_manifest_json_round_trip() -> None:
     assert AdapterManifest.from_json(manifest.to_json()) == manifest
     assert AdapterManifest.from_dict(manifest.to_dict()) == manifest
     assert manifest.alpha == 16.0 and manifest.format_version == 1
+    assert make_manifest(created_at=utc_now_iso()).created_at.endswith("+00:00")
 
 
 @pytest.mark.parametrize(
