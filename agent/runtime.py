@@ -21,9 +21,17 @@ parallel forwards would not be faster anyway.
 
 Lifecycle verbs stay separate as in peft: `load` never activates, `activate` never loads.
 `unload` refuses the active adapter (AdapterBusy): serving silently falling back to the base
-would hide an operator mistake. An adapter pinned by an in-flight request is deleted when that
+would hide an operator mistake. An adapter pinned by an in-flight request is freed when that
 request finishes. When resident adapters exceed `max_resident_bytes`, the least recently used
 ones are unloaded, never the active one nor one pinned by an in-flight request.
+
+Slots. peft's load_adapter spends most of a swap injecting new LoRA modules (walking the whole
+module tree several times: ~100 ms on SmolLM2 against ~5 ms to read and copy 1.9 MB). So peft
+adapters are slots: the first adapter of a given LoRA config gets a new slot through
+load_adapter; an unloaded adapter's slot is kept (at most _MAX_FREE_SLOTS, within the byte
+budget) and a later adapter with the same config is copied into its tensors in place, after
+checking names and shapes against the slot. Fleet adapters of one base share one config, so a
+steady-state swap is a file read and a copy.
 
 torch, transformers and peft are imported inside the constructor: importing this module is cheap.
 """
@@ -34,13 +42,14 @@ import json
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-from adapters_store.fingerprint import model_fingerprint
+from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -48,9 +57,9 @@ MANIFEST_NAME = "manifest.json"
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # peft stores adapters as ModuleDict keys; a '.' would break module paths.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# peft warns (and may reinitialise weights) when an adapter name is a substring of the "lora_"
-# prefix, e.g. "a" or "lora"; a fixed prefix keeps every user name clear of that.
-_PEFT_PREFIX = "pl_"
+# Config keys that do not change the adapter's modules: a slot is reusable when the rest matches.
+_CONFIG_IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+_MAX_FREE_SLOTS = 2
 _UNKNOWN = object()  # "which adapter the layers have applied" after peft changed it behind us
 
 
@@ -99,13 +108,17 @@ class GenerationResult:
 @dataclass
 class _Resident:
     name: str
+    slot: str  # peft adapter name; "pl_<n>" never collides with peft's "lora_" prefix check
     nbytes: int
     pins: int = 0
-    draining: bool = False  # unloaded while pinned: delete when the last pin goes
+    draining: bool = False  # unloaded while pinned: free the slot when the last pin goes
 
 
-def _peft_name(name: str) -> str:
-    return _PEFT_PREFIX + name
+@dataclass
+class _Slot:
+    config_key: str
+    tensors: dict[str, Any]  # saved-name -> tensor sharing storage with the LoRA parameter
+    nbytes: int
 
 
 def _strip_sha(fingerprint: str) -> str:
@@ -131,8 +144,8 @@ def _check_weights(path: Path) -> None:
         raise AdapterLoadError(f"{path.parent}: {exc}") from None
 
 
-def _check_adapter_dir(name: str, adapter_dir: Path) -> Path:
-    """Return the safetensors weights path of a loadable adapter folder, or raise why not."""
+def _check_adapter_dir(name: str, adapter_dir: Path) -> tuple[Path, str]:
+    """Return (safetensors weights, config key) of a loadable adapter folder, or raise why not."""
     if not _NAME.fullmatch(name):
         raise AdapterLoadError(f"adapter name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
     if not adapter_dir.is_dir():
@@ -153,7 +166,8 @@ def _check_adapter_dir(name: str, adapter_dir: Path) -> Path:
         raise AdapterLoadError(f"adapter {name!r}: unreadable {CONFIG_NAME}: {exc}") from None
     if not isinstance(config, dict):
         raise AdapterLoadError(f"adapter {name!r}: {CONFIG_NAME} must be a JSON object")
-    return weights
+    key = {k: v for k, v in config.items() if k not in _CONFIG_IGNORED}
+    return weights, json.dumps(key, sort_keys=True)
 
 
 def _manifest_fingerprint(name: str, adapter_dir: Path) -> str | None:
@@ -201,9 +215,11 @@ class AdapterRuntime:
             threading.Lock()
         )  # registry/active/pins; never held while waiting for the above
         self._residents: OrderedDict[str, _Resident] = OrderedDict()  # oldest use first
-        self._doomed: set[str] = set()  # unloaded from the registry, still to delete from peft
+        self._slots: dict[str, _Slot] = {}  # every adapter peft holds, bound or free
+        self._free: OrderedDict[str, None] = OrderedDict()  # unbound slots, oldest first
+        self._next_slot = 0
         self._active: str | None = None
-        self._applied: object = None  # adapter the layers currently apply (model lock)
+        self._applied: object = None  # slot the layers currently apply, None = base (model lock)
         self._layers_enabled = True
         self._closed = False
 
@@ -230,50 +246,101 @@ class AdapterRuntime:
         """Load an adapter from a peft folder (safetensors only) without activating it; return bytes."""
         self._check_open()
         adapter_dir = Path(adapter_dir)
-        weights = _check_adapter_dir(name, adapter_dir)
+        weights, config_key = _check_adapter_dir(name, adapter_dir)
         if expected_fingerprint_check:
             theirs = _manifest_fingerprint(name, adapter_dir)
             if theirs is not None and _strip_sha(theirs) != _strip_sha(self._base_fingerprint):
                 raise IncompatibleAdapter(name, theirs, self._base_fingerprint)
         nbytes = weights.stat().st_size
-        with self._state:
-            if name in self._residents:
-                raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
         with self._model_lock:
-            self._reap_locked()
-            self._inject(name, adapter_dir)
+            self._check_open()
             with self._state:
-                self._residents[name] = _Resident(name, nbytes)
+                if name in self._residents:
+                    raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
+                slot = next(
+                    (s for s in self._free if self._slots[s].config_key == config_key), None
+                )
+                if slot is not None:
+                    del self._free[slot]
+            if slot is not None:
+                self._overwrite_locked(name, slot, weights)
+            else:
+                slot = self._new_slot_locked(name, adapter_dir, weights, config_key)
+            self._slots[slot].nbytes = nbytes
+            with self._state:
+                self._residents[name] = _Resident(name, slot, nbytes)
                 self._evict_locked(keep=name)
-            self._reap_locked()
+            self._trim_locked()
         return nbytes
 
-    def _inject(self, name: str, adapter_dir: Path) -> None:
-        """Add the adapter's LoRA layers to the model (model lock held)."""
-        from peft import PeftModel
+    def _new_slot_locked(self, name: str, adapter_dir: Path, weights: Path, config_key: str) -> str:
+        """Inject a new peft adapter from the folder and map its tensors (model lock held)."""
+        from peft import PeftModel, get_peft_model_state_dict
 
-        # peft would pick adapter_model.safetensors over a .bin (load_peft_weights), and we
-        # checked it exists; it never reaches torch.load.
+        slot = f"pl_{self._next_slot}"
+        self._next_slot += 1
+        # peft picks adapter_model.safetensors over a .bin (load_peft_weights) and we checked it
+        # exists, so torch.load is never reached.
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(
-                    self._model, str(adapter_dir), adapter_name=_peft_name(name), is_trainable=False
+                    self._model, str(adapter_dir), adapter_name=slot, is_trainable=False
                 )
             else:
-                self._peft.load_adapter(
-                    str(adapter_dir), adapter_name=_peft_name(name), is_trainable=False
+                self._peft.load_adapter(str(adapter_dir), adapter_name=slot, is_trainable=False)
+            tensors = get_peft_model_state_dict(self._peft, adapter_name=slot)
+            saved = set(read_safetensors_header(weights)) - {"__metadata__"}
+            if saved != set(tensors):
+                # peft loads with strict=False: a missing key would silently stay random.
+                missing, extra = sorted(set(tensors) - saved), sorted(saved - set(tensors))
+                raise AdapterLoadError(
+                    f"adapter {name!r}: weights do not match its config "
+                    f"(missing {missing[:3]}, unexpected {extra[:3]})"
                 )
-        except (ValueError, RuntimeError, KeyError, OSError, TypeError) as exc:
-            if self._peft is not None and _peft_name(name) in self._peft.peft_config:
-                self._peft.delete_adapter(_peft_name(name))
+        except (ValueError, RuntimeError, KeyError, OSError, TypeError, AdapterLoadError) as exc:
+            self._delete_slot_locked(slot)
+            if isinstance(exc, AdapterLoadError):
+                raise
             raise AdapterLoadError(f"adapter {name!r} from {adapter_dir}: {exc}") from exc
         finally:
             # Loading may change which adapter peft considers active; re-apply before next use.
             self._applied = _UNKNOWN
-        self._peft.eval()
+        self._slots[slot] = _Slot(config_key, tensors, 0)
+        return slot
+
+    def _overwrite_locked(self, name: str, slot: str, weights: Path) -> None:
+        """Copy an adapter's weights into a free slot of the same config (model lock held)."""
+        from safetensors.torch import load_file
+
+        targets = self._slots[slot].tensors
+        try:
+            new = load_file(str(weights))
+        except (OSError, RuntimeError, ValueError) as exc:
+            self._free[slot] = None  # untouched: still reusable
+            raise AdapterLoadError(f"adapter {name!r}: cannot read {weights}: {exc}") from exc
+        bad = sorted(k for k in targets if k not in new or new[k].shape != targets[k].shape)
+        if bad or len(new) != len(targets):
+            self._free[slot] = None
+            raise AdapterLoadError(
+                f"adapter {name!r}: weights do not match its config (first bad tensors {bad[:3]})"
+            )
+        with self._torch.no_grad():
+            for key, tensor in targets.items():
+                tensor.copy_(new[key])  # casts to the slot's dtype (fp32), as peft's autocast does
+
+    def _delete_slot_locked(self, slot: str) -> None:
+        """Remove a peft adapter (model lock held)."""
+        self._slots.pop(slot, None)
+        if self._peft is not None and slot in self._peft.peft_config:
+            with warnings.catch_warnings():
+                # peft re-points layers at a remaining adapter and says so; we re-apply the
+                # right one before the next use anyway.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now")
+                self._peft.delete_adapter(slot)
+        self._applied = _UNKNOWN
 
     def _evict_locked(self, keep: str) -> None:
-        """Pick least recently used adapters to drop until under budget (state lock held)."""
+        """Free least recently used adapters until under budget (state lock held)."""
         total = sum(r.nbytes for r in self._residents.values())
         for res in list(self._residents.values()):
             if total <= self.max_resident_bytes:
@@ -281,23 +348,30 @@ class AdapterRuntime:
             if res.name in (keep, self._active) or res.pins > 0:
                 continue
             del self._residents[res.name]
-            self._doomed.add(res.name)
+            self._free[res.slot] = None
             total -= res.nbytes
 
-    def _reap_locked(self) -> None:
-        """Delete doomed adapters from peft (model lock held)."""
+    def _trim_locked(self) -> None:
+        """Delete free slots beyond the count cap or the byte budget (model lock held)."""
         with self._state:
-            doomed, self._doomed = self._doomed, set()
-        for name in doomed:
-            if self._peft is not None and _peft_name(name) in self._peft.peft_config:
-                self._peft.delete_adapter(_peft_name(name))
-                self._applied = _UNKNOWN
+            bound = sum(r.nbytes for r in self._residents.values())
+            doomed = []
+            free_bytes = sum(self._slots[s].nbytes for s in self._free)
+            while self._free and (
+                len(self._free) > _MAX_FREE_SLOTS or bound + free_bytes > self.max_resident_bytes
+            ):
+                slot, _ = self._free.popitem(last=False)
+                free_bytes -= self._slots[slot].nbytes
+                doomed.append(slot)
+        for slot in doomed:
+            self._delete_slot_locked(slot)
 
-    def _reap_nowait(self) -> None:
-        # Never wait on a generation: whoever holds the model lock next reaps for us.
+    def _trim_nowait(self) -> None:
+        # Never wait on a generation: whoever holds the model lock next trims for us.
         if self._model_lock.acquire(blocking=False):
             try:
-                self._reap_locked()
+                if not self._closed:
+                    self._trim_locked()
             finally:
                 self._model_lock.release()
 
@@ -316,7 +390,9 @@ class AdapterRuntime:
             try:
                 with self._state:
                     current = self._active
-                self._apply_locked(current)
+                    slot = None if current is None else self._residents[current].slot
+                if not self._closed:
+                    self._apply_locked(slot)
             finally:
                 self._model_lock.release()
 
@@ -333,25 +409,25 @@ class AdapterRuntime:
                 )
             del self._residents[name]
             if res.pins > 0:
-                res.draining = True  # the last in-flight request dooms it
+                res.draining = True  # the last in-flight request frees the slot
             else:
-                self._doomed.add(name)
-        self._reap_nowait()
+                self._free[res.slot] = None
+        self._trim_nowait()
 
-    def _apply_locked(self, name: str | None) -> None:
-        """Point every LoRA layer at `name`, or disable them for the base (model lock held)."""
-        if self._applied is not _UNKNOWN and self._applied == name:
+    def _apply_locked(self, slot: str | None) -> None:
+        """Point every LoRA layer at `slot`, or disable them for the base (model lock held)."""
+        if self._applied is not _UNKNOWN and self._applied == slot:
             return
         if self._peft is not None:
-            if name is None:
+            if slot is None:
                 self._peft.base_model.disable_adapter_layers()
                 self._layers_enabled = False
             else:
                 if not self._layers_enabled:
                     self._peft.base_model.enable_adapter_layers()
                     self._layers_enabled = True
-                self._peft.set_adapter(_peft_name(name), inference_mode=True)
-        self._applied = name
+                self._peft.set_adapter(slot, inference_mode=True)
+        self._applied = slot
 
     def generate(
         self,
@@ -376,11 +452,11 @@ class AdapterRuntime:
         try:
             with self._model_lock:
                 self._check_open()
-                self._apply_locked(name)
+                self._apply_locked(None if res is None else res.slot)
                 text, tokens = self._generate_locked(prompt, max_new_tokens, chat)
                 self._unpin(res)
                 res = None
-                self._reap_locked()
+                self._trim_locked()
         finally:
             self._unpin(res)  # only when the generation raised
         return GenerationResult(text, name, tokens, time.perf_counter() - started)
@@ -391,7 +467,7 @@ class AdapterRuntime:
         with self._state:
             res.pins -= 1
             if res.draining and res.pins == 0:
-                self._doomed.add(res.name)
+                self._free[res.slot] = None
 
     def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, int]:
         """Tokenize, generate greedily and decode (model lock held; fast tokenizers are not
@@ -428,7 +504,8 @@ class AdapterRuntime:
             self._model = None
             with self._state:
                 self._residents.clear()
-                self._doomed.clear()
+                self._slots.clear()
+                self._free.clear()
                 self._active = None
 
     def __enter__(self) -> AdapterRuntime:

@@ -120,6 +120,52 @@ def test_unload_back_to_base(
     assert rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="alpha").text == references["alpha"]
 
 
+def test_free_slot_reused_in_place(
+    rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]
+) -> None:
+    rt.load("alpha", models["alpha"])
+    slot = rt._residents["alpha"].slot
+    rt.unload("alpha")
+    rt.load("beta", models["beta"])  # same LoRA config: copied into alpha's old slot
+    assert rt._residents["beta"].slot == slot
+    assert len(rt._peft.peft_config) == 1
+    assert rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="beta").text == references["beta"]
+    rt.load("alpha", models["alpha"])  # no free slot: a new one
+    assert rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="alpha").text == references["alpha"]
+    rt.activate("beta")
+    rt.unload("alpha")
+    rt.load("gamma", models["gamma"])
+    assert rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="gamma").text == references["gamma"]
+    assert rt.generate(PROMPT, max_new_tokens=TOKENS).text == references["beta"]
+
+
+def test_mismatched_weights_refused_for_free_slot(
+    rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    rt.load("alpha", models["alpha"])
+    rt.unload("alpha")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text(
+        (models["beta"] / "adapter_config.json").read_text()
+    )
+    state = load_file(models["beta"] / "adapter_model.safetensors")
+    state.pop(sorted(state)[0])
+    save_file(state, partial / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="do not match"):
+        rt.load("partial", partial)
+    assert rt.resident() == {} and len(rt._free) == 1
+    rt.load("beta", models["beta"])
+    rt.unload("beta")
+    # With no free slot, a partial file is caught after peft's non-strict load.
+    rt.load("beta", models["beta"])
+    with pytest.raises(AdapterLoadError, match="do not match"):
+        rt.load("partial", partial)
+    assert set(rt._slots) == {rt._residents["beta"].slot}
+
+
 def test_double_load_and_bad_names_refused(rt: AdapterRuntime, models: dict[str, Path]) -> None:
     rt.load("alpha", models["alpha"])
     with pytest.raises(AdapterLoadError, match="already loaded"):
@@ -137,7 +183,8 @@ def test_lru_eviction_by_bytes(models: dict[str, Path]) -> None:
         rt.load("gamma", models["gamma"])
         assert list(rt.resident()) == ["alpha", "gamma"]
         assert sum(rt.resident().values()) <= rt.max_resident_bytes
-        assert "pl_beta" not in rt._peft.peft_config  # really deleted, not just forgotten
+        # beta's slot is kept for reuse, but never more free slots than the budget allows.
+        assert len(rt._peft.peft_config) <= len(rt.resident()) + 2
 
         # The active adapter is never evicted, even when least recently used.
         rt.activate("alpha")
@@ -225,6 +272,7 @@ def test_unload_while_pinned_finishes_the_request(
     rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]
 ) -> None:
     rt.load("alpha", models["alpha"])
+    slot = rt._residents["alpha"].slot
     results = []
     with rt._model_lock:  # hold the model so the request is admitted but cannot run yet
         worker = threading.Thread(
@@ -239,9 +287,10 @@ def test_unload_while_pinned_finishes_the_request(
         rt.unload("alpha")  # returns at once, even though the model is busy
         rt.activate(None)  # nor does activate wait for the model
         assert rt.resident() == {}
+        assert slot not in rt._free  # still pinned by the request
     worker.join(timeout=30)
     assert results[0].text == references["alpha"]
-    assert "pl_alpha" not in rt._peft.peft_config
+    assert list(rt._free) == [slot]  # freed only after the request finished
 
 
 def test_chat_false_and_close(rt: AdapterRuntime) -> None:
