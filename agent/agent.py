@@ -1,0 +1,413 @@
+"""The device agent's polling loop. It never imports torch: training and inference run in
+child processes (agent.training.worker, agent.runtime_host).
+
+One thread, one loop, a tick every `tick_s`:
+  read sensors -> gate -> (training child events) -> pause/resume/finish -> lease when idle
+  -> heartbeat when due (renews the lease, learns cancellations and the desired adapter).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from adapters_store import download_from_url, upload_to_url
+from adapters_store.errors import StoreError
+from adapters_store.fingerprint import model_fingerprint
+from agent.client import DeviceClient, detect_capabilities
+from agent.gate import Eligibility, Gate
+from agent.jobs import JobSetupError, LocalJob, pack_output, resolve_dataset, training_spec
+from agent.sensors import SensorReading, SensorSource
+from agent.training.runner import Outcome, TrainingProcess, write_spec
+from protos.pocketlora.v1 import agent_service_pb2 as pb
+from protos.pocketlora.v1 import types_pb2 as tpb
+
+log = logging.getLogger("pocketlora.agent")
+
+_STATE_PB = {"RUNNING": tpb.JOB_STATE_RUNNING, "PAUSED": tpb.JOB_STATE_PAUSED, "UPLOADING": tpb.JOB_STATE_UPLOADING}
+
+
+@dataclass
+class AgentConfig:
+    """Settings of one device agent."""
+
+    orchestrator: str
+    device_id: str
+    work_dir: Path
+    base_model_dir: Path
+    base_model_id: str
+    datasets_dir: Path
+    enrollment_token: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    tick_s: float = 0.5
+    progress_every_s: float = 2.0
+    memory_budget_mb: int = 0
+    torch_threads: int = 0
+    # Run the inference runtime (a child process) so desired adapters are loaded and activated.
+    serve_adapters: bool = True
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Agent:
+    """Polls the orchestrator, gates on power/thermal state, trains, uploads, hot-swaps adapters."""
+
+    def __init__(self, config: AgentConfig, sensors: SensorSource, gate: Gate, *, listener: Listener | None = None) -> None:
+        self.cfg = config
+        self.sensors = sensors
+        self.gate = gate
+        self.listener = listener
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir)
+        self.base_fingerprint = model_fingerprint(config.base_model_dir)
+        self.job: LocalJob | None = LocalJob.load(config.work_dir)
+        self.proc: TrainingProcess | None = None
+        self.pausing = False
+        self.next_heartbeat = 0.0
+        self.next_lease = 0.0
+        self.last_progress_report = 0.0
+        self.eligibility: Eligibility | None = None
+        self.reading: SensorReading | None = None
+        self.runtime: Any = None  # agent.inference.RuntimeHost, started on first use
+        self.active_adapter_id = ""
+        self._events: list[dict[str, Any]] = []
+        self._events_lock = threading.Lock()
+        if self.job is not None:
+            # Restarted mid-job: resume from the checkpoint once the gate allows.
+            self.job.state = "PAUSED"
+            self._emit("resumed_after_restart", job_id=self.job.job_id)
+
+    # ------------------------------------------------------------------ plumbing
+    def _emit(self, kind: str, **data: Any) -> None:
+        log.info("%s %s", kind, data)
+        if self.listener is not None:
+            self.listener(kind, data)
+
+    def _on_worker_event(self, event: dict[str, Any]) -> None:
+        # Called from the runner's reader thread; handled on the loop thread.
+        with self._events_lock:
+            self._events.append(event)
+
+    def enroll(self) -> None:
+        """Enroll unless a credential is already held."""
+        if self.client.enrolled:
+            return
+        if not self.cfg.enrollment_token:
+            raise RuntimeError("not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)")
+        budget = self.cfg.memory_budget_mb * 2**20
+        caps = detect_capabilities(self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget)
+        self.client.enroll(self.cfg.enrollment_token, caps)
+        self._emit("enrolled", device_id=self.cfg.device_id)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Run until stop is set."""
+        stop = stop or threading.Event()
+        self.enroll()
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+                    log.warning("orchestrator call failed: %s %s", exc.code(), exc.details())
+                    self.next_heartbeat = time.monotonic() + 2.0
+                stop.wait(self.cfg.tick_s)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop children: training checkpoints and exits (it resumes on the next start)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.request_pause()
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+        if self.runtime is not None:
+            self.runtime.close()
+        self.client.close()
+
+    # ------------------------------------------------------------------ the loop
+    def tick(self) -> None:
+        """One iteration of the loop."""
+        now = time.monotonic()
+        self.reading = self.sensors.read()
+        elig = self.gate.evaluate(self.reading)
+        if self.eligibility is None or elig.reason != self.eligibility.reason:
+            self._emit("gate", eligible=elig.eligible, reason=elig.reason.value, detail=elig.detail)
+        self.eligibility = elig
+        self._drain_events()
+        if self.job is not None:
+            self._drive_job(elig)
+        elif elig.eligible and now >= self.next_lease:
+            self._lease()
+        if time.monotonic() >= self.next_heartbeat:
+            self._heartbeat()
+
+    def _drain_events(self) -> None:
+        with self._events_lock:
+            events, self._events = self._events, []
+        for ev in events:
+            if ev.get("event") == "progress" and self.job is not None:
+                self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
+                self._emit("progress", job_id=self.job.job_id, **self.job.progress)
+            elif ev.get("event") in ("plan", "checkpoint"):
+                self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
+
+    def _progress_pb(self) -> tpb.JobProgress:
+        p = self.job.progress if self.job else {}
+        return tpb.JobProgress(
+            step=int(p.get("step", 0)),
+            total_steps=int(p.get("total_steps", 0)),
+            epoch=int(p.get("epoch", 0)),
+            loss=float(p.get("loss", 0.0) or 0.0),
+            tokens_seen=int(p.get("tokens_seen", 0)),
+        )
+
+    def _report(self, state: str, pause_reason: int = 0) -> pb.ReportProgressResponse | None:
+        """Report state/progress; on a stale lease or cancellation, drop the job."""
+        assert self.job is not None
+        req = pb.ReportProgressRequest(
+            job_id=self.job.job_id,
+            lease_epoch=self.job.lease_epoch,
+            state=_STATE_PB[state],  # type: ignore[arg-type]
+            progress=self._progress_pb(),
+            pause_reason=pause_reason,  # type: ignore[arg-type]
+        )
+        try:
+            reply: pb.ReportProgressResponse = self.client.call("ReportProgress", req)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                self._abandon(f"orchestrator refused the report: {exc.details()}", keep_folder=True)
+                return None
+            raise
+        self.last_progress_report = time.monotonic()
+        if reply.cancel_requested:
+            self._abandon("cancelled by an operator", keep_folder=False)
+            return None
+        self.job.state = state
+        return reply
+
+    def _abandon(self, why: str, *, keep_folder: bool) -> None:
+        """Stop working on the current job (cancelled, or re-leased elsewhere / under a new epoch)."""
+        assert self.job is not None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.request_pause() if keep_folder else self.proc.kill()
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+        self._emit("job_dropped", job_id=self.job.job_id, reason=why)
+        LocalJob.forget(self.cfg.work_dir, self.job.job_id, keep_folder=keep_folder)
+        self.job, self.proc, self.pausing = None, None, False
+        self.next_lease = time.monotonic() + 1.0
+
+    def _lease(self) -> None:
+        reply: pb.LeaseJobResponse = self.client.call("LeaseJob", pb.LeaseJobRequest(device_id=self.cfg.device_id))
+        wait = reply.next_poll_after.seconds + reply.next_poll_after.nanos / 1e9
+        self.next_lease = time.monotonic() + max(wait, 0.5)
+        if not reply.HasField("assignment"):
+            return
+        a = reply.assignment
+        from google.protobuf import json_format
+
+        training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
+        self.job = LocalJob(a.job_id, a.lease_epoch, a.attempt, training, state="LEASED", upload_url=a.upload_url)
+        self.job.save(self.cfg.work_dir)
+        self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name"))
+        self._start_training()
+
+    def _start_training(self) -> None:
+        """Start (or resume) the training child for the current job."""
+        assert self.job is not None
+        job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
+        try:
+            if self.job.training.get("base_model_id") != self.cfg.base_model_id:
+                raise JobSetupError(
+                    "INCOMPATIBLE_BASE",
+                    f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
+                )
+            dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
+            spec = training_spec(self.job, job_dir, self.cfg.base_model_dir, dataset, self.cfg.memory_budget_mb, self.cfg.torch_threads)
+        except JobSetupError as exc:
+            self._fail(exc.error_class, str(exc))
+            return
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_spec(job_dir, spec)
+        self.proc = TrainingProcess(job_dir, on_event=self._on_worker_event)
+        self.proc.clear_pause()
+        self.proc.start()
+        self.pausing = False
+        if self._report("RUNNING") is not None:
+            self._emit("training", job_id=self.job.job_id)
+
+    def _drive_job(self, elig: Eligibility) -> None:
+        assert self.job is not None
+        if self.job.state == "PAUSED" and self.proc is None:
+            if elig.eligible:
+                self._emit("resuming", job_id=self.job.job_id)
+                self._start_training()
+            return
+        if self.proc is None:
+            if self.job.state == "LEASED":
+                self._start_training()
+            return
+        outcome = self.proc.poll()
+        if outcome is None:
+            if not elig.eligible and not self.pausing:
+                # Gate closed: the child finishes its optimizer step, checkpoints and exits.
+                self.pausing = True
+                self.proc.request_pause()
+                self._emit("pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail)
+            elif time.monotonic() - self.last_progress_report >= self.cfg.progress_every_s:
+                self._report(self.job.state if self.job.state in _STATE_PB else "RUNNING")
+            return
+        self._drain_events()
+        self._finish_run(outcome, elig)
+
+    def _finish_run(self, outcome: Outcome, elig: Eligibility) -> None:
+        assert self.job is not None
+        self.proc = None
+        self.pausing = False
+        if outcome.kind == "paused":
+            reason = tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value) if not elig.eligible else 0
+            if self._report("PAUSED", reason) is not None:
+                self.job.save(self.cfg.work_dir)
+                self._emit("paused", job_id=self.job.job_id, step=self.job.progress.get("step", 0))
+        elif outcome.kind == "done":
+            self._upload_and_complete()
+        else:
+            self._fail(outcome.error_class or "CRASHED", outcome.message or f"training exited with {outcome.exit_code}")
+
+    def _upload_and_complete(self) -> None:
+        assert self.job is not None
+        reply = self._report("UPLOADING")
+        if reply is None:
+            return
+        job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
+        try:
+            blob, info = pack_output(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id)
+            upload_to_url(reply.upload_url or self.job.upload_url, blob)
+        except (StoreError, OSError, KeyError, ValueError) as exc:
+            self._fail("UPLOAD_FAILED", f"upload failed: {exc}")
+            return
+        self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
+        metrics = {"final_loss": float(self.job.progress.get("loss", 0.0) or 0.0), "steps": float(self.job.progress.get("step", 0))}
+        req = pb.CompleteJobRequest(
+            job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, sha256=info.sha256, size_bytes=info.size, metrics=metrics
+        )
+        try:
+            done: pb.CompleteJobResponse = self.client.call("CompleteJob", req)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                self._abandon(f"completion refused: {exc.details()}", keep_folder=False)
+                return
+            raise
+        self._emit("completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version)
+        LocalJob.forget(self.cfg.work_dir, self.job.job_id)
+        self.job = None
+        self.next_lease = time.monotonic() + 1.0
+
+    def _fail(self, error_class: str, message: str) -> None:
+        assert self.job is not None
+        code = tpb.ErrorClass.Value("ERROR_CLASS_" + error_class) if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys() else tpb.ERROR_CLASS_CRASHED
+        req = pb.FailJobRequest(job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500])  # type: ignore[arg-type]
+        retry = False
+        try:
+            retry = self.client.call("FailJob", req).will_retry
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise
+        self._emit("failed", job_id=self.job.job_id, error_class=error_class, message=message, will_retry=retry)
+        # Keep the folder when the job will come back: the retry resumes from its checkpoint.
+        LocalJob.forget(self.cfg.work_dir, self.job.job_id, keep_folder=retry)
+        self.job = None
+        self.next_lease = time.monotonic() + 1.0
+
+    # ------------------------------------------------------------------ heartbeat and adapters
+    def _heartbeat(self) -> None:
+        r, elig = self.reading, self.eligibility
+        assert r is not None and elig is not None
+        power = tpb.PowerState(has_battery=bool(r.has_battery))
+        if r.charging is not None:
+            power.charging = r.charging
+        if r.battery_pct is not None:
+            power.battery_pct = r.battery_pct
+        if r.temperature_c is not None:
+            power.temperature_c = r.temperature_c
+        req = pb.HeartbeatRequest(
+            device_id=self.cfg.device_id,
+            power=power,
+            eligible=elig.eligible,
+            eligibility_reason=tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value),  # type: ignore[arg-type]
+            eligibility_detail=elig.detail,
+            active_adapter_id=self.active_adapter_id,
+            free_storage_bytes=r.free_storage_bytes or 0,
+        )
+        if self.job is not None and self.job.state in _STATE_PB:
+            req.running.CopyFrom(
+                pb.RunningJob(
+                    job_id=self.job.job_id,
+                    lease_epoch=self.job.lease_epoch,
+                    state=_STATE_PB[self.job.state],  # type: ignore[arg-type]
+                    progress=self._progress_pb(),
+                )
+            )
+        reply: pb.HeartbeatResponse = self.client.call("Heartbeat", req)
+        wait = reply.next_poll_after.seconds + reply.next_poll_after.nanos / 1e9
+        self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        if self.job is not None and self.job.job_id in reply.cancel_job_ids:
+            self._abandon("cancelled or no longer leased to this device", keep_folder=False)
+        desired = reply.desired_adapter.adapter_id if reply.HasField("desired_adapter") else ""
+        if desired != self.active_adapter_id and self.cfg.serve_adapters:
+            self._switch_adapter(reply.desired_adapter if desired else None)
+
+    def _switch_adapter(self, ref: pb.AdapterRef | None) -> None:
+        """Download, verify, load and activate the desired adapter (or go back to the base)."""
+        from agent.inference import RuntimeHost, RuntimeHostError
+
+        if self.runtime is None:
+            self.runtime = RuntimeHost(self.cfg.base_model_dir, torch_threads=self.cfg.torch_threads)
+        if ref is None:
+            self.runtime.activate(None)
+            self.active_adapter_id = ""
+            self._emit("adapter_active", adapter_id="")
+            return
+        if ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
+            self._emit("adapter_refused", adapter_id=ref.adapter_id, reason="base fingerprint differs from this device's base model")
+            return
+        adapters_dir = self.cfg.work_dir / "adapters"
+        target = adapters_dir / ref.adapter_id
+        if not self.runtime.has(ref.adapter_id):
+            got: pb.GetAdapterDownloadUrlResponse = self.client.call(
+                "GetAdapterDownloadUrl", pb.GetAdapterDownloadUrlRequest(adapter_id=ref.adapter_id)
+            )
+            from adapters_store import unpack_adapter
+
+            blob = adapters_dir / f"{ref.adapter_id}.safetensors"
+            adapters_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
+                unpack_adapter(blob, target)
+            except StoreError as exc:
+                self._emit("adapter_refused", adapter_id=ref.adapter_id, reason=str(exc))
+                return
+            finally:
+                blob.unlink(missing_ok=True)
+            try:
+                self.runtime.load(ref.adapter_id, target)
+            except RuntimeHostError as exc:
+                self._emit("adapter_refused", adapter_id=ref.adapter_id, reason=str(exc))
+                return
+        self.runtime.activate(ref.adapter_id)
+        self.active_adapter_id = ref.adapter_id
+        self._emit("adapter_active", adapter_id=ref.adapter_id, name=ref.name, version=ref.version)

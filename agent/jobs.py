@@ -1,0 +1,156 @@
+"""A leased job on the device: its folder, its persisted assignment, its spec and its adapter blob.
+
+Job folders are keyed by job id (not attempt): when an agent is killed and its lease expires, the
+job comes back to this device under a new epoch and training resumes from the checkpoint left
+in the same folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters_store import AdapterManifest, BlobInfo, pack_adapter
+from agent.training.spec import TrainingSpec
+
+_QUANT = {"QUANTIZATION_NONE": "none"}
+_FALLBACK = {"FOUR_BIT_FALLBACK_FAIL": "fail"}
+_CKPT = {"GRADIENT_CHECKPOINTING_ON": "on", "GRADIENT_CHECKPOINTING_OFF": "off"}
+
+
+class JobSetupError(Exception):
+    """The job cannot start here; error_class says why (sent to the orchestrator)."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+@dataclass
+class LocalJob:
+    """What the agent remembers about its current job, persisted across agent restarts."""
+
+    job_id: str
+    lease_epoch: int
+    attempt: int
+    training: dict[str, Any]
+    state: str = "RUNNING"  # RUNNING | PAUSED | UPLOADING (the device's view)
+    upload_url: str = ""
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def folder(work_dir: Path, job_id: str) -> Path:
+        """The job's folder (checkpoints, output, blob)."""
+        return work_dir / "jobs" / job_id
+
+    def save(self, work_dir: Path) -> None:
+        """Persist atomically as the agent's current job."""
+        path = work_dir / "current_job.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(work_dir: Path) -> LocalJob | None:
+        """The persisted current job, if any."""
+        try:
+            return LocalJob(**json.loads((work_dir / "current_job.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+    @staticmethod
+    def forget(work_dir: Path, job_id: str, *, keep_folder: bool = False) -> None:
+        """Drop the current-job record (and the job folder unless asked to keep it)."""
+        (work_dir / "current_job.json").unlink(missing_ok=True)
+        if not keep_folder:
+            shutil.rmtree(LocalJob.folder(work_dir, job_id), ignore_errors=True)
+
+
+def resolve_dataset(datasets_dir: Path, name: str) -> Path:
+    """The local file a job's dataset name refers to (the data never leaves the device)."""
+    if "/" in name or name.startswith("."):
+        raise JobSetupError("DATASET_INVALID", f"dataset name {name!r} must be a plain name")
+    for candidate in (datasets_dir / name, datasets_dir / f"{name}.jsonl"):
+        if candidate.is_file():
+            return candidate
+    raise JobSetupError("DATASET_INVALID", f"dataset {name!r} not found in {datasets_dir}")
+
+
+def training_spec(
+    job: LocalJob, job_dir: Path, base_model_dir: Path, dataset_path: Path, memory_budget_mb: int, torch_threads: int
+) -> TrainingSpec:
+    """Map the API's TrainingSpec (JSON dict) onto the worker's TrainingSpec."""
+    t = job.training
+    lora = t.get("lora", {})
+    kw: dict[str, Any] = {
+        "base_model_dir": str(base_model_dir),
+        "dataset_path": str(dataset_path),
+        "output_dir": str(job_dir / "output"),
+        "quantization": _QUANT.get(t.get("quantization", ""), "nf4"),
+        "on_4bit_unsupported": _FALLBACK.get(t.get("on_4bit_unsupported", ""), "fallback"),
+        "gradient_checkpointing": _CKPT.get(t.get("gradient_checkpointing", ""), "auto"),
+        "seed": int(t.get("seed", 0)),
+        "memory_budget_mb": memory_budget_mb,
+        "torch_threads": torch_threads,
+    }
+    if lora.get("rank"):
+        kw["rank"] = int(lora["rank"])
+    if lora.get("alpha"):
+        kw["alpha"] = float(lora["alpha"])
+    if "dropout" in lora and float(lora["dropout"]) >= 0:
+        kw["dropout"] = float(lora["dropout"])
+    if lora.get("target_modules"):
+        kw["target_modules"] = list(lora["target_modules"])
+    for api, ours, cast in (
+        ("learning_rate", "learning_rate", float),
+        ("effective_batch", "effective_batch", int),
+        ("micro_batch", "micro_batch", int),
+        ("epochs", "epochs", int),
+        ("max_steps", "max_steps", int),
+        ("max_seq_len", "max_seq_len", int),
+        ("checkpoint_every_steps", "checkpoint_every_steps", int),
+    ):
+        if t.get(api):
+            kw[ours] = cast(t[api])
+    try:
+        return TrainingSpec(**kw)
+    except ValueError as exc:
+        raise JobSetupError("INVALID_SPEC", str(exc)) from exc
+
+
+def pack_output(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str) -> tuple[Path, BlobInfo]:
+    """Pack the trained adapter and its lineage manifest into the one blob that is uploaded."""
+    out = job_dir / "output"
+    trained = json.loads((out / "training_manifest.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    loss_curve = trained.get("loss_curve", [])
+    metrics: dict[str, Any] = {
+        "final_loss": loss_curve[-1] if loss_curve else None,
+        "loss_curve": loss_curve,
+        "tokens_seen": trained.get("tokens_seen"),
+        "steps": trained.get("steps"),
+        "duration_s": trained.get("duration_s"),
+        "peak_rss_bytes": trained.get("peak_rss_bytes"),
+    }
+    manifest = AdapterManifest(
+        adapter_name=str(job.training.get("adapter_name", "adapter")),
+        base_model_id=base_model_id,
+        base_fingerprint=str(trained["base_fingerprint"]),
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        target_modules=sorted(config["target_modules"]) if isinstance(config["target_modules"], list) else [str(config["target_modules"])],
+        dataset_sha256=str(trained.get("dataset_sha256", "")),
+        metrics=metrics,
+        training=trained.get("spec", {}),
+        device_id=device_id,
+        job_id=job.job_id,
+        attempt=job.attempt,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    blob = job_dir / "adapter.safetensors"
+    return blob, pack_adapter(out, manifest, blob)

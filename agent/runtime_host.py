@@ -1,0 +1,63 @@
+"""Child process serving the inference runtime over stdin/stdout (one JSON object per line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def main() -> int:
+    """Load the base once, then answer commands until stdin closes."""
+    parser = argparse.ArgumentParser(description="PocketLoRA inference runtime host")
+    parser.add_argument("--base-model", required=True, type=Path)
+    parser.add_argument("--max-resident-bytes", type=int, default=256 * 2**20)
+    parser.add_argument("--torch-threads", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Replies go on the real stdout; anything libraries print goes to stderr.
+    out = sys.stdout
+    sys.stdout = sys.stderr
+    from agent.runtime import AdapterRuntime
+
+    runtime = AdapterRuntime(args.base_model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.torch_threads or None)
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd.get("op")
+        if op == "ping":
+            return {"base_fingerprint": runtime.base_fingerprint}
+        if op == "has":
+            return {"resident": cmd["name"] in runtime.resident()}
+        if op == "load":
+            return {"bytes": runtime.load(cmd["name"], Path(cmd["dir"]))}
+        if op == "activate":
+            runtime.activate(cmd.get("name"))
+            return {"active": runtime.active}
+        if op == "unload":
+            runtime.unload(cmd["name"])
+            return {}
+        if op == "generate":
+            kw: dict[str, Any] = {"max_new_tokens": int(cmd.get("max_new_tokens", 48))}
+            if "adapter" in cmd:
+                kw["adapter"] = cmd["adapter"]
+            res = runtime.generate(cmd["prompt"], **kw)
+            return {"text": res.text, "adapter": res.adapter, "seconds": res.seconds}
+        raise ValueError(f"unknown op {op!r}")
+
+    for line in sys.stdin:
+        try:
+            reply = {"ok": True, **handle(json.loads(line))}
+        except Exception as exc:  # every failure is a reply; the host stays up
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

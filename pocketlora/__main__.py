@@ -1,0 +1,5 @@
+"""`python -m pocketlora` runs the CLI."""
+
+from pocketlora.cli import main
+
+main()

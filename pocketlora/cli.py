@@ -1,0 +1,374 @@
+"""The `pocketlora` command line: demo, servers, and operator commands.
+
+Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from pocketlora.client import DEFAULT_ADDRESS, ClientError, OperatorClient
+from protos.pocketlora.v1 import operator_service_pb2 as op
+from protos.pocketlora.v1 import types_pb2 as tpb
+
+app = typer.Typer(help="PocketLoRA: on-device LoRA personalisation for fleets.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+orchestrator_app = typer.Typer(help="Run the orchestrator.", no_args_is_help=True)
+agent_app = typer.Typer(help="Run a device agent.", no_args_is_help=True)
+job_app = typer.Typer(help="Submit, follow and cancel training jobs.", no_args_is_help=True)
+device_app = typer.Typer(help="Inspect enrolled devices.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Inspect and activate adapters.", no_args_is_help=True)
+token_app = typer.Typer(help="Issue enrollment tokens.", no_args_is_help=True)
+for sub, name in ((orchestrator_app, "orchestrator"), (agent_app, "agent"), (job_app, "job"), (device_app, "device"), (adapter_app, "adapter"), (token_app, "token")):
+    app.add_typer(sub, name=name)
+
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_STATE_DIR = Path(".pocketlora")
+Address = Annotated[str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")]
+Token = Annotated[str, typer.Option("--token", envvar="POCKETLORA_OPERATOR_TOKEN", help="Operator token (default: read from .pocketlora/operator-token).", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line and exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point with one-line errors."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        app()
+    except (ClientError, UserError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _token(token: str) -> str:
+    if token:
+        return token
+    path = DEFAULT_STATE_DIR / "operator-token"
+    if path.is_file():
+        return path.read_text().strip()
+    raise UserError("no operator token: pass --token, set POCKETLORA_OPERATOR_TOKEN, or run from the orchestrator's directory")
+
+
+def _client(address: str, token: str) -> OperatorClient:
+    if ":" not in address:
+        raise UserError(f"--orchestrator {address!r} must be HOST:PORT")
+    return OperatorClient(address, _token(token))
+
+
+def _dump(msg: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data))
+
+
+def _state_name(value: int) -> str:
+    return tpb.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def _parse_states(states: list[str]) -> list[int]:
+    parsed = []
+    for s in states:
+        key = "JOB_STATE_" + s.upper().removeprefix("JOB_STATE_")
+        if key not in tpb.JobState.keys() or key == "JOB_STATE_UNSPECIFIED":
+            names = ", ".join(n.removeprefix("JOB_STATE_") for n in tpb.JobState.keys()[1:])
+            raise typer.BadParameter(f"unknown state {s!r}; one of {names}", param_hint="--state")
+        parsed.append(tpb.JobState.Value(key))
+    return parsed
+
+
+def _kv(pairs: list[str], flag: str) -> dict[str, str]:
+    out_: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair or not pair.split("=", 1)[0]:
+            raise typer.BadParameter(f"{pair!r} must be KEY=VALUE", param_hint=flag)
+        k, v = pair.split("=", 1)
+        out_[k] = v
+    return out_
+
+
+def _jobs_table(jobs: list[Any]) -> Table:
+    table = Table("job", "device", "state", "attempt", "progress", "loss", "adapter", "status")
+    for j in jobs:
+        prog = f"{j.progress.step}/{j.progress.total_steps}" if j.progress.total_steps else "-"
+        loss = f"{j.progress.loss:.3f}" if j.progress.total_steps else "-"
+        table.add_row(j.job_id, j.device_id, _state_name(j.state), f"{j.attempt}/{j.max_attempts}", prog, loss, j.adapter_id or "-", j.status_message or j.last_error or "")
+    return table
+
+
+# ---------------------------------------------------------------------- jobs
+@job_app.command("submit")
+def job_submit(
+    device_id: Annotated[str, typer.Option("--device-id", help="Device that trains the adapter.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")],
+    adapter_name: Annotated[str, typer.Option("--adapter-name", help="Adapter name (versions count per device and name).")] = "personal",
+    base_model_id: Annotated[str, typer.Option("--base-model-id", help="Base model the device must have.")] = "SmolLM2-135M-Instruct",
+    rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (0: the default).")] = 0.0,
+    learning_rate: Annotated[float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")] = 0.0,
+    epochs: Annotated[int, typer.Option(min=0, help="Passes over the data (0: 1).")] = 0,
+    max_steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from epochs).")] = 0,
+    max_seq_len: Annotated[int, typer.Option(min=0, help="Longest example in tokens (0: 256).")] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    quantization: Annotated[str, typer.Option(help="nf4 or none.")] = "nf4",
+    max_attempts: Annotated[int, typer.Option(min=0, max=100, help="Attempts (0: 6).")] = 0,
+    request_id: Annotated[str, typer.Option(help="Idempotency key (default: random).")] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """Queue a training job for one device."""
+    if quantization not in ("nf4", "none"):
+        raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
+    spec = tpb.TrainingSpec(
+        adapter_name=adapter_name, base_model_id=base_model_id, dataset=dataset,
+        lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
+        quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, max_seq_len=max_seq_len, seed=seed,
+    )
+    with _client(address, token) as c:
+        reply = c.call("SubmitJob", op.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, device_id=device_id, training=spec, max_attempts=max_attempts))
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        out.print(f"{'submitted' if reply.created else 'already submitted'} job [bold]{reply.job.job_id}[/] for {device_id} ({_state_name(reply.job.state)})")
+
+
+@job_app.command("list")
+def job_list(
+    state: Annotated[list[str], typer.Option("--state", help="Only these states (repeatable).")] = [],  # noqa: B006
+    device_id: Annotated[str, typer.Option("--device-id")] = "",
+    campaign_id: Annotated[str, typer.Option("--campaign-id")] = "",
+    page_size: Annotated[int, typer.Option(min=0, max=1000)] = 50,
+    page_token: Annotated[str, typer.Option()] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """List jobs, newest first."""
+    flt = tpb.JobFilter(states=_parse_states(state), device_id=device_id, campaign_id=campaign_id)  # type: ignore[arg-type]
+    with _client(address, token) as c:
+        reply = c.call("ListJobs", op.ListJobsRequest(filter=flt, page_size=page_size, page_token=page_token))
+    if as_json:
+        _print_json(_dump(reply))
+        return
+    out.print(_jobs_table(list(reply.jobs)))
+    if reply.next_page_token:
+        out.print(f"more: --page-token {reply.next_page_token}")
+
+
+@job_app.command("get")
+def job_get(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Show one job."""
+    with _client(address, token) as c:
+        job = c.call("GetJob", op.GetJobRequest(job_id=job_id)).job
+    if as_json:
+        _print_json(_dump(job))
+    else:
+        out.print(_jobs_table([job]))
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Cancel a job; a training device stops on its next heartbeat."""
+    with _client(address, token) as c:
+        job = c.call("CancelJob", op.CancelJobRequest(job_id=job_id)).job
+    if as_json:
+        _print_json(_dump(job))
+    else:
+        out.print(f"job {job.job_id} is {_state_name(job.state)}")
+
+
+@job_app.command("watch")
+def job_watch(
+    job_id: Annotated[str, typer.Argument(help="Stop when this job ends (default: watch every job).")] = "",
+    device_id: Annotated[str, typer.Option("--device-id")] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """Stream job changes as they happen."""
+    with _client(address, token) as c:
+        if job_id:
+            c.call("GetJob", op.GetJobRequest(job_id=job_id))  # NOT_FOUND early, as one line
+        for change in c.watch(op.WatchJobsRequest(filter=tpb.JobFilter(device_id=device_id), include_initial=True)):
+            j = change.job
+            if job_id and j.job_id != job_id:
+                continue
+            if as_json:
+                print(json.dumps(_dump(j)), flush=True)
+            else:
+                p = j.progress
+                out.print(f"{j.job_id} {_state_name(j.state):<10} step {p.step}/{p.total_steps} loss {p.loss:.3f} {j.status_message}")
+            if job_id and j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
+                return
+
+
+# ---------------------------------------------------------------------- devices
+@device_app.command("list")
+def device_list(
+    label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE the device must carry (repeatable).")] = [],  # noqa: B006
+    page_size: Annotated[int, typer.Option(min=0, max=1000)] = 100,
+    page_token: Annotated[str, typer.Option()] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """List enrolled devices."""
+    sel = tpb.DeviceSelector(labels=_kv(label, "--label"))
+    with _client(address, token) as c:
+        reply = c.call("ListDevices", op.ListDevicesRequest(selector=sel, page_size=page_size, page_token=page_token))
+    if as_json:
+        _print_json(_dump(reply))
+        return
+    table = Table("device", "eligible", "reason", "battery", "temp", "active adapter", "running job")
+    for d in reply.devices:
+        reason = tpb.EligibilityReason.Name(d.eligibility_reason).removeprefix("ELIGIBILITY_REASON_")
+        batt = f"{d.power.battery_pct:.0f}%" if d.power.HasField("battery_pct") else "-"
+        temp = f"{d.power.temperature_c:.1f}°C" if d.power.HasField("temperature_c") else "-"
+        table.add_row(d.device_id, "yes" if d.eligible else "no", reason, batt, temp, d.active_adapter_id or "(base)", d.running_job_id or "-")
+    out.print(table)
+
+
+@device_app.command("get")
+def device_get(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Show one device."""
+    with _client(address, token) as c:
+        d = c.call("GetDevice", op.GetDeviceRequest(device_id=device_id)).device
+    data = _dump(d)
+    if as_json:
+        _print_json(data)
+    else:
+        for k, v in data.items():
+            out.print(f"[bold]{k}[/]: {v}")
+
+
+# ---------------------------------------------------------------------- adapters
+@adapter_app.command("list")
+def adapter_list(
+    device_id: Annotated[str, typer.Option("--device-id")] = "",
+    name: Annotated[str, typer.Option("--name")] = "",
+    page_size: Annotated[int, typer.Option(min=0, max=1000)] = 100,
+    page_token: Annotated[str, typer.Option()] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """List adapter versions, newest first."""
+    with _client(address, token) as c:
+        reply = c.call("ListAdapters", op.ListAdaptersRequest(device_id=device_id, name=name, page_size=page_size, page_token=page_token))
+    if as_json:
+        _print_json(_dump(reply))
+        return
+    table = Table("adapter", "name", "version", "device", "job", "size", "sha256")
+    for a in reply.adapters:
+        table.add_row(a.adapter_id, a.name, str(a.version), a.device_id, a.job_id, f"{a.size_bytes / 1e6:.2f} MB", a.sha256[:16])
+    out.print(table)
+
+
+@adapter_app.command("get")
+def adapter_get(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Show one adapter version with its lineage manifest."""
+    with _client(address, token) as c:
+        a = c.call("GetAdapter", op.GetAdapterRequest(adapter_id=adapter_id)).adapter
+    data = _dump(a)
+    data["manifest"] = json.loads(data.pop("manifest_json", "{}"))
+    if as_json:
+        _print_json(data)
+    else:
+        out.print_json(json.dumps(data))
+
+
+@adapter_app.command("activate")
+def adapter_activate(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Make an adapter the desired one on the device that trained it."""
+    with _client(address, token) as c:
+        reply = c.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter_id))
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        out.print(f"activated {adapter_id} on {', '.join(reply.device_ids) or 'no device (already desired)'}")
+
+
+@adapter_app.command("deactivate")
+def adapter_deactivate(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Send a device back to its base model."""
+    with _client(address, token) as c:
+        reply = c.call("DeactivateAdapter", op.DeactivateAdapterRequest(device_id=device_id))
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        out.print(f"{device_id} goes back to the base model" if reply.device_ids else f"{device_id} already runs the base model")
+
+
+@adapter_app.command("rollback")
+def adapter_rollback(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Make a device's previously desired adapter desired again."""
+    with _client(address, token) as c:
+        reply = c.call("RollbackAdapter", op.RollbackAdapterRequest(device_id=device_id))
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        out.print(f"{device_id} now wants {reply.desired_adapter_id or 'the base model'}")
+
+
+@token_app.command("create")
+def token_create(
+    ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 366)] = 24.0,
+    description: Annotated[str, typer.Option()] = "",
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """Issue an enrollment token for devices."""
+    from google.protobuf.duration_pb2 import Duration
+
+    with _client(address, token) as c:
+        reply = c.call("CreateEnrollmentToken", op.CreateEnrollmentTokenRequest(ttl=Duration(seconds=int(ttl_hours * 3600)), description=description))
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        print(reply.token)
+
+
+@app.command("summary")
+def summary(address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+    """Fleet summary: jobs by state, devices by eligibility."""
+    with _client(address, token) as c:
+        reply = c.call("GetFleetSummary", op.GetFleetSummaryRequest())
+    data = _dump(reply)
+    if as_json:
+        _print_json(data)
+    else:
+        out.print_json(json.dumps(data))
+
+
+# Server-side and device-side commands live in their own module to keep this one readable.
+from pocketlora import commands  # noqa: E402,F401  (registers orchestrator/agent/infer/demo)
+

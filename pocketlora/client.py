@@ -1,0 +1,70 @@
+"""Small gRPC clients for operators (CLI, dashboards, the demo) with auth metadata and timeouts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from protos.pocketlora.v1 import operator_service_pb2 as op
+from protos.pocketlora.v1 import operator_service_pb2_grpc as op_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class ClientError(Exception):
+    """A call failed; the message is one line fit for a terminal."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def describe_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
+    """One line for a failed call: unreachable servers are named, statuses shown plainly."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "connect" in (details or "").lower():
+        return ClientError(f"cannot reach the orchestrator at {address}: {details}", code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ClientError(f"cannot reach the orchestrator at {address} ({details})", code)
+    name = code.name if code is not None else "ERROR"
+    return ClientError(f"{name}: {details}", code)
+
+
+class OperatorClient:
+    """OperatorService with the operator token attached to every call."""
+
+    def __init__(self, address: str, token: str, *, timeout_s: float = 15.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.channel = grpc.insecure_channel(address)
+        self.stub = op_grpc.OperatorServiceStub(self.channel)
+
+    def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
+        """Invoke one unary RPC by name; failures become ClientError."""
+        try:
+            return getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise describe_rpc_error(exc, self.address) from None
+
+    def watch(self, request: op.WatchJobsRequest) -> Iterator[op.WatchJobsResponse]:
+        """Stream job changes until the caller stops iterating."""
+        try:
+            yield from self.stub.WatchJobs(request, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise describe_rpc_error(exc, self.address) from None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> OperatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

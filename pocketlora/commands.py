@@ -1,0 +1,188 @@
+"""Long-running commands: `orchestrator serve`, `agent run`, `infer` and `demo`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pocketlora.cli import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out
+
+
+def _secret_file(path: Path, env: str) -> str:
+    """A secret from the environment, else from a 0600 file (created with a random value)."""
+    if os.environ.get(env):
+        return os.environ[env]
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def _check_listen(listen: str) -> None:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
+
+
+@orchestrator_app.command("serve")
+def serve(
+    listen: Annotated[str, typer.Option(help="HOST:PORT for the gRPC API.")] = "127.0.0.1:50051",
+    db: Annotated[str, typer.Option(help="sqlite:///path or postgresql://...")] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
+    store: Annotated[str, typer.Option(help="file:///abs/path or s3://bucket?endpoint=host:port (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")] = "",
+    ray_address: Annotated[str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")] = "",
+    replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
+    lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
+    state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
+) -> None:
+    """Run the orchestrator: gRPC front ends and the control loop on Ray."""
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.errors import InvalidArgument
+    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+
+    _check_listen(listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = store or f"file://{(state_dir / 'blobs').resolve()}"
+    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN")
+    enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
+    os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
+    config = OrchestratorConfig(lease_s=lease_s, operator_token=operator_token, enrollment_token=enrollment_token)
+    # Fail fast on bad URLs, with the field named, before Ray starts.
+    try:
+        from adapters_store import open_store
+        from orchestrator.state import open_state
+
+        open_state(db).close()
+        open_store(store).close()
+    except InvalidArgument as exc:
+        raise UserError(f"--{exc}") from None
+    except Exception as exc:
+        raise UserError(f"cannot open stores: {exc}") from None
+    init_ray(ray_address or None)
+    frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
+    host = listen.rpartition(":")[0]
+    out.print(f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))")
+    out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    stop_orchestrator(frontends, control)
+
+
+@agent_app.command("run")
+def agent_run(
+    device_id: Annotated[str, typer.Option("--device-id", help="This device's id.")],
+    base_model: Annotated[Path, typer.Option(help="Folder of the base model (HF format, safetensors).")],
+    orchestrator: Annotated[str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")] = "127.0.0.1:50051",
+    work_dir: Annotated[Path, typer.Option(help="Agent state: credential, checkpoints, adapters.")] = Path(".pocketlora/agent"),
+    sensors: Annotated[str, typer.Option(help="psutil | sysfs[:/root] | trace:/path.jsonl[?speed=N] | auto")] = "auto",
+    base_model_id: Annotated[str, typer.Option(help="Id the orchestrator knows the base model by.")] = "SmolLM2-135M-Instruct",
+    datasets_dir: Annotated[Path | None, typer.Option(help="Where job datasets are found (default: WORK_DIR/datasets).")] = None,
+    enrollment_token: Annotated[str, typer.Option(envvar="POCKETLORA_ENROLLMENT_TOKEN", help="Token to enroll with.")] = "",
+    label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE label (repeatable).")] = [],  # noqa: B006
+    gate_config: Annotated[Path | None, typer.Option(help="Gate policy file (TOML or JSON).")] = None,
+    temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
+    temp_low: Annotated[float | None, typer.Option(help="Resume below this temperature (°C).")] = None,
+    min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
+    memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
+    torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+) -> None:
+    """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
+    from agent.agent import Agent, AgentConfig
+    from agent.gate import Gate, GatePolicy
+    from agent.sensors import parse_sensor_spec
+    from pocketlora.cli import _kv
+
+    labels = _kv(label, "--label")
+    if not (base_model / "config.json").is_file():
+        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
+    try:
+        source = parse_sensor_spec(sensors)
+        policy = GatePolicy.from_file(gate_config) if gate_config else GatePolicy()
+        overrides = {k: v for k, v in (("temp_high_c", temp_high), ("temp_low_c", temp_low), ("min_battery_pct", min_battery)) if v is not None}
+        policy = policy.with_overrides(**overrides) if overrides else policy
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = AgentConfig(
+        orchestrator=orchestrator, device_id=device_id, work_dir=work_dir, base_model_dir=base_model,
+        base_model_id=base_model_id, datasets_dir=datasets_dir or work_dir / "datasets",
+        enrollment_token=enrollment_token, labels=labels, memory_budget_mb=memory_budget_mb, torch_threads=torch_threads,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Agent(cfg, source, Gate(policy)).run(stop)
+
+
+@app.command("infer")
+def infer(
+    base_model: Annotated[Path, typer.Option(help="Folder of the base model.")],
+    prompt: Annotated[str, typer.Option(help="The user message.")],
+    adapter: Annotated[Path | None, typer.Option(help="Adapter folder (adapter_model.safetensors + adapter_config.json) or packed .safetensors blob.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 64,
+) -> None:
+    """Generate an answer with the base model, or with an adapter hot-loaded onto it."""
+    if not (base_model / "config.json").is_file():
+        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
+    if adapter is not None and not adapter.exists():
+        raise UserError(f"--adapter {adapter}: no such file or folder")
+    from adapters_store.errors import StoreError
+    from agent.runtime import AdapterRuntime
+
+    runtime = AdapterRuntime(base_model)
+    name = None
+    if adapter is not None:
+        try:
+            if adapter.is_file():
+                import tempfile
+
+                from adapters_store import unpack_adapter
+
+                tmp = Path(tempfile.mkdtemp())
+                unpack_adapter(adapter, tmp)
+                adapter = tmp
+            runtime.load("adapter", adapter)
+        except (StoreError, ValueError, OSError) as exc:
+            raise UserError(f"--adapter {adapter}: {exc}") from None
+        name = "adapter"
+    runtime.activate(name)
+    print(runtime.generate(prompt, max_new_tokens=max_new_tokens).text)
+
+
+@app.command("demo")
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the demo keeps its state (reused between runs).")] = Path(".pocketlora/demo"),
+    dataset: Annotated[Path | None, typer.Option(help="Your own JSONL dataset (default: the shipped persona dataset).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=20)] = 3,
+    trace_speed: Annotated[float, typer.Option(min=0.1, max=100.0, help="Speed-up of the simulated sensor trace.")] = 1.0,
+) -> None:
+    """Run the whole PocketLoRA loop on this machine with SmolLM2-135M and a simulated device."""
+    from pocketlora.demo import run_demo
+
+    if dataset is not None:
+        from agent.training.datasets import read_records
+        from agent.training.errors import DatasetError
+
+        if not dataset.is_file():
+            raise UserError(f"--dataset {dataset}: no such file")
+        try:
+            read_records(dataset)
+        except DatasetError as exc:
+            raise UserError(f"--dataset {exc}") from None
+    try:
+        run_demo(work_dir, dataset=dataset, epochs=epochs, trace_speed=trace_speed)
+    except KeyboardInterrupt:
+        err.print("demo interrupted")
+        raise typer.Exit(130) from None

