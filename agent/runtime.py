@@ -1,39 +1,33 @@
 """The inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
 
-Errors (all carry a message that names the adapter and the file or value at fault):
-
-    AdapterRuntimeError         base of everything this module raises on purpose
-    ├── AdapterLoadError        the adapter folder is unusable (pickled .bin, no safetensors, bad config)
-    │   └── IncompatibleAdapter the adapter's manifest names a different base fingerprint
+    AdapterRuntimeError         base of everything raised on purpose; messages name adapter and file
+    ├── AdapterLoadError        unusable folder: pickled .bin, no safetensors, bad config or shapes
+    │   └── IncompatibleAdapter manifest.json names a different base fingerprint
     ├── AdapterNotLoaded        the name is not resident (never loaded, unloaded or evicted)
     ├── AdapterBusy             unload of the active adapter (activate another one or None first)
     └── RuntimeClosed           close() was called
 
-Concurrency. peft keeps the active adapter as plain attributes on every LoRA layer
-(`set_adapter` writes `_active_adapter`; `disable_adapter_layers` writes `_disable_adapters`),
-and its per-call alternative, `adapter_names=`, works by registering forward pre-hooks on those
-same shared modules for the duration of the call (peft/tuners/lora/model.py,
-`_enable_peft_forward_hooks`): two concurrent calls would see each other's hooks. Neither is
-per-thread, so every use of the module tree (apply adapter + generate, load, delete) runs under
-one model lock. Requests pin their adapter at admission; the lock makes each request a single
-critical section, so a swap between requests can never mix two adapters inside one. On 2 cores
-parallel forwards would not be faster anyway.
+Concurrency: peft keeps the active adapter as attributes on every LoRA layer (`set_adapter`
+writes `_active_adapter`, `disable_adapter_layers` writes `_disable_adapters`), and its per-call
+`adapter_names=` registers forward pre-hooks on those same shared modules for the call
+(peft/tuners/lora/model.py `_enable_peft_forward_hooks`), so concurrent calls would see each
+other's hooks. Neither is per-thread: every use of the module tree (apply + generate, load,
+delete) runs under one model lock, and a request pins its adapter at admission. A swap between
+requests therefore never mixes two adapters inside one; on 2 cores parallel forwards would not
+be faster anyway. activate/unload never wait for a running generation.
 
-Lifecycle verbs stay separate as in peft: `load` never activates, `activate` never loads.
-`unload` refuses the active adapter (AdapterBusy): serving silently falling back to the base
-would hide an operator mistake. An adapter pinned by an in-flight request is freed when that
-request finishes. When resident adapters exceed `max_resident_bytes`, the least recently used
-ones are unloaded, never the active one nor one pinned by an in-flight request.
+Lifecycle verbs stay separate as in peft: `load` never activates. `unload` refuses the active
+adapter (AdapterBusy) rather than silently serving the base; an adapter pinned by an in-flight
+request is freed when that request ends. Over `max_resident_bytes`, least recently used adapters
+are unloaded, never the active one nor a pinned one.
 
-Slots. peft's load_adapter spends most of a swap injecting new LoRA modules (walking the whole
-module tree several times: ~100 ms on SmolLM2 against ~5 ms to read and copy 1.9 MB). So peft
-adapters are slots: the first adapter of a given LoRA config gets a new slot through
-load_adapter; an unloaded adapter's slot is kept (at most _MAX_FREE_SLOTS, within the byte
-budget) and a later adapter with the same config is copied into its tensors in place, after
-checking names and shapes against the slot. Fleet adapters of one base share one config, so a
-steady-state swap is a file read and a copy.
+Slots: peft's load_adapter spends most of a swap injecting LoRA modules (~100 ms on SmolLM2,
+walking the module tree many times, against ~5 ms to read and copy 1.9 MB). A freed adapter's
+peft slot is kept (at most _MAX_FREE_SLOTS, within the byte budget), and a later adapter with the
+same LoRA config is copied into its tensors in place after checking names and shapes. Fleet
+adapters of one base share a config, so a steady-state swap is a file read and a copy.
 
-torch, transformers and peft are imported inside the constructor: importing this module is cheap.
+torch, transformers and peft are imported lazily: importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -49,11 +43,10 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
+from adapters_store.blob import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, ensure_safetensors
+from adapters_store.errors import AdapterFormatError
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-MANIFEST_NAME = "manifest.json"
 _PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # peft stores adapters as ModuleDict keys; a '.' would break module paths.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -125,25 +118,6 @@ def _strip_sha(fingerprint: str) -> str:
     return fingerprint.removeprefix("sha256:")
 
 
-def _check_weights(path: Path) -> None:
-    """Refuse anything but a well-formed safetensors file, before any parser runs."""
-    try:
-        from adapters_store.blob import ensure_safetensors
-        from adapters_store.errors import AdapterFormatError
-    except ImportError:  # pragma: no cover - the store package is built alongside
-        from adapters_store.fingerprint import SafetensorsHeaderError, read_safetensors_header
-
-        try:
-            read_safetensors_header(path)
-        except SafetensorsHeaderError as exc:
-            raise AdapterLoadError(f"{path.name} is not a safetensors file: {exc}") from None
-        return
-    try:
-        ensure_safetensors(path)
-    except AdapterFormatError as exc:
-        raise AdapterLoadError(f"{path.parent}: {exc}") from None
-
-
 def _check_adapter_dir(name: str, adapter_dir: Path) -> tuple[Path, str]:
     """Return (safetensors weights, config key) of a loadable adapter folder, or raise why not."""
     if not _NAME.fullmatch(name):
@@ -159,7 +133,10 @@ def _check_adapter_dir(name: str, adapter_dir: Path) -> tuple[Path, str]:
                 f"PocketLoRA loads only {WEIGHTS_NAME} (unpickling can run code)"
             )
         raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} has no {WEIGHTS_NAME}")
-    _check_weights(weights)
+    try:
+        ensure_safetensors(weights)  # also catches a pickle renamed to .safetensors
+    except AdapterFormatError as exc:
+        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir}: {exc}") from None
     try:
         config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -206,14 +183,13 @@ class AdapterRuntime:
         # Headers only: fails fast on a folder without safetensors weights, before the big load.
         self._base_fingerprint = model_fingerprint(self.base_model_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32)
-        model.eval()
-        self._model: Any = model  # LoRA layers are injected into it in place by peft
+        # LoRA layers are injected into this model in place by peft.
+        model: Any = AutoModelForCausalLM.from_pretrained(self.base_model_dir, dtype=torch.float32)
+        self._model: Any = model.eval()
         self._peft: Any = None  # the PeftModel wrapper, created by the first load
         self._model_lock = threading.Lock()  # every touch of module state; see module docstring
-        self._state = (
-            threading.Lock()
-        )  # registry/active/pins; never held while waiting for the above
+        # Guards registry, active and pins; never held while waiting for the model lock.
+        self._state = threading.Lock()
         self._residents: OrderedDict[str, _Resident] = OrderedDict()  # oldest use first
         self._slots: dict[str, _Slot] = {}  # every adapter peft holds, bound or free
         self._free: OrderedDict[str, None] = OrderedDict()  # unbound slots, oldest first
@@ -316,11 +292,13 @@ class AdapterRuntime:
         try:
             new = load_file(str(weights))
         except (OSError, RuntimeError, ValueError) as exc:
-            self._free[slot] = None  # untouched: still reusable
+            with self._state:
+                self._free[slot] = None  # untouched: still reusable
             raise AdapterLoadError(f"adapter {name!r}: cannot read {weights}: {exc}") from exc
         bad = sorted(k for k in targets if k not in new or new[k].shape != targets[k].shape)
         if bad or len(new) != len(targets):
-            self._free[slot] = None
+            with self._state:
+                self._free[slot] = None
             raise AdapterLoadError(
                 f"adapter {name!r}: weights do not match its config (first bad tensors {bad[:3]})"
             )
@@ -474,7 +452,7 @@ class AdapterRuntime:
         safe to share between threads either)."""
         from transformers import GenerationConfig
 
-        tok = self._tokenizer
+        tok: Any = self._tokenizer
         if chat and tok.chat_template:
             text = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -483,7 +461,7 @@ class AdapterRuntime:
         else:
             enc = tok(prompt, return_tensors="pt")
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        config = GenerationConfig(
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
@@ -494,7 +472,7 @@ class AdapterRuntime:
         with self._torch.inference_mode():
             out = self._model.generate(**enc, generation_config=config)
         new = out[0, n_in:]
-        return tok.decode(new, skip_special_tokens=True), int(new.shape[0])
+        return str(tok.decode(new, skip_special_tokens=True)), int(new.shape[0])
 
     def close(self) -> None:
         """Release the model; later calls raise RuntimeClosed."""

@@ -87,7 +87,7 @@ def make_adapter(base: Path, out: Path, fingerprint: str) -> Path:
     config = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
-    get_peft_model(model, config).save_pretrained(out)
+    get_peft_model(model, config).save_pretrained(str(out))
     (out / "manifest.json").write_text(json.dumps({"base_fingerprint": fingerprint}))
     del model
     gc.collect()
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from adapters_store.fingerprint import model_fingerprint
     from agent.runtime import AdapterRuntime
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     with tempfile.TemporaryDirectory(prefix="pocketlora-bench-") as tmp:
         workdir = Path(tmp)
         base, label, is_tiny = resolve_base(args.tiny, workdir)
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_bytes_ratio",
         "one_token_ms",
     ):
-        goal = GOALS.get(key)
-        goal_text = f"{goal[0]} {goal[1]:g}" if goal else ""
-        mark = ("ok" if passed[key] else "MISSED") if goal else ""
+        target = GOALS.get(key)
+        goal_text = f"{target[0]} {target[1]:g}" if target else ""
+        mark = ("ok" if passed[key] else "MISSED") if target else ""
         print(f"{key:<22}{results[key]:>14}  {goal_text:<10}{mark}")
     print(json.dumps(results))
     return 0
