@@ -1,0 +1,208 @@
+"""Parent side of training: start the worker child, stream its events, pause, kill, collect.
+
+Torch-free: the idle agent imports this. The child is `python -m agent.training.worker JOB_DIR`;
+see agent/training/worker.py for its event stream and exit codes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from agent.training.errors import EXIT_DONE, EXIT_PAUSED
+from agent.training.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+# The repository root, so `-m agent.training.worker` resolves whatever the agent's cwd is.
+_ROOT = Path(__file__).resolve().parents[2]
+_PR_SET_PDEATHSIG = 1
+_STDERR_TAIL_LINES = 40
+
+
+@dataclass
+class Outcome:
+    """How a worker run ended."""
+
+    kind: Literal["done", "paused", "failed"]
+    error_class: str | None
+    message: str | None
+    adapter_dir: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exit_code: int = 0
+
+
+def write_spec(job_dir: Path, spec: TrainingSpec) -> Path:
+    """Write JOB_DIR/spec.json atomically (creating the job folder) and return its path."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / "spec.json"
+    tmp = job_dir / f".spec.json.tmp-{os.getpid()}"
+    tmp.write_text(spec.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def _set_pdeathsig() -> None:
+    """In the child before exec: get SIGTERM (a checkpointed pause) when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class TrainingProcess:
+    """One run of the training worker for a job folder."""
+
+    def __init__(
+        self,
+        job_dir: Path,
+        *,
+        python: str = sys.executable,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.job_dir = Path(job_dir)
+        self.python = python
+        self.on_event = on_event
+        self.env = env
+        self.events: list[dict[str, Any]] = []
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._readers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id once started."""
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        """Launch the worker and start reading its events."""
+        if self._proc is not None:
+            raise RuntimeError("this TrainingProcess was already started")
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        # PDEATHSIG fires when the *thread* that forked exits, so start() should be called from
+        # a long-lived thread of the agent (its main loop), not a short-lived helper thread.
+        preexec = _set_pdeathsig if sys.platform.startswith("linux") else None
+        self._proc = subprocess.Popen(
+            [self.python, "-m", "agent.training.worker", str(self.job_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            preexec_fn=preexec,
+        )
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read_events, args=(self._proc.stdout,), daemon=True),
+            threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read_events(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                self._stderr_tail.append(f"[stdout] {line}")
+                continue
+            if not isinstance(event, dict):
+                continue
+            with self._lock:
+                self.events.append(event)
+            if self.on_event is not None:
+                try:
+                    self.on_event(event)
+                except Exception:  # a faulty callback must not stop event collection
+                    log.exception("on_event callback failed for %s", event.get("event"))
+
+    def _read_stderr(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._stderr_tail.append(line)
+
+    def request_pause(self) -> None:
+        """Ask the worker to checkpoint and exit 3 after its current optimizer step."""
+        control = self.job_dir / "control"
+        control.mkdir(parents=True, exist_ok=True)
+        (control / "pause").touch()
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGUSR1)
+
+    def clear_pause(self) -> None:
+        """Remove the pause request so the next run trains (call before a resume)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.job_dir / "control" / "pause").unlink()
+
+    def kill(self) -> None:
+        """Kill the worker at once (SIGKILL); it resumes from its last checkpoint next time."""
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    def poll(self) -> Outcome | None:
+        """Return the outcome if the worker has exited, else None."""
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        return self._outcome()
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Wait for the worker to exit and return its outcome (subprocess.TimeoutExpired on timeout)."""
+        if self._proc is None:
+            raise RuntimeError("the worker was not started")
+        self._proc.wait(timeout)
+        return self._outcome()
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        """Return the last lines the worker wrote to stderr."""
+        return "\n".join(list(self._stderr_tail)[-lines:])
+
+    def _outcome(self) -> Outcome:
+        assert self._proc is not None
+        for t in self._readers:
+            t.join(timeout=5)
+        code = int(self._proc.returncode)
+        with self._lock:
+            events = list(self.events)
+        last = {e.get("event"): e for e in events}
+        if code == EXIT_DONE and "done" in last:
+            done = last["done"]
+            return Outcome(
+                "done", None, None, done.get("adapter_dir"), dict(done.get("metrics") or {}), code
+            )
+        if code == EXIT_PAUSED and "paused" in last:
+            return Outcome("paused", None, None, None, {"step": last["paused"].get("step")}, code)
+        if code > 0 and "error" in last:
+            err = last["error"]
+            return Outcome(
+                "failed", str(err.get("error_class")), str(err.get("message")), None, {}, code
+            )
+        if code < 0:
+            try:
+                why = f"worker killed by {signal.Signals(-code).name}"
+            except ValueError:
+                why = f"worker killed by signal {-code}"
+        else:
+            why = f"worker exited with code {code} without a final event"
+        tail = self.stderr_tail(5)
+        return Outcome("failed", "CRASHED", f"{why}: {tail}" if tail else why, None, {}, code)
