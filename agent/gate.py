@@ -232,7 +232,7 @@ class Gate:
             return _deny(Reason.NOT_CHARGING, "not charging")
         if battery < p.min_battery_pct:
             return _deny(
-                Reason.BATTERY_LOW, f"battery {battery:.0f}% < {p.min_battery_pct:.0f}% minimum"
+                Reason.BATTERY_LOW, f"battery {battery:g}% < {p.min_battery_pct:g}% minimum"
             )
 
         storage = reading.free_storage_bytes
