@@ -138,15 +138,15 @@ class GatePolicy:
 
 
 class Reason(StrEnum):
-    """Why the gate decided as it did; ELIGIBLE when training may run."""
+    """Why the gate decided as it did; values equal the proto's ELIGIBILITY_REASON_* suffixes."""
 
-    ELIGIBLE = "eligible"
-    NOT_CHARGING = "not_charging"
-    BATTERY_LOW = "battery_low"
-    TOO_HOT = "too_hot"
-    STORAGE_LOW = "storage_low"
-    CPU_BUSY = "cpu_busy"
-    SENSOR_UNKNOWN = "sensor_unknown"
+    ELIGIBLE = "ELIGIBLE"
+    NOT_CHARGING = "NOT_CHARGING"
+    BATTERY_LOW = "BATTERY_LOW"
+    TOO_HOT = "TOO_HOT"
+    STORAGE_LOW = "STORAGE_LOW"
+    CPU_BUSY = "CPU_BUSY"
+    SENSOR_UNKNOWN = "SENSOR_UNKNOWN"
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class Gate:
 
         parts = [
             power_note or ("charging" if charging else "on battery"),
-            f"battery {battery:.0f}%",
+            f"battery {battery:g}%",
         ]
         if reading.temperature_c is not None:
             parts.append(f"{reading.temperature_c:.1f}°C")

@@ -216,3 +216,9 @@ def test_with_overrides_validates() -> None:
         base.with_overrides(temp_low_c=46.0)
     with pytest.raises(ValueError, match="bogus"):
         base.with_overrides(bogus=1)
+
+
+def test_reason_values_match_proto_enum_names() -> None:
+    proto = (Path(__file__).parents[2] / "protos" / "pocketlora" / "v1" / "types.proto").read_text()
+    for reason in Reason:
+        assert f"ELIGIBILITY_REASON_{reason.value} =" in proto
