@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
+from adapters_store.errors import AdapterFormatError
 from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import (
@@ -147,10 +148,11 @@ class Orchestrator:
         """Issue an enrollment token; only its hash is stored."""
         if ttl_s <= 0 or ttl_s > 366 * 86400:
             raise InvalidArgument("ttl", "must be between 1 second and 366 days")
+        validation.text(description, "description", 200)
         token = "plenr_" + secrets.token_urlsafe(32)
         expires_at = self.clock() + ttl_s
         with self.state.transaction() as tx:
-            tx.add_enrollment_token(hash_secret(token), expires_at, description[:200])
+            tx.add_enrollment_token(hash_secret(token), expires_at, description)
         return token, expires_at
 
     def _enrollment_token_ok(self, token: str) -> bool:
@@ -165,7 +167,7 @@ class Orchestrator:
         if not enrollment_token or not self._enrollment_token_ok(enrollment_token):
             raise Unauthenticated("a valid enrollment token is required to enroll")
         validation.device_id(device_id)
-        labels = {str(k): str(v) for k, v in capabilities.pop("labels", {}).items()}
+        labels = validation.labels({str(k): str(v) for k, v in capabilities.pop("labels", {}).items()}, "capabilities.labels")
         credential = "pldev_" + secrets.token_urlsafe(32)
         now = self.clock()
         with self.state.transaction() as tx:
@@ -207,6 +209,9 @@ class Orchestrator:
 
     def heartbeat(self, device_id: str, hb: HeartbeatInput) -> HeartbeatResult:
         """Record the device's state, renew its job's lease, tell it what to stop and activate."""
+        if hb.running_job_id:
+            validation.object_id(hb.running_job_id, "running.job_id")
+        validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
         now = self.clock()
         cancel: list[str] = []
         lease_expires_at = 0.0
@@ -217,7 +222,7 @@ class Orchestrator:
             device.power = hb.power
             device.eligible = hb.eligible
             device.eligibility_reason = hb.eligibility_reason
-            device.eligibility_detail = hb.eligibility_detail[:200]
+            device.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
             device.active_adapter_id = hb.active_adapter_id
             device.running_job_id = hb.running_job_id
             device.last_seen = now
@@ -306,6 +311,7 @@ class Orchestrator:
         """Record progress or a RUNNING/PAUSED/UPLOADING change and renew the lease."""
         if state not in (JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING):
             raise InvalidArgument("state", f"must be RUNNING, PAUSED or UPLOADING, not {state.value}")
+        validation.object_id(job_id, "job_id")
         now = self.clock()
         with self.state.transaction() as tx:
             job = tx.get_job(job_id, for_update=True)
@@ -339,7 +345,9 @@ class Orchestrator:
             attempt = job.attempt
         try:
             sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
-        except IntegrityError as exc:
+        except (IntegrityError, AdapterFormatError) as exc:
+            # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest
+            # (before, AdapterFormatError escaped as an INTERNAL error and the lease just ran out).
             self.fail(device_id, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
             raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
         now = self.clock()
@@ -395,7 +403,7 @@ class Orchestrator:
             job.paused_s += now - job.paused_since
             job.paused_since = 0.0
         job.last_error_class = error.value
-        job.last_error = message[:500]
+        job.last_error = validation.device_text(message, 500)
         job.lease_expires_at = 0.0
         job.updated_at = now
         if error.retryable and job.attempt < job.max_attempts:
@@ -446,6 +454,7 @@ class Orchestrator:
         self, request_id: str, device_id: str, training: dict[str, Any], max_attempts: int, deadline: float
     ) -> tuple[JobRecord, bool]:
         """Queue a job for one device; a repeated request_id returns the first job."""
+        validation.text(request_id, "request_id", 128)
         validation.device_id(device_id)
         validation.training_spec(training)
         if max_attempts > 100:
@@ -482,9 +491,15 @@ class Orchestrator:
         deadline: float,
     ) -> tuple[CampaignRecord, bool]:
         """One job per device matching the selector, created in one transaction."""
+        validation.text(request_id, "request_id", 128)
+        validation.text(name, "name", 200)
         validation.training_spec(training)
+        if max_attempts > 100:
+            raise InvalidArgument("max_attempts", f"{max_attempts} is above 100")
         now = self.clock()
-        campaign = CampaignRecord(new_id("cmp"), name[:200], _selector_dict(selector), request_id, now)
+        if deadline and deadline <= now:
+            raise InvalidArgument("deadline", "is in the past")
+        campaign = CampaignRecord(new_id("cmp"), name, _selector_dict(selector), request_id, now)
         with self.state.transaction() as tx:
             if request_id:
                 earlier = tx.get_campaign_by_request(request_id)
@@ -541,8 +556,8 @@ class Orchestrator:
     def list_jobs(self, flt: JobFilter, page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
         """A page of jobs, newest first; the token is the last job id of the previous page."""
         size = validation.page_size(page_size)
-        if page_token:
-            validation.object_id(page_token, "page_token")
+        validation.optional_object_id(page_token, "page_token")
+        _check_filter(flt)
         with self.state.transaction() as tx:
             jobs = tx.list_jobs(flt, size + 1, page_token)
         more = len(jobs) > size
@@ -551,6 +566,7 @@ class Orchestrator:
 
     def jobs_changed_after(self, seq: int, flt: JobFilter, limit: int = 500) -> list[JobRecord]:
         """Jobs changed after a change sequence number (for watch streams)."""
+        _check_filter(flt)
         with self.state.transaction() as tx:
             return tx.jobs_changed_after(seq, flt, limit)
 
@@ -562,6 +578,7 @@ class Orchestrator:
     def list_devices(self, selector: DeviceSelector, page_size: int, page_token: str) -> tuple[list[DeviceRecord], str]:
         """A page of devices matching the selector, ordered by id."""
         size = validation.page_size(page_size)
+        validation.optional_device_id(page_token, "page_token")
         out: list[DeviceRecord] = []
         after = page_token
         with self.state.transaction() as tx:
@@ -587,6 +604,10 @@ class Orchestrator:
     def list_adapters(self, device_id: str, name: str, page_size: int, page_token: str) -> tuple[list[AdapterRecord], str]:
         """A page of adapter versions, newest first."""
         size = validation.page_size(page_size)
+        validation.optional_device_id(device_id, "device_id")
+        if name and not validation.is_name(name):
+            raise InvalidArgument("name", f"{name[:64]!r} is not an adapter name")
+        validation.optional_object_id(page_token, "page_token")
         with self.state.transaction() as tx:
             adapters = tx.list_adapters(device_id, name, size + 1, page_token)
         more = len(adapters) > size
@@ -665,6 +686,11 @@ class Orchestrator:
             "devices_online": online,
             "adapter_count": adapters,
         }
+
+
+def _check_filter(flt: JobFilter) -> None:
+    validation.optional_device_id(flt.device_id, "filter.device_id")
+    validation.optional_object_id(flt.campaign_id, "filter.campaign_id")
 
 
 def _selector_dict(selector: DeviceSelector) -> dict[str, Any]:

@@ -7,18 +7,24 @@ from typing import Any
 
 from orchestrator.errors import InvalidArgument
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline, so "phone-1\n"
+# passed as an id and named a different row than "phone-1".
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# C0/C1 control characters: never meaningful in a key or a name, and PostgreSQL refuses NUL in
+# TEXT outright (a NUL reaching SQL was an INTERNAL error before these checks).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+MAX_LABELS = 64
 
 
 def device_id(value: str, field: str = "device_id") -> str:
     """A device id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not value:
         raise InvalidArgument(field, "is required")
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise InvalidArgument(field, f"{value[:64]!r} must be 1-128 characters of letters, digits, '.', '_', '-'")
     return value
 
@@ -27,14 +33,61 @@ def object_id(value: str, field: str) -> str:
     """A server-assigned id (job, adapter, campaign)."""
     if not value:
         raise InvalidArgument(field, "is required")
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise InvalidArgument(field, f"{value[:64]!r} is not a valid id")
     return value
 
 
+def optional_device_id(value: str, field: str) -> str:
+    """A device id used as a filter or page token: empty means unset."""
+    return device_id(value, field) if value else value
+
+
+def optional_object_id(value: str, field: str) -> str:
+    """A server-assigned id used as a filter or page token: empty means unset."""
+    return object_id(value, field) if value else value
+
+
+def text(value: str, field: str, max_len: int) -> str:
+    """Operator-supplied text (names, descriptions, idempotency keys): bounded, no control characters.
+
+    Refused rather than truncated: cutting an idempotency key would make two distinct keys equal.
+    """
+    if len(value) > max_len:
+        raise InvalidArgument(field, f"is {len(value)} characters long, above {max_len}")
+    if _CONTROL.search(value):
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def device_text(value: str, max_len: int) -> str:
+    """Free text a device reports (error messages, gate details): kept, never refused.
+
+    A failure report must not be lost over its wording, so control characters become U+FFFD
+    and the text is cut to max_len.
+    """
+    return _CONTROL.sub("\ufffd", value[:max_len])
+
+
+def labels(value: dict[str, str], field: str) -> dict[str, str]:
+    """Device labels: at most MAX_LABELS, keys like names, values short text."""
+    if len(value) > MAX_LABELS:
+        raise InvalidArgument(field, f"{len(value)} labels, above {MAX_LABELS}")
+    for key, item in value.items():
+        if not _NAME_RE.fullmatch(key):
+            raise InvalidArgument(field, f"key {key[:64]!r} must be 1-64 letters, digits, '.', '_', '-'")
+        text(item, f"{field}[{key}]", 256)
+    return value
+
+
+def is_name(value: str) -> bool:
+    """True for a name (adapter, dataset, module): 1-64 letters, digits, '.', '_', '-'."""
+    return _NAME_RE.fullmatch(value) is not None
+
+
 def sha256_hex(value: str, field: str = "sha256") -> str:
     """Lowercase hex sha256."""
-    if not _HEX64.match(value):
+    if not _HEX64.fullmatch(value):
         raise InvalidArgument(field, "must be 64 lowercase hex characters")
     return value
 
@@ -51,17 +104,19 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
     name = spec.get("adapter_name", "")
     if not name:
         raise InvalidArgument(f"{field}.adapter_name", "is required")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{field}.adapter_name", f"{name[:64]!r} must be 1-64 letters, digits, '.', '_', '-'")
     if not spec.get("base_model_id"):
         raise InvalidArgument(f"{field}.base_model_id", "is required")
+    text(spec["base_model_id"], f"{field}.base_model_id", 200)
     dataset, shipped = spec.get("dataset", ""), spec.get("dataset_object", "")
     if bool(dataset) == bool(shipped):
         raise InvalidArgument(f"{field}.dataset", "set exactly one of dataset (on the device) and dataset_object")
-    if dataset and (not _NAME_RE.match(dataset.removesuffix(".jsonl")) or "/" in dataset):
+    if dataset and (not _NAME_RE.fullmatch(dataset.removesuffix(".jsonl")) or "/" in dataset):
         raise InvalidArgument(f"{field}.dataset", f"{dataset[:64]!r} must be a plain dataset name (no paths)")
-    if shipped and not spec.get("dataset_sha256"):
-        raise InvalidArgument(f"{field}.dataset_sha256", "is required with dataset_object")
+    if shipped:
+        text(shipped, f"{field}.dataset_object", 1024)
+        sha256_hex(str(spec.get("dataset_sha256", "")).removeprefix("sha256:"), f"{field}.dataset_sha256")
     lora = spec.get("lora", {})
     rank = int(lora.get("rank", 0))
     if not 0 <= rank <= 256:
@@ -71,7 +126,7 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
     if float(lora.get("dropout", 0)) >= 1:
         raise InvalidArgument(f"{field}.lora.dropout", "must be below 1")
     for mod in lora.get("target_modules", []):
-        if not _NAME_RE.match(mod):
+        if not _NAME_RE.fullmatch(mod):
             raise InvalidArgument(f"{field}.lora.target_modules", f"{mod[:64]!r} is not a module name")
     lr = float(spec.get("learning_rate", 0))
     if not 0 <= lr < 1:

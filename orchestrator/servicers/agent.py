@@ -46,11 +46,11 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             eligible=request.eligible,
             eligibility_reason=convert.reason_name(request.eligibility_reason),
             eligibility_detail=request.eligibility_detail,
-            active_adapter_id=request.active_adapter_id[:128],
+            active_adapter_id=request.active_adapter_id,
             free_storage_bytes=request.free_storage_bytes,
         )
         if running is not None and running.job_id:
-            hb.running_job_id = running.job_id[:128]
+            hb.running_job_id = running.job_id
             hb.running_epoch = running.lease_epoch
             if running.state != tpb.JOB_STATE_UNSPECIFIED:
                 hb.running_state = convert.job_state(running.state, "running.state")

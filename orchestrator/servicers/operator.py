@@ -10,7 +10,7 @@ import grpc
 from orchestrator.errors import InvalidArgument, OrchestratorError
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer
-from orchestrator.servicers.errors import rpc, status_for
+from orchestrator.servicers.errors import log, rpc, status_for
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
@@ -29,7 +29,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
         job, created = await self._run(
             self.orch.submit_job,
-            request.request_id[:128],
+            request.request_id,
             request.device_id,
             convert.training_dict(request.training),
             request.max_attempts,
@@ -45,7 +45,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
         campaign, created = await self._run(
             self.orch.submit_campaign,
-            request.request_id[:128],
+            request.request_id,
             request.name,
             convert.selector(request.selector),
             convert.training_dict(request.training),
@@ -82,23 +82,30 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
         """Stream job changes; follows the store's change sequence, so it sees every replica's writes."""
+        # A streaming method cannot use @rpc, so it maps errors the same way here: before, a
+        # store error (or a filter PostgreSQL refused) escaped as UNKNOWN.
         try:
             self.orch.authenticate_operator(bearer(context))
             flt = convert.job_filter(request.filter)
+            seq = await self._run(self.orch.latest_change_seq)
+            if request.include_initial:
+                jobs, _ = await self._run(self.orch.list_jobs, flt, 1000, "")
+                for job in reversed(jobs):
+                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
+            while not context.done():
+                changed = await self._run(self.orch.jobs_changed_after, seq, flt, 500)
+                for job in changed:
+                    seq = max(seq, job.change_seq)
+                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
+                if not changed:
+                    await asyncio.sleep(WATCH_POLL_S)
         except OrchestratorError as exc:
             await context.abort(status_for(exc), str(exc))
-        seq = await self._run(self.orch.latest_change_seq)
-        if request.include_initial:
-            jobs, _ = await self._run(self.orch.list_jobs, flt, 1000, "")
-            for job in reversed(jobs):
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-        while not context.done():
-            changed = await self._run(self.orch.jobs_changed_after, seq, flt, 500)
-            for job in changed:
-                seq = max(seq, job.change_seq)
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-            if not changed:
-                await asyncio.sleep(WATCH_POLL_S)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("internal error in WatchJobs")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the orchestrator log")
 
     @rpc
     async def ListDevices(self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext) -> pb.ListDevicesResponse:
