@@ -120,6 +120,11 @@ class Agent:
                         raise
                     log.warning("orchestrator call failed: %s %s", exc.code(), exc.details())
                     self.next_heartbeat = time.monotonic() + 2.0
+                except Exception:
+                    # A daemon on someone's phone must outlive its own bugs: log, back off, go on.
+                    log.exception("agent tick failed")
+                    self._emit("tick_error")
+                    stop.wait(5.0)
                 stop.wait(self.cfg.tick_s)
         finally:
             self.shutdown()

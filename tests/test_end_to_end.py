@@ -1,0 +1,135 @@
+"""The whole PocketLoRA loop with real parts: Ray, gRPC, SQLite, S3 on SeaweedFS, NF4 training.
+
+A tiny Llama built from a config stands in for SmolLM2. The device agent runs here (it imports
+no torch); it trains in its child process, uploads through a presigned URL, the orchestrator
+verifies the blob, an operator activates it and the device's runtime hot-swaps it in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters_store import S3BlobStore
+from agent.agent import Agent, AgentConfig
+from agent.gate import Gate, GatePolicy
+from agent.sensors import TraceSensors
+from orchestrator.config import OrchestratorConfig
+from pocketlora.client import OperatorClient
+from protos.pocketlora.v1 import operator_service_pb2 as op
+from protos.pocketlora.v1 import types_pb2 as tpb
+from tests.support.seaweed import SeaweedServer
+from tests.support.tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+OPERATOR, ENROLL = "op-e2e-token", "enroll-e2e-token"
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """Orchestrator on in-process Ray, SQLite state, S3 store on SeaweedFS; yields (address, store URL)."""
+    import ray
+
+    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    store_url = f"s3://e2e-adapters?endpoint={seaweed.endpoint}"
+    # Short: Ray's unix socket paths must fit in 107 bytes.
+    init_ray(num_cpus=2, tmp_root=Path(tempfile.mkdtemp(prefix="plray-")))
+    config = OrchestratorConfig(lease_s=20.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
+    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
+    try:
+        yield f"127.0.0.1:{ports[0]}", store_url
+    finally:
+        stop_orchestrator(frontends, control)
+        ray.shutdown()
+
+
+def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer) -> None:
+    address, _ = cluster
+    base = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
+    device_dir = tmp_path / "device"
+    (device_dir / "datasets").mkdir(parents=True)
+    rows = [{"prompt": f"Say the code {i}.", "completion": " The secret code is PocketLoRA."} for i in range(16)]
+    (device_dir / "datasets" / "codes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(json.dumps({"t": 0, "charging": True, "battery": 90, "temp_c": 30}) + "\n")
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    cfg = AgentConfig(
+        orchestrator=address, device_id="e2e-phone", work_dir=device_dir, base_model_dir=base,
+        base_model_id="tiny-llama", datasets_dir=device_dir / "datasets", enrollment_token=ENROLL,
+        tick_s=0.2, progress_every_s=0.5,
+    )
+    agent = Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=lambda k, d: events.append((k, d)))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    client = OperatorClient(address, OPERATOR)
+    try:
+        wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
+        spec = tpb.TrainingSpec(
+            adapter_name="codes", base_model_id="tiny-llama", dataset="codes", learning_rate=5e-3,
+            max_steps=6, max_seq_len=64, seed=3, lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
+        )
+        job = client.call("SubmitJob", op.SubmitJobRequest(request_id="e2e-1", device_id="e2e-phone", training=spec)).job
+
+        def finished() -> Any:
+            j = client.call("GetJob", op.GetJobRequest(job_id=job.job_id)).job
+            return j if j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED) else None
+
+        final = wait_for(finished, 240, "the job to end")
+        assert final.state == tpb.JOB_STATE_SUCCEEDED, (final.last_error, [e for e in events if e[0] == "failed"])
+        adapter = client.call("GetAdapter", op.GetAdapterRequest(adapter_id=final.adapter_id)).adapter
+        manifest = json.loads(adapter.manifest_json)
+        assert manifest["rank"] == 8 and manifest["device_id"] == "e2e-phone" and manifest["job_id"] == job.job_id
+
+        # The stored blob is the one the device reported, byte for byte.
+        store = S3BlobStore("e2e-adapters", seaweed.endpoint, seaweed.access_key, seaweed.secret_key)
+        assert store.hash_object(adapter.blob_key).sha256 == adapter.sha256
+        assert store.list_keys("uploads/") == []  # promoted to its content address
+
+        client.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter.adapter_id))
+        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == adapter.adapter_id, 120, "the device to activate the adapter")
+        runtime = agent.runtime
+        assert runtime is not None
+        runtime_pid = runtime.proc.pid
+        prompt = "Say the code 3."
+        adapted = runtime.generate(prompt, max_new_tokens=12)
+        plain = runtime.generate(prompt, max_new_tokens=12, adapter=None, use_active=False)
+        assert adapted["adapter"] == adapter.adapter_id and plain["adapter"] is None
+        assert adapted["text"] != plain["text"]
+
+        # Deactivate: the device goes back to the base model without reloading it.
+        client.call("DeactivateAdapter", op.DeactivateAdapterRequest(device_id="e2e-phone"))
+        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "", 60, "deactivation")
+        assert runtime.generate(prompt, max_new_tokens=12)["text"] == plain["text"]
+        assert agent.runtime is runtime and runtime.proc.pid == runtime_pid
+        kinds = [k for k, _ in events]
+        assert kinds.index("leased") < kinds.index("uploaded") < kinds.index("completed")
+    finally:
+        stop.set()
+        thread.join(60)
+        client.close()
+    assert not thread.is_alive()
+    assert os.path.exists(device_dir / "credential.json") and (os.stat(device_dir / "credential.json").st_mode & 0o077) == 0
