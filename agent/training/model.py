@@ -147,7 +147,11 @@ def load_for_training(
         p.requires_grad_(False)
     if checkpointing:
         # Non-reentrant checkpointing gives LoRA grads without forcing grads on the inputs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs_ckpt = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs_ckpt)
+        else:  # the name before transformers 5.2x
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs_ckpt)
 
     if tokenizer is None:
         tokenizer = load_tokenizer(base)

@@ -1,0 +1,152 @@
+"""Header-only memory estimates and the planner's choices."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from agent.training.errors import DoesNotFit, IncompatibleBase, Unsupported
+from agent.training.memory import MB, estimate_peak_bytes, plan_memory, weight_stats
+from agent.training.spec import TrainingSpec
+
+
+def fake_llama(
+    out: Path, *, layers: int = 30, hidden: int = 576, inter: int = 1536, vocab: int = 49152
+) -> Path:
+    """A SmolLM2-shaped model folder with config.json and a header-only safetensors file."""
+    out.mkdir(parents=True, exist_ok=True)
+    kv = hidden // 3
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": vocab,
+        "tie_word_embeddings": True,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": [hidden, hidden],
+            p + "self_attn.k_proj.weight": [kv, hidden],
+            p + "self_attn.v_proj.weight": [kv, hidden],
+            p + "self_attn.o_proj.weight": [hidden, hidden],
+            p + "mlp.gate_proj.weight": [inter, hidden],
+            p + "mlp.up_proj.weight": [inter, hidden],
+            p + "mlp.down_proj.weight": [hidden, inter],
+            p + "input_layernorm.weight": [hidden],
+        }
+    header = {n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}
+    raw = json.dumps(header).encode()
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fake_llama(tmp_path_factory.mktemp("smol"))
+
+
+def spec_for(model: Path, **kw: object) -> TrainingSpec:
+    return TrainingSpec(base_model_dir=str(model), dataset_path="d.jsonl", output_dir="o", **kw)  # type: ignore[arg-type]
+
+
+def test_weight_stats_count_linears_embeddings_and_lora(smol: Path) -> None:
+    stats = weight_stats(smol, ["q_proj", "v_proj"], rank=8)
+
+    assert stats.linear_params == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    assert stats.other_params == 49152 * 576 + 576 + 30 * 576
+    assert stats.lora_params == 30 * 8 * ((576 + 576) + (576 + 192))
+
+
+def test_estimate_grows_with_micro_batch_and_sequence(smol: Path) -> None:
+    spec = spec_for(smol, quantization="none")
+    by_batch = [estimate_peak_bytes(smol, spec, mb, False) for mb in (1, 2, 4, 8)]
+    by_seq = [estimate_peak_bytes(smol, spec, 2, False, seq_len=s) for s in (32, 64, 128, 256)]
+
+    assert by_batch == sorted(by_batch) and len(set(by_batch)) == 4
+    assert by_seq == sorted(by_seq) and len(set(by_seq)) == 4
+
+
+def test_checkpointing_nf4_and_offload_each_save_memory(smol: Path) -> None:
+    fp32 = spec_for(smol, quantization="none")
+    nf4 = spec_for(smol)
+
+    plain = estimate_peak_bytes(smol, fp32, 4, False)
+    assert estimate_peak_bytes(smol, fp32, 4, True) < plain
+    assert estimate_peak_bytes(smol, nf4, 4, False) < plain
+    assert estimate_peak_bytes(smol, fp32, 4, True, offload_optimizer=True) < estimate_peak_bytes(
+        smol, fp32, 4, True
+    )
+
+
+def test_planner_prefers_full_micro_batch_when_it_fits(smol: Path) -> None:
+    plan = plan_memory(smol, spec_for(smol, quantization="none"), 64 * 2**30)
+
+    assert (plan.micro_batch, plan.grad_accum, plan.checkpointing, plan.offload_optimizer) == (
+        8,
+        1,
+        False,
+        False,
+    )
+    assert plan.estimate_bytes <= plan.budget_bytes
+
+
+def test_planner_shrinks_micro_batch_then_checkpoints_then_offloads(smol: Path) -> None:
+    spec = spec_for(smol, quantization="none", effective_batch=8)
+    est = lambda mb, ck, off=False: estimate_peak_bytes(smol, spec, mb, ck, offload_optimizer=off)  # noqa: E731
+
+    shrunk = plan_memory(smol, spec, est(2, False))
+    assert (shrunk.micro_batch, shrunk.grad_accum, shrunk.checkpointing) == (2, 4, False)
+    assert any("accumulation" in n for n in shrunk.notes)
+
+    ckpt = plan_memory(smol, spec, est(1, False) - 1)
+    assert ckpt.checkpointing and not ckpt.offload_optimizer
+    assert ckpt.micro_batch * ckpt.grad_accum >= 8
+
+    offload = plan_memory(smol, spec, est(1, True, True))
+    assert (offload.micro_batch, offload.checkpointing, offload.offload_optimizer) == (
+        1,
+        True,
+        True,
+    )
+
+
+def test_planner_refuses_with_estimate_and_budget(smol: Path) -> None:
+    with pytest.raises(DoesNotFit) as info:
+        plan_memory(smol, spec_for(smol), 300 * MB)
+
+    message = str(info.value)
+    assert "300 MiB" in message and "needs an estimated" in message
+    assert info.value.retryable is False
+
+
+def test_planner_honours_forced_settings(smol: Path) -> None:
+    spec = spec_for(smol, quantization="none", micro_batch=4, gradient_checkpointing="on")
+
+    plan = plan_memory(smol, spec, 64 * 2**30)
+
+    assert (plan.micro_batch, plan.grad_accum, plan.checkpointing) == (4, 2, True)
+
+
+def test_unknown_architecture_and_missing_model(tmp_path: Path) -> None:
+    odd = fake_llama(tmp_path / "odd", layers=1)
+    cfg = json.loads((odd / "config.json").read_text()) | {
+        "model_type": "mamba",
+        "architectures": ["MambaForCausalLM"],
+    }
+    (odd / "config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(Unsupported, match="MambaForCausalLM"):
+        estimate_peak_bytes(odd, spec_for(odd), 1, False)
+    assert estimate_peak_bytes(odd, spec_for(odd, target_modules=["q_proj"]), 1, False) > 0
+    with pytest.raises(IncompatibleBase, match=r"no config\.json"):
+        estimate_peak_bytes(tmp_path / "nothing", spec_for(tmp_path), 1, False)
