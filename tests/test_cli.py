@@ -1,0 +1,119 @@
+"""The CLI: every subcommand has --help; user mistakes give one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from protos.pocketlora.v1 import agent_service_pb2 as apb
+from tests.support.orch import ENROLL_TOKEN, OPERATOR_TOKEN, ServerThread, op_md
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR")}
+    full_env = {**inherited, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pocketlora", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    text = result.stderr.strip()
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(tmp_path_factory.mktemp("cli")) as srv:
+        srv.agent.Enroll(apb.EnrollRequest(device_id="phone-1"), metadata=op_md(ENROLL_TOKEN))
+        yield srv
+
+
+SUBCOMMANDS = [
+    [], ["demo"], ["orchestrator", "serve"], ["agent", "run"], ["job", "submit"], ["job", "list"], ["job", "get"],
+    ["job", "cancel"], ["job", "watch"], ["device", "list"], ["device", "get"], ["adapter", "list"], ["adapter", "get"],
+    ["adapter", "activate"], ["adapter", "deactivate"], ["adapter", "rollback"], ["infer"], ["summary"], ["token", "create"],
+    ["model", "prepare"],
+]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS, ids=lambda s: " ".join(s) or "root")
+def test_every_subcommand_has_help(sub: list[str]) -> None:
+    result = cli(*sub, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_operator_commands_round_trip(server: ServerThread) -> None:
+    env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
+    sub = cli("job", "submit", "--device-id", "phone-1", "--dataset", "notes", "--request-id", "cli-1", "--json", env=env)
+    assert sub.returncode == 0, sub.stderr
+    job_id = json.loads(sub.stdout)["job"]["job_id"]
+    listed = cli("job", "list", "--json", env=env)
+    assert [j["job_id"] for j in json.loads(listed.stdout)["jobs"]] == [job_id]
+    got = cli("job", "get", job_id, "--json", env=env)
+    assert json.loads(got.stdout)["state"] == "JOB_STATE_QUEUED"
+    devices = cli("device", "list", "--json", env=env)
+    assert json.loads(devices.stdout)["devices"][0]["device_id"] == "phone-1"
+    cancelled = cli("job", "cancel", job_id, env=env)
+    assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
+
+
+def test_unknown_job_id_is_one_line(server: ServerThread) -> None:
+    env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN}
+    result = cli("job", "get", "job-doesnotexist", "--orchestrator", server.address, env=env)
+    assert_one_line_error(result, "NOT_FOUND", "job-doesnotexist")
+
+
+def test_bad_request_names_the_field(server: ServerThread) -> None:
+    env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN}
+    result = cli("job", "submit", "--device-id", "phone-1", "--dataset", "../../etc/passwd", "--orchestrator", server.address, env=env)
+    assert_one_line_error(result, "INVALID_ARGUMENT", "training.dataset")
+
+
+def test_wrong_token_is_one_line(server: ServerThread) -> None:
+    result = cli("job", "list", "--orchestrator", server.address, "--token", "wrong", env={})
+    assert_one_line_error(result, "UNAUTHENTICATED")
+
+
+def test_unreachable_orchestrator(tmp_path: Path) -> None:
+    result = cli("job", "list", "--orchestrator", "127.0.0.1:1", "--token", "x", env={})
+    assert_one_line_error(result, "cannot reach the orchestrator at 127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["job", "list", "--page-size", "-5", "--token", "x"], "--page-size"),
+        (["job", "list", "--state", "BOGUS", "--token", "x"], "BOGUS"),
+        (["job", "list", "--orchestrator", "nocolon", "--token", "x"], "HOST:PORT"),
+        (["job", "submit", "--device-id", "d", "--dataset", "x", "--rank", "0", "--token", "x"], "--rank"),
+        (["device", "list", "--label", "novalue", "--token", "x"], "KEY=VALUE"),
+        (["orchestrator", "serve", "--listen", "nonsense"], "HOST:PORT"),
+        (["orchestrator", "serve", "--db", "mysql://x", "--state-dir", "{tmp}"], "unsupported database URL scheme"),
+        (["orchestrator", "serve", "--store", "ftp://x", "--state-dir", "{tmp}", "--db", "sqlite:///{tmp}/s.db"], "ftp"),
+        (["agent", "run", "--device-id", "d", "--base-model", "/nonexistent"], "no config.json"),
+        (["infer", "--base-model", "/nonexistent", "--prompt", "hi"], "no config.json"),
+        (["demo", "--dataset", "/nonexistent.jsonl"], "no such file"),
+    ],
+)
+def test_bad_input_gives_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = cli(*args, env={})
+    assert_one_line_error(result, needle)
+
+
+def test_malformed_dataset_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    result = cli("demo", "--dataset", str(bad), env={})
+    assert_one_line_error(result, "bad.jsonl", "2")
