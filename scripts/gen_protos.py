@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path

@@ -12,7 +12,14 @@ from adapters_store import upload_to_url
 from protos.pocketlora.v1 import agent_service_pb2 as apb
 from protos.pocketlora.v1 import operator_service_pb2 as opb
 from protos.pocketlora.v1 import types_pb2 as tpb
-from tests.support.orch import ENROLL_TOKEN, FakeClock, ServerThread, dev_md, fake_adapter_blob, op_md
+from tests.support.orch import (
+    ENROLL_TOKEN,
+    FakeClock,
+    ServerThread,
+    dev_md,
+    fake_adapter_blob,
+    op_md,
+)
 
 SPEC = tpb.TrainingSpec(adapter_name="persona", base_model_id="tiny", dataset="captain")
 
@@ -81,7 +88,7 @@ def test_tampered_upload_fails_the_attempt_and_retries(srv: ServerThread, tmp_pa
     job = submit(srv, "phone-1").job
     a = lease(srv, "phone-1", md)
     assert a is not None
-    blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
+    _blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
     other, _ = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt, seed=1)
     upload_to_url(a.upload_url, other)  # not the bytes the device reports
     req = apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size)

@@ -5,6 +5,7 @@ initdb refuses to run as root, so as root the server runs as the `postgres` user
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -74,9 +75,7 @@ class PostgresServer:
         return self.url(name)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        try:
+        with contextlib.suppress(subprocess.SubprocessError):
             self._pg(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
-        except subprocess.SubprocessError:
-            pass
         time.sleep(0.1)
         shutil.rmtree(self.dir, ignore_errors=True)
