@@ -324,7 +324,7 @@ class Agent:
 
     def _fail(self, error_class: str, message: str) -> None:
         assert self.job is not None
-        code = tpb.ErrorClass.Value("ERROR_CLASS_" + error_class) if "ERROR_CLASS_" + error_class in tpb.ErrorClass else tpb.ERROR_CLASS_CRASHED
+        code = tpb.ErrorClass.Value("ERROR_CLASS_" + error_class) if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys() else tpb.ERROR_CLASS_CRASHED
         req = pb.FailJobRequest(job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500])  # type: ignore[arg-type]
         retry = False
         try:

@@ -13,6 +13,7 @@ actors with one factory each (Ray Serve's controller pattern):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -171,9 +172,7 @@ def stop_orchestrator(frontends: list[Any], control: Any) -> None:
     import ray
 
     for actor in frontends:
-        try:
+        with contextlib.suppress(Exception):  # already gone
             ray.get(actor.stop.remote(), timeout=10)
-        except Exception:  # already gone
-            pass
         ray.kill(actor)
     ray.kill(control, no_restart=True)

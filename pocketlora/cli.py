@@ -95,7 +95,7 @@ def _parse_states(states: list[str]) -> list[int]:
     parsed = []
     for s in states:
         key = "JOB_STATE_" + s.upper().removeprefix("JOB_STATE_")
-        if key not in tpb.JobState or key == "JOB_STATE_UNSPECIFIED":
+        if key not in tpb.JobState.keys() or key == "JOB_STATE_UNSPECIFIED":
             names = ", ".join(n.removeprefix("JOB_STATE_") for n in tpb.JobState.keys()[1:])
             raise typer.BadParameter(f"unknown state {s!r}; one of {names}", param_hint="--state")
         parsed.append(tpb.JobState.Value(key))
