@@ -508,10 +508,13 @@ class Orchestrator:
             after = ""
             while True:
                 devices = tx.list_devices(1000, after)
-                for device in devices:
-                    if selector.matches(device):
-                        tx.insert_job(self._new_job(device.device_id, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id))
-                        campaign.job_count += 1
+                jobs = [
+                    self._new_job(device.device_id, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id)
+                    for device in devices
+                    if selector.matches(device)
+                ]
+                tx.insert_jobs(jobs)
+                campaign.job_count += len(jobs)
                 if len(devices) < 1000:
                     break
                 after = devices[-1].device_id

@@ -30,6 +30,11 @@ class Tx(abc.ABC):
     def insert_job(self, job: JobRecord) -> None:
         """Insert a new job; AlreadyExists if its id or non-empty request_id is taken."""
 
+    def insert_jobs(self, jobs: list[JobRecord]) -> None:
+        """Insert many new jobs at once (campaign fan-out, seeding); AlreadyExists as insert_job."""
+        for job in jobs:
+            self.insert_job(job)
+
     @abc.abstractmethod
     def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         """Return the job, or None."""
@@ -87,6 +92,11 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def upsert_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device."""
+
+    def insert_devices(self, devices: list[DeviceRecord]) -> None:
+        """Insert many new devices at once (bulk enrollment, seeding); AlreadyExists on a taken id."""
+        for device in devices:
+            self.upsert_device(device)
 
     @abc.abstractmethod
     def get_device(self, device_id: str, *, for_update: bool = False) -> DeviceRecord | None:

@@ -140,6 +140,24 @@ class SqlTx(Tx):
         except self.d.unique_errors as exc:
             raise AlreadyExists(f"job {job.job_id} (request {job.request_id!r}) already exists") from exc
 
+    def insert_jobs(self, jobs: list[JobRecord]) -> None:
+        # One prepared statement, many rows: a 10,000-device campaign is one round of executemany
+        # instead of 10,000 statements built and parsed one by one.
+        if not jobs:
+            return
+        rows = [_job_to_row(job) for job in jobs]
+        for row in rows:
+            del row["change_seq"]
+        cols = ", ".join([*rows[0], "change_seq"])
+        marks = ", ".join(["?"] * len(rows[0]) + [self.d.next_change_seq])
+        try:
+            self.cur.executemany(
+                f"INSERT INTO jobs ({cols}) VALUES ({marks})".replace("?", self.d.placeholder),
+                [list(row.values()) for row in rows],
+            )
+        except self.d.unique_errors as exc:
+            raise AlreadyExists(f"one of {len(jobs)} jobs already exists") from exc
+
     def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         rows = self._q(f"SELECT * FROM jobs WHERE job_id = ?{self._lock(for_update)}", [job_id])
         return _row_to_job(rows[0]) if rows else None
@@ -226,6 +244,20 @@ class SqlTx(Tx):
             self._q(f"UPDATE devices SET {sets} WHERE device_id = ?", [*row.values(), device.device_id])
         else:
             self._insert("devices", row, f"device {device.device_id}")
+
+    def insert_devices(self, devices: list[DeviceRecord]) -> None:
+        if not devices:
+            return
+        rows = [_device_to_row(device) for device in devices]
+        cols = ", ".join(rows[0])
+        marks = ", ".join("?" for _ in rows[0])
+        try:
+            self.cur.executemany(
+                f"INSERT INTO devices ({cols}) VALUES ({marks})".replace("?", self.d.placeholder),
+                [list(row.values()) for row in rows],
+            )
+        except self.d.unique_errors as exc:
+            raise AlreadyExists(f"one of {len(devices)} devices already exists") from exc
 
     def get_device(self, device_id: str, *, for_update: bool = False) -> DeviceRecord | None:
         rows = self._q(f"SELECT * FROM devices WHERE device_id = ?{self._lock(for_update)}", [device_id])

@@ -141,6 +141,29 @@ def test_devices(state: StateStore) -> None:
         assert by_reason == {"ELIGIBLE": 1, "TOO_HOT": 4} and total == 5 and online == 2
 
 
+def test_bulk_inserts(state: StateStore) -> None:
+    jobs = [_job(f"d{i % 3}") for i in range(50)]
+    with state.transaction() as tx:
+        tx.insert_devices([DeviceRecord(f"d{i}", f"h{i}", {"ram_bytes": i}) for i in range(3)])
+        start = tx.max_change_seq()
+        tx.insert_jobs(jobs)
+    with state.transaction() as tx:
+        got = tx.get_job(jobs[7].job_id)
+        assert got is not None and got.device_id == "d1" and got.state == JobState.QUEUED
+        # Every row gets its own change_seq, so watchers see each bulk-inserted job.
+        changed = tx.jobs_changed_after(start, JobFilter(), 100)
+        assert sorted(j.job_id for j in changed) == sorted(j.job_id for j in jobs)
+        assert len({j.change_seq for j in changed}) == 50
+        device = tx.get_device("d2")
+        assert device is not None and device.credential_hash == "h2"
+    with pytest.raises(AlreadyExists), state.transaction() as tx:
+        tx.insert_jobs([_job(), jobs[0]])
+    with pytest.raises(AlreadyExists), state.transaction() as tx:
+        tx.insert_devices([DeviceRecord("d0", "x")])
+    with state.transaction() as tx:
+        assert len(tx.list_jobs(JobFilter(), 100)) == 50  # the failed bulk insert left nothing
+
+
 def test_adapters_and_versions(state: StateStore) -> None:
     def ad(version: int) -> AdapterRecord:
         return AdapterRecord(new_id("ad"), "persona", version, "d1", "job", 1, "0" * 64, 10, "base", "fp", {"rank": 8}, time.time(), f"blobs/sha256/{version}")
