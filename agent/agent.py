@@ -165,7 +165,7 @@ class Agent:
             if ev.get("event") == "progress" and self.job is not None:
                 self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
                 self._emit("progress", job_id=self.job.job_id, **self.job.progress)
-            elif ev.get("event") in ("plan", "checkpoint"):
+            elif ev.get("event") in ("plan", "checkpoint", "resumed"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
 
     def _progress_pb(self) -> tpb.JobProgress:

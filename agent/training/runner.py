@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -27,7 +26,8 @@ from agent.training.spec import TrainingSpec
 log = logging.getLogger(__name__)
 # The repository root, so `-m agent.training.worker` resolves whatever the agent's cwd is.
 _ROOT = Path(__file__).resolve().parents[2]
-_PR_SET_PDEATHSIG = 1
+# The worker reads this to arm PR_SET_PDEATHSIG against the right parent (see worker.py).
+PARENT_PID_ENV = "POCKETLORA_PARENT_PID"
 _STDERR_TAIL_LINES = 40
 
 
@@ -52,12 +52,6 @@ def write_spec(job_dir: Path, spec: TrainingSpec) -> Path:
     tmp.write_text(spec.to_json())
     os.replace(tmp, path)
     return path
-
-
-def _set_pdeathsig() -> None:
-    """In the child before exec: get SIGTERM (a checkpointed pause) when the parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class TrainingProcess:
@@ -95,16 +89,17 @@ class TrainingProcess:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
-        # PDEATHSIG fires when the *thread* that forked exits, so start() should be called from
-        # a long-lived thread of the agent (its main loop), not a short-lived helper thread.
-        preexec = _set_pdeathsig if sys.platform.startswith("linux") else None
+        # The worker arms PR_SET_PDEATHSIG itself and checks it still has this parent. No
+        # preexec_fn here: running Python between fork and exec in a process with gRPC's threads
+        # aborted the child ("epoll_wait error: Bad file descriptor" from grpc's poller), and
+        # without preexec_fn subprocess can use vfork, which runs no such code in the child.
+        env[PARENT_PID_ENV] = str(os.getpid())
         self._proc = subprocess.Popen(
             [self.python, "-m", "agent.training.worker", str(self.job_dir)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
-            preexec_fn=preexec,
         )
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._readers = [

@@ -111,6 +111,20 @@ def _event_stream() -> TextIO:
     return os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
 
 
+def _die_with_parent() -> None:
+    """Get SIGTERM (a checkpointed pause) when the agent dies, even by kill -9 (Linux)."""
+    expected = os.environ.get("POCKETLORA_PARENT_PID")
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    # The parent may have died before prctl ran: then we were re-parented already.
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the job in JOB_DIR and return the process exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -126,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(args[0])
     pause = PauseRequest(job_dir)
     pause.install()
+    _die_with_parent()  # after install(): an early SIGTERM becomes a pause request
     _lower_priority()
     try:
         from agent.training.job import run_job

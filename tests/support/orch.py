@@ -39,7 +39,7 @@ class FakeClock:
 class ServerThread:
     """An Orchestrator over SQLite (or a given URL) and a file store, served on 127.0.0.1:<free>."""
 
-    def __init__(self, tmp: Path, *, db_url: str = "", clock: Any = None, **config: Any) -> None:
+    def __init__(self, tmp: Path, *, db_url: str = "", clock: Any = None, reap_every_s: float = 0.0, **config: Any) -> None:
         self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
         kw = {"clock": clock} if clock else {}
@@ -47,6 +47,14 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
+        # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
+        self.reap_every_s = reap_every_s
+        self._stop_reaper = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
+
+    def _reap_loop(self) -> None:
+        while not self._stop_reaper.wait(self.reap_every_s):
+            self.orch.reap()
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -55,9 +63,14 @@ class ServerThread:
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
+        if self.reap_every_s:
+            self._reaper.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop_reaper.set()
+        if self._reaper.is_alive():
+            self._reaper.join(10)
         self.channel.close()
         if self.running is not None:
             asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
