@@ -17,6 +17,13 @@ class OrchestratorConfig:
     upload_url_s: float = 600.0
     download_url_s: float = 300.0
     reap_interval_s: float = 1.0
+    # Device credential hashes are cached this long. Credentials rotate only on enroll, which
+    # refreshes this replica's cache at once; on other replicas an old credential may still be
+    # accepted for up to this long. 0 reads the store on every call.
+    credential_cache_s: float = 5.0
+    # A poll that changes nothing else rewrites the device row (last_seen) at most this often:
+    # last_seen may lag by this much, and polls stay read-only transactions. 0 writes every poll.
+    last_seen_write_s: float = 5.0
     pace: PacePolicy = field(default_factory=PacePolicy)
     # Bootstrap enrollment token (e.g. from POCKETLORA_ENROLLMENT_TOKEN); empty means none.
     enrollment_token: str = ""
@@ -27,5 +34,8 @@ class OrchestratorConfig:
         for name in ("lease_s", "retry_base_s", "retry_max_s", "upload_url_s", "download_url_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("credential_cache_s", "last_seen_write_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.operator_token:
             raise ValueError("operator_token is required")

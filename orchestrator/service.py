@@ -128,12 +128,23 @@ class Orchestrator:
         self._operator_hash = hash_secret(config.operator_token)
         self._fleet_size = 0
         self._fleet_size_at = 0.0
+        # device_id -> (credential hash, when read); see OrchestratorConfig.credential_cache_s.
+        self._credentials: dict[str, tuple[str, float]] = {}
 
     # ------------------------------------------------------------------ identity
     def authenticate_operator(self, token: str) -> None:
         """Raise Unauthenticated unless the token is the operator token."""
         if not token or not hmac.compare_digest(hash_secret(token), self._operator_hash):
             raise Unauthenticated("a valid operator token is required")
+
+    def authenticate_device_cached(self, device_id: str, credential: str) -> bool:
+        """True when the credential matches a recently read hash (no I/O); False means: ask
+        authenticate_device, which reads the store (a miss, an expired entry or a mismatch,
+        since the device may have re-enrolled through another replica)."""
+        cached = self._credentials.get(device_id)
+        if cached is None or not credential or self.clock() - cached[1] >= self.config.credential_cache_s:
+            return False
+        return hmac.compare_digest(cached[0], hash_secret(credential))
 
     def authenticate_device(self, device_id: str, credential: str) -> None:
         """Raise Unauthenticated unless the credential is the device's."""
@@ -143,6 +154,14 @@ class Orchestrator:
             device = tx.get_device(device_id)
         if device is None or not hmac.compare_digest(device.credential_hash, hash_secret(credential)):
             raise Unauthenticated(f"unknown device or wrong credential for {device_id!r}")
+        self._remember_credential(device_id, device.credential_hash)
+
+    def _remember_credential(self, device_id: str, credential_hash: str) -> None:
+        if not self.config.credential_cache_s:
+            return
+        if len(self._credentials) > 200_000:  # bounded: a fleet larger than this just reads more
+            self._credentials.clear()
+        self._credentials[device_id] = (credential_hash, self.clock())
 
     def create_enrollment_token(self, ttl_s: float, description: str) -> tuple[str, float]:
         """Issue an enrollment token; only its hash is stored."""
@@ -179,6 +198,7 @@ class Orchestrator:
             device.labels = labels
             device.last_seen = now
             tx.upsert_device(device)
+        self._remember_credential(device_id, device.credential_hash)
         return credential
 
     # ------------------------------------------------------------------ device calls
@@ -208,27 +228,24 @@ class Orchestrator:
         return job
 
     def heartbeat(self, device_id: str, hb: HeartbeatInput) -> HeartbeatResult:
-        """Record the device's state, renew its job's lease, tell it what to stop and activate."""
+        """Record the device's state, renew its job's lease, tell it what to stop and activate.
+
+        Locks are taken job first, then device, as in every use case that locks both (lease,
+        complete, fail), so two replicas can never deadlock on them. The device row is written
+        only when something changed or last_seen is older than config.last_seen_write_s: a
+        steady poll is a read-only transaction.
+        """
         if hb.running_job_id:
             validation.object_id(hb.running_job_id, "running.job_id")
         validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
+        detail = validation.device_text(hb.eligibility_detail, 200)
         now = self.clock()
         cancel: list[str] = []
         lease_expires_at = 0.0
         with self.state.transaction() as tx:
-            device = tx.get_device(device_id, for_update=True)
+            device = tx.get_device(device_id)
             if device is None:
                 raise NotFound(f"device {device_id} is not enrolled")
-            device.power = hb.power
-            device.eligible = hb.eligible
-            device.eligibility_reason = hb.eligibility_reason
-            device.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
-            device.active_adapter_id = hb.active_adapter_id
-            device.running_job_id = hb.running_job_id
-            device.last_seen = now
-            if hb.free_storage_bytes:
-                device.capabilities["free_storage_bytes"] = hb.free_storage_bytes
-            tx.upsert_device(device)
             if hb.running_job_id:
                 job = tx.get_job(hb.running_job_id, for_update=True)
                 if job is None or job.device_id != device_id or not job.state.leased or job.lease_epoch != hb.running_epoch:
@@ -241,6 +258,24 @@ class Orchestrator:
                     job.lease_expires_at = lease_expires_at = now + self.config.lease_s
                     job.updated_at = now
                     tx.save_job(job)
+            fields: dict[str, Any] = {
+                "power": hb.power,
+                "eligible": hb.eligible,
+                "eligibility_reason": hb.eligibility_reason,
+                "eligibility_detail": detail,
+                "active_adapter_id": hb.active_adapter_id,
+                "running_job_id": hb.running_job_id,
+            }
+            storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")
+            changed = storage or any(getattr(device, k) != v for k, v in fields.items())
+            if changed or now - device.last_seen >= self.config.last_seen_write_s:
+                device = tx.get_device(device_id, for_update=True) or device
+                for key, value in fields.items():
+                    setattr(device, key, value)
+                device.last_seen = now
+                if hb.free_storage_bytes:
+                    device.capabilities["free_storage_bytes"] = hb.free_storage_bytes
+                tx.upsert_device(device)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
             fleet = self._fleet(tx)
         next_s = next_poll_after(
@@ -252,10 +287,11 @@ class Orchestrator:
         """Hand the device its oldest due job that fits it, under a new lease epoch."""
         now = self.clock()
         with self.state.transaction() as tx:
-            device = tx.get_device(device_id, for_update=True)
+            # Read without a lock: placement only needs the capabilities, and a poll that finds
+            # nothing stays a read-only transaction (no row lock, no commit record to flush).
+            device = tx.get_device(device_id)
             if device is None:
                 raise NotFound(f"device {device_id} is not enrolled")
-            device.last_seen = now
             chosen: JobRecord | None = None
             for job in tx.claimable_jobs(device_id, now, limit=8):
                 problem = placement_problem(job, device)
@@ -276,8 +312,13 @@ class Orchestrator:
                 chosen.progress = Progress()
                 chosen.updated_at = now
                 tx.save_job(chosen)
-                device.running_job_id = chosen.job_id
-            tx.upsert_device(device)
+            if chosen is not None or now - device.last_seen >= self.config.last_seen_write_s:
+                # Job row first, device row second: the lock order of every use case.
+                device = tx.get_device(device_id, for_update=True) or device
+                device.last_seen = now
+                if chosen is not None:
+                    device.running_job_id = chosen.job_id
+                tx.upsert_device(device)
             fleet = self._fleet(tx)
         upload_url, upload_exp, dataset_url = "", 0.0, ""
         if chosen is not None:

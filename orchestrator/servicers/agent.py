@@ -26,7 +26,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         device_id = metadata_value(context, DEVICE_HEADER)
         if not device_id:
             raise Unauthenticated(f"metadata {DEVICE_HEADER} is required")
-        await self._run(self.orch.authenticate_device, device_id, bearer(context))
+        credential = bearer(context)
+        # A cached credential is checked on the event loop; only a miss costs a store read.
+        if not self.orch.authenticate_device_cached(device_id, credential):
+            await self._run(self.orch.authenticate_device, device_id, credential)
         if claimed and claimed != device_id:
             raise PermissionDenied(f"credential is for {device_id!r}, request names {claimed!r}")
         return device_id

@@ -1,0 +1,218 @@
+"""Poll throughput: the orchestrator's lease/heartbeat rate next to a bare grpc.aio ceiling.
+
+    python benchmarks/poll_throughput.py [--quick] [--runs N] [--seconds S]
+
+In one run, with one load-generator process (grpc.aio, 64 calls in flight) and the server in a
+process of its own, both on this machine:
+
+    ceiling_rps      unary calls/s of a bare grpc.aio server answering the same AgentService
+                     methods with empty replies (no auth, no store): what gRPC alone allows here
+    sqlite_rps       Heartbeat + LeaseJob calls/s of the orchestrator over SQLite, with 10,000
+                     enrolled devices and 100,000 queued jobs seeded through the state store
+    sqlite_normal_*  the same with sqlite:///...?synchronous=NORMAL (durable against kill -9,
+                     not against power loss; the default FULL survives both)
+    postgres_rps     the same over PostgreSQL (a server this benchmark starts, fsync on)
+    *_ratio          *_rps / ceiling_rps
+    *_p99_ms         99th percentile latency of those calls
+
+Each poller picks a random device and calls Heartbeat then LeaseJob as that device (so half the
+calls write a lease). Every value is the median of --runs measurement windows. Prints a table,
+then one JSON line (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (
+    device_credential,
+    device_id,
+    median,
+    p99,
+    seed,
+    start_server_process,
+    stop_process,
+)
+
+GOALS = {"sqlite_ratio": (">=", 0.5), "postgres_ratio": (">=", 0.35), "sqlite_p99_ms": ("<=", 50.0), "postgres_p99_ms": ("<=", 50.0)}
+POLLERS = 64
+TARGETS = ("sqlite", "sqlite_normal", "postgres")
+
+ECHO_SERVER = r"""
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import grpc
+from protos.pocketlora.v1 import agent_service_pb2 as pb, agent_service_pb2_grpc as pb_grpc
+
+class Echo(pb_grpc.AgentServiceServicer):
+    async def Heartbeat(self, request, context):
+        return pb.HeartbeatResponse()
+    async def LeaseJob(self, request, context):
+        return pb.LeaseJobResponse()
+
+async def main():
+    server = grpc.aio.server()
+    pb_grpc.add_AgentServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"serving 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+async def load(address: str, devices: int, seconds: float, warmup: float) -> tuple[float, list[float], int]:
+    """64 pollers for warmup+seconds; returns (calls/s in the window, latencies in ms, errors)."""
+    import grpc
+
+    from protos.pocketlora.v1 import agent_service_pb2 as apb
+    from protos.pocketlora.v1 import agent_service_pb2_grpc
+
+    channel = grpc.aio.insecure_channel(address)
+    stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    window = (start + warmup, start + warmup + seconds)
+    latencies: list[float] = []
+    errors = 0
+
+    async def poller(seed_: int) -> None:
+        nonlocal errors
+        rng = random.Random(seed_)
+        while True:
+            i = rng.randrange(devices)
+            md = (("authorization", f"Bearer {device_credential(i)}"), ("x-pocketlora-device", device_id(i)))
+            for call, request in (
+                (stub.Heartbeat, apb.HeartbeatRequest(device_id=device_id(i), eligible=True)),
+                (stub.LeaseJob, apb.LeaseJobRequest(device_id=device_id(i))),
+            ):
+                t0 = loop.time()
+                if t0 >= window[1]:
+                    return
+                try:
+                    await call(request, metadata=md, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                t1 = loop.time()
+                if window[0] <= t0 and t1 <= window[1]:
+                    latencies.append((t1 - t0) * 1000)
+
+    await asyncio.gather(*(poller(n) for n in range(POLLERS)))
+    await channel.close()
+    return len(latencies) / seconds, latencies, errors
+
+
+def measure(address: str, devices: int, runs: int, seconds: float) -> tuple[float, float, int]:
+    """Median calls/s and median p99 (ms) over `runs` windows, and the total error count."""
+    rates, tails, errors = [], [], 0
+    for _ in range(runs):
+        rate, latencies, errs = asyncio.run(load(address, devices, seconds, warmup=min(1.0, seconds / 3)))
+        rates.append(rate)
+        tails.append(p99(latencies))
+        errors += errs
+    return median(rates), median(tails), errors
+
+
+def run_ceiling(tmp: Path, runs: int, seconds: float) -> tuple[float, float]:
+    import subprocess
+
+    script = tmp / "echo_server.py"
+    script.write_text(ECHO_SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(Path(__file__).resolve().parents[1])], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip().removeprefix("serving ")
+    try:
+        rate, tail, _ = measure(address, 1000, runs, seconds)
+    finally:
+        stop_process(proc)
+    return rate, tail
+
+
+def run_orchestrator(db_url: str, tmp: Path, devices: int, jobs: int, runs: int, seconds: float, label: str) -> tuple[float, float]:
+    seeded = seed(db_url, devices, jobs)
+    print(f"  {label}: seeded {devices:,} devices and {jobs:,} jobs in {seeded:.1f} s", file=sys.stderr)
+    proc, address = start_server_process(db_url, tmp)
+    try:
+        rate, tail, errors = measure(address, devices, runs, seconds)
+    finally:
+        stop_process(proc)
+    if errors:
+        raise RuntimeError(f"{label}: {errors} calls failed")
+    return rate, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller seed and windows (under a minute)")
+    parser.add_argument("--runs", type=int, default=0, help="measurement windows per target (median)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="length of a window")
+    parser.add_argument("--devices", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--no-postgres", action="store_true")
+    args = parser.parse_args(argv)
+    runs = args.runs or 3
+    seconds = args.seconds or (3.0 if args.quick else 8.0)
+    devices = args.devices or (2_000 if args.quick else 10_000)
+    jobs = args.jobs or (20_000 if args.quick else 100_000)
+
+    tmp = Path(tempfile.mkdtemp(prefix="pocketlora-bench-"))
+    result: dict[str, float | int | str | None] = {"devices": devices, "jobs": jobs, "pollers": POLLERS, "runs": runs, "window_s": seconds}
+    t_start = time.perf_counter()
+    try:
+        result["ceiling_rps"], result["ceiling_p99_ms"] = run_ceiling(tmp, runs, seconds)
+        # SQLite as shipped (synchronous=FULL: an acknowledged commit survives power loss), then
+        # with synchronous=NORMAL (WAL: survives kill -9, the last commits may go with power).
+        result["sqlite_rps"], result["sqlite_p99_ms"] = run_orchestrator(
+            f"sqlite:///{tmp / 'state.db'}", tmp, devices, jobs, runs, seconds, "sqlite"
+        )
+        result["sqlite_normal_rps"], result["sqlite_normal_p99_ms"] = run_orchestrator(
+            f"sqlite:///{tmp / 'state-normal.db'}?synchronous=NORMAL", tmp, devices, jobs, runs, seconds, "sqlite_normal"
+        )
+        if args.no_postgres:
+            result["postgres_rps"] = result["postgres_p99_ms"] = None
+        else:
+            from tests.support.postgres import PostgresServer
+
+            with PostgresServer() as pg:
+                result["postgres_rps"], result["postgres_p99_ms"] = run_orchestrator(
+                    pg.create_database(), tmp, devices, jobs, runs, seconds, "postgres"
+                )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ceiling = float(result["ceiling_rps"] or 1)
+    for name in TARGETS:
+        rps = result.get(f"{name}_rps")
+        result[f"{name}_ratio"] = round(float(rps) / ceiling, 3) if rps is not None else None
+    for key, value in list(result.items()):
+        if isinstance(value, float):
+            result[key] = round(value, 1) if key.endswith("rps") else round(value, 2) if key.endswith("ms") else value
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    print(f"poll throughput: {devices:,} devices, {jobs:,} queued jobs, {POLLERS} pollers, median of {runs} x {seconds:g} s")
+    print(f"{'target':<14}{'calls/s':>10}{'ratio':>8}{'p99 ms':>9}")
+    print(f"{'ceiling':<14}{result['ceiling_rps']:>10}{1.0:>8}{result['ceiling_p99_ms']:>9}")
+    for name in TARGETS:
+        if result.get(f"{name}_rps") is not None:
+            print(f"{name:<14}{result[f'{name}_rps']:>10}{result[f'{name}_ratio']:>8}{result[f'{name}_p99_ms']:>9}")
+    for key, (op, goal) in GOALS.items():
+        value = result.get(key)
+        if value is not None:
+            ok = value >= goal if op == ">=" else value <= goal
+            print(f"  goal {key} {op} {goal}: {value} {'met' if ok else 'NOT met'}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
