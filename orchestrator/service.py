@@ -18,7 +18,7 @@ from typing import Any
 
 from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
 from adapters_store.errors import AdapterFormatError
-from orchestrator import validation
+from orchestrator import activation, validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import (
     DEVICE_TRANSITIONS,
@@ -667,55 +667,43 @@ class Orchestrator:
             raise NotFound(f"adapter {adapter_id} not found")
         return adapter
 
-    def _set_desired(self, tx: Tx, device: DeviceRecord, adapter_id: str) -> bool:
-        if device.desired_adapter_id == adapter_id:
-            return False
-        device.adapter_history = [*device.adapter_history, device.desired_adapter_id][-20:]
-        device.desired_adapter_id = adapter_id
-        tx.upsert_device(device)
-        return True
-
-    def activate_adapter(self, adapter_id: str) -> list[str]:
-        """Make an adapter the desired one on the device that trained it, if the bases match."""
-        validation.object_id(adapter_id, "adapter_id")
+    def activate_adapter(
+        self, adapter_id: str = "", *, name: str = "", selector: DeviceSelector | None = None,
+        campaign_id: str = "", canary_percent: int = 0,
+    ) -> list[str]:
+        """Make adapters desired: one adapter on its device, a name across a selector, or a canary share."""
+        modes = [bool(adapter_id), bool(name), bool(campaign_id)]
+        if sum(modes) != 1:
+            raise InvalidArgument("adapter_id", "set exactly one of adapter_id, adapter_name (with a selector) or campaign_id")
         with self.state.transaction() as tx:
-            adapter = tx.get_adapter(adapter_id)
-            if adapter is None:
-                raise NotFound(f"adapter {adapter_id} not found")
-            device = tx.get_device(adapter.device_id, for_update=True)
-            if device is None:
-                raise NotFound(f"device {adapter.device_id} not found")
-            have = str(device.capabilities.get("base_fingerprint", ""))
-            if adapter.base_fingerprint and have and have != adapter.base_fingerprint:
-                raise FailedPrecondition(
-                    f"adapter {adapter_id} was trained on base {adapter.base_fingerprint[:23]}..., "
-                    f"device {device.device_id} has {have[:23]}..."
-                )
-            return [device.device_id] if self._set_desired(tx, device, adapter_id) else []
+            if adapter_id:
+                validation.object_id(adapter_id, "adapter_id")
+                return activation.activate_one(tx, adapter_id)
+            if name:
+                validation.name(name, "adapter_name")
+                return activation.activate_by_name(tx, name, selector or DeviceSelector())
+            validation.object_id(campaign_id, "campaign_id")
+            return activation.activate_canary(tx, campaign_id, canary_percent)
 
-    def deactivate_adapter(self, device_id: str) -> list[str]:
-        """Send a device back to its base model."""
-        validation.device_id(device_id)
+    def deactivate_adapter(self, device_id: str = "", selector: DeviceSelector | None = None) -> list[str]:
+        """Send one device, or every device matching a selector, back to its base model."""
+        if bool(device_id) == (selector is not None):
+            raise InvalidArgument("device_id", "set exactly one of device_id and selector")
         with self.state.transaction() as tx:
-            device = tx.get_device(device_id, for_update=True)
-            if device is None:
-                raise NotFound(f"device {device_id} not found")
-            return [device_id] if self._set_desired(tx, device, "") else []
+            if device_id:
+                validation.device_id(device_id)
+                device = tx.get_device(device_id, for_update=True)
+                if device is None:
+                    raise NotFound(f"device {device_id} not found")
+                return activation.deactivate(tx, [device])
+            assert selector is not None
+            return activation.deactivate(tx, activation.matching_devices(tx, selector))
 
     def rollback_adapter(self, device_id: str) -> str:
         """Make the previously desired adapter (or the base) desired again."""
         validation.device_id(device_id)
         with self.state.transaction() as tx:
-            device = tx.get_device(device_id, for_update=True)
-            if device is None:
-                raise NotFound(f"device {device_id} not found")
-            if not device.adapter_history:
-                raise FailedPrecondition(f"device {device_id} has no earlier adapter to roll back to")
-            *rest, previous = device.adapter_history
-            device.adapter_history = rest
-            device.desired_adapter_id = previous
-            tx.upsert_device(device)
-            return previous
+            return activation.rollback(tx, device_id)
 
     def fleet_summary(self, online_window_s: float = 120.0) -> dict[str, Any]:
         """Jobs by state, devices by eligibility reason, counts."""

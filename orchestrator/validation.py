@@ -85,6 +85,13 @@ def is_name(value: str) -> bool:
     return _NAME_RE.fullmatch(value) is not None
 
 
+def name(value: str, field: str) -> str:
+    """An adapter or dataset name: 1-64 letters, digits, '.', '_' or '-'."""
+    if not _NAME_RE.fullmatch(value):
+        raise InvalidArgument(field, f"{value[:64]!r} must be 1-64 letters, digits, '.', '_', '-'")
+    return value
+
+
 def sha256_hex(value: str, field: str = "sha256") -> str:
     """Lowercase hex sha256."""
     if not _HEX64.fullmatch(value):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.errors import InvalidArgument, OrchestratorError
+from orchestrator.errors import OrchestratorError
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer
 from orchestrator.servicers.errors import log, rpc, status_for
@@ -140,10 +141,17 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.ActivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ActivateAdapterResponse:
         await self._operator(context)
-        if not request.adapter_id:
-            # Fleet-wide activation by name/selector and canary shares are not built yet.
-            raise InvalidArgument("adapter_id", "is required (selector and canary activation are not supported yet)")
-        devices = await self._run(self.orch.activate_adapter, request.adapter_id)
+        selector = convert.selector(request.selector) if request.HasField("selector") else None
+        devices = await self._run(
+            functools.partial(
+                self.orch.activate_adapter,
+                request.adapter_id,
+                name=request.adapter_name,
+                selector=selector,
+                campaign_id=request.campaign_id,
+                canary_percent=request.canary_percent,
+            )
+        )
         return pb.ActivateAdapterResponse(device_ids=devices)
 
     @rpc
@@ -151,9 +159,9 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.DeactivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeactivateAdapterResponse:
         await self._operator(context)
-        if not request.device_id:
-            raise InvalidArgument("device_id", "is required (selector deactivation is not supported yet)")
-        return pb.DeactivateAdapterResponse(device_ids=await self._run(self.orch.deactivate_adapter, request.device_id))
+        selector = convert.selector(request.selector) if request.HasField("selector") else None
+        devices = await self._run(self.orch.deactivate_adapter, request.device_id, selector)
+        return pb.DeactivateAdapterResponse(device_ids=devices)
 
     @rpc
     async def RollbackAdapter(

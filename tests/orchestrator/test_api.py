@@ -285,3 +285,60 @@ def test_watch_streams_changes(srv: ServerThread) -> None:
     nxt = next(stream)
     assert nxt.job.state == tpb.JOB_STATE_LEASED
     stream.cancel()
+
+
+def _train(srv: ServerThread, tmp_path: Path, device: str, md: tuple[tuple[str, str], ...], seed: int, campaign: str = "") -> apb.CompleteJobResponse:
+    a = lease(srv, device, md)
+    assert a is not None
+    blob, info = fake_adapter_blob(tmp_path, device_id=device, job_id=a.job_id, attempt=a.attempt, seed=seed)
+    upload_to_url(a.upload_url, blob)
+    return srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md)
+
+
+def test_fleet_activation_by_name_and_selector(srv: ServerThread, tmp_path: Path) -> None:
+    mds = {f"d{i}": enroll(srv, f"d{i}", labels={"tier": "beta" if i < 3 else "ga"}) for i in range(4)}
+    latest = {}
+    for device, md in mds.items():
+        for round_ in range(2 if device == "d0" else 1):
+            submit(srv, device)
+            latest[device] = _train(srv, tmp_path, device, md, seed=round_).adapter
+    assert latest["d0"].version == 2
+    req = opb.ActivateAdapterRequest(adapter_name="persona", selector=tpb.DeviceSelector(labels={"tier": "beta"}))
+    changed = srv.operator.ActivateAdapter(req, metadata=op_md()).device_ids
+    assert sorted(changed) == ["d0", "d1", "d2"]
+    for device in ("d0", "d1", "d2"):
+        hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id=device), metadata=mds[device])
+        assert hb.desired_adapter.adapter_id == latest[device].adapter_id  # each its own, latest version
+    assert not srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="d3"), metadata=mds["d3"]).HasField("desired_adapter")
+    off = srv.operator.DeactivateAdapter(opb.DeactivateAdapterRequest(selector=tpb.DeviceSelector(device_ids=["d0", "d1"])), metadata=op_md())
+    assert sorted(off.device_ids) == ["d0", "d1"]
+    back = srv.operator.RollbackAdapter(opb.RollbackAdapterRequest(device_id="d0"), metadata=op_md())
+    assert back.desired_adapter_id == latest["d0"].adapter_id
+
+
+def test_canary_share_is_stable_and_grows(srv: ServerThread, tmp_path: Path) -> None:
+    mds = {f"c{i}": enroll(srv, f"c{i}") for i in range(10)}
+    camp = srv.operator.SubmitCampaign(opb.SubmitCampaignRequest(name="all", selector=tpb.DeviceSelector(), training=SPEC), metadata=op_md()).campaign
+    for i, (device, md) in enumerate(mds.items()):
+        _train(srv, tmp_path, device, md, seed=i)
+    first = srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=20), metadata=op_md()).device_ids
+    assert len(first) == 2
+    more = srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=50), metadata=op_md()).device_ids
+    assert len(more) == 3 and not set(first) & set(more)  # the first two stay in, three join
+    for bad, field in (
+        (opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=0), "canary_percent"),
+        (opb.ActivateAdapterRequest(), "adapter_id"),
+        (opb.ActivateAdapterRequest(adapter_id="ad-1", adapter_name="x"), "adapter_id"),
+        (opb.ActivateAdapterRequest(adapter_name="bad name!"), "adapter_name"),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            srv.operator.ActivateAdapter(bad, metadata=op_md())
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith(field)
+
+
+def test_activation_refuses_an_incompatible_base(srv: ServerThread, tmp_path: Path) -> None:
+    md = enroll(srv, "other-base", base_fingerprint="sha256:" + "ee" * 32)
+    submit(srv, "other-base")
+    adapter = _train(srv, tmp_path, "other-base", md, seed=0).adapter  # its manifest says "ab..."
+    req = opb.ActivateAdapterRequest(adapter_id=adapter.adapter_id)
+    assert code_of(srv.operator.ActivateAdapter, req, metadata=op_md()) == grpc.StatusCode.FAILED_PRECONDITION
