@@ -6,6 +6,7 @@ Orchestrator, no Ray), so the load generator never shares its event loop or GIL 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -145,10 +146,8 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
             if reap_every:
                 # The control loop's reaper, as ControlLoopActor runs it (here without Ray).
                 await loop.run_in_executor(None, orch.reap)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), reap_every or 3600)
-            except TimeoutError:
-                pass
         await running.stop(0.5)
         orch.state.close()
         store.close()
