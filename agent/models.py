@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +60,7 @@ def ensure_smollm2(cache_dir: Path) -> Path:
     tmp = target.parent / f".{SMOLLM2_NAME}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     _progress(f"dequantizing {gguf.name} (takes ~15 s, ~1.1 GB)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model still carries its quantizer and refuses save_pretrained
     # ("model is quantized with gguf and is not serializable"); the weights are plain now.

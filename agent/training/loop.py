@@ -238,7 +238,7 @@ def _accumulate(
             )
             / denom
         )
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
         del logits, loss
     return total, tokens

@@ -42,11 +42,11 @@ def disable_bnb_cpu_repack(model: Any) -> int:
     # place for a fast inference kernel that has no autograd. Every later backward through that
     # layer silently yields no gradients for the LoRA weights ("gemv_4bit: an autograd kernel
     # was not registered") and the loss goes flat. A model that is trained must never repack.
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Linear4bit
 
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
@@ -57,11 +57,11 @@ def _own_unquantized_params(model: Any) -> None:
     # The unquantized tensors (embeddings, norms, lm_head) are views into the mmap of the fp32
     # checkpoint; while any view lives, every page quantization touched stays resident: the
     # whole fp32 file (538 MB for SmolLM2) on top of its 4-bit copy. Owning them releases it.
-    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import Params4bit
 
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if not isinstance(p, bnb.nn.Params4bit):
+            if not isinstance(p, Params4bit):
                 p.data = p.data.clone()
 
 
@@ -131,13 +131,13 @@ def load_for_training(
     if quantize:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=compute,
         )
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if quantize:
         n = disable_bnb_cpu_repack(model)
         _own_unquantized_params(model)
@@ -158,7 +158,7 @@ def load_for_training(
 
     lora = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft accepts float scaling
         lora_dropout=spec.dropout,
         target_modules=targets,
         bias="none",
@@ -187,19 +187,23 @@ def load_for_training(
 
 def base_linear_bytes(model: Any) -> tuple[int, int]:
     """Return (bytes, parameter count) of the base linear layers that NF4 would quantize."""
+    linear4: tuple[type, ...] = ()
     try:
-        import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import Linear4bit
 
-        linear4 = (bnb.nn.Linear4bit,)
+        linear4 = (Linear4bit,)
     except Exception:  # no bitsandbytes: only fp32 linears can exist
-        linear4 = ()
+        pass
     total = params = 0
     for name, module in model.named_modules():
         # lm_head stays unquantized under NF4 and LoRA layers are not base weights.
         if "lora_" in name or name.endswith("lm_head"):
             continue
         if linear4 and isinstance(module, linear4):
-            w, qs = module.weight, module.weight.quant_state
+            w = getattr(module, "weight")  # noqa: B009 - typed as object by the isinstance
+            qs = getattr(w, "quant_state", None)
+            if qs is None:
+                continue
             total += w.numel() * w.element_size() + _quant_state_bytes(qs)
             params += int(torch.Size(qs.shape).numel())
         elif type(module) is torch.nn.Linear:

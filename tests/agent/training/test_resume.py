@@ -79,6 +79,19 @@ def test_in_process_pause_and_resume_matches_uninterrupted(
     assert manifest["spec"]["effective_batch"] == 2
 
 
+def test_offloaded_optimizer_state_trains_the_same_adapter(
+    tmp_path: Path, sharp_llama: Path, memorise_data: Path, reference: dict[str, Any]
+) -> None:
+    job = make_job(tmp_path, sharp_llama, memorise_data, "offload", offload_optimizer="on")
+    events: list[dict[str, Any]] = []
+
+    assert run_job(job, emit=events.append, should_pause=lambda: False) == "done"
+
+    assert events[0]["event"] == "plan" and events[0]["offload_optimizer"] is True
+    assert (job / "offload" / "optimizer.safetensors").is_file()
+    assert_same_adapter(adapter(job), reference)
+
+
 @pytest.mark.slow
 def test_worker_pauses_on_request_and_resumes_to_the_same_adapter(
     tmp_path: Path, sharp_llama: Path, memorise_data: Path, reference: dict[str, Any]
