@@ -216,7 +216,19 @@ def _wait_active(client: OperatorClient, adapter_id: str, agent: subprocess.Pope
 
 def _compare(base: Path, store_url: str, blob_key: str, work_dir: Path) -> None:
     """Answers of the base model and of the adapted model, side by side."""
+    import logging
+    import warnings
+
     from adapters_store import open_store, unpack_adapter
+
+    # Library chatter that says nothing to a demo viewer (bitsandbytes' optional kernels package,
+    # transformers' deprecation notices and weight-loading bars).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     from agent.runtime import AdapterRuntime
 
     blob = work_dir / "adapter.safetensors"

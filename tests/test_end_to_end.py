@@ -120,9 +120,10 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
         assert adapted["adapter"] == adapter.adapter_id and plain["adapter"] is None
         assert adapted["text"] != plain["text"]
 
-        # Deactivate: the device goes back to the base model without reloading it.
-        client.call("DeactivateAdapter", op.DeactivateAdapterRequest(device_id="e2e-phone"))
-        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "", 60, "deactivation")
+        # Roll back: the previous desire was the base model; the device returns to it without reloading.
+        back = client.call("RollbackAdapter", op.RollbackAdapterRequest(device_id="e2e-phone"))
+        assert back.desired_adapter_id == ""
+        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "", 60, "the rollback")
         assert runtime.generate(prompt, max_new_tokens=12)["text"] == plain["text"]
         assert agent.runtime is runtime and runtime.proc.pid == runtime_pid
         kinds = [k for k, _ in events]
