@@ -337,6 +337,43 @@ def adapter_rollback(device_id: str, address: Address = DEFAULT_ADDRESS, token: 
         out.print(f"{device_id} now wants {reply.desired_adapter_id or 'the base model'}")
 
 
+@adapter_app.command("gc")
+def adapter_gc(
+    db: Annotated[str, typer.Option(help="The orchestrator's database URL.")] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
+    store: Annotated[str, typer.Option(help="The orchestrator's store URL (S3 credentials from the environment).")] = "",
+    keep_versions: Annotated[int, typer.Option(min=0, help="Keep this many newest versions per device and name (0: all).")] = 0,
+    upload_grace_hours: Annotated[float, typer.Option(min=0.0, help="Leave uploads younger than this.")] = 1.0,
+    delete: Annotated[bool, typer.Option("--delete", help="Delete for real (default: a dry run that only lists).")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Remove blobs no adapter version references, and superseded versions past a retention count."""
+    from adapters_store import open_store
+    from adapters_store.errors import StoreError
+    from orchestrator.errors import InvalidArgument
+    from orchestrator.gc import run_gc
+    from orchestrator.state import open_state
+
+    try:
+        state = open_state(db)
+        blobs = open_store(store or f"file://{(DEFAULT_STATE_DIR / 'blobs').resolve()}")
+    except InvalidArgument as exc:
+        raise UserError(f"--{exc}") from None
+    except StoreError as exc:
+        raise UserError(f"--store: {exc}") from None
+    try:
+        report = run_gc(state, blobs, keep_versions=keep_versions, dry_run=not delete, upload_grace_s=upload_grace_hours * 3600)
+    finally:
+        state.close()
+        blobs.close()
+    if as_json:
+        _print_json({"dry_run": report.dry_run, "pruned_adapters": report.pruned_adapters, "deleted_keys": report.deleted_keys})
+        return
+    verb = "would delete" if report.dry_run else "deleted"
+    out.print(f"{verb} {len(report.deleted_keys)} blob(s) and {len(report.pruned_adapters)} superseded version(s)")
+    for key in report.deleted_keys:
+        out.print(f"  {key}")
+
+
 @token_app.command("create")
 def token_create(
     ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 366)] = 24.0,

@@ -41,7 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 SUBCOMMANDS = [
     [], ["demo"], ["orchestrator", "serve"], ["agent", "run"], ["job", "submit"], ["job", "list"], ["job", "get"],
     ["job", "cancel"], ["job", "watch"], ["device", "list"], ["device", "get"], ["adapter", "list"], ["adapter", "get"],
-    ["adapter", "activate"], ["adapter", "deactivate"], ["adapter", "rollback"], ["infer"], ["summary"], ["token", "create"],
+    ["adapter", "activate"], ["adapter", "deactivate"], ["adapter", "rollback"], ["adapter", "gc"], ["infer"], ["summary"], ["token", "create"],
     ["model", "prepare"],
 ]
 

@@ -146,6 +146,10 @@ class Tx(abc.ABC):
     def referenced_blob_keys(self) -> set[str]:
         """Blob keys referenced by any adapter version (for garbage collection)."""
 
+    @abc.abstractmethod
+    def delete_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter version (garbage collection of superseded versions); idempotent."""
+
 
 class StateStore(abc.ABC):
     """A durable store of jobs, devices, campaigns and adapters."""

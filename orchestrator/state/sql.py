@@ -332,3 +332,6 @@ class SqlTx(Tx):
     def referenced_blob_keys(self) -> set[str]:
         return {r["blob_key"] for r in self._q("SELECT DISTINCT blob_key FROM adapters")}
 
+    def delete_adapter(self, adapter_id: str) -> None:
+        self._q("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
+

@@ -179,6 +179,11 @@ def test_adapters_and_versions(state: StateStore) -> None:
         assert [a.version for a in tx.list_adapters("d1", "", 10)] == [2, 1]
         assert tx.adapter_count() == 2
         assert tx.referenced_blob_keys() == {"blobs/sha256/1", "blobs/sha256/2"}
+        oldest = tx.list_adapters("d1", "", 10)[-1]
+        tx.delete_adapter(oldest.adapter_id)
+        tx.delete_adapter(oldest.adapter_id)  # idempotent
+        assert tx.get_adapter(oldest.adapter_id) is None
+        assert tx.referenced_blob_keys() == {"blobs/sha256/2"}
 
 
 def test_campaigns_and_tokens(state: StateStore) -> None:
