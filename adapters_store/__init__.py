@@ -24,7 +24,7 @@ from adapters_store.errors import (
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
 from adapters_store.fs import FileBlobStore
 from adapters_store.gc import collect_garbage
-from adapters_store.keys import blob_key, upload_key, validate_key
+from adapters_store.keys import blob_key, dataset_key, upload_key, validate_key
 from adapters_store.manifest import AdapterManifest
 from adapters_store.s3 import S3BlobStore
 from adapters_store.transfer import download_from_url, upload_to_url
@@ -46,6 +46,7 @@ __all__ = [
     "TransferError",
     "blob_key",
     "collect_garbage",
+    "dataset_key",
     "download_from_url",
     "ensure_safetensors",
     "model_fingerprint",

@@ -62,6 +62,14 @@ def normalize_sha256(sha256_hex: str) -> str:
     return digest
 
 
+DATASETS_PREFIX = "datasets/sha256/"
+
+
+def dataset_key(sha256_hex: str) -> str:
+    """Return the content-addressed key of an operator-shipped dataset ('sha256:' accepted)."""
+    return f"{DATASETS_PREFIX}{normalize_sha256(sha256_hex)}.jsonl"
+
+
 def blob_key(sha256_hex: str) -> str:
     """Return the content-addressed key of a verified blob ('sha256:' prefix accepted)."""
     return f"{BLOBS_PREFIX}{normalize_sha256(sha256_hex)}"

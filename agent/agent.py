@@ -23,7 +23,14 @@ from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
 from agent.client import DeviceClient, detect_capabilities
 from agent.gate import Eligibility, Gate
-from agent.jobs import JobSetupError, LocalJob, pack_output, resolve_dataset, training_spec
+from agent.jobs import (
+    JobSetupError,
+    LocalJob,
+    fetch_shipped_dataset,
+    pack_output,
+    resolve_dataset,
+    training_spec,
+)
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
 from protos.pocketlora.v1 import agent_service_pb2 as pb
@@ -226,7 +233,9 @@ class Agent:
         from google.protobuf import json_format
 
         training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
-        self.job = LocalJob(a.job_id, a.lease_epoch, a.attempt, training, state="LEASED", upload_url=a.upload_url)
+        self.job = LocalJob(
+            a.job_id, a.lease_epoch, a.attempt, training, state="LEASED", upload_url=a.upload_url, dataset_url=a.dataset_url
+        )
         self.job.save(self.cfg.work_dir)
         self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name"))
         self._start_training()
@@ -241,7 +250,10 @@ class Agent:
                     "INCOMPATIBLE_BASE",
                     f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
                 )
-            dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
+            if self.job.training.get("dataset_object"):
+                dataset = fetch_shipped_dataset(self.job, job_dir)
+            else:
+                dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
             spec = training_spec(self.job, job_dir, self.cfg.base_model_dir, dataset, self.cfg.memory_budget_mb, self.cfg.torch_threads)
         except JobSetupError as exc:
             self._fail(exc.error_class, str(exc))

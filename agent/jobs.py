@@ -41,6 +41,7 @@ class LocalJob:
     training: dict[str, Any]
     state: str = "RUNNING"  # RUNNING | PAUSED | UPLOADING (the device's view)
     upload_url: str = ""
+    dataset_url: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -79,6 +80,26 @@ def resolve_dataset(datasets_dir: Path, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise JobSetupError("DATASET_INVALID", f"dataset {name!r} not found in {datasets_dir}")
+
+
+def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
+    """Download an operator-shipped dataset once into the job folder, checking its sha256."""
+    from adapters_store import download_from_url
+    from adapters_store.errors import IntegrityError, StoreError
+
+    path = job_dir / "dataset.jsonl"
+    if path.is_file():
+        return path  # fetched by an earlier run of this job (the download verified it)
+    if not job.dataset_url:
+        raise JobSetupError("TRANSIENT", "the shipped dataset's download URL is missing; retry with a new lease")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        download_from_url(job.dataset_url, path, expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:"))
+    except IntegrityError as exc:
+        raise JobSetupError("DATASET_INVALID", f"shipped dataset failed its check: {exc}") from exc
+    except StoreError as exc:
+        raise JobSetupError("TRANSIENT", f"shipped dataset download failed: {exc}") from exc
+    return path
 
 
 def training_spec(

@@ -125,7 +125,9 @@ def _jobs_table(jobs: list[Any]) -> Table:
 @job_app.command("submit")
 def job_submit(
     device_id: Annotated[str, typer.Option("--device-id", help="Device that trains the adapter.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")] = "",
+    dataset_file: Annotated[Path | None, typer.Option("--dataset-file", help="Or: a local JSONL file to ship to the device through the store.")] = None,
+    store: Annotated[str, typer.Option("--store", envvar="POCKETLORA_STORE", help="Store URL for --dataset-file (credentials from the environment).")] = "",
     adapter_name: Annotated[str, typer.Option("--adapter-name", help="Adapter name (versions count per device and name).")] = "personal",
     base_model_id: Annotated[str, typer.Option("--base-model-id", help="Base model the device must have.")] = "SmolLM2-135M-Instruct",
     rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
@@ -145,8 +147,12 @@ def job_submit(
     """Queue a training job for one device."""
     if quantization not in ("nf4", "none"):
         raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
+    if bool(dataset) == (dataset_file is not None):
+        raise typer.BadParameter("give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset")
+    shipped, shipped_sha = ("", "") if dataset_file is None else _ship_dataset(dataset_file, store)
     spec = tpb.TrainingSpec(
         adapter_name=adapter_name, base_model_id=base_model_id, dataset=dataset,
+        dataset_object=shipped, dataset_sha256=shipped_sha,
         lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
         quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, max_seq_len=max_seq_len, seed=seed,
@@ -157,6 +163,32 @@ def job_submit(
         _print_json(_dump(reply))
     else:
         out.print(f"{'submitted' if reply.created else 'already submitted'} job [bold]{reply.job.job_id}[/] for {device_id} ({_state_name(reply.job.state)})")
+
+
+def _ship_dataset(path: Path, store_url: str) -> tuple[str, str]:
+    """Check a dataset file, then upload it to its content address; returns (key, sha256)."""
+    from adapters_store import dataset_key, open_store, sha256_file
+    from adapters_store.errors import StoreError
+    from agent.training.datasets import read_records
+    from agent.training.errors import DatasetError
+
+    if not path.is_file():
+        raise UserError(f"--dataset-file {path}: no such file")
+    try:
+        read_records(path)
+    except DatasetError as exc:
+        raise UserError(f"--dataset-file {exc}") from None
+    if not store_url:
+        raise UserError("--dataset-file needs --store (or POCKETLORA_STORE): the orchestrator's store URL")
+    digest = sha256_file(path)
+    key = dataset_key(digest)
+    try:
+        with open_store(store_url) as blobs:
+            if blobs.stat(key) is None:
+                blobs.put_file(key, path)
+    except StoreError as exc:
+        raise UserError(f"--store: {exc}") from None
+    return key, digest
 
 
 @job_app.command("list")

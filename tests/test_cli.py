@@ -68,6 +68,24 @@ def test_operator_commands_round_trip(server: ServerThread) -> None:
     assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
 
 
+def test_submit_ships_a_dataset_file_through_the_store(server: ServerThread, tmp_path: Path) -> None:
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "a note"}\n')
+    env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
+    store = f"file://{server.store.root}"
+    sub = cli("job", "submit", "--device-id", "phone-1", "--dataset-file", str(data), "--store", store, "--json", env=env)
+    assert sub.returncode == 0, sub.stderr
+    training = json.loads(sub.stdout)["job"]["training"]
+    assert training["dataset_object"].startswith("datasets/sha256/") and "dataset" not in training
+    assert server.store.stat(training["dataset_object"]) == data.stat().st_size
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    result = cli("job", "submit", "--device-id", "phone-1", "--dataset-file", str(bad), "--store", store, env=env)
+    assert_one_line_error(result, "bad.jsonl:1")
+    both = cli("job", "submit", "--device-id", "phone-1", "--dataset", "x", "--dataset-file", str(data), env=env)
+    assert_one_line_error(both, "exactly one")
+
+
 def test_unknown_job_id_is_one_line(server: ServerThread) -> None:
     env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN}
     result = cli("job", "get", "job-doesnotexist", "--orchestrator", server.address, env=env)

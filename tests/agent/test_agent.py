@@ -241,3 +241,34 @@ def test_idle_agent_is_light_and_never_imports_torch(srv: ServerThread, base: Pa
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_operator_shipped_dataset_is_fetched_and_checked(srv: ServerThread, base: Path, tmp_path: Path) -> None:
+    from adapters_store import dataset_key, sha256_file
+
+    data = tmp_path / "shipped.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"shipped example {i}"}) for i in range(16)) + "\n")
+    digest = sha256_file(data)
+    srv.store.put_file(dataset_key(digest), data)
+    tampered_digest = "0" * 64
+    srv.store.put_file(dataset_key(tampered_digest), data)  # bytes that do not hash to the key
+
+    clock = ManualClock()
+    _, stop, thread, events = run_agent(srv, base, tmp_path / "ship", clock, "ship-phone")
+    try:
+        wait_for(lambda: any(d.device_id == "ship-phone" for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 30, "enrollment")
+        specs = {}
+        for name, sha in (("good", digest), ("bad", tampered_digest)):
+            spec = tpb.TrainingSpec()
+            spec.CopyFrom(SPEC)
+            spec.dataset = ""
+            spec.dataset_object, spec.dataset_sha256, spec.max_steps = dataset_key(sha), sha, 2
+            specs[name] = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="ship-phone", training=spec), metadata=op_md()).job.job_id
+        good = wait_for(lambda: (j := job_of(srv, specs["good"])).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the shipped-dataset job")
+        manifest = json.loads(srv.operator.GetAdapter(opb.GetAdapterRequest(adapter_id=good.adapter_id), metadata=op_md()).adapter.manifest_json)
+        assert manifest["dataset_sha256"].removeprefix("sha256:") == digest
+        bad = wait_for(lambda: (j := job_of(srv, specs["bad"])).state == tpb.JOB_STATE_FAILED and j, 120, "the tampered-dataset job")
+        assert bad.last_error_class == tpb.ERROR_CLASS_DATASET_INVALID and bad.attempt == 1
+    finally:
+        stop.set()
+        thread.join(60)
