@@ -124,14 +124,14 @@ def adapter_tensors(srv: ServerThread, job: Any, tmp: Path) -> dict[str, np.ndar
 def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: ServerThread, base: Path, tmp_path: Path) -> None:
     # Reference: the same job with no hot spell.
     clock = ManualClock()
-    agent, stop, thread, _ = run_agent(srv, base, tmp_path / "ref", clock, "ref-phone")
+    _, stop, thread, _ = run_agent(srv, base, tmp_path / "ref", clock, "ref-phone")
     ref_id = submit(srv, "ref-phone")
     ref = wait_for(lambda: (j := job_of(srv, ref_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the reference job")
     stop.set()
     thread.join(60)
 
     clock = ManualClock()
-    agent, stop, thread, events = run_agent(srv, base, tmp_path / "hot", clock, "hot-phone")
+    _, stop, thread, events = run_agent(srv, base, tmp_path / "hot", clock, "hot-phone")
     try:
         job_id = submit(srv, "hot-phone")
         wait_for(lambda: any(k == "progress" and d["step"] >= 2 for k, d in events), 120, "two optimizer steps")
@@ -254,7 +254,7 @@ def test_operator_shipped_dataset_is_fetched_and_checked(srv: ServerThread, base
     srv.store.put_file(dataset_key(tampered_digest), data)  # bytes that do not hash to the key
 
     clock = ManualClock()
-    _, stop, thread, events = run_agent(srv, base, tmp_path / "ship", clock, "ship-phone")
+    _, stop, thread, _ = run_agent(srv, base, tmp_path / "ship", clock, "ship-phone")
     try:
         wait_for(lambda: any(d.device_id == "ship-phone" for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 30, "enrollment")
         specs = {}
