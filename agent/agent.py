@@ -191,7 +191,7 @@ class Agent:
         req = pb.ReportProgressRequest(
             job_id=self.job.job_id,
             lease_epoch=self.job.lease_epoch,
-            state=_STATE_PB[state],  # type: ignore[arg-type]
+            state=_STATE_PB[state],
             progress=self._progress_pb(),
             pause_reason=pause_reason,  # type: ignore[arg-type]
         )
@@ -337,7 +337,7 @@ class Agent:
     def _fail(self, error_class: str, message: str) -> None:
         assert self.job is not None
         code = tpb.ErrorClass.Value("ERROR_CLASS_" + error_class) if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys() else tpb.ERROR_CLASS_CRASHED
-        req = pb.FailJobRequest(job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500])  # type: ignore[arg-type]
+        req = pb.FailJobRequest(job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500])
         retry = False
         try:
             retry = self.client.call("FailJob", req).will_retry
@@ -365,7 +365,7 @@ class Agent:
             device_id=self.cfg.device_id,
             power=power,
             eligible=elig.eligible,
-            eligibility_reason=tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value),  # type: ignore[arg-type]
+            eligibility_reason=tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value),
             eligibility_detail=elig.detail,
             active_adapter_id=self.active_adapter_id,
             free_storage_bytes=r.free_storage_bytes or 0,
@@ -375,7 +375,7 @@ class Agent:
                 pb.RunningJob(
                     job_id=self.job.job_id,
                     lease_epoch=self.job.lease_epoch,
-                    state=_STATE_PB[self.job.state],  # type: ignore[arg-type]
+                    state=_STATE_PB[self.job.state],
                     progress=self._progress_pb(),
                 )
             )

@@ -32,7 +32,7 @@ def next_poll_after(
     rng: random.Random | None = None,
 ) -> float:
     """Seconds until the device should call again."""
-    rng = rng or random
+    draw = rng.uniform if rng is not None else random.uniform
     base = max(fleet_size, 1) / policy.target_polls_per_s
     if running:
         # A device holding a lease must renew it well before it expires.
@@ -42,4 +42,4 @@ def next_poll_after(
     base = min(max(base, policy.min_interval_s), policy.max_interval_s)
     if running:
         base = min(base, lease_s / 3)
-    return base * (1 + rng.uniform(-policy.jitter, policy.jitter))
+    return base * (1 + draw(-policy.jitter, policy.jitter))

@@ -103,7 +103,7 @@ class FrontendActor:
 
         def ray_verifier(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
             # Runs on an executor thread of this actor; ray.get blocks only that thread.
-            return ray.get(verify.remote(store_url, key, sha256, size))  # type: ignore[no-any-return]
+            return ray.get(verify.remote(store_url, key, sha256, size))
 
         orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
         self.running = await start_server(orch, self.listen)
@@ -151,10 +151,11 @@ def start_orchestrator(
     import ray
 
     cfg = asdict(config)
-    control_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(ControlLoopActor)
+    # Ray's stubs omit max_concurrency, a documented actor option.
+    control_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)(ControlLoopActor)  # type: ignore[call-overload]
     control = control_cls.options(name=CONTROL_ACTOR_NAME, get_if_exists=True).remote(db_url, store_url, cfg)
     control.run.remote()
-    frontend_cls = ray.remote(num_cpus=0, max_restarts=3, max_concurrency=64)(FrontendActor)
+    frontend_cls = ray.remote(num_cpus=0, max_restarts=3, max_concurrency=64)(FrontendActor)  # type: ignore[call-overload]
     host, port = listen.rsplit(":", 1)
     frontends, ports = [], []
     for i in range(replicas):

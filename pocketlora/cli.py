@@ -92,13 +92,13 @@ def _state_name(value: int) -> str:
 
 
 def _parse_states(states: list[str]) -> list[int]:
-    parsed = []
+    parsed: list[int] = []
     for s in states:
         key = "JOB_STATE_" + s.upper().removeprefix("JOB_STATE_")
         if key not in tpb.JobState.keys() or key == "JOB_STATE_UNSPECIFIED":
             names = ", ".join(n.removeprefix("JOB_STATE_") for n in tpb.JobState.keys()[1:])
             raise typer.BadParameter(f"unknown state {s!r}; one of {names}", param_hint="--state")
-        parsed.append(tpb.JobState.Value(key))
+        parsed.append(int(tpb.JobState.Value(key)))
     return parsed
 
 

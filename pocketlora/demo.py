@@ -227,8 +227,8 @@ def _compare(base: Path, store_url: str, blob_key: str, work_dir: Path) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     from agent.runtime import AdapterRuntime
 
     blob = work_dir / "adapter.safetensors"

@@ -54,7 +54,7 @@ def job_state(value: int, field: str = "state") -> JobState:
     """Domain state from the proto enum (UNSPECIFIED is refused)."""
     if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
         raise InvalidArgument(field, f"{value} is not a valid job state")
-    return JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))
+    return JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))  # type: ignore[arg-type]
 
 
 def job_state_pb(state: JobState) -> int:
