@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from adapters_store import download_from_url, upload_to_url
-from adapters_store.errors import StoreError
+from adapters_store.errors import StoreError, TransferError
 from adapters_store.fingerprint import model_fingerprint
 from agent.client import DeviceClient, detect_capabilities
 from agent.gate import Eligibility, Gate
@@ -85,6 +85,8 @@ class Agent:
         self.reading: SensorReading | None = None
         self.runtime: Any = None  # agent.inference.RuntimeHost, started on first use
         self.active_adapter_id = ""
+        # Adapters this device refused (bad base, bad bytes): not fetched again on every heartbeat.
+        self.refused: set[str] = set()
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
@@ -385,7 +387,7 @@ class Agent:
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled or no longer leased to this device", keep_folder=False)
         desired = reply.desired_adapter.adapter_id if reply.HasField("desired_adapter") else ""
-        if desired != self.active_adapter_id and self.cfg.serve_adapters:
+        if desired != self.active_adapter_id and desired not in self.refused and self.cfg.serve_adapters:
             self._switch_adapter(reply.desired_adapter if desired else None)
 
     def _switch_adapter(self, ref: pb.AdapterRef | None) -> None:
@@ -400,7 +402,7 @@ class Agent:
             self._emit("adapter_active", adapter_id="")
             return
         if ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
-            self._emit("adapter_refused", adapter_id=ref.adapter_id, reason="base fingerprint differs from this device's base model")
+            self._refuse(ref.adapter_id, "base fingerprint differs from this device's base model")
             return
         adapters_dir = self.cfg.work_dir / "adapters"
         target = adapters_dir / ref.adapter_id
@@ -415,16 +417,23 @@ class Agent:
             try:
                 download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
                 unpack_adapter(blob, target)
-            except StoreError as exc:
-                self._emit("adapter_refused", adapter_id=ref.adapter_id, reason=str(exc))
+            except TransferError as exc:
+                self._emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried
+                return
+            except StoreError as exc:  # bad bytes or not an adapter: never load it
+                self._refuse(ref.adapter_id, str(exc))
                 return
             finally:
                 blob.unlink(missing_ok=True)
             try:
                 self.runtime.load(ref.adapter_id, target)
             except RuntimeHostError as exc:
-                self._emit("adapter_refused", adapter_id=ref.adapter_id, reason=str(exc))
+                self._refuse(ref.adapter_id, str(exc))
                 return
         self.runtime.activate(ref.adapter_id)
         self.active_adapter_id = ref.adapter_id
         self._emit("adapter_active", adapter_id=ref.adapter_id, name=ref.name, version=ref.version)
+
+    def _refuse(self, adapter_id: str, reason: str) -> None:
+        self.refused.add(adapter_id)
+        self._emit("adapter_refused", adapter_id=adapter_id, reason=reason)
