@@ -64,6 +64,10 @@ class AgentConfig:
 Listener = Callable[[str, dict[str, Any]], None]
 
 
+class EnrollmentError(Exception):
+    """The device cannot enroll (no token, or the orchestrator refused it); one line for the user."""
+
+
 class Agent:
     """Polls the orchestrator, gates on power/thermal state, trains, uploads, hot-swaps adapters."""
 
@@ -105,28 +109,45 @@ class Agent:
         with self._events_lock:
             self._events.append(event)
 
-    def enroll(self) -> None:
-        """Enroll unless a credential is already held."""
-        if self.client.enrolled:
+    def enroll(self, stop: threading.Event | None = None, *, force: bool = False) -> None:
+        """Enroll unless a credential is held; waits out an unreachable orchestrator."""
+        if self.client.enrolled and not force:
             return
         if not self.cfg.enrollment_token:
-            raise RuntimeError("not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)")
+            raise EnrollmentError("not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)")
         budget = self.cfg.memory_budget_mb * 2**20
         caps = detect_capabilities(self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget)
-        self.client.enroll(self.cfg.enrollment_token, caps)
+        delay = 1.0
+        while True:
+            try:
+                self.client.enroll(self.cfg.enrollment_token, caps)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise EnrollmentError(f"enrollment refused by {self.cfg.orchestrator}: {exc.code().name}: {exc.details()}") from None
+                log.warning("orchestrator %s unreachable (%s); retrying in %.0f s", self.cfg.orchestrator, exc.details(), delay)
+                if stop is not None and stop.wait(delay):
+                    return
+                if stop is None:
+                    time.sleep(delay)
+                delay = min(delay * 2, 60.0)
         self._emit("enrolled", device_id=self.cfg.device_id)
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Run until stop is set."""
         stop = stop or threading.Event()
-        self.enroll()
+        self.enroll(stop)
         try:
             while not stop.is_set():
                 try:
                     self.tick()
                 except grpc.RpcError as exc:
                     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise
+                        # The orchestrator no longer knows this credential (e.g. its state was
+                        # reset): enroll again with the token, or stop if there is none.
+                        log.warning("credential refused; enrolling again")
+                        self.enroll(stop, force=True)
+                        continue
                     log.warning("orchestrator call failed: %s %s", exc.code(), exc.details())
                     self.next_heartbeat = time.monotonic() + 2.0
                 except Exception:

@@ -99,7 +99,7 @@ def agent_run(
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
-    from agent.agent import Agent, AgentConfig
+    from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
     from pocketlora.cli import _kv
@@ -123,7 +123,10 @@ def agent_run(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Agent(cfg, source, Gate(policy)).run(stop)
+    try:
+        Agent(cfg, source, Gate(policy)).run(stop)
+    except EnrollmentError as exc:
+        raise UserError(str(exc)) from None
 
 
 @app.command("infer")

@@ -135,3 +135,12 @@ def test_malformed_dataset_names_file_and_line(tmp_path: Path) -> None:
     bad.write_text('{"text": "fine"}\n{"text": \n')
     result = cli("demo", "--dataset", str(bad), env={})
     assert_one_line_error(result, "bad.jsonl", "2")
+
+
+def test_agent_enrollment_problems_are_one_line(server: ServerThread, tmp_path: Path) -> None:
+    from tests.support.tiny_models import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base")
+    args = ["agent", "run", "--device-id", "p9", "--base-model", str(base), "--work-dir", str(tmp_path / "w"), "--orchestrator", server.address, "--sensors", "psutil"]
+    assert_one_line_error(cli(*args, env={}), "no enrollment token")
+    assert_one_line_error(cli(*args, "--enrollment-token", "wrong", env={}), "enrollment refused", "UNAUTHENTICATED")
