@@ -169,7 +169,7 @@ def test_a_device_frozen_past_its_lease_loses_the_job(tmp_path: Path) -> None:
             def requeued() -> bool:
                 srv.orch.reap()  # the control loop's job, driven here so the test needs no Ray
                 job = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job
-                return job.state == tpb.JOB_STATE_QUEUED and job.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
+                return bool(job.state == tpb.JOB_STATE_QUEUED and job.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED)
 
             wait_for(requeued, "the frozen holder's lease to expire and the job to be requeued", every_s=0.25)
             # The device's id and credential in a new process (a restarted agent) get the job back.
@@ -238,7 +238,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"orchestrator exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+                return bool(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING)
             except grpc.RpcError:
                 return False
 
@@ -339,7 +339,7 @@ def _verify(srv: ServeProcess, ledger: Ledger) -> None:
     for job_id, state in ledger.states.items():
         job = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md(), timeout=30).job
         allowed = {state, ledger.in_flight.get(job_id, state)}
-        assert job.state in allowed, f"job {job_id}: acknowledged {tpb.JobState.Name(state)}, found {tpb.JobState.Name(job.state)}"
+        assert job.state in allowed, f"job {job_id}: acknowledged state {state}, found {job.state}"
         if job_id in ledger.epochs:
             assert job.lease_epoch == ledger.epochs[job_id]
     for job_id, adapter_id in ledger.adapters.items():

@@ -150,6 +150,7 @@ def _scalar(fd: FieldDescriptor, world: World) -> st.SearchStrategy[Any]:
     if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         return st.floats(width=64 if t == FieldDescriptor.TYPE_DOUBLE else 32)
     if t == FieldDescriptor.TYPE_ENUM:
+        assert fd.enum_type is not None
         valid = [v.number for v in fd.enum_type.values]
         return st.one_of(st.sampled_from(valid), st.integers(-(2**31), 2**31 - 1))
     lo, hi = _INT_RANGES[t]
