@@ -306,8 +306,9 @@ class Agent:
             if not elig.eligible and not self.pausing:
                 # Gate closed: the child finishes its optimizer step, checkpoints and exits.
                 self.pausing = True
+                requested_at = time.monotonic()
                 self.proc.request_pause()
-                self._emit("pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail)
+                self._emit("pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail, t=requested_at)
             elif time.monotonic() - self.last_progress_report >= self.cfg.progress_every_s:
                 self._report(self.job.state if self.job.state in _STATE_PB else "RUNNING")
             return

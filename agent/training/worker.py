@@ -32,6 +32,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,7 +56,9 @@ class Emitter:
         self.lock = threading.Lock()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, separators=(",", ":"), default=str)
+        # CLOCK_MONOTONIC is system-wide on Linux: the agent can order these events against
+        # its own actions (e.g. how many steps ran after it asked for a pause).
+        line = json.dumps({**event, "t": time.monotonic()}, separators=(",", ":"), default=str)
         with self.lock:
             try:
                 self.stream.write(line + "\n")

@@ -131,14 +131,22 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: S
     thread.join(60)
 
     clock = ManualClock()
-    _, stop, thread, events = run_agent(srv, base, tmp_path / "hot", clock, "hot-phone")
+    agent, stop, thread, events = run_agent(srv, base, tmp_path / "hot", clock, "hot-phone")
     try:
         job_id = submit(srv, "hot-phone")
         wait_for(lambda: any(k == "progress" and d["step"] >= 2 for k, d in events), 120, "two optimizer steps")
-        step_at_crossing = max(d["step"] for k, d in events if k == "progress")
+        proc = agent.proc
+        assert proc is not None
         clock.t = 150  # 50 °C: above the high mark
         paused = wait_for(lambda: [d for k, d in events if k == "paused"], 60, "the pause")
-        assert paused[0]["step"] <= step_at_crossing + 1  # finishes at most the step in flight
+        # The agent asks on the first tick that sees the heat; the worker then finishes at most
+        # the optimizer step in flight (its events carry the system-wide monotonic clock).
+        gate_events = [d for k, d in events if k == "gate"]
+        assert gate_events[-1]["reason"] == "TOO_HOT"
+        asked = next(d for k, d in events if k == "pausing")["t"]
+        steps_after = [e["step"] for e in proc.events if e["event"] == "progress" and e["t"] > asked]
+        assert len(steps_after) <= 1, steps_after
+        assert next(e for e in proc.events if e["event"] == "paused")["step"] == paused[0]["step"]
         wait_for(lambda: job_of(srv, job_id).state == tpb.JOB_STATE_PAUSED, 30, "PAUSED reported")
         assert job_of(srv, job_id).progress.step == paused[0]["step"]
         clock.t = 250  # 42 °C: cooler, but not below the 40 °C low mark (hysteresis)
