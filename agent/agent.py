@@ -9,6 +9,7 @@ One thread, one loop, a tick every `tick_s`:
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -420,8 +421,9 @@ class Agent:
             self.runtime = RuntimeHost(self.cfg.base_model_dir, torch_threads=self.cfg.torch_threads)
         if ref is None:
             self.runtime.activate(None)
-            self.active_adapter_id = ""
+            previous, self.active_adapter_id = self.active_adapter_id, ""
             self._emit("adapter_active", adapter_id="")
+            self._unload(previous)
             return
         if ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
             self._refuse(ref.adapter_id, "base fingerprint differs from this device's base model")
@@ -453,8 +455,21 @@ class Agent:
                 self._refuse(ref.adapter_id, str(exc))
                 return
         self.runtime.activate(ref.adapter_id)
-        self.active_adapter_id = ref.adapter_id
+        previous, self.active_adapter_id = self.active_adapter_id, ref.adapter_id
         self._emit("adapter_active", adapter_id=ref.adapter_id, name=ref.name, version=ref.version)
+        self._unload(previous)
+
+    def _unload(self, adapter_id: str) -> None:
+        """Free the adapter that was active before (requests pinned to it finish first)."""
+        from agent.inference import RuntimeHostError
+
+        if not adapter_id or self.runtime is None:
+            return
+        try:
+            self.runtime.unload(adapter_id)
+        except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
+            log.info("unload of %s: %s", adapter_id, exc)
+        shutil.rmtree(self.cfg.work_dir / "adapters" / adapter_id, ignore_errors=True)
 
     def _refuse(self, adapter_id: str, reason: str) -> None:
         self.refused.add(adapter_id)

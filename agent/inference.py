@@ -55,6 +55,10 @@ class RuntimeHost:
         """Load an adapter (not activated); returns its bytes."""
         return int(self.call("load", name=name, dir=str(adapter_dir))["bytes"])
 
+    def unload(self, name: str) -> None:
+        """Free a resident adapter that is not active."""
+        self.call("unload", name=name)
+
     def activate(self, name: str | None) -> None:
         """Make an adapter (or the base, with None) active for new requests."""
         self.call("activate", name=name)

@@ -125,6 +125,7 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
         assert back.desired_adapter_id == ""
         wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "", 60, "the rollback")
         assert runtime.generate(prompt, max_new_tokens=12)["text"] == plain["text"]
+        assert not runtime.has(adapter.adapter_id)  # the old adapter was unloaded after the swap
         assert agent.runtime is runtime and runtime.proc.pid == runtime_pid
         kinds = [k for k, _ in events]
         assert kinds.index("leased") < kinds.index("uploaded") < kinds.index("completed")
