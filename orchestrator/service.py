@@ -347,7 +347,7 @@ class Orchestrator:
         job.state = new
 
     def report_progress(
-        self, device_id: str, job_id: str, epoch: int, state: JobState, progress: Progress
+        self, device_id: str, job_id: str, epoch: int, state: JobState, progress: Progress, pause_reason: str = ""
     ) -> ProgressResult:
         """Record progress or a RUNNING/PAUSED/UPLOADING change and renew the lease."""
         if state not in (JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING):
@@ -359,7 +359,12 @@ class Orchestrator:
             if job is not None and job.state == JobState.CANCELLED and job.device_id == device_id:
                 return ProgressResult(0.0, cancel_requested=True)
             job = self._own_job(tx, device_id, job_id, epoch)
+            was = job.state
             self._move(job, state, now)
+            if state == JobState.PAUSED and was != JobState.PAUSED:
+                job.status_message = f"paused by the device's gate ({pause_reason or 'reason not given'})"
+            elif state != JobState.PAUSED and was == JobState.PAUSED:
+                job.status_message = ""
             job.progress = progress
             job.lease_expires_at = now + self.config.lease_s
             job.updated_at = now

@@ -176,10 +176,21 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
 
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.monotonic()
+    last_reason, next_device_check = -1, 0.0
     with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("train", total=None, loss="-")
         while final is None:
             _check_agent(agent)
+            if time.monotonic() >= next_device_check:
+                # The device's own view: its gate closes the moment it runs hot, before the
+                # training child has finished its optimizer step and checkpointed.
+                dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
+                if dev.eligibility_reason != last_reason:
+                    reason = tpb.EligibilityReason.Name(dev.eligibility_reason).removeprefix("ELIGIBILITY_REASON_")
+                    colour = "green" if dev.eligible else "yellow"
+                    bar.console.print(f"[{time.monotonic() - t0:6.1f}s] device gate: [{colour}]{reason}[/] ({dev.eligibility_detail})")
+                    last_reason = dev.eligibility_reason
+                next_device_check = time.monotonic() + 1.0
             with lock:
                 batch, updates[:] = list(updates), []
             for j in batch:
@@ -188,8 +199,7 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                 if j.state != last_state:
                     detail = ""
                     if j.state == tpb.JOB_STATE_PAUSED:
-                        dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
-                        detail = f" ({dev.eligibility_detail or 'gate closed'}; checkpoint at step {j.progress.step})"
+                        detail = f" ({j.status_message}; checkpoint at step {j.progress.step})"
                     elif j.state == tpb.JOB_STATE_RUNNING and last_state == tpb.JOB_STATE_PAUSED:
                         detail = " (cooled down: resuming from the checkpoint)"
                     bar.console.print(f"[{time.monotonic() - t0:6.1f}s] job {_state(j.state)}{detail}")

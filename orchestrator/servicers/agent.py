@@ -103,7 +103,13 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         device_id = await self._device(context)
         state = convert.job_state(request.state)
         result = await self._run(
-            self.orch.report_progress, device_id, request.job_id, request.lease_epoch, state, convert.progress(request.progress)
+            self.orch.report_progress,
+            device_id,
+            request.job_id,
+            request.lease_epoch,
+            state,
+            convert.progress(request.progress),
+            convert.reason_name(request.pause_reason),
         )
         return pb.ReportProgressResponse(
             lease_expires_at=convert.ts(result.lease_expires_at),

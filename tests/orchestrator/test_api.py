@@ -68,8 +68,11 @@ def test_full_lifecycle_registers_a_verified_adapter(srv: ServerThread, tmp_path
     a = lease(srv, "phone-1", md)
     assert a is not None and a.job_id == job.job_id and a.attempt == 1 and a.upload_url
     for state in (tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_PAUSED, tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_UPLOADING):
-        srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=state), metadata=md)
-        assert state_of(srv, a.job_id) == state
+        req = apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=state, pause_reason=tpb.ELIGIBILITY_REASON_TOO_HOT)
+        srv.agent.ReportProgress(req, metadata=md)
+        got = srv.operator.GetJob(opb.GetJobRequest(job_id=a.job_id), metadata=op_md()).job
+        assert got.state == state
+        assert ("TOO_HOT" in got.status_message) == (state == tpb.JOB_STATE_PAUSED)
     blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
     upload_to_url(a.upload_url, blob)
     done = srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md)
