@@ -79,6 +79,20 @@ def _client(address: str, token: str) -> OperatorClient:
     return OperatorClient(address, _token(token))
 
 
+def _call(address: str, token: str, method: str, request: Any) -> Any:
+    """One operator RPC on a fresh channel."""
+    with _client(address, token) as c:
+        return c.call(method, request)
+
+
+def _show(reply: Any, as_json: bool, text: str) -> None:
+    """The reply as JSON with --json, else the one-line summary."""
+    if as_json:
+        _print_json(_dump(reply))
+    else:
+        out.print(text)
+
+
 def _dump(msg: Any) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
@@ -228,12 +242,8 @@ def job_get(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", 
 @job_app.command("cancel")
 def job_cancel(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
     """Cancel a job; a training device stops on its next heartbeat."""
-    with _client(address, token) as c:
-        job = c.call("CancelJob", op.CancelJobRequest(job_id=job_id)).job
-    if as_json:
-        _print_json(_dump(job))
-    else:
-        out.print(f"job {job.job_id} is {_state_name(job.state)}")
+    job = _call(address, token, "CancelJob", op.CancelJobRequest(job_id=job_id)).job
+    _show(job, as_json, f"job {job.job_id} is {_state_name(job.state)}")
 
 
 @job_app.command("watch")
@@ -337,36 +347,38 @@ def adapter_get(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Toke
 
 
 @adapter_app.command("activate")
-def adapter_activate(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
-    """Make an adapter the desired one on the device that trained it."""
-    with _client(address, token) as c:
-        reply = c.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter_id))
-    if as_json:
-        _print_json(_dump(reply))
-    else:
-        out.print(f"activated {adapter_id} on {', '.join(reply.device_ids) or 'no device (already desired)'}")
+def adapter_activate(
+    adapter_id: Annotated[str, typer.Argument(help="Activate this adapter on the device that trained it.")] = "",
+    name: Annotated[str, typer.Option("--name", help="Or: each matching device's latest version of this adapter name.")] = "",
+    label: Annotated[list[str], typer.Option("--label", help="With --name: KEY=VALUE the devices must carry (repeatable).")] = [],  # noqa: B006
+    campaign_id: Annotated[str, typer.Option("--campaign-id", help="Or: a canary share of this campaign's devices.")] = "",
+    canary_percent: Annotated[int, typer.Option(min=0, max=100, help="With --campaign-id: the share, 1-100.")] = 0,
+    address: Address = DEFAULT_ADDRESS,
+    token: Token = "",
+    as_json: AsJson = False,
+) -> None:
+    """Make adapters the desired ones: one adapter, a name across a selector, or a canary share."""
+    if sum(map(bool, (adapter_id, name, campaign_id))) != 1:
+        raise typer.BadParameter("give exactly one of ADAPTER_ID, --name or --campaign-id", param_hint="ADAPTER_ID")
+    request = op.ActivateAdapterRequest(adapter_id=adapter_id, adapter_name=name, campaign_id=campaign_id, canary_percent=canary_percent)
+    if name:
+        request.selector.CopyFrom(tpb.DeviceSelector(labels=_kv(label, "--label")))
+    reply = _call(address, token, "ActivateAdapter", request)
+    _show(reply, as_json, f"activated on {len(reply.device_ids)} device(s): {', '.join(reply.device_ids) or 'none changed'}")
 
 
 @adapter_app.command("deactivate")
 def adapter_deactivate(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
     """Send a device back to its base model."""
-    with _client(address, token) as c:
-        reply = c.call("DeactivateAdapter", op.DeactivateAdapterRequest(device_id=device_id))
-    if as_json:
-        _print_json(_dump(reply))
-    else:
-        out.print(f"{device_id} goes back to the base model" if reply.device_ids else f"{device_id} already runs the base model")
+    reply = _call(address, token, "DeactivateAdapter", op.DeactivateAdapterRequest(device_id=device_id))
+    _show(reply, as_json, f"{device_id} goes back to the base model" if reply.device_ids else f"{device_id} already runs the base model")
 
 
 @adapter_app.command("rollback")
 def adapter_rollback(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
     """Make a device's previously desired adapter desired again."""
-    with _client(address, token) as c:
-        reply = c.call("RollbackAdapter", op.RollbackAdapterRequest(device_id=device_id))
-    if as_json:
-        _print_json(_dump(reply))
-    else:
-        out.print(f"{device_id} now wants {reply.desired_adapter_id or 'the base model'}")
+    reply = _call(address, token, "RollbackAdapter", op.RollbackAdapterRequest(device_id=device_id))
+    _show(reply, as_json, f"{device_id} now wants {reply.desired_adapter_id or 'the base model'}")
 
 
 @adapter_app.command("gc")

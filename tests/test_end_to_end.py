@@ -11,7 +11,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,20 +27,12 @@ from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.seaweed import SeaweedServer
 from tests.support.tiny_models import make_tiny_llama
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 OPERATOR, ENROLL = "op-e2e-token", "enroll-e2e-token"
 
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

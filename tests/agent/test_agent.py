@@ -31,6 +31,7 @@ from protos.pocketlora.v1 import operator_service_pb2 as opb
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.orch import ENROLL_TOKEN, ServerThread, op_md
 from tests.support.tiny_models import make_tiny_llama
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,15 +46,6 @@ class ManualClock:
     def __call__(self) -> float:
         return self.t
 
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
