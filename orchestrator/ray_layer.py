@@ -127,17 +127,25 @@ class ControlLoopActor:
         self.interval = self.orch.config.reap_interval_s
         self.reaped = 0
         self.ticks = 0
+        self._stopping: asyncio.Event | None = None
 
     async def run(self) -> None:
-        """Reap expired leases and deadlines forever."""
+        """Reap expired leases and deadlines until stop() is called."""
         loop = asyncio.get_running_loop()
-        while True:
+        self._stopping = self._stopping or asyncio.Event()
+        while not self._stopping.is_set():
             try:
                 self.reaped += await loop.run_in_executor(None, self.orch.reap)
             except Exception:  # keep the loop alive through a passing store error
                 log.exception("reaper tick failed")
             self.ticks += 1
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+
+    async def stop(self) -> None:
+        """End run() after its current tick (so shutdown is not mistaken for a crash to retry)."""
+        self._stopping = self._stopping or asyncio.Event()
+        self._stopping.set()
 
     async def stats(self) -> dict[str, int]:
         """How much the loop has done."""
@@ -176,4 +184,6 @@ def stop_orchestrator(frontends: list[Any], control: Any) -> None:
         with contextlib.suppress(Exception):  # already gone
             ray.get(actor.stop.remote(), timeout=10)
         ray.kill(actor)
+    with contextlib.suppress(Exception):
+        ray.get(control.stop.remote(), timeout=10)
     ray.kill(control, no_restart=True)
