@@ -61,7 +61,7 @@ async def start_server(orch: Orchestrator, listen: str = "127.0.0.1:0", *, threa
         log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
     # SQLite serialises writers, so more threads only queue; PostgreSQL gains from a few.
     is_sqlite = orch.state.url.startswith("sqlite")
-    executor = ThreadPoolExecutor(max_workers=threads or (2 if is_sqlite else 8), thread_name_prefix="orch")
+    executor = ThreadPoolExecutor(max_workers=threads or (16 if is_sqlite else 8), thread_name_prefix="orch")
     server = grpc.aio.server(options=_OPTIONS)
     agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, executor), server)
     operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, executor), server)

@@ -241,3 +241,51 @@ def test_concurrent_claims_never_share_a_job(state_url: str) -> None:
     assert len(claimed) == 40 and len(set(claimed)) == 40
     for s in (*stores, setup):
         s.close()
+
+
+def test_concurrent_transactions_are_durable_on_return_and_fail_alone(state_url: str) -> None:
+    """Many threads write at once (SQLite shares one COMMIT among them): each write is visible to
+    another connection the moment its transaction() returns, and a failing transaction among
+    them rolls back only its own work."""
+    store = open_state(state_url)
+    observer = open_state(state_url, migrate=False)
+    kept: list[str] = []
+    dropped: list[str] = []
+    unseen: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(15):
+            job = _job(device=f"dev-{n}")
+            fail = i % 4 == 3
+            try:
+                with store.transaction() as tx:
+                    tx.insert_job(job)
+                    if fail:
+                        raise RuntimeError("this transaction fails")
+            except RuntimeError:
+                with lock:
+                    dropped.append(job.job_id)
+                continue
+            if i % 5 == 0:  # another connection sees it at once: committed before returning
+                with observer.transaction() as tx:
+                    if tx.get_job(job.job_id) is None:
+                        with lock:
+                            unseen.append(job.job_id)
+            with lock:
+                kept.append(job.job_id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    again = open_state(state_url, migrate=False)
+    with again.transaction() as tx:
+        assert unseen == []
+        assert all(tx.get_job(job_id) is not None for job_id in kept)
+        assert all(tx.get_job(job_id) is None for job_id in dropped)
+        assert len(kept) == 8 * 12 and len(dropped) == 8 * 3
+    again.close()
+    observer.close()

@@ -1,0 +1,100 @@
+"""SQLite group commit: concurrent transactions share COMMITs, yet each returns only once its
+own work is committed, and a COMMIT that fails fails every transaction it covered."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.domain import JobRecord, new_id
+from orchestrator.state.sqlite import SqliteStore
+
+
+def _job() -> JobRecord:
+    now = time.time()
+    return JobRecord(job_id=new_id("job"), device_id="dev-1", training={"adapter_name": "a"}, created_at=now, updated_at=now)
+
+
+def _committed(path: Path, job_id: str) -> bool:
+    """Whether a fresh connection (so: only committed data) sees the job."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_concurrent_writers_share_commits_and_return_committed(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    start = store.commits
+    uncommitted: list[str] = []
+    barrier = threading.Barrier(16)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(10):
+            job = _job()
+            with store.transaction() as tx:
+                tx.insert_job(job)
+            if not _committed(path, job.job_id):
+                uncommitted.append(job.job_id)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert uncommitted == []
+    # 160 transactions; with 16 threads arriving together, batches form.
+    assert store.commits - start < 160
+    store.close()
+
+
+class _FailingCommit:
+    """The connection, except that COMMIT raises once."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.armed = True
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("disk I/O error (simulated)")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def test_a_failed_commit_fails_the_transaction_and_keeps_nothing(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.migrate()
+    real = store._conn
+    store._conn = _FailingCommit(real)  # type: ignore[assignment]
+    job = _job()
+    with pytest.raises(sqlite3.OperationalError, match="simulated"), store.transaction() as tx:
+        tx.insert_job(job)
+    with store.transaction() as tx:  # the store goes on working
+        assert tx.get_job(job.job_id) is None
+        tx.insert_job(_job())
+    assert not real.in_transaction
+    store._conn = real
+    store.close()
+
+
+def test_transactions_do_not_nest(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.migrate()
+    with store.transaction() as tx:
+        tx.insert_job(_job())
+        with pytest.raises(RuntimeError, match="nest"), store.transaction():
+            pass
+    store.close()
