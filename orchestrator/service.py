@@ -152,7 +152,11 @@ class Orchestrator:
             raise Unauthenticated("device id and credential metadata are required")
         with self.state.transaction() as tx:
             device = tx.get_device(device_id)
-        if device is None or not hmac.compare_digest(device.credential_hash, hash_secret(credential)):
+        self._check_credential(device_id, device, credential)
+
+    def _check_credential(self, device_id: str, device: DeviceRecord | None, credential: str) -> None:
+        """Raise Unauthenticated unless the credential matches the device row just read."""
+        if not credential or device is None or not hmac.compare_digest(device.credential_hash, hash_secret(credential)):
             raise Unauthenticated(f"unknown device or wrong credential for {device_id!r}")
         self._remember_credential(device_id, device.credential_hash)
 
@@ -227,23 +231,29 @@ class Orchestrator:
             )
         return job
 
-    def heartbeat(self, device_id: str, hb: HeartbeatInput) -> HeartbeatResult:
+    def heartbeat(self, device_id: str, hb: HeartbeatInput, *, credential: str | None = None) -> HeartbeatResult:
         """Record the device's state, renew its job's lease, tell it what to stop and activate.
+
+        With `credential`, the caller is authenticated against the device row this call reads
+        anyway (Unauthenticated on a mismatch): one transaction instead of two when the
+        credential cache cannot vouch for it.
 
         Locks are taken job first, then device, as in every use case that locks both (lease,
         complete, fail), so two replicas can never deadlock on them. The device row is written
         only when something changed or last_seen is older than config.last_seen_write_s: a
         steady poll is a read-only transaction.
         """
-        if hb.running_job_id:
-            validation.object_id(hb.running_job_id, "running.job_id")
-        validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
-        detail = validation.device_text(hb.eligibility_detail, 200)
         now = self.clock()
         cancel: list[str] = []
         lease_expires_at = 0.0
         with self.state.transaction() as tx:
             device = tx.get_device(device_id)
+            if credential is not None:  # before validating: a stranger learns nothing
+                self._check_credential(device_id, device, credential)
+            if hb.running_job_id:
+                validation.object_id(hb.running_job_id, "running.job_id")
+            validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
+            detail = validation.device_text(hb.eligibility_detail, 200)
             if device is None:
                 raise NotFound(f"device {device_id} is not enrolled")
             if hb.running_job_id:
@@ -283,13 +293,18 @@ class Orchestrator:
         )
         return HeartbeatResult(cancel, desired, lease_expires_at, next_s)
 
-    def lease(self, device_id: str) -> LeaseResult:
-        """Hand the device its oldest due job that fits it, under a new lease epoch."""
+    def lease(self, device_id: str, *, credential: str | None = None) -> LeaseResult:
+        """Hand the device its oldest due job that fits it, under a new lease epoch.
+
+        `credential` authenticates the caller against the device row read here, as in heartbeat.
+        """
         now = self.clock()
         with self.state.transaction() as tx:
             # Read without a lock: placement only needs the capabilities, and a poll that finds
             # nothing stays a read-only transaction (no row lock, no commit record to flush).
             device = tx.get_device(device_id)
+            if credential is not None:
+                self._check_credential(device_id, device, credential)
             if device is None:
                 raise NotFound(f"device {device_id} is not enrolled")
             chosen: JobRecord | None = None
