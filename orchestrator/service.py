@@ -538,6 +538,7 @@ class Orchestrator:
         self, device_id: str, training: dict[str, Any], max_attempts: int, deadline: float, now: float, **kw: str
     ) -> JobRecord:
         job = JobRecord(job_id=new_id("job"), device_id=device_id, training=training, created_at=now, updated_at=now, deadline=deadline, **kw)  # type: ignore[arg-type]
+        job.memory_estimate_bytes = self.config.base_model_min_bytes.get(str(training.get("base_model_id", "")), 0)
         if max_attempts:
             job.max_attempts = max_attempts
         return job
