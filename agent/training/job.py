@@ -120,7 +120,11 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     emit({"event": "plan", **plan.to_dict()})
 
     loaded = load_for_training(
-        spec, checkpointing=plan.checkpointing, quantize=quantize, tokenizer=tokenizer
+        spec,
+        checkpointing=plan.checkpointing,
+        quantize=quantize,
+        tokenizer=tokenizer,
+        cache_dir=job_dir / "cache",
     )
     total = spec.max_steps or spec.epochs * steps_per_epoch(len(examples), spec.effective_batch)
     cfg = LoopConfig(

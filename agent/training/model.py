@@ -15,6 +15,7 @@ import torch
 
 from agent.training.arch import arch_name, read_config, resolve_targets
 from agent.training.errors import IncompatibleBase, Unsupported4Bit
+from agent.training.quantized import trim_heap
 from agent.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,52 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
+def _load_nf4(
+    spec: TrainingSpec, compute: torch.dtype, cache_dir: str | Path | None, notes: list[str]
+) -> Any:
+    """Load the base in NF4: from its pre-quantized copy when one can be made, else on the fly."""
+    from transformers import AutoModelForCausalLM
+
+    from agent.training.quantized import QuantizedCopyUnsupported, bnb_config, ensure_nf4_copy
+
+    try:
+        copy = ensure_nf4_copy(
+            spec.base_model_dir,
+            double_quant=spec.double_quant,
+            compute_dtype=compute,
+            fallback_dir=cache_dir,
+        )
+    except QuantizedCopyUnsupported as exc:
+        log.warning("quantizing while loading (higher peak memory): %s", exc)
+        notes.append(f"NF4 quantized while loading: {exc}")
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.base_model_dir,
+            dtype=torch.float32,
+            quantization_config=bnb_config(spec.double_quant, compute),
+        )
+        _own_unquantized_params(model)
+    else:
+        # The copy holds exactly the tensors training reads (4-bit linears, fp32 rest): its
+        # memory map is the model's memory, with no fp32 checkpoint behind it to page in.
+        model = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32)
+    n = disable_bnb_cpu_repack(model)
+    notes.append(f"NF4 on {n} linear layers, CPU repack disabled")
+    return model
+
+
 def load_for_training(
-    spec: TrainingSpec, *, checkpointing: bool, quantize: bool | None = None, tokenizer: Any = None
+    spec: TrainingSpec,
+    *,
+    checkpointing: bool,
+    quantize: bool | None = None,
+    tokenizer: Any = None,
+    cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load the base (NF4 or fp32), freeze it, wrap it in LoRA and return it in train mode.
 
     quantize=None decides from the spec (probing bitsandbytes, falling back or failing).
+    NF4 loads from a pre-quantized copy kept next to the base (agent.training.quantized), or in
+    cache_dir when the base folder is read-only.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -127,21 +168,11 @@ def load_for_training(
         quantize, reason = decide_quantization(spec)
         if reason:
             notes.append(reason)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    model: Any = None
     if quantize:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=spec.double_quant,
-            bnb_4bit_compute_dtype=compute,
-        )
-    model: Any = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if quantize:
-        n = disable_bnb_cpu_repack(model)
-        _own_unquantized_params(model)
-        notes.append(f"NF4 on {n} linear layers, CPU repack disabled")
+        model = _load_nf4(spec, compute, cache_dir, notes)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -175,6 +206,7 @@ def load_for_training(
             raise IncompatibleBase(f"{arch_name(config)} has no modules {targets}: {exc}") from exc
         raise
     model.train()
+    trim_heap()  # hand the loader's freed scratch back before training allocates
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
