@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from agent.training.checkpoint import (
@@ -33,6 +32,7 @@ from agent.training.checkpoint import (
     save_checkpoint,
 )
 from agent.training.datasets import IGNORE_INDEX, Example
+from agent.training.loss import causal_lm_loss_sum
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
@@ -52,6 +52,9 @@ class LoopConfig:
     pad_id: int
     offload_optimizer: bool = False
     bf16_autocast: bool = False
+    # Output layer and loss over a few tokens at a time (agent.training.loss): same loss and
+    # gradients without the micro_batch x seq x vocab logits.
+    chunked_loss: bool = True
 
 
 def steps_per_epoch(n_examples: int, effective_batch: int) -> int:
@@ -223,22 +226,17 @@ def _accumulate(
     for start in range(0, len(chosen), cfg.micro_batch):
         ids, mask, labels = collate(chosen[start : start + cfg.micro_batch], cfg.pad_id)
         tokens += int(mask.sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            logits = model(input_ids=ids, attention_mask=mask).logits
         # Shift the labels rather than the logits: slicing the logits would copy the largest
         # tensor of the step (micro_batch x seq x vocab floats).
         shifted = torch.full_like(labels, IGNORE_INDEX)
         shifted[:, :-1] = labels[:, 1:]
         loss = (
-            F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),
-                shifted.view(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
+            causal_lm_loss_sum(
+                model, ids, mask, shifted, bf16_autocast=cfg.bf16_autocast, chunked=cfg.chunked_loss
             )
             / denom
         )
         loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
-        del logits, loss
+        del loss
     return total, tokens
