@@ -11,9 +11,12 @@ The estimate is the larger of the load peak and the training peak (bytes of resi
                  live on disk when the optimizer is offloaded)
     activations  per token per layer ~ a*hidden + b*intermediate floats kept for backward;
                  with checkpointing, only each layer's input plus one layer being recomputed
-    logits       micro_batch x seq x vocab floats, alive several times (logits, log-softmax,
-                 their grads)
-    load peak    NF4 only: quantizing pages in the whole fp32 checkpoint next to its 4-bit copy
+    logits       chunk x vocab floats, alive several times (logits, log-softmax, their grads);
+                 the chunk is min(micro_batch x seq, agent.training.arch.chunk_tokens) where the
+                 chunked loss applies, else every token of the micro-batch
+    load peak    NF4 only: the base is quantized tensor by tensor into a cached copy
+                 (agent.training.quantized), then memory-mapped: about the runtime plus the
+                 4-bit weights, below the training peak
 The coefficients were fitted to peak RSS measured on SmolLM2-135M and the tiny test models
 (benchmarks/training_memory.py checks the estimate against a fresh measurement).
 """
@@ -26,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store.fingerprint import read_safetensors_header
-from agent.training.arch import ArchInfo, arch_info, read_config, resolve_targets
+from agent.training.arch import (
+    ArchInfo,
+    arch_info,
+    chunk_tokens,
+    read_config,
+    resolve_targets,
+    supports_chunked_loss,
+)
 from agent.training.errors import DoesNotFit, IncompatibleBase
 from agent.training.spec import TrainingSpec
 
@@ -37,8 +47,9 @@ IMPORT_BYTES = 390 * MB
 # ... plus tokenizer, model skeleton, peft wrapping and allocator arenas, before any weight
 # (421 MiB with the tiny test models, 458 MiB with SmolLM2 and its 3.5 MB tokenizer).
 RUNTIME_BYTES = 440 * MB
-# NF4 training keeps loader leftovers and dequantization scratch on top of the 4-bit weights,
-# in proportion to the checkpoint it quantized (80 MiB for SmolLM2's 513 MiB).
+# NF4 training keeps dequantization scratch on top of the 4-bit weights (bitsandbytes
+# dequantizes every linear in every forward and backward; glibc keeps the freed heap), in
+# proportion to the checkpoint (80 MiB for SmolLM2's 513 MiB; it varies +-50 MiB run to run).
 NF4_EXTRA_PER_FILE_BYTE = 0.15
 # Floats kept for backward per token per decoder layer, per unit of hidden / intermediate width
 # (fitted: 13*576 + 4*1536 floats = 53 KiB per token per layer on SmolLM2).
@@ -158,7 +169,10 @@ def estimate_peak_bytes(
     else:
         weights = (stats.linear_params + stats.other_params) * 4
     lora = stats.lora_params * 4 * (2 if offload_optimizer else 4)
-    logits = micro_batch * seq * arch.vocab * 4 * LOGIT_COPIES
+    tokens = micro_batch * seq
+    if supports_chunked_loss(config):
+        tokens = min(tokens, chunk_tokens(arch.vocab))
+    logits = tokens * arch.vocab * 4 * LOGIT_COPIES
     train_peak = (
         RUNTIME_BYTES
         + (NF4_EXTRA_PER_FILE_BYTE * stats.file_bytes if nf4 else 0)
@@ -167,9 +181,10 @@ def estimate_peak_bytes(
         + logits
         + _activation_bytes(arch, micro_batch, seq, checkpointing, nf4)
     )
-    # Quantizing reads the whole fp32 checkpoint through a memory map, next to the 4-bit copy
-    # and the owned copies of the unquantized tensors being made.
-    load_peak = IMPORT_BYTES + weights + stats.file_bytes + stats.other_params * 2 if nf4 else 0
+    # Writing the NF4 copy holds the 4-bit tensors (the fp32 ones stream through); loading it
+    # maps the copy. (When no copy can be written, from_pretrained quantizes while loading and
+    # peaks near IMPORT_BYTES + file_bytes + weights: agent.training.model warns about it.)
+    load_peak = IMPORT_BYTES + weights if nf4 else 0
     return int(max(train_peak, load_peak))
 
 
