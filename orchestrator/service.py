@@ -279,13 +279,17 @@ class Orchestrator:
             storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")
             changed = storage or any(getattr(device, k) != v for k, v in fields.items())
             if changed or now - device.last_seen >= self.config.last_seen_write_s:
-                device = tx.get_device(device_id, for_update=True) or device
-                for key, value in fields.items():
+                # Only the fields this report owns are written, so no lock or re-read is needed
+                # (an activation or re-enroll writing other fields at once keeps its update).
+                values = {k: v for k, v in fields.items() if getattr(device, k) != v}
+                values["last_seen"] = now
+                if storage:
+                    # capabilities is shared with enroll: read-modify-write it under the lock.
+                    device = tx.get_device(device_id, for_update=True) or device
+                    values["capabilities"] = {**device.capabilities, "free_storage_bytes": hb.free_storage_bytes}
+                tx.update_device(device_id, values)
+                for key, value in values.items():
                     setattr(device, key, value)
-                device.last_seen = now
-                if hb.free_storage_bytes:
-                    device.capabilities["free_storage_bytes"] = hb.free_storage_bytes
-                tx.upsert_device(device)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
             fleet = self._fleet(tx)
         next_s = next_poll_after(
@@ -328,12 +332,12 @@ class Orchestrator:
                 chosen.updated_at = now
                 tx.save_job(chosen)
             if chosen is not None or now - device.last_seen >= self.config.last_seen_write_s:
-                # Job row first, device row second: the lock order of every use case.
-                device = tx.get_device(device_id, for_update=True) or device
-                device.last_seen = now
+                # Job row first, device row second: the lock order of every use case. Only the
+                # two fields are written, so no re-read under a lock is needed.
+                values: dict[str, Any] = {"last_seen": now}
                 if chosen is not None:
-                    device.running_job_id = chosen.job_id
-                tx.upsert_device(device)
+                    values["running_job_id"] = chosen.job_id
+                tx.update_device(device_id, values)
             fleet = self._fleet(tx)
         upload_url, upload_exp, dataset_url = "", 0.0, ""
         if chosen is not None:

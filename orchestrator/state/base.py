@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from typing import Any
 
 from orchestrator.domain import (
     AdapterRecord,
@@ -97,6 +98,15 @@ class Tx(abc.ABC):
         """Insert many new devices at once (bulk enrollment, seeding); AlreadyExists on a taken id."""
         for device in devices:
             self.upsert_device(device)
+
+    @abc.abstractmethod
+    def update_device(self, device_id: str, values: dict[str, Any]) -> bool:
+        """Set only the named fields of a device (values as DeviceRecord holds them); False when
+        there is no such device.
+
+        No lock is needed first: the fields not named are left as they are, so a concurrent
+        writer of other fields (an activation, a re-enroll) never loses its update.
+        """
 
     @abc.abstractmethod
     def get_device(self, device_id: str, *, for_update: bool = False) -> DeviceRecord | None:

@@ -250,6 +250,19 @@ class SqlTx(Tx):
         if self.cur.rowcount == 0:  # one statement for the common case, an existing device
             self._insert("devices", _device_to_row(device), f"device {device.device_id}")
 
+    def update_device(self, device_id: str, values: dict[str, Any]) -> bool:
+        unknown = set(values) - set(_DEVICE_FIELDS) | ({"device_id"} & set(values))
+        if unknown:
+            raise ValueError(f"cannot update device fields {sorted(unknown)}")
+        if not values:
+            return bool(self._q("SELECT 1 AS one FROM devices WHERE device_id = ?", [device_id]))
+        row = {k: json.dumps(v, sort_keys=True) if k in _JSON_DEVICE else v for k, v in values.items()}
+        if "eligible" in row:
+            row["eligible"] = int(row["eligible"])
+        sets = ", ".join(f"{c} = ?" for c in row)
+        self._q(f"UPDATE devices SET {sets} WHERE device_id = ?", [*row.values(), device_id])
+        return bool(self.cur.rowcount)
+
     def insert_devices(self, devices: list[DeviceRecord]) -> None:
         if not devices:
             return

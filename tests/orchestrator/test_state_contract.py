@@ -141,6 +141,22 @@ def test_devices(state: StateStore) -> None:
         assert by_reason == {"ELIGIBLE": 1, "TOO_HOT": 4} and total == 5 and online == 2
 
 
+def test_update_device_writes_only_the_named_fields(state: StateStore) -> None:
+    with state.transaction() as tx:
+        tx.upsert_device(DeviceRecord("d1", "h", {"ram_bytes": 1}, {"k": "v"}, desired_adapter_id="ad-1"))
+    with state.transaction() as tx:
+        assert tx.update_device("d1", {"last_seen": 5.0, "eligible": True, "power": {"battery": 80}, "running_job_id": "job-1"})
+        assert not tx.update_device("nope", {"last_seen": 5.0})
+        assert tx.update_device("d1", {}) and not tx.update_device("nope", {})
+        with pytest.raises(ValueError, match="no_such_field"):
+            tx.update_device("d1", {"no_such_field": 1})
+    with state.transaction() as tx:
+        d = tx.get_device("d1")
+        assert d is not None
+        assert (d.last_seen, d.eligible, d.power, d.running_job_id) == (5.0, True, {"battery": 80}, "job-1")
+        assert (d.credential_hash, d.capabilities, d.labels, d.desired_adapter_id) == ("h", {"ram_bytes": 1}, {"k": "v"}, "ad-1")
+
+
 def test_bulk_inserts(state: StateStore) -> None:
     jobs = [_job(f"d{i % 3}") for i in range(50)]
     with state.transaction() as tx:
