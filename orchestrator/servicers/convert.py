@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from google.protobuf import json_format
@@ -50,11 +51,22 @@ def duration(seconds: float) -> Duration:
     return out
 
 
+# Enum lookups built once: EnumTypeWrapper.values() builds a new list on every call, and these
+# run on every poll.
+_JOB_STATES: dict[int, JobState] = {
+    number: JobState(name.removeprefix("JOB_STATE_"))
+    for name, number in pb.JobState.items()
+    if number != pb.JOB_STATE_UNSPECIFIED
+}
+_REASONS: dict[int, str] = {number: name.removeprefix("ELIGIBILITY_REASON_") for name, number in pb.EligibilityReason.items() if number}
+
+
 def job_state(value: int, field: str = "state") -> JobState:
     """Domain state from the proto enum (UNSPECIFIED is refused)."""
-    if value == pb.JOB_STATE_UNSPECIFIED or value not in pb.JobState.values():
+    state = _JOB_STATES.get(value)
+    if state is None:
         raise InvalidArgument(field, f"{value} is not a valid job state")
-    return JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))  # type: ignore[arg-type]
+    return state
 
 
 def job_state_pb(state: JobState) -> int:
@@ -67,9 +79,24 @@ def training_dict(spec: pb.TrainingSpec) -> dict[str, Any]:
     return json_format.MessageToDict(spec, preserving_proto_field_name=True)
 
 
+# Stored spec (canonical JSON) -> serialized TrainingSpec. json_format.ParseDict walks the
+# descriptors in Python on every call and was the costliest step of building a lease reply;
+# jobs of one campaign share their spec, so most leases hit this cache.
+_TRAINING_CACHE: dict[str, bytes] = {}
+_TRAINING_CACHE_MAX = 4096
+
+
 def training_pb(spec: dict[str, Any]) -> pb.TrainingSpec:
     """The stored dict back as a TrainingSpec."""
-    return json_format.ParseDict(spec, pb.TrainingSpec(), ignore_unknown_fields=True)
+    key = json.dumps(spec, sort_keys=True)
+    data = _TRAINING_CACHE.get(key)
+    if data is not None:
+        return pb.TrainingSpec.FromString(data)
+    message = json_format.ParseDict(spec, pb.TrainingSpec(), ignore_unknown_fields=True)
+    if len(_TRAINING_CACHE) >= _TRAINING_CACHE_MAX:
+        _TRAINING_CACHE.clear()
+    _TRAINING_CACHE[key] = message.SerializeToString()
+    return message
 
 
 def progress(p: pb.JobProgress) -> Progress:
@@ -138,9 +165,7 @@ def power_dict(power: pb.PowerState) -> dict[str, Any]:
 
 def reason_name(value: int) -> str:
     """EligibilityReason name without the prefix ("" for unspecified or unknown values)."""
-    if value not in pb.EligibilityReason.values() or value == 0:
-        return ""
-    return pb.EligibilityReason.Name(value).removeprefix("ELIGIBILITY_REASON_")  # type: ignore[arg-type]
+    return _REASONS.get(value, "")
 
 
 def device_pb(device: DeviceRecord) -> pb.Device:
