@@ -312,16 +312,26 @@ class Orchestrator:
             if device is None:
                 raise NotFound(f"device {device_id} is not enrolled")
             chosen: JobRecord | None = None
-            for job in tx.claimable_jobs(device_id, now, limit=8):
-                problem = placement_problem(job, device)
-                if problem:
-                    if job.status_message != problem:
-                        job.status_message = problem
-                        job.updated_at = now
-                        tx.save_job(job)
-                    continue
-                chosen = job
-                break
+            seen: set[str] = set()
+            # The oldest job almost always fits: fetch (and, on PostgreSQL, lock) just that one,
+            # and look further, up to 8 jobs, only when it does not.
+            for limit in (1, 8):
+                batch = tx.claimable_jobs(device_id, now, limit=limit)
+                for job in batch:
+                    if job.job_id in seen:
+                        continue
+                    seen.add(job.job_id)
+                    problem = placement_problem(job, device)
+                    if problem:
+                        if job.status_message != problem:
+                            job.status_message = problem
+                            job.updated_at = now
+                            tx.save_job(job)
+                        continue
+                    chosen = job
+                    break
+                if chosen is not None or len(batch) < limit:
+                    break
             if chosen is not None:
                 chosen.state = JobState.LEASED
                 chosen.attempt += 1

@@ -358,3 +358,15 @@ def test_a_job_too_big_for_the_device_waits_and_says_why(srv: ServerThread) -> N
     big = enroll(srv, "big-phone", base_model_id="SmolLM2-135M-Instruct", ram_bytes=8 * 2**30)
     srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="big-phone", training=spec), metadata=op_md())
     assert lease(srv, "big-phone", big) is not None
+
+
+def test_lease_skips_an_oldest_job_that_does_not_fit_for_the_next_that_does(srv: ServerThread) -> None:
+    md = enroll(srv, "skip-phone", supports_4bit=False)
+    strict = tpb.TrainingSpec(adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL)
+    loose = tpb.TrainingSpec(adapter_name="b", base_model_id="tiny", dataset="d")
+    first = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="skip-phone", training=strict), metadata=op_md()).job
+    second = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="skip-phone", training=loose), metadata=op_md()).job
+    got = lease(srv, "skip-phone", md)
+    assert got is not None and got.job_id == second.job_id
+    waiting = srv.operator.GetJob(opb.GetJobRequest(job_id=first.job_id), metadata=op_md()).job
+    assert waiting.state == tpb.JOB_STATE_QUEUED and "4-bit" in waiting.status_message
