@@ -14,6 +14,9 @@ process of its own, both on this machine:
     postgres_rps     the same over PostgreSQL (a server this benchmark starts, fsync on)
     *_ratio          *_rps / ceiling_rps
     *_p99_ms         99th percentile latency of those calls
+    *_server_ms      server-process CPU milliseconds per call (all threads, from /proc; warm-up
+                     included): steadier than calls/s on a shared machine, and it says how much of
+                     the 2 cores the server needs per call next to the bare gRPC server's share
 
 Each poller picks a random device and calls Heartbeat then LeaseJob as that device (so half the
 calls write a lease). Every value is the median of --runs measurement windows. Prints a table,
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import sys
@@ -72,8 +76,9 @@ asyncio.run(main())
 """
 
 
-async def load(address: str, devices: int, seconds: float, warmup: float) -> tuple[float, list[float], int]:
-    """64 pollers for warmup+seconds; returns (calls/s in the window, latencies in ms, errors)."""
+async def load(address: str, devices: int, seconds: float, warmup: float) -> tuple[float, list[float], int, int]:
+    """64 pollers for warmup+seconds; returns (calls/s in the window, latencies in ms, errors,
+    calls made in all, warm-up included)."""
     import grpc
 
     from protos.pocketlora.v1 import agent_service_pb2 as apb
@@ -86,9 +91,10 @@ async def load(address: str, devices: int, seconds: float, warmup: float) -> tup
     window = (start + warmup, start + warmup + seconds)
     latencies: list[float] = []
     errors = 0
+    total = 0
 
     async def poller(seed_: int) -> None:
-        nonlocal errors
+        nonlocal errors, total
         rng = random.Random(seed_)
         while True:
             i = rng.randrange(devices)
@@ -105,26 +111,41 @@ async def load(address: str, devices: int, seconds: float, warmup: float) -> tup
                 except grpc.aio.AioRpcError:
                     errors += 1
                 t1 = loop.time()
+                total += 1
                 if window[0] <= t0 and t1 <= window[1]:
                     latencies.append((t1 - t0) * 1000)
 
     await asyncio.gather(*(poller(n) for n in range(POLLERS)))
     await channel.close()
-    return len(latencies) / seconds, latencies, errors
+    return len(latencies) / seconds, latencies, errors, total
 
 
-def measure(address: str, devices: int, runs: int, seconds: float) -> tuple[float, float, int]:
-    """Median calls/s and median p99 (ms) over `runs` windows, and the total error count."""
-    rates, tails, errors = [], [], 0
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of a process so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(address: str, devices: int, runs: int, seconds: float, pid: int = 0) -> tuple[float, float, int, float | None]:
+    """Median calls/s and median p99 (ms) over `runs` windows, the total error count, and the
+    server's CPU ms per call over all windows (None without a pid or /proc)."""
+    rates, tails, errors, calls = [], [], 0, 0
+    cpu0 = process_cpu_s(pid) if pid else None
     for _ in range(runs):
-        rate, latencies, errs = asyncio.run(load(address, devices, seconds, warmup=min(1.0, seconds / 3)))
+        rate, latencies, errs, total = asyncio.run(load(address, devices, seconds, warmup=min(1.0, seconds / 3)))
         rates.append(rate)
         tails.append(p99(latencies))
         errors += errs
-    return median(rates), median(tails), errors
+        calls += total
+    cpu1 = process_cpu_s(pid) if pid else None
+    cpu_ms = (cpu1 - cpu0) * 1000 / calls if cpu0 is not None and cpu1 is not None and calls else None
+    return median(rates), median(tails), errors, cpu_ms
 
 
-def run_ceiling(tmp: Path, runs: int, seconds: float) -> tuple[float, float]:
+def run_ceiling(tmp: Path, runs: int, seconds: float) -> tuple[float, float, float | None]:
     import subprocess
 
     script = tmp / "echo_server.py"
@@ -133,23 +154,25 @@ def run_ceiling(tmp: Path, runs: int, seconds: float) -> tuple[float, float]:
     assert proc.stdout is not None
     address = proc.stdout.readline().strip().removeprefix("serving ")
     try:
-        rate, tail, _ = measure(address, 1000, runs, seconds)
+        rate, tail, _, cpu_ms = measure(address, 1000, runs, seconds, proc.pid)
     finally:
         stop_process(proc)
-    return rate, tail
+    return rate, tail, cpu_ms
 
 
-def run_orchestrator(db_url: str, tmp: Path, devices: int, jobs: int, runs: int, seconds: float, label: str) -> tuple[float, float]:
+def run_orchestrator(
+    db_url: str, tmp: Path, devices: int, jobs: int, runs: int, seconds: float, label: str
+) -> tuple[float, float, float | None]:
     seeded = seed(db_url, devices, jobs)
     print(f"  {label}: seeded {devices:,} devices and {jobs:,} jobs in {seeded:.1f} s", file=sys.stderr)
     proc, address = start_server_process(db_url, tmp)
     try:
-        rate, tail, errors = measure(address, devices, runs, seconds)
+        rate, tail, errors, cpu_ms = measure(address, devices, runs, seconds, proc.pid)
     finally:
         stop_process(proc)
     if errors:
         raise RuntimeError(f"{label}: {errors} calls failed")
-    return rate, tail
+    return rate, tail, cpu_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,22 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, float | int | str | None] = {"devices": devices, "jobs": jobs, "pollers": POLLERS, "runs": runs, "window_s": seconds}
     t_start = time.perf_counter()
     try:
-        result["ceiling_rps"], result["ceiling_p99_ms"] = run_ceiling(tmp, runs, seconds)
+        result["ceiling_rps"], result["ceiling_p99_ms"], result["ceiling_server_ms"] = run_ceiling(tmp, runs, seconds)
         # SQLite as shipped (synchronous=FULL: an acknowledged commit survives power loss), then
         # with synchronous=NORMAL (WAL: survives kill -9, the last commits may go with power).
-        result["sqlite_rps"], result["sqlite_p99_ms"] = run_orchestrator(
+        result["sqlite_rps"], result["sqlite_p99_ms"], result["sqlite_server_ms"] = run_orchestrator(
             f"sqlite:///{tmp / 'state.db'}", tmp, devices, jobs, runs, seconds, "sqlite"
         )
-        result["sqlite_normal_rps"], result["sqlite_normal_p99_ms"] = run_orchestrator(
+        result["sqlite_normal_rps"], result["sqlite_normal_p99_ms"], result["sqlite_normal_server_ms"] = run_orchestrator(
             f"sqlite:///{tmp / 'state-normal.db'}?synchronous=NORMAL", tmp, devices, jobs, runs, seconds, "sqlite_normal"
         )
         if args.no_postgres:
-            result["postgres_rps"] = result["postgres_p99_ms"] = None
+            result["postgres_rps"] = result["postgres_p99_ms"] = result["postgres_server_ms"] = None
         else:
             from tests.support.postgres import PostgresServer
 
             with PostgresServer() as pg:
-                result["postgres_rps"], result["postgres_p99_ms"] = run_orchestrator(
+                result["postgres_rps"], result["postgres_p99_ms"], result["postgres_server_ms"] = run_orchestrator(
                     pg.create_database(), tmp, devices, jobs, runs, seconds, "postgres"
                 )
     finally:
@@ -196,19 +219,22 @@ def main(argv: list[str] | None = None) -> int:
         result[f"{name}_ratio"] = round(float(rps) / ceiling, 3) if rps is not None else None
     for key, value in list(result.items()):
         if isinstance(value, float):
-            result[key] = round(value, 1) if key.endswith("rps") else round(value, 2) if key.endswith("ms") else value
+            result[key] = round(value, 1) if key.endswith("rps") else round(value, 3) if key.endswith("server_ms") else round(value, 2) if key.endswith("ms") else value
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
     print(f"poll throughput: {devices:,} devices, {jobs:,} queued jobs, {POLLERS} pollers, median of {runs} x {seconds:g} s")
-    print(f"{'target':<14}{'calls/s':>10}{'ratio':>8}{'p99 ms':>9}")
-    print(f"{'ceiling':<14}{result['ceiling_rps']:>10}{1.0:>8}{result['ceiling_p99_ms']:>9}")
+    print(f"{'target':<14}{'calls/s':>10}{'ratio':>8}{'p99 ms':>9}{'server CPU ms/call':>20}")
+    print(f"{'ceiling':<14}{result['ceiling_rps']:>10}{1.0:>8}{result['ceiling_p99_ms']:>9}{result['ceiling_server_ms']!s:>20}")
     for name in TARGETS:
         if result.get(f"{name}_rps") is not None:
-            print(f"{name:<14}{result[f'{name}_rps']:>10}{result[f'{name}_ratio']:>8}{result[f'{name}_p99_ms']:>9}")
+            print(
+                f"{name:<14}{result[f'{name}_rps']:>10}{result[f'{name}_ratio']:>8}{result[f'{name}_p99_ms']:>9}"
+                f"{result[f'{name}_server_ms']!s:>20}"
+            )
     for key, (op, goal) in GOALS.items():
         value = result.get(key)
         if value is not None:
-            ok = value >= goal if op == ">=" else value <= goal
+            ok = float(value) >= goal if op == ">=" else float(value) <= goal
             print(f"  goal {key} {op} {goal}: {value} {'met' if ok else 'NOT met'}")
     print(json.dumps(result))
     return 0
