@@ -180,6 +180,7 @@ class Agent:
         elig = self.gate.evaluate(self.reading)
         if self.eligibility is None or elig.reason != self.eligibility.reason:
             self._emit("gate", eligible=elig.eligible, reason=elig.reason.value, detail=elig.detail)
+            self.next_heartbeat = 0.0  # tell the orchestrator now, not at the next paced poll
         self.eligibility = elig
         self._drain_events()
         if self.job is not None:

@@ -181,7 +181,10 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
         task = bar.add_task("train", total=None, loss="-")
         while final is None:
             _check_agent(agent)
-            if time.monotonic() >= next_device_check:
+            with lock:
+                batch, updates[:] = list(updates), []
+            state_changed = any(j.job_id == job_id and j.state != last_state for j in batch)
+            if time.monotonic() >= next_device_check or state_changed:
                 # The device's own view: its gate closes the moment it runs hot, before the
                 # training child has finished its optimizer step and checkpointed.
                 dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
@@ -191,8 +194,6 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                     bar.console.print(f"[{time.monotonic() - t0:6.1f}s] device gate: [{colour}]{reason}[/] ({dev.eligibility_detail})")
                     last_reason = dev.eligibility_reason
                 next_device_check = time.monotonic() + 1.0
-            with lock:
-                batch, updates[:] = list(updates), []
             for j in batch:
                 if j.job_id != job_id:
                     continue
