@@ -100,9 +100,16 @@ def job_of(srv: ServerThread, job_id: str) -> Any:
     return srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job
 
 
-def submit(srv: ServerThread, device: str) -> str:
+def submit(srv: ServerThread, device: str, spec: tpb.TrainingSpec = SPEC) -> str:
     wait_for(lambda: any(d.device_id == device for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 30, "enrollment")
-    return str(srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=device, training=SPEC), metadata=op_md()).job.job_id)
+    return str(srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=device, training=spec), metadata=op_md()).job.job_id)
+
+
+# Long enough that, on a fast idle machine, the heat arrives while steps remain (a tiny model
+# runs 10 steps faster than the agent's tick, and the job would end before it could pause).
+LONG_SPEC = tpb.TrainingSpec()
+LONG_SPEC.CopyFrom(SPEC)
+LONG_SPEC.max_steps = 40
 
 
 def adapter_tensors(srv: ServerThread, job: Any, tmp: Path) -> dict[str, np.ndarray]:
@@ -117,7 +124,7 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: S
     # Reference: the same job with no hot spell.
     clock = ManualClock()
     _, stop, thread, _ = run_agent(srv, base, tmp_path / "ref", clock, "ref-phone")
-    ref_id = submit(srv, "ref-phone")
+    ref_id = submit(srv, "ref-phone", LONG_SPEC)
     ref = wait_for(lambda: (j := job_of(srv, ref_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the reference job")
     stop.set()
     thread.join(60)
@@ -125,7 +132,7 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: S
     clock = ManualClock()
     agent, stop, thread, events = run_agent(srv, base, tmp_path / "hot", clock, "hot-phone")
     try:
-        job_id = submit(srv, "hot-phone")
+        job_id = submit(srv, "hot-phone", LONG_SPEC)
         wait_for(lambda: any(k == "progress" and d["step"] >= 2 for k, d in events), 120, "two optimizer steps")
         proc = agent.proc
         assert proc is not None
@@ -165,7 +172,7 @@ def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(srv: S
     clock = ManualClock()
     agent, stop, thread, events = run_agent(srv, base, tmp_path / "crash", clock, "crash-phone")
     try:
-        job_id = submit(srv, "crash-phone")
+        job_id = submit(srv, "crash-phone", LONG_SPEC)
         wait_for(lambda: any(k == "progress" for k, _ in events), 120, "training to start")
         proc = agent.proc
         assert proc is not None and proc.pid is not None
@@ -203,7 +210,7 @@ def test_agent_killed_with_sigkill_resumes_from_its_last_checkpoint(srv: ServerT
     first = subprocess.Popen(_agent_cmd(srv, base, work, "k9-phone"), env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
     second = None
     try:
-        job_id = submit(srv, "k9-phone")
+        job_id = submit(srv, "k9-phone", LONG_SPEC)
         wait_for(lambda: job_of(srv, job_id).progress.step >= 5, 180, "five steps")
         os.killpg(first.pid, signal.SIGKILL)  # the agent and its training child, no goodbye
         first.wait(30)
