@@ -75,7 +75,10 @@ def ensure_safetensors(path: Path) -> dict[str, Any]:
             raise AdapterFormatError(
                 f"{path.name} is a pickled PyTorch file; PocketLoRA loads only safetensors adapters"
             ) from None
-        raise AdapterFormatError(f"{path.name} is not a safetensors file ({exc})") from None
+        # The header error names the full path; callers may show this to a remote client (the
+        # orchestrator rejecting an upload), so keep only the file name.
+        why = str(exc).replace(str(path), path.name)
+        raise AdapterFormatError(f"{path.name} is not a safetensors file ({why})") from None
     (header_len,) = struct.unpack("<Q", head[:8])
     _check_tensor_layout(path.name, header, size - 8 - header_len)
     return header

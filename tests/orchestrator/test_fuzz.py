@@ -16,6 +16,7 @@ Each request goes out with valid and invalid credentials. The properties:
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,5 +409,9 @@ def test_an_upload_that_is_not_an_adapter_fails_the_attempt(tmp_path: Path) -> N
         with pytest.raises(grpc.RpcError) as info:
             srv.agent.CompleteJob(req, metadata=md)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # The reason names the problem, never a server-side path.
+        assert "not a safetensors file" in info.value.details()
+        assert str(tempfile.gettempdir()) + "/" not in info.value.details()
         job = srv.operator.GetJob(opb.GetJobRequest(job_id=a.job_id), metadata=op_md()).job
         assert job.state == tpb.JOB_STATE_QUEUED and job.last_error_class == tpb.ERROR_CLASS_INTEGRITY
+        assert str(tempfile.gettempdir()) + "/" not in job.last_error
