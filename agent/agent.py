@@ -8,8 +8,10 @@ One thread, one loop, a tick every `tick_s`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -162,15 +164,21 @@ class Agent:
 
     def shutdown(self) -> None:
         """Stop children: training checkpoints and exits (it resumes on the next start)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.request_pause()
-            try:
-                self.proc.wait(timeout=60)
-            except Exception:
-                self.proc.kill()
+        self._stop_training(checkpoint=True)
         if self.runtime is not None:
             self.runtime.close()
         self.client.close()
+
+    def _stop_training(self, *, checkpoint: bool) -> None:
+        """End a running training child: after a checkpoint (kept for a resume), or at once."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if checkpoint:
+            self.proc.request_pause()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=60)
+        self.proc.kill()  # no-op once it exited
+        self.proc.wait(timeout=30)  # reap it and let the event readers finish
 
     # ------------------------------------------------------------------ the loop
     def tick(self) -> None:
@@ -237,12 +245,7 @@ class Agent:
     def _abandon(self, why: str, *, keep_folder: bool) -> None:
         """Stop working on the current job (cancelled, or re-leased elsewhere / under a new epoch)."""
         assert self.job is not None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.request_pause() if keep_folder else self.proc.kill()
-            try:
-                self.proc.wait(timeout=60)
-            except Exception:
-                self.proc.kill()
+        self._stop_training(checkpoint=keep_folder)
         self._emit("job_dropped", job_id=self.job.job_id, reason=why)
         LocalJob.forget(self.cfg.work_dir, self.job.job_id, keep_folder=keep_folder)
         self.job, self.proc, self.pausing = None, None, False
@@ -250,7 +253,7 @@ class Agent:
 
     def _lease(self) -> None:
         reply: pb.LeaseJobResponse = self.client.call("LeaseJob", pb.LeaseJobRequest(device_id=self.cfg.device_id))
-        wait = reply.next_poll_after.seconds + reply.next_poll_after.nanos / 1e9
+        wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_lease = time.monotonic() + max(wait, 0.5)
         if not reply.HasField("assignment"):
             return
@@ -406,7 +409,7 @@ class Agent:
                 )
             )
         reply: pb.HeartbeatResponse = self.client.call("Heartbeat", req)
-        wait = reply.next_poll_after.seconds + reply.next_poll_after.nanos / 1e9
+        wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled or no longer leased to this device", keep_folder=False)

@@ -92,7 +92,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     @rpc
     async def LeaseJob(self, request: pb.LeaseJobRequest, context: grpc.aio.ServicerContext) -> pb.LeaseJobResponse:
         device_id, credential = await self._device_deferred(context, request.device_id)
-        wait = min(request.wait.seconds + request.wait.nanos / 1e9, 30.0) if request.HasField("wait") else 0.0
+        wait = min(request.wait.ToNanoseconds() / 1e9, 30.0) if request.HasField("wait") else 0.0
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(wait, 0.0)
         while True:

@@ -189,6 +189,6 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateEnrollmentTokenResponse:
         await self._operator(context)
-        ttl = request.ttl.seconds + request.ttl.nanos / 1e9 if request.HasField("ttl") else 86400.0
+        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 86400.0
         token, expires = await self._run(self.orch.create_enrollment_token, ttl, request.description)
         return pb.CreateEnrollmentTokenResponse(token=token, expires_at=convert.ts(expires))
