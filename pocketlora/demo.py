@@ -93,7 +93,8 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
     from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
 
     with console.status("starting the orchestrator on in-process Ray"):
-        init_ray(tmp_root=Path(tempfile.mkdtemp(prefix="pocketlora-ray-")))
+        ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
+        init_ray(tmp_root=ray_tmp)
         config = OrchestratorConfig(lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0)
         frontends, control, ports = start_orchestrator(db_url, store_url, config)
     address = f"127.0.0.1:{ports[0]}"
@@ -140,6 +141,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         import ray
 
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     console.print(f"demo finished in {time.monotonic() - started:.0f} s; agent log: {work_dir / 'agent.log'}")
 
 

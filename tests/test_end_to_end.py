@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -46,7 +47,8 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
     store_url = f"s3://e2e-adapters?endpoint={seaweed.endpoint}"
     # Short: Ray's unix socket paths must fit in 107 bytes.
-    init_ray(num_cpus=2, tmp_root=Path(tempfile.mkdtemp(prefix="plray-")))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
+    init_ray(num_cpus=2, tmp_root=ray_tmp)
     config = OrchestratorConfig(lease_s=20.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
     frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
     try:
@@ -54,6 +56,7 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
     finally:
         stop_orchestrator(frontends, control)
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer) -> None:
