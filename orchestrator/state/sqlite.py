@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,26 @@ class _Batch:
         self.dirty = False
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch the file to WAL, retrying while another connection holds it.
+
+    Changing the journal mode needs an exclusive lock, and SQLite does not call the busy
+    handler for it while this connection holds a shared lock (waiting could deadlock), so
+    `timeout=` does not cover it: two processes opening one new file together (the Ray
+    control loop and a front end) fail with "database is locked" at once. The mode is
+    persistent, so once any connection has switched it the pragma is a no-op read.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteStore(StateStore):
     """State in one SQLite file, shared by the threads of one process."""
 
@@ -63,10 +84,12 @@ class SqliteStore(StateStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # One connection serialised by a lock: SQLite admits one writer at a time anyway, and
         # BEGIN IMMEDIATE below makes every batch a writer so read-modify-write is safe.
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
         self._conn.row_factory = _dict_factory
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(self._conn)
         # FULL: a transaction acknowledged to a client survives power loss, not only kill -9.
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA foreign_keys=ON")
@@ -162,22 +185,30 @@ class SqliteStore(StateStore):
             self._commit_locked(self._batch)
 
     def migrate(self) -> int:
-        """Apply pending migrations, each in its own transaction."""
+        """Apply pending migrations in one write transaction (safe when processes race)."""
         with self._lock:
             self._settle_locked()
-            self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = self._conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
-            current = int(row["v"] or 0)
-            for version in range(current + 1, LATEST + 1):
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
+            # The version is read inside the write transaction (BEGIN IMMEDIATE takes the
+            # file's write lock): two processes opening one file at once (the Ray control
+            # loop and a front end do) would otherwise both see version 0 and the second
+            # would fail with "table ... already exists".
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+                )
+                row = self._conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+                current = int(row["v"] or 0)
+                for version in range(current + 1, LATEST + 1):
                     for stmt in MIGRATIONS[version - 1]:
                         self._conn.execute(stmt.format(bigint="INTEGER", float="REAL"))
-                    self._conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
+                    self._conn.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (version,)
+                    )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
             return LATEST
 
     def close(self) -> None:

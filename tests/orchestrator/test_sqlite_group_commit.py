@@ -17,7 +17,13 @@ from orchestrator.state.sqlite import SqliteStore
 
 def _job() -> JobRecord:
     now = time.time()
-    return JobRecord(job_id=new_id("job"), device_id="dev-1", training={"adapter_name": "a"}, created_at=now, updated_at=now)
+    return JobRecord(
+        job_id=new_id("job"),
+        device_id="dev-1",
+        training={"adapter_name": "a"},
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def _committed(path: Path, job_id: str) -> bool:
@@ -98,3 +104,47 @@ def test_transactions_do_not_nest(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="nest"), store.transaction():
             pass
     store.close()
+
+
+def _open_and_migrate(
+    path: Path, barrier: threading.Barrier, stores: list[SqliteStore], errors: list[BaseException]
+) -> None:
+    try:
+        barrier.wait(timeout=30)
+        store = SqliteStore(path)
+        stores.append(store)
+        store.migrate()
+    except BaseException as exc:
+        errors.append(exc)
+
+
+def test_stores_opening_one_new_file_together_migrate_it_once(tmp_path: Path) -> None:
+    """The Ray control loop and a front end open the same new file at start-up: both migrate.
+
+    Each thread has its own store (its own connection), as separate processes would. Before
+    the fix this failed with "table devices already exists" or "database is locked".
+    """
+    for attempt in range(5):
+        path = tmp_path / f"state-{attempt}.db"
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+        stores: list[SqliteStore] = []
+        threads = [
+            threading.Thread(target=_open_and_migrate, args=(path, barrier, stores, errors))
+            for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for store in stores:
+            store.close()
+        assert errors == []
+        conn = sqlite3.connect(path)
+        try:
+            versions = [
+                v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")
+            ]
+        finally:
+            conn.close()
+        assert versions and versions == sorted(set(versions))
