@@ -412,7 +412,11 @@ class Agent:
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
-            self._abandon("cancelled or no longer leased to this device", keep_folder=False)
+            self._abandon("cancelled by an operator", keep_folder=False)
+        elif self.job is not None and self.job.job_id in reply.stale_job_ids:
+            # The lease expired or moved on: the job may come back here, and then it resumes
+            # from the checkpoint kept in its folder (as on a refused ReportProgress).
+            self._abandon("no longer leased to this device", keep_folder=True)
         desired = reply.desired_adapter.adapter_id if reply.HasField("desired_adapter") else ""
         if desired != self.active_adapter_id and desired not in self.refused and self.cfg.serve_adapters:
             self._switch_adapter(reply.desired_adapter if desired else None)

@@ -81,10 +81,11 @@ class HeartbeatInput:
 class HeartbeatResult:
     """What the device should do next."""
 
-    cancel_job_ids: list[str]
+    cancel_job_ids: list[str]  # cancelled by an operator: discard the work
     desired_adapter: AdapterRecord | None
     lease_expires_at: float
     next_poll_s: float
+    stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
 
 
 @dataclass
@@ -245,6 +246,7 @@ class Orchestrator:
         """
         now = self.clock()
         cancel: list[str] = []
+        stale: list[str] = []
         lease_expires_at = 0.0
         with self.state.transaction() as tx:
             device = tx.get_device(device_id)
@@ -258,8 +260,10 @@ class Orchestrator:
                 raise NotFound(f"device {device_id} is not enrolled")
             if hb.running_job_id:
                 job = tx.get_job(hb.running_job_id, for_update=True)
-                if job is None or job.device_id != device_id or not job.state.leased or job.lease_epoch != hb.running_epoch:
+                if job is not None and job.device_id == device_id and job.state == JobState.CANCELLED:
                     cancel.append(hb.running_job_id)
+                elif job is None or job.device_id != device_id or not job.state.leased or job.lease_epoch != hb.running_epoch:
+                    stale.append(hb.running_job_id)
                 else:
                     if hb.running_state is not None and hb.running_state != job.state:
                         self._move(job, hb.running_state, now)
@@ -295,7 +299,7 @@ class Orchestrator:
         next_s = next_poll_after(
             self.config.pace, fleet, running=bool(hb.running_job_id), lease_s=self.config.lease_s
         )
-        return HeartbeatResult(cancel, desired, lease_expires_at, next_s)
+        return HeartbeatResult(cancel, desired, lease_expires_at, next_s, stale)
 
     def lease(self, device_id: str, *, credential: str | None = None) -> LeaseResult:
         """Hand the device its oldest due job that fits it, under a new lease epoch.

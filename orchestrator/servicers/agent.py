@@ -63,6 +63,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         result = await self._run(functools.partial(self.orch.heartbeat, device_id, hb, credential=credential))
         reply = pb.HeartbeatResponse(
             cancel_job_ids=result.cancel_job_ids,
+            stale_job_ids=result.stale_job_ids,
             next_poll_after=convert.duration(result.next_poll_s),
             lease_expires_at=convert.ts(result.lease_expires_at),
         )

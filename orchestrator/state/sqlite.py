@@ -84,9 +84,7 @@ class SqliteStore(StateStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # One connection serialised by a lock: SQLite admits one writer at a time anyway, and
         # BEGIN IMMEDIATE below makes every batch a writer so read-modify-write is safe.
-        self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = _dict_factory
         self._lock = threading.Lock()
         _enable_wal(self._conn)

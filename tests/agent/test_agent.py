@@ -81,13 +81,15 @@ SPEC = tpb.TrainingSpec(
 )
 
 
-def run_agent(srv: ServerThread, base: Path, work: Path, clock: ManualClock, device: str) -> tuple[Agent, threading.Event, threading.Thread, list[tuple[str, dict[str, Any]]]]:
+def run_agent(
+    srv: ServerThread, base: Path, work: Path, clock: ManualClock, device: str, *, progress_every_s: float = 0.5
+) -> tuple[Agent, threading.Event, threading.Thread, list[tuple[str, dict[str, Any]]]]:
     write_dataset(work / "datasets")
     write_trace(work / "trace.jsonl")
     events: list[tuple[str, dict[str, Any]]] = []
     cfg = AgentConfig(
         orchestrator=srv.address, device_id=device, work_dir=work, base_model_dir=base, base_model_id="tiny",
-        datasets_dir=work / "datasets", enrollment_token=ENROLL_TOKEN, tick_s=0.05, progress_every_s=0.5, serve_adapters=False,
+        datasets_dir=work / "datasets", enrollment_token=ENROLL_TOKEN, tick_s=0.05, progress_every_s=progress_every_s, serve_adapters=False,
     )
     agent = Agent(cfg, TraceSensors(work / "trace.jsonl", clock=clock), Gate(GatePolicy()), listener=lambda k, d: events.append((k, dict(d))))
     stop = threading.Event()
@@ -192,6 +194,29 @@ def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(srv: S
     finally:
         stop.set()
         thread.join(60)
+
+
+def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_checkpoint(base: Path, tmp_path: Path) -> None:
+    """The orchestrator's clock jumps past the lease (as when an agent stalls): the reaper
+    requeues the job, the agent's next heartbeat hears it is stale, stops training but keeps
+    the checkpoints, and when the job comes back to it the second attempt resumes from them."""
+    skew = [0.0]
+    with ServerThread(tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=6.0, retry_base_s=0.5, reap_every_s=0.5) as srv:
+        # Progress reports far apart, so the heartbeat (not a refused report) is what hears it.
+        agent, stop, thread, events = run_agent(srv, base, tmp_path / "stale", ManualClock(), "stale-phone", progress_every_s=600)
+        try:
+            job_id = submit(srv, "stale-phone", LONG_SPEC)
+            wait_for(lambda: agent.job is not None and agent.job.progress.get("step", 0) >= 4, 180, "four steps")
+            skew[0] = 60.0
+            dropped = wait_for(lambda: [d for k, d in events if k == "job_dropped"], 60, "the agent to drop the stale lease")
+            assert dropped[0]["reason"] == "no longer leased to this device"
+            done = wait_for(lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 240, "the job's second attempt")
+            assert done.attempt == 2 and done.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
+            resumed = [d for k, d in events if k == "resumed"]
+            assert resumed and resumed[0]["step"] >= 2  # from a checkpoint, not step 0
+        finally:
+            stop.set()
+            thread.join(60)
 
 
 def _agent_cmd(srv: ServerThread, base: Path, work: Path, device: str) -> list[str]:

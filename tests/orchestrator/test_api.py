@@ -121,9 +121,10 @@ def test_expired_lease_is_fenced(srv: ServerThread, clock: FakeClock, tmp_path: 
     upload_to_url(old.upload_url, blob)
     req = apb.CompleteJobRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, sha256=info.sha256, size_bytes=info.size)
     assert code_of(srv.agent.CompleteJob, req, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
-    # A heartbeat naming the stale lease is told to drop it.
+    # A heartbeat naming the stale lease is told to stop it, as stale (keep the checkpoint: the
+    # job is this device's and comes back to it), not as cancelled (discard the work).
     hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=old.job_id, lease_epoch=old.lease_epoch)), metadata=md)
-    assert list(hb.cancel_job_ids) == [old.job_id]
+    assert list(hb.stale_job_ids) == [old.job_id] and list(hb.cancel_job_ids) == []
 
 
 def test_error_classes_decide_retries(srv: ServerThread, clock: FakeClock) -> None:
@@ -158,7 +159,7 @@ def test_cancel_reaches_the_device_on_its_next_heartbeat(srv: ServerThread) -> N
     assert a is not None
     srv.operator.CancelJob(opb.CancelJobRequest(job_id=a.job_id), metadata=op_md())
     hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING)), metadata=md)
-    assert list(hb.cancel_job_ids) == [a.job_id]
+    assert list(hb.cancel_job_ids) == [a.job_id] and list(hb.stale_job_ids) == []
     rep = srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
     assert rep.cancel_requested
     assert code_of(srv.operator.CancelJob, opb.CancelJobRequest(job_id=a.job_id), metadata=op_md()) == grpc.StatusCode.FAILED_PRECONDITION

@@ -225,9 +225,10 @@ class HeartbeatResponse(_message.Message):
     DESIRED_ADAPTER_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     NEXT_POLL_AFTER_FIELD_NUMBER: _builtins.int
+    STALE_JOB_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cancel_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Jobs the device must stop (cancelled by an operator, or no longer leased to it)."""
+        """Jobs an operator cancelled: stop them and discard their work."""
 
     @_builtins.property
     def desired_adapter(self) -> Global___AdapterRef:
@@ -241,6 +242,12 @@ class HeartbeatResponse(_message.Message):
     def next_poll_after(self) -> _duration_pb2.Duration:
         """When to call again."""
 
+    @_builtins.property
+    def stale_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Jobs this device no longer holds a lease on (expired, re-leased, or unknown): stop them
+        but keep their checkpoints, since a job that comes back to this device resumes from them.
+        """
+
     def __init__(
         self,
         *,
@@ -248,10 +255,11 @@ class HeartbeatResponse(_message.Message):
         desired_adapter: Global___AdapterRef | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         next_poll_after: _duration_pb2.Duration | None = ...,
+        stale_job_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after", "stale_job_ids", b"stale_job_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
