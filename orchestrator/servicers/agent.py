@@ -60,7 +60,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             if credential is not None:  # a stranger learns nothing before authenticating
                 await self._run(self.orch.authenticate_device, device_id, credential)
             raise
-        result = await self._run(functools.partial(self.orch.heartbeat, device_id, hb, credential=credential))
+        result = await self._run_poll(functools.partial(self.orch.heartbeat, device_id, hb, credential=credential))
         reply = pb.HeartbeatResponse(
             cancel_job_ids=result.cancel_job_ids,
             stale_job_ids=result.stale_job_ids,
@@ -97,7 +97,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(wait, 0.0)
         while True:
-            result = await self._run(functools.partial(self.orch.lease, device_id, credential=credential))
+            result = await self._run_poll(functools.partial(self.orch.lease, device_id, credential=credential))
             credential = None  # verified (or refused) by the first call
             if result.job is not None or loop.time() >= give_up:
                 break

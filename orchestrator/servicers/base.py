@@ -38,3 +38,11 @@ class ServicerBase:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # Store calls block (SQL, S3): run them off the event loop so other RPCs keep flowing.
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run_poll(self, fn: Callable[..., T], *args: Any) -> T:
+        """A device poll (heartbeat, lease): a few short statements and no other I/O. Where the
+        store allows it, it runs on the loop and only the COMMIT leaves it (the thread hop
+        costs more CPU than the poll itself); otherwise as _run."""
+        if self.orch.state.inline:
+            return await self.orch.state.run_inline(fn, *args)
+        return await self._run(fn, *args)

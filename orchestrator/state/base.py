@@ -10,9 +10,9 @@ processes and orchestrator replicas.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.domain import (
     AdapterRecord,
@@ -161,10 +161,22 @@ class Tx(abc.ABC):
         """Forget an adapter version (garbage collection of superseded versions); idempotent."""
 
 
+T = TypeVar("T")
+
+
 class StateStore(abc.ABC):
     """A durable store of jobs, devices, campaigns and adapters."""
 
     url: str
+    # Whether run_inline is available: the store can run short transactions on an event loop
+    # without blocking it on I/O (SQLite: yes, its COMMIT goes to a thread; PostgreSQL: no,
+    # every statement is a network round trip).
+    inline = False
+
+    async def run_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` (short transactions only) on the calling event loop; returns once its work
+        is durable. Only where `inline` is True; one event loop per store."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run transactions inline")
 
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:

@@ -3,6 +3,7 @@ own work is committed, and a COMMIT that fails fails every transaction it covere
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -103,6 +104,125 @@ def test_transactions_do_not_nest(tmp_path: Path) -> None:
         tx.insert_job(_job())
         with pytest.raises(RuntimeError, match="nest"), store.transaction():
             pass
+    store.close()
+
+
+class _CommitThreads:
+    """The connection, recording which thread ran each COMMIT."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.threads: list[int] = []
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT":
+            self.threads.append(threading.get_ident())
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _insert(store: SqliteStore, job: JobRecord) -> str:
+    with store.transaction() as tx:
+        tx.insert_job(job)
+    return job.job_id
+
+
+def test_inline_calls_share_commits_return_committed_and_never_commit_on_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    real = store._conn
+    spy = _CommitThreads(real)
+    store._conn = spy  # type: ignore[assignment]
+    start = store.commits
+    uncommitted: list[str] = []
+
+    async def caller() -> None:
+        for _ in range(5):
+            job_id = await store.run_inline(_insert, store, _job())
+            if not _committed(path, job_id):
+                uncommitted.append(job_id)
+
+    async def main() -> int:
+        await asyncio.gather(*(caller() for _ in range(32)))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert uncommitted == []
+    assert 0 < store.commits - start < 160  # 160 transactions, far fewer COMMITs
+    assert spy.threads and loop_thread not in spy.threads  # the fsync never blocks the loop
+    store._conn = real
+    store.close()
+
+
+def test_inline_calls_and_threads_share_batches_and_all_return_committed(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    uncommitted: list[str] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            job_id = _insert(store, _job())
+            if not _committed(path, job_id):
+                uncommitted.append(job_id)
+
+    async def caller() -> None:
+        for _ in range(10):
+            job_id = await store.run_inline(_insert, store, _job())
+            if not _committed(path, job_id):
+                uncommitted.append(job_id)
+
+    async def main() -> None:
+        await asyncio.gather(*(caller() for _ in range(16)))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        asyncio.run(main())
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert uncommitted == []
+    with store.transaction() as tx:  # nothing was left open
+        tx.insert_job(_job())
+    assert not store._conn.in_transaction
+    store.close()
+
+
+def test_a_failed_commit_fails_its_inline_members_and_keeps_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    real = store._conn
+    store._conn = _FailingCommit(real)  # type: ignore[assignment]
+    outcomes: list[tuple[str, bool]] = []  # (job id, whether its call raised)
+
+    async def caller() -> None:
+        job = _job()
+        try:
+            await store.run_inline(_insert, store, job)
+        except sqlite3.OperationalError as exc:
+            assert "simulated" in str(exc)
+            outcomes.append((job.job_id, True))
+        else:
+            outcomes.append((job.job_id, False))
+
+    async def main() -> None:
+        await asyncio.gather(*(caller() for _ in range(8)))
+        await asyncio.gather(*(caller() for _ in range(8)))  # the store goes on working
+
+    asyncio.run(main())
+    store._conn = real
+    failed = [job_id for job_id, raised in outcomes if raised]
+    assert failed, "the simulated COMMIT failure reached no caller"
+    assert all(_committed(path, job_id) != raised for job_id, raised in outcomes)
+    assert any(not raised for _, raised in outcomes[8:])
     store.close()
 
 
