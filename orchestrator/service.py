@@ -43,7 +43,7 @@ from orchestrator.errors import (
 )
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
-from orchestrator.state.base import StateStore, Tx
+from orchestrator.state.base import StateStore, Tx, WatchCursor
 
 # (store, upload key, sha256, size) -> (sha256, size, blob key, manifest dict). Injected so the
 # Ray layer can run it as a task; the default runs it in the calling thread.
@@ -647,16 +647,16 @@ class Orchestrator:
         jobs = jobs[:size]
         return jobs, (jobs[-1].job_id if more else "")
 
-    def jobs_changed_after(self, seq: int, flt: JobFilter, limit: int = 500) -> list[JobRecord]:
-        """Jobs changed after a change sequence number (for watch streams)."""
+    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int = 500) -> tuple[list[JobRecord], WatchCursor]:
+        """Job changes committed after a watch cursor, and the cursor after them."""
         _check_filter(flt)
         with self.state.transaction() as tx:
-            return tx.jobs_changed_after(seq, flt, limit)
+            return tx.jobs_changed_after(cursor, flt, limit)
 
-    def latest_change_seq(self) -> int:
-        """The highest job change sequence number so far (where a watch starts)."""
+    def watch_cursor(self) -> WatchCursor:
+        """Where a watch starts: every change committed from now on comes after it."""
         with self.state.transaction() as tx:
-            return tx.max_change_seq()
+            return tx.watch_cursor()
 
     def list_devices(self, selector: DeviceSelector, page_size: int, page_token: str) -> tuple[list[DeviceRecord], str]:
         """A page of devices matching the selector, ordered by id."""

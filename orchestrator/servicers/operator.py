@@ -82,21 +82,20 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def WatchJobs(
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
-        """Stream job changes; follows the store's change sequence, so it sees every replica's writes."""
+        """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
         # A streaming method cannot use @rpc, so it maps errors the same way here: before, a
         # store error (or a filter PostgreSQL refused) escaped as UNKNOWN.
         try:
             self.orch.authenticate_operator(bearer(context))
             flt = convert.job_filter(request.filter)
-            seq = await self._run(self.orch.latest_change_seq)
+            cursor = await self._run(self.orch.watch_cursor)
             if request.include_initial:
                 jobs, _ = await self._run(self.orch.list_jobs, flt, 1000, "")
                 for job in reversed(jobs):
                     yield pb.WatchJobsResponse(job=convert.job_pb(job))
             while not context.done():
-                changed = await self._run(self.orch.jobs_changed_after, seq, flt, 500)
+                changed, cursor = await self._run(self.orch.jobs_changed_after, cursor, flt, 500)
                 for job in changed:
-                    seq = max(seq, job.change_seq)
                     yield pb.WatchJobsResponse(job=convert.job_pb(job))
                 if not changed:
                     await asyncio.sleep(WATCH_POLL_S)

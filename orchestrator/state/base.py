@@ -22,6 +22,8 @@ from orchestrator.domain import (
     JobRecord,
 )
 
+# Where a watch stands: (a backend-defined order key, the last job id at that key).
+WatchCursor = tuple[int, str]
 
 class Tx(abc.ABC):
     """Operations available inside one transaction."""
@@ -65,8 +67,17 @@ class Tx(abc.ABC):
         """Jobs matching the filter, newest first, with ids below before_job_id when given."""
 
     @abc.abstractmethod
-    def jobs_changed_after(self, change_seq: int, flt: JobFilter, limit: int) -> list[JobRecord]:
-        """Jobs matching the filter with change_seq greater than the given one, in seq order."""
+    def watch_cursor(self) -> WatchCursor:
+        """Where a watch starts: every change committed from now on sorts after it."""
+
+    @abc.abstractmethod
+    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int) -> tuple[list[JobRecord], WatchCursor]:
+        """Committed job changes after the cursor, in cursor order, and the cursor after them.
+
+        A change committed later never sorts before a cursor handed out earlier, so a watcher
+        that follows the cursors misses nothing, whatever order concurrent writers commit in
+        (a job changed twice in between is seen once, in its latest state).
+        """
 
     @abc.abstractmethod
     def max_change_seq(self) -> int:

@@ -25,6 +25,8 @@ class PostgresDialect(Dialect):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
     next_change_seq = "nextval('job_change_seq')"
+    change_xid = "pg_current_xact_id()::text::bigint"
+    xid_horizon = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
     unique_errors = (psycopg.errors.UniqueViolation,)
 
 

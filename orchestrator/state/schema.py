@@ -86,6 +86,15 @@ MIGRATIONS: list[list[str]] = [
             description TEXT NOT NULL
         )""",
     ],
+    # 2: the writing transaction's id on every job change. A watch on PostgreSQL follows it
+    # instead of change_seq: sequence values are taken in one order and committed in another,
+    # so a watcher that had passed seq 7 could miss a seq 6 committed after it. Transactions
+    # below the oldest running one are all finished, so below that horizon nothing new can
+    # appear. SQLite (one writer, commits in seq order) leaves the column 0.
+    [
+        "ALTER TABLE jobs ADD COLUMN change_xid {bigint} NOT NULL DEFAULT 0",
+        "CREATE INDEX jobs_change_xid ON jobs (change_xid, job_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

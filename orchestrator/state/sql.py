@@ -16,7 +16,7 @@ from orchestrator.domain import (
     Progress,
 )
 from orchestrator.errors import AlreadyExists
-from orchestrator.state.base import Tx
+from orchestrator.state.base import Tx, WatchCursor
 
 _JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history"}
 _HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
@@ -31,6 +31,10 @@ class Dialect:
     skip_locked = ""
     # change_seq must grow with every write; PostgreSQL uses a sequence shared by replicas.
     next_change_seq = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM jobs)"
+    # Watches follow (change_xid, job_id) below the oldest running transaction where commits can
+    # land out of change_seq order (PostgreSQL); otherwise change_seq.
+    change_xid = ""  # the expression for the writing transaction's id, when watches use it
+    xid_horizon = ""  # the oldest transaction id still running
     unique_errors: tuple[type[BaseException], ...] = ()
 
 
@@ -52,6 +56,7 @@ def _job_to_row(job: JobRecord) -> dict[str, Any]:
 
 def _row_to_job(row: dict[str, Any]) -> JobRecord:
     row = dict(row)
+    row.pop("change_xid", None)  # the watch cursor's, not the job's
     row["state"] = JobState(row["state"])
     row["training"] = json.loads(row["training"])
     row["progress"] = Progress(**json.loads(row["progress"]))
@@ -137,11 +142,18 @@ class SqlTx(Tx):
         return " AND ".join(where) or "1 = 1", params
 
     # --- jobs ---
+    def _change_cols(self) -> tuple[list[str], list[str]]:
+        """Columns every job write sets, and their SQL expressions."""
+        if self.d.change_xid:
+            return ["change_seq", "change_xid"], [self.d.next_change_seq, self.d.change_xid]
+        return ["change_seq"], [self.d.next_change_seq]
+
     def insert_job(self, job: JobRecord) -> None:
         row = _job_to_row(job)
         del row["change_seq"]
-        cols = ", ".join([*row, "change_seq"])
-        marks = ", ".join(["?"] * len(row) + [self.d.next_change_seq])
+        names, exprs = self._change_cols()
+        cols = ", ".join([*row, *names])
+        marks = ", ".join(["?"] * len(row) + exprs)
         try:
             self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks})", list(row.values()))
         except self.d.unique_errors as exc:
@@ -155,8 +167,9 @@ class SqlTx(Tx):
         rows = [_job_to_row(job) for job in jobs]
         for row in rows:
             del row["change_seq"]
-        cols = ", ".join([*rows[0], "change_seq"])
-        marks = ", ".join(["?"] * len(rows[0]) + [self.d.next_change_seq])
+        names, exprs = self._change_cols()
+        cols = ", ".join([*rows[0], *names])
+        marks = ", ".join(["?"] * len(rows[0]) + exprs)
         try:
             self.cur.executemany(
                 f"INSERT INTO jobs ({cols}) VALUES ({marks})".replace("?", self.d.placeholder),
@@ -177,11 +190,9 @@ class SqlTx(Tx):
         row = _job_to_row(job)
         for key in ("job_id", "change_seq"):
             del row[key]
-        sets = ", ".join(f"{c} = ?" for c in row)
-        self._q(
-            f"UPDATE jobs SET {sets}, change_seq = {self.d.next_change_seq} WHERE job_id = ?",
-            [*row.values(), job.job_id],
-        )
+        names, exprs = self._change_cols()
+        sets = ", ".join([*(f"{c} = ?" for c in row), *(f"{n} = {e}" for n, e in zip(names, exprs, strict=True))])
+        self._q(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*row.values(), job.job_id])
 
     def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
         rows = self._q(
@@ -210,13 +221,28 @@ class SqlTx(Tx):
         rows = self._q(f"SELECT * FROM jobs WHERE {where} ORDER BY job_id DESC LIMIT ?", [*params, limit])
         return [_row_to_job(r) for r in rows]
 
-    def jobs_changed_after(self, change_seq: int, flt: JobFilter, limit: int) -> list[JobRecord]:
+    def watch_cursor(self) -> WatchCursor:
+        if self.d.xid_horizon:
+            return (int(self._q(f"SELECT {self.d.xid_horizon} AS x")[0]["x"]), "")
+        return (self.max_change_seq(), "")
+
+    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int) -> tuple[list[JobRecord], WatchCursor]:
         where, params = self._filter_sql(flt)
-        rows = self._q(
-            f"SELECT * FROM jobs WHERE change_seq > ? AND {where} ORDER BY change_seq LIMIT ?",
-            [change_seq, *params, limit],
-        )
-        return [_row_to_job(r) for r in rows]
+        key, last_id = cursor
+        if self.d.xid_horizon:
+            rows = self._q(
+                f"SELECT * FROM jobs WHERE (change_xid, job_id) > (?, ?) AND change_xid < {self.d.xid_horizon}"
+                f" AND {where} ORDER BY change_xid, job_id LIMIT ?",
+                [key, last_id, *params, limit],
+            )
+            after = (int(rows[-1]["change_xid"]), str(rows[-1]["job_id"])) if rows else cursor
+        else:
+            rows = self._q(
+                f"SELECT * FROM jobs WHERE change_seq > ? AND {where} ORDER BY change_seq LIMIT ?",
+                [key, *params, limit],
+            )
+            after = (int(rows[-1]["change_seq"]), "") if rows else cursor
+        return [_row_to_job(r) for r in rows], after
 
     def max_change_seq(self) -> int:
         return int(self._q("SELECT COALESCE(MAX(change_seq), 0) AS s FROM jobs")[0]["s"])

@@ -58,23 +58,71 @@ def test_failed_transaction_rolls_back(state: StateStore) -> None:
         assert tx.get_job(job.job_id) is None
 
 
-def test_save_job_advances_change_seq(state: StateStore) -> None:
+def test_save_job_advances_change_seq_and_the_watch_cursor(state: StateStore) -> None:
     a, b = _job(), _job()
     with state.transaction() as tx:
         tx.insert_job(a)
         tx.insert_job(b)
-        start = tx.max_change_seq()
+        seq = tx.max_change_seq()
+    with state.transaction() as tx:
+        start = tx.watch_cursor()
+        assert tx.jobs_changed_after(start, JobFilter(), 10) == ([], start)
     with state.transaction() as tx:
         job = tx.get_job(a.job_id, for_update=True)
         assert job is not None
         job.state = JobState.LEASED
         tx.save_job(job)
     with state.transaction() as tx:
-        changed = tx.jobs_changed_after(start, JobFilter(), 10)
+        changed, after = tx.jobs_changed_after(start, JobFilter(), 10)
         assert [j.job_id for j in changed] == [a.job_id]
-        assert changed[0].state == JobState.LEASED
-        assert tx.max_change_seq() > start
-        assert tx.jobs_changed_after(start, JobFilter(states=(JobState.QUEUED,)), 10) == []
+        assert changed[0].state == JobState.LEASED and changed[0].change_seq > seq
+        assert after > start and tx.jobs_changed_after(after, JobFilter(), 10) == ([], after)
+        assert tx.max_change_seq() > seq
+        assert tx.jobs_changed_after(start, JobFilter(states=(JobState.QUEUED,)), 10)[0] == []
+
+
+def test_a_change_committed_after_a_later_one_still_reaches_the_watcher(state: StateStore) -> None:
+    """Writer A changes job a, then writer B changes job b and commits first; a watcher reading
+    in between must still get a once A commits (a change_seq cursor skipped it on PostgreSQL,
+    where A's sequence value is below B's). SQLite has one writer: B waits for A there."""
+    a, b = _job(), _job()
+    with state.transaction() as tx:
+        tx.insert_job(a)
+        tx.insert_job(b)
+    with state.transaction() as tx:
+        cursor = tx.watch_cursor()
+    a_written, release, b_done = threading.Event(), threading.Event(), threading.Event()
+
+    def change(job_id: str) -> None:
+        with state.transaction() as tx:
+            job = tx.get_job(job_id, for_update=True)
+            assert job is not None
+            job.status_message = "changed"
+            tx.save_job(job)
+            if job_id == a.job_id:
+                a_written.set()
+                release.wait(10)
+        if job_id == b.job_id:
+            b_done.set()
+
+    writer_a = threading.Thread(target=change, args=(a.job_id,))
+    writer_a.start()
+    assert a_written.wait(10)
+    writer_b = threading.Thread(target=change, args=(b.job_id,))
+    writer_b.start()
+    if not b_done.wait(1.0):
+        release.set()  # one writer at a time (SQLite): B cannot commit while A is open
+    seen: list[str] = []
+    with state.transaction() as tx:
+        changed, cursor = tx.jobs_changed_after(cursor, JobFilter(), 10)
+        seen += [j.job_id for j in changed]
+    release.set()
+    writer_a.join(10)
+    writer_b.join(10)
+    with state.transaction() as tx:
+        changed, cursor = tx.jobs_changed_after(cursor, JobFilter(), 10)
+        seen += [j.job_id for j in changed]
+    assert sorted(seen) == sorted([a.job_id, b.job_id])
 
 
 def test_claimable_jobs_respect_device_state_and_backoff(state: StateStore) -> None:
@@ -161,13 +209,15 @@ def test_bulk_inserts(state: StateStore) -> None:
     jobs = [_job(f"d{i % 3}") for i in range(50)]
     with state.transaction() as tx:
         tx.insert_devices([DeviceRecord(f"d{i}", f"h{i}", {"ram_bytes": i}) for i in range(3)])
-        start = tx.max_change_seq()
+    with state.transaction() as tx:
+        start = tx.watch_cursor()
+    with state.transaction() as tx:
         tx.insert_jobs(jobs)
     with state.transaction() as tx:
         got = tx.get_job(jobs[7].job_id)
         assert got is not None and got.device_id == "d1" and got.state == JobState.QUEUED
         # Every row gets its own change_seq, so watchers see each bulk-inserted job.
-        changed = tx.jobs_changed_after(start, JobFilter(), 100)
+        changed, _ = tx.jobs_changed_after(start, JobFilter(), 100)
         assert sorted(j.job_id for j in changed) == sorted(j.job_id for j in jobs)
         assert len({j.change_seq for j in changed}) == 50
         device = tx.get_device("d2")
