@@ -92,12 +92,18 @@ def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
 class _Inline:
     """One inline call in progress: the loop it runs on and the COMMITs it must await."""
 
-    __slots__ = ("flush", "loop", "waits")
+    __slots__ = ("flush", "loop", "started", "waits")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.waits: list[asyncio.Future[None]] = []
         self.flush = False  # a batch was left open: the loop must have it committed
+        self.started = False  # a transaction began: from then on it must finish inline
+
+
+class _LockBusy(BaseException):
+    """An inline call's first transaction found a thread holding the connection (a
+    BaseException so that no `except Exception` in the domain code can swallow it)."""
 
 
 _INLINE: ContextVar[_Inline | None] = ContextVar("pocketlora_sqlite_inline", default=None)
@@ -151,6 +157,8 @@ class SqliteStore(StateStore):
         # Inline calls: the COMMIT running on the committer thread (a future of the loop), and
         # whether a flush callback is already queued on the loop.
         self._committer: ThreadPoolExecutor | None = None
+        self._fallback: ThreadPoolExecutor | None = None  # inline calls that found the lock held
+        self.inline_fallbacks = 0  # how many (for tests and benchmarks)
         self._committing: asyncio.Future[None] | None = None
         self._flush_queued = False
 
@@ -164,7 +172,7 @@ class SqliteStore(StateStore):
             self._queued += 1
         error: BaseException | None = None
         must_wait = False
-        with self._lock:
+        with self._locked(inline):
             with self._queued_lock:
                 self._queued -= 1
             batch = self._batch
@@ -221,6 +229,24 @@ class SqliteStore(StateStore):
         if error is not None:
             raise error
 
+    @contextmanager
+    def _locked(self, inline: _Inline | None) -> Iterator[None]:
+        """Hold the connection lock. An inline call's first transaction does not wait for a
+        thread that holds it (that thread's body, or its COMMIT's fsync, would stall the whole
+        event loop): it raises _LockBusy and run_inline hands the call to a thread instead."""
+        if inline is not None and not inline.started:
+            inline.started = True
+            if not self._lock.acquire(blocking=False):
+                with self._queued_lock:
+                    self._queued -= 1
+                raise _LockBusy
+        else:
+            self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     async def run_inline(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` (which opens transactions here) on the calling event loop, then await the
         COMMIT covering its work: it returns, or raises, only once that work is durable."""
@@ -233,6 +259,10 @@ class SqliteStore(StateStore):
         error: BaseException | None = None
         try:
             result = fn(*args)
+        except _LockBusy:
+            # A thread is inside a transaction; nothing of fn has run. Wait for it off the loop.
+            self.inline_fallbacks += 1
+            return await loop.run_in_executor(self._fallback_executor(), fn, *args)
         except BaseException as exc:  # re-raised below, once what it saw is durable
             error = exc
         finally:
@@ -251,6 +281,11 @@ class SqliteStore(StateStore):
         if commit_error is not None:
             raise commit_error
         return result
+
+    def _fallback_executor(self) -> ThreadPoolExecutor:
+        if self._fallback is None:
+            self._fallback = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sqlite-inline-busy")
+        return self._fallback
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop, behind the requests that were ready: COMMIT the open batch off the loop."""
@@ -334,5 +369,6 @@ class SqliteStore(StateStore):
         with self._lock:
             self._settle_locked()
             self._conn.close()
-        if self._committer is not None:
-            self._committer.shutdown(wait=False)
+        for pool in (self._committer, self._fallback):
+            if pool is not None:
+                pool.shutdown(wait=False)

@@ -195,6 +195,39 @@ def test_inline_calls_and_threads_share_batches_and_all_return_committed(tmp_pat
     store.close()
 
 
+def test_an_inline_call_never_blocks_the_loop_on_a_thread_in_a_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_thread() -> None:
+        with store.transaction() as tx:
+            tx.insert_job(_job())
+            entered.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=slow_thread)
+    holder.start()
+    assert entered.wait(10)
+
+    async def main() -> tuple[str, int]:
+        call = asyncio.create_task(store.run_inline(_insert, store, _job()))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the thread holds the connection
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not call.done()
+        release.set()
+        return await call, ticks
+
+    job_id, ticks = asyncio.run(main())
+    holder.join(10)
+    assert ticks == 20 and store.inline_fallbacks == 1
+    assert _committed(path, job_id)
+    store.close()
+
+
 def test_a_failed_commit_fails_its_inline_members_and_keeps_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = SqliteStore(path)
