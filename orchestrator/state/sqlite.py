@@ -73,20 +73,25 @@ class _Batch:
         self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def finish(self) -> None:
-        """Wake every member: threads through the event, inline callers on their loops."""
+        """Wake every member: threads through the event, inline callers on their loops (one
+        wake-up per loop for the whole batch, not one per member)."""
         self.done.set()
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for loop, fut in self.waiters:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futs in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody awaits it now
-                loop.call_soon_threadsafe(_resolve, fut, self.error)
+                loop.call_soon_threadsafe(_resolve, futs, self.error)
 
 
-def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():  # the caller was cancelled (client gone)
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)
+def _resolve(futs: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in futs:
+        if fut.done():  # the caller was cancelled (client gone)
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
 
 
 class _Inline:
