@@ -18,7 +18,9 @@ runs a poll's bodies itself, in the open batch, and only the COMMIT (the fsync) 
 committer thread: the loop defers the COMMIT to a callback queued behind the requests already
 ready, so every poll that arrived meanwhile joins the batch, and each caller's coroutine
 awaits the COMMIT covering its work before it replies. While a COMMIT runs, new inline calls
-wait for it on the loop (the connection is busy) instead of blocking it. Threads keep using
+wait for it on the loop (the connection is busy) instead of blocking it; when a thread of this
+process is inside a transaction, or another process holds the file's write lock, an inline call
+that has not started runs in a thread instead, so the loop never waits on a lock. Threads keep using
 `transaction()` as before and share batches with inline calls; whoever commits a batch wakes
 every member of it, on threads and on the loop.
 """
@@ -46,6 +48,9 @@ from orchestrator.state.sql import Dialect, SqlTx
 MAX_BATCH = 64
 
 T = TypeVar("T")
+
+# How long a thread waits for another process's write lock before "database is locked".
+BUSY_TIMEOUT_MS = 30_000
 
 
 class SqliteDialect(Dialect):
@@ -107,8 +112,8 @@ class _Inline:
 
 
 class _LockBusy(BaseException):
-    """An inline call's first transaction found a thread holding the connection (a
-    BaseException so that no `except Exception` in the domain code can swallow it)."""
+    """An inline call's first transaction found the connection or the file's write lock held
+    (a BaseException so that no `except Exception` in the domain code can swallow it)."""
 
 
 _INLINE: ContextVar[_Inline | None] = ContextVar("pocketlora_sqlite_inline", default=None)
@@ -146,7 +151,9 @@ class SqliteStore(StateStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # One connection serialised by a lock: SQLite admits one writer at a time anyway, and
         # BEGIN IMMEDIATE below makes every batch a writer so read-modify-write is safe.
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+        )
         self._conn.row_factory = _dict_factory
         self._lock = threading.Lock()
         _enable_wal(self._conn)
@@ -177,13 +184,13 @@ class SqliteStore(StateStore):
             self._queued += 1
         error: BaseException | None = None
         must_wait = False
-        with self._locked(inline):
+        with self._locked(inline) as may_fall_back:
             with self._queued_lock:
                 self._queued -= 1
             batch = self._batch
             try:
                 if batch is None:
-                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._begin(may_fall_back)
                     batch = self._batch = _Batch()
                 before = self._conn.total_changes
                 cur = self._conn.cursor()
@@ -235,11 +242,14 @@ class SqliteStore(StateStore):
             raise error
 
     @contextmanager
-    def _locked(self, inline: _Inline | None) -> Iterator[None]:
-        """Hold the connection lock. An inline call's first transaction does not wait for a
-        thread that holds it (that thread's body, or its COMMIT's fsync, would stall the whole
-        event loop): it raises _LockBusy and run_inline hands the call to a thread instead."""
-        if inline is not None and not inline.started:
+    def _locked(self, inline: _Inline | None) -> Iterator[bool]:
+        """Hold the connection lock; yields whether this transaction may still fall back.
+
+        An inline call's first transaction does not wait for a thread that holds the lock (that
+        thread's body, or its COMMIT's fsync, would stall the whole event loop): it raises
+        _LockBusy and run_inline hands the call to a thread instead."""
+        first_inline = inline is not None and not inline.started
+        if inline is not None and first_inline:
             inline.started = True
             if not self._lock.acquire(blocking=False):
                 with self._queued_lock:
@@ -248,9 +258,26 @@ class SqliteStore(StateStore):
         else:
             self._lock.acquire()
         try:
-            yield
+            yield first_inline
         finally:
             self._lock.release()
+
+    def _begin(self, may_fall_back: bool) -> None:
+        """BEGIN IMMEDIATE, which takes the file's write lock. Another process may hold it (the
+        Ray control loop's reaper writes the same file); an inline call must not sleep in
+        SQLite's busy handler on the event loop, so it tries once and falls back to a thread."""
+        if not may_fall_back:
+            self._conn.execute("BEGIN IMMEDIATE")
+            return
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _LockBusy from exc
+            raise
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     async def run_inline(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` (which opens transactions here) on the calling event loop, then await the

@@ -228,6 +228,35 @@ def test_an_inline_call_never_blocks_the_loop_on_a_thread_in_a_transaction(tmp_p
     store.close()
 
 
+def test_an_inline_call_never_sleeps_on_the_loop_for_another_process_write_lock(tmp_path: Path) -> None:
+    """Another process (the Ray control loop's reaper) holds the file's write lock: SQLite's busy
+    handler would sleep, so the inline call runs in a thread and the loop keeps running."""
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.migrate()
+    other = sqlite3.connect(path, isolation_level=None, timeout=30)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main() -> tuple[str, int]:
+        call = asyncio.create_task(store.run_inline(_insert, store, _job()))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not call.done()
+        other.execute("COMMIT")
+        return await call, ticks
+
+    job_id, ticks = asyncio.run(main())
+    other.close()
+    assert ticks == 20 and store.inline_fallbacks == 1
+    assert _committed(path, job_id)
+    with store.transaction() as tx:  # the busy timeout is back for everyone else
+        tx.insert_job(_job())
+    assert list(store._conn.execute("PRAGMA busy_timeout").fetchone().values()) == [30_000]
+    store.close()
+
+
 def test_a_failed_commit_fails_its_inline_members_and_keeps_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = SqliteStore(path)
