@@ -194,8 +194,9 @@ class StateStore(abc.ABC):
         """Open a transaction; commits on normal exit, rolls back on an exception."""
 
     @abc.abstractmethod
-    def migrate(self) -> int:
-        """Bring the schema to the latest version; return that version."""
+    def migrate(self, target: int = 0) -> int:
+        """Bring the schema to `target` (default: the latest version); return the version now.
+        Never goes down: a newer schema is left as it is."""
 
     @abc.abstractmethod
     def close(self) -> None:

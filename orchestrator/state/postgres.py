@@ -61,7 +61,7 @@ class PostgresStore(StateStore):
             conn.close()
             raise
 
-    def migrate(self) -> int:
+    def migrate(self, target: int = 0) -> int:
         """Apply pending migrations under an advisory lock so replicas can start together."""
         conn = self._conn()
         with conn.transaction(), conn.cursor() as cur:
@@ -71,11 +71,11 @@ class PostgresStore(StateStore):
             cur.execute("SELECT MAX(version) AS v FROM schema_version")
             row = cur.fetchone()
             current = int(row["v"] or 0) if row else 0
-            for version in range(current + 1, LATEST + 1):
+            for version in range(current + 1, (target or LATEST) + 1):
                 for stmt in MIGRATIONS[version - 1]:
                     cur.execute(stmt.format(bigint="BIGINT", float="DOUBLE PRECISION"))
                 cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-        return LATEST
+        return max(current, target or LATEST)
 
     def close(self) -> None:
         """Close every thread's connection."""

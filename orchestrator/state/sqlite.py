@@ -369,7 +369,7 @@ class SqliteStore(StateStore):
         if self._batch is not None:
             self._commit_locked(self._batch)
 
-    def migrate(self) -> int:
+    def migrate(self, target: int = 0) -> int:
         """Apply pending migrations in one write transaction (safe when processes race)."""
         with self._lock:
             self._settle_locked()
@@ -384,7 +384,7 @@ class SqliteStore(StateStore):
                 )
                 row = self._conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
                 current = int(row["v"] or 0)
-                for version in range(current + 1, LATEST + 1):
+                for version in range(current + 1, (target or LATEST) + 1):
                     for stmt in MIGRATIONS[version - 1]:
                         self._conn.execute(stmt.format(bigint="INTEGER", float="REAL"))
                     self._conn.execute(
@@ -394,7 +394,7 @@ class SqliteStore(StateStore):
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
-            return LATEST
+            return max(current, target or LATEST)
 
     def close(self) -> None:
         """Close the connection."""

@@ -355,3 +355,39 @@ def test_concurrent_transactions_are_durable_on_return_and_fail_alone(state_url:
         assert len(kept) == 8 * 12 and len(dropped) == 8 * 3
     again.close()
     observer.close()
+
+
+def test_a_version_1_database_migrates_with_its_jobs_and_they_reach_watchers(state_url: str) -> None:
+    """An orchestrator upgraded over an existing database: migration 2 (change_xid) keeps every
+    job, and a job written before it is still delivered to a watch once it changes."""
+    from orchestrator.state.sql import SqlTx, _job_to_row
+
+    old = open_state(state_url, migrate=False)
+    try:
+        assert old.migrate(1) == 1
+        job = _job()
+        row = _job_to_row(job)
+        with old.transaction() as tx:
+            assert isinstance(tx, SqlTx)
+            # Written as the version-1 code wrote it: no change_xid column exists yet.
+            cols = ", ".join(row)
+            tx._q(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' for _ in row)})", list(row.values()))
+    finally:
+        old.close()
+    store = open_state(state_url)  # migrates to the latest version, as a restart would
+    try:
+        assert store.migrate() == store.migrate(1) >= 2  # idempotent, never goes down
+        with store.transaction() as tx:
+            got = tx.get_job(job.job_id)
+            assert got is not None and got.training == job.training
+            cursor = tx.watch_cursor()
+        with store.transaction() as tx:
+            got = tx.get_job(job.job_id, for_update=True)
+            assert got is not None
+            got.state = JobState.CANCELLED
+            tx.save_job(got)
+        with store.transaction() as tx:
+            changed, _ = tx.jobs_changed_after(cursor, JobFilter(), 10)
+        assert [(j.job_id, j.state) for j in changed] == [(job.job_id, JobState.CANCELLED)]
+    finally:
+        store.close()
