@@ -249,7 +249,8 @@ class SqliteStore(StateStore):
         thread's body, or its COMMIT's fsync, would stall the whole event loop): it raises
         _LockBusy and run_inline hands the call to a thread instead."""
         first_inline = inline is not None and not inline.started
-        if inline is not None and first_inline:
+        if first_inline:
+            assert inline is not None
             inline.started = True
             if not self._lock.acquire(blocking=False):
                 with self._queued_lock:
@@ -292,7 +293,8 @@ class SqliteStore(StateStore):
         try:
             result = fn(*args)
         except _LockBusy:
-            # A thread is inside a transaction; nothing of fn has run. Wait for it off the loop.
+            # Another thread, or another process, holds the lock; nothing of fn has run yet, so
+            # it can run again in a thread that may wait.
             self.inline_fallbacks += 1
             return await loop.run_in_executor(self._fallback_executor(), fn, *args)
         except BaseException as exc:  # re-raised below, once what it saw is durable
