@@ -41,6 +41,19 @@ from protos.pocketlora.v1 import types_pb2 as tpb
 
 log = logging.getLogger("pocketlora.agent")
 
+# Statuses that say "not now" rather than "no": an unreachable orchestrator, or one shedding a
+# burst (a fleet enrolling at once; gRPC's core drops calls past its backlog as CANCELLED, or
+# RESOURCE_EXHAUSTED past its hard limit). Enrollment waits these out with backoff.
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
 _STATE_PB = {"RUNNING": tpb.JOB_STATE_RUNNING, "PAUSED": tpb.JOB_STATE_PAUSED, "UPLOADING": tpb.JOB_STATE_UPLOADING}
 
 
@@ -126,9 +139,12 @@ class Agent:
                 self.client.enroll(self.cfg.enrollment_token, caps)
                 break
             except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if exc.code() not in _TRANSIENT:
                     raise EnrollmentError(f"enrollment refused by {self.cfg.orchestrator}: {exc.code().name}: {exc.details()}") from None
-                log.warning("orchestrator %s unreachable (%s); retrying in %.0f s", self.cfg.orchestrator, exc.details(), delay)
+                log.warning(
+                    "orchestrator %s unreachable or busy (%s: %s); retrying in %.0f s",
+                    self.cfg.orchestrator, exc.code().name, exc.details(), delay,
+                )
                 if stop is not None and stop.wait(delay):
                     return
                 if stop is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,15 +62,22 @@ class RunningServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def start_server(orch: Orchestrator, listen: str = "127.0.0.1:0", *, threads: int = 0) -> RunningServer:
-    """Start AgentService, OperatorService, health and reflection on `listen`; returns the bound port."""
+async def start_server(
+    orch: Orchestrator,
+    listen: str = "127.0.0.1:0",
+    *,
+    threads: int = 0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start AgentService, OperatorService, health and reflection on `listen`; returns the bound
+    port. `interceptors` wrap every call (metrics, tracing, load shedding)."""
     host = listen.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
         log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
     # SQLite serialises writers, so more threads only queue; PostgreSQL gains from a few.
     is_sqlite = orch.state.url.startswith("sqlite")
     executor = ThreadPoolExecutor(max_workers=threads or (16 if is_sqlite else 8), thread_name_prefix="orch")
-    server = grpc.aio.server(options=_OPTIONS)
+    server = grpc.aio.server(options=_OPTIONS, interceptors=list(interceptors))
     agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, executor), server)
     operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, executor), server)
     health_servicer = health.aio.HealthServicer()

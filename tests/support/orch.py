@@ -39,7 +39,9 @@ class FakeClock:
 class ServerThread:
     """An Orchestrator over SQLite (or a given URL) and a file store, served on 127.0.0.1:<free>."""
 
-    def __init__(self, tmp: Path, *, db_url: str = "", clock: Any = None, reap_every_s: float = 0.0, **config: Any) -> None:
+    def __init__(
+        self, tmp: Path, *, db_url: str = "", clock: Any = None, reap_every_s: float = 0.0, interceptors: Any = (), **config: Any
+    ) -> None:
         self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
         kw = {"clock": clock} if clock else {}
@@ -47,6 +49,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
+        self.interceptors = list(interceptors)
         # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
@@ -58,7 +61,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start_server(self.orch), self.loop).result(30)
+        self.running = asyncio.run_coroutine_threadsafe(start_server(self.orch, interceptors=self.interceptors), self.loop).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
