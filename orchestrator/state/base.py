@@ -25,6 +25,7 @@ from orchestrator.domain import (
 # Where a watch stands: (a backend-defined order key, the last job id at that key).
 WatchCursor = tuple[int, str]
 
+
 class Tx(abc.ABC):
     """Operations available inside one transaction."""
 

@@ -119,7 +119,7 @@ class _LockBusy(BaseException):
 _INLINE: ContextVar[_Inline | None] = ContextVar("pocketlora_sqlite_inline", default=None)
 
 
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = BUSY_TIMEOUT_MS / 1000) -> None:
     """Switch the file to WAL, retrying while another connection holds it.
 
     Changing the journal mode needs an exclusive lock, and SQLite does not call the busy
@@ -248,10 +248,9 @@ class SqliteStore(StateStore):
         An inline call's first transaction does not wait for a thread that holds the lock (that
         thread's body, or its COMMIT's fsync, would stall the whole event loop): it raises
         _LockBusy and run_inline hands the call to a thread instead."""
-        first_inline = inline is not None and not inline.started
-        if first_inline:
-            assert inline is not None
-            inline.started = True
+        first_inline = False
+        if inline is not None and not inline.started:
+            inline.started = first_inline = True
             if not self._lock.acquire(blocking=False):
                 with self._queued_lock:
                     self._queued -= 1
@@ -381,17 +380,13 @@ class SqliteStore(StateStore):
             # would fail with "table ... already exists".
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-                )
+                self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
                 row = self._conn.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
                 current = int(row["v"] or 0)
                 for version in range(current + 1, (target or LATEST) + 1):
                     for stmt in MIGRATIONS[version - 1]:
                         self._conn.execute(stmt.format(bigint="INTEGER", float="REAL"))
-                    self._conn.execute(
-                        "INSERT INTO schema_version (version) VALUES (?)", (version,)
-                    )
+                    self._conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,25 @@ def test_inline_calls_and_threads_share_batches_and_all_return_committed(tmp_pat
     store.close()
 
 
+def _inline_insert_while_held(store: SqliteStore, release: Callable[[], None]) -> tuple[str, int, float]:
+    """Start an inline insert while something holds the lock, let the loop tick 20 times, then
+    release. Returns the job id, the ticks, and the longest gap between ticks (seconds)."""
+
+    async def main() -> tuple[str, int, float]:
+        loop = asyncio.get_running_loop()
+        call = asyncio.create_task(store.run_inline(_insert, store, _job()))
+        ticks, gap, last = 0, 0.0, loop.time()
+        for _ in range(20):  # the loop keeps running while the lock is held
+            await asyncio.sleep(0.01)
+            ticks += 1
+            gap, last = max(gap, loop.time() - last), loop.time()
+        assert not call.done()
+        release()
+        return await call, ticks, gap
+
+    return asyncio.run(main())
+
+
 def test_an_inline_call_never_blocks_the_loop_on_a_thread_in_a_transaction(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = SqliteStore(path)
@@ -210,20 +230,10 @@ def test_an_inline_call_never_blocks_the_loop_on_a_thread_in_a_transaction(tmp_p
     holder = threading.Thread(target=slow_thread)
     holder.start()
     assert entered.wait(10)
-
-    async def main() -> tuple[str, int]:
-        call = asyncio.create_task(store.run_inline(_insert, store, _job()))
-        ticks = 0
-        for _ in range(20):  # the loop keeps running while the thread holds the connection
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert not call.done()
-        release.set()
-        return await call, ticks
-
-    job_id, ticks = asyncio.run(main())
+    job_id, ticks, gap = _inline_insert_while_held(store, release.set)
     holder.join(10)
     assert ticks == 20 and store.inline_fallbacks == 1
+    assert gap < 1.0  # the holder keeps the lock for up to 10 s: the loop never waited for it
     assert _committed(path, job_id)
     store.close()
 
@@ -236,20 +246,10 @@ def test_an_inline_call_never_sleeps_on_the_loop_for_another_process_write_lock(
     store.migrate()
     other = sqlite3.connect(path, isolation_level=None, timeout=30)
     other.execute("BEGIN IMMEDIATE")
-
-    async def main() -> tuple[str, int]:
-        call = asyncio.create_task(store.run_inline(_insert, store, _job()))
-        ticks = 0
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert not call.done()
-        other.execute("COMMIT")
-        return await call, ticks
-
-    job_id, ticks = asyncio.run(main())
+    job_id, ticks, gap = _inline_insert_while_held(store, lambda: other.execute("COMMIT"))
     other.close()
     assert ticks == 20 and store.inline_fallbacks == 1
+    assert gap < 1.0  # SQLite's busy handler would have slept up to 30 s on the loop
     assert _committed(path, job_id)
     with store.transaction() as tx:  # the busy timeout is back for everyone else
         tx.insert_job(_job())
