@@ -157,13 +157,9 @@ def _check_config_matches(config_text: str, manifest: AdapterManifest) -> None:
     config = json.loads(config_text)
     r, alpha = config.get("r"), config.get("lora_alpha")
     if r is not None and r != manifest.rank:
-        raise AdapterFormatError(
-            f"manifest field 'rank' is {manifest.rank}, adapter_config r is {r}"
-        )
+        raise AdapterFormatError(f"manifest field 'rank' is {manifest.rank}, adapter_config r is {r}")
     if isinstance(alpha, int | float) and float(alpha) != manifest.alpha:
-        raise AdapterFormatError(
-            f"manifest field 'alpha' is {manifest.alpha}, adapter_config lora_alpha is {alpha}"
-        )
+        raise AdapterFormatError(f"manifest field 'alpha' is {manifest.alpha}, adapter_config lora_alpha is {alpha}")
 
 
 def pack_adapter(adapter_dir: Path, manifest: AdapterManifest, out: Path) -> BlobInfo:
@@ -198,9 +194,7 @@ def _blob_metadata(blob: Path) -> dict[str, str]:
     meta = ensure_safetensors(blob).get("__metadata__") or {}
     for key in (META_CONFIG, META_MANIFEST):
         if key not in meta:
-            raise AdapterFormatError(
-                f"{Path(blob).name}: not a PocketLoRA blob (no {key!r} metadata)"
-            )
+            raise AdapterFormatError(f"{Path(blob).name}: not a PocketLoRA blob (no {key!r} metadata)")
     return dict(meta)
 
 

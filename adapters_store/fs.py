@@ -229,9 +229,7 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints a traceback to stderr; keep the server quiet and free of request data.
-        log.warning(
-            "presigned URL server: request from %s failed", client_address[0], exc_info=False
-        )
+        log.warning("presigned URL server: request from %s failed", client_address[0], exc_info=False)
 
 
 class _Handler(BaseHTTPRequestHandler):

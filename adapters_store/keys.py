@@ -48,9 +48,7 @@ def upload_key(job_id: str, attempt: int) -> str:
     """Return the key a device uploads attempt `attempt` of job `job_id` to."""
     _check_segment("job_id", job_id)
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
-        raise InvalidKey(
-            f"uploads/{job_id}/{attempt}", f"attempt must be an int >= 0, got {attempt!r}"
-        )
+        raise InvalidKey(f"uploads/{job_id}/{attempt}", f"attempt must be an int >= 0, got {attempt!r}")
     return validate_key(f"{UPLOADS_PREFIX}{job_id}/{attempt}/adapter.safetensors")
 
 

@@ -61,9 +61,7 @@ class AdapterManifest:
         for name in ("base_fingerprint", "dataset_sha256"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _SHA256.fullmatch(value):
-                raise _fail(
-                    name, value, "must be 64 lowercase hex digits, optionally 'sha256:'-prefixed"
-                )
+                raise _fail(name, value, "must be 64 lowercase hex digits, optionally 'sha256:'-prefixed")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise _fail("rank", self.rank, "must be an int > 0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
@@ -112,9 +110,7 @@ class AdapterManifest:
             raise AdapterFormatError(f"manifest must be a JSON object, got {type(d).__name__}")
         version = d.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise _fail(
-                "format_version", version, f"unknown format version (supported: {FORMAT_VERSION})"
-            )
+            raise _fail("format_version", version, f"unknown format version (supported: {FORMAT_VERSION})")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -23,9 +23,7 @@ from adapters_store.keys import validate_key
 
 _CHUNK = 1 << 20
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "ResourceNotFound"})
-_AUTH = frozenset(
-    {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken"}
-)
+_AUTH = frozenset({"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken"})
 
 
 def _map_error(exc: Exception, what: str, key: str | None = None) -> NoReturn:
@@ -64,9 +62,7 @@ class S3BlobStore(BlobStore):
         # Few retries and bounded timeouts: the SDK default retries a dead endpoint for minutes.
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=60.0),
-            retries=urllib3.Retry(
-                total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
-            ),
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
             maxsize=8,
         )
         try:
@@ -83,9 +79,7 @@ class S3BlobStore(BlobStore):
         self._ensure_bucket()
 
     def __repr__(self) -> str:
-        return (
-            f"S3BlobStore(bucket={self.bucket!r}, endpoint={self.endpoint!r}, secure={self.secure})"
-        )
+        return f"S3BlobStore(bucket={self.bucket!r}, endpoint={self.endpoint!r}, secure={self.secure})"
 
     def _ensure_bucket(self) -> None:
         try:
@@ -106,9 +100,7 @@ class S3BlobStore(BlobStore):
         validate_key(key)
         info = BlobInfo(sha256=sha256_file(path), size=Path(path).stat().st_size)
         try:
-            self._client.fput_object(
-                self.bucket, key, str(path), content_type="application/octet-stream"
-            )
+            self._client.fput_object(self.bucket, key, str(path), content_type="application/octet-stream")
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             _map_error(exc, f"put {key!r}", key)
         return info

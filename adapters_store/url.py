@@ -44,9 +44,7 @@ def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, s
     from adapters_store.fs import FileBlobStore
 
     if netloc not in ("", "localhost") or not path.startswith("/"):
-        raise StoreConfigError(
-            f"store URL {url!r}: file URLs need an absolute path (file:///abs/path)"
-        )
+        raise StoreConfigError(f"store URL {url!r}: file URLs need an absolute path (file:///abs/path)")
     if query:
         raise StoreConfigError(f"store URL {url!r}: file URLs take no query parameters")
     secret_hex = env.get("POCKETLORA_URL_SECRET")
@@ -56,9 +54,7 @@ def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, s
         except ValueError:
             raise StoreConfigError("POCKETLORA_URL_SECRET must be hex") from None
         if len(secret) < 16:
-            raise StoreConfigError(
-                "POCKETLORA_URL_SECRET must be at least 16 bytes (32 hex digits)"
-            )
+            raise StoreConfigError("POCKETLORA_URL_SECRET must be at least 16 bytes (32 hex digits)")
     else:
         secret = _PROCESS_SECRET
     return FileBlobStore(Path(path), url_secret=secret)
@@ -96,11 +92,7 @@ def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> Blob
         raise StoreConfigError("store URL: region must not be empty")
     access = env.get("AWS_ACCESS_KEY_ID") or env.get("POCKETLORA_S3_ACCESS_KEY")
     secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("POCKETLORA_S3_SECRET_KEY")
-    missing = [
-        name
-        for name, value in (("AWS_ACCESS_KEY_ID", access), ("AWS_SECRET_ACCESS_KEY", secret))
-        if not value
-    ]
+    missing = [name for name, value in (("AWS_ACCESS_KEY_ID", access), ("AWS_SECRET_ACCESS_KEY", secret)) if not value]
     if missing:
         raise StoreConfigError(
             f"S3 store: missing credentials {', '.join(missing)} (or POCKETLORA_S3_ACCESS_KEY / POCKETLORA_S3_SECRET_KEY)"

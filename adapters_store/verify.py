@@ -44,9 +44,7 @@ def verify_upload(store: BlobStore, key: str, expected_sha256: str, expected_siz
     except BlobNotFound:
         raise IntegrityError(key, "missing") from None
     if info.size != expected_size:  # replaced between the HEAD and the read
-        raise IntegrityError(
-            key, "size_mismatch", f"expected {expected_size} bytes, read {info.size}"
-        )
+        raise IntegrityError(key, "size_mismatch", f"expected {expected_size} bytes, read {info.size}")
     _check_digest(key, info, expected_sha256)
     return info
 
@@ -68,9 +66,7 @@ def _check_manifest_matches_key(upload_key: str, manifest: AdapterManifest) -> N
         return
     job_id, attempt = m.group(1), int(m.group(2))
     if manifest.job_id != job_id:
-        raise AdapterFormatError(
-            f"manifest field 'job_id' is {manifest.job_id!r} but {upload_key!r} is job {job_id!r}"
-        )
+        raise AdapterFormatError(f"manifest field 'job_id' is {manifest.job_id!r} but {upload_key!r} is job {job_id!r}")
     if manifest.attempt != attempt:
         raise AdapterFormatError(
             f"manifest field 'attempt' is {manifest.attempt} but {upload_key!r} is attempt {attempt}"
@@ -94,9 +90,7 @@ def verify_and_promote(
         except BlobNotFound:
             raise IntegrityError(upload_key, "missing") from None
         if info.size != expected_size:
-            raise IntegrityError(
-                upload_key, "size_mismatch", f"expected {expected_size} bytes, read {info.size}"
-            )
+            raise IntegrityError(upload_key, "size_mismatch", f"expected {expected_size} bytes, read {info.size}")
         _check_digest(upload_key, info, expected_sha256)
         manifest = read_blob_manifest(local)
     _check_manifest_matches_key(upload_key, manifest)

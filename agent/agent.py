@@ -87,7 +87,9 @@ class EnrollmentError(Exception):
 class Agent:
     """Polls the orchestrator, gates on power/thermal state, trains, uploads, hot-swaps adapters."""
 
-    def __init__(self, config: AgentConfig, sensors: SensorSource, gate: Gate, *, listener: Listener | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, sensors: SensorSource, gate: Gate, *, listener: Listener | None = None
+    ) -> None:
         self.cfg = config
         self.sensors = sensors
         self.gate = gate
@@ -130,9 +132,13 @@ class Agent:
         if self.client.enrolled and not force:
             return
         if not self.cfg.enrollment_token:
-            raise EnrollmentError("not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)")
+            raise EnrollmentError(
+                "not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)"
+            )
         budget = self.cfg.memory_budget_mb * 2**20
-        caps = detect_capabilities(self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget)
+        caps = detect_capabilities(
+            self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget
+        )
         delay = 1.0
         while True:
             try:
@@ -140,10 +146,15 @@ class Agent:
                 break
             except grpc.RpcError as exc:
                 if exc.code() not in _TRANSIENT:
-                    raise EnrollmentError(f"enrollment refused by {self.cfg.orchestrator}: {exc.code().name}: {exc.details()}") from None
+                    raise EnrollmentError(
+                        f"enrollment refused by {self.cfg.orchestrator}: {exc.code().name}: {exc.details()}"
+                    ) from None
                 log.warning(
                     "orchestrator %s unreachable or busy (%s: %s); retrying in %.0f s",
-                    self.cfg.orchestrator, exc.code().name, exc.details(), delay,
+                    self.cfg.orchestrator,
+                    exc.code().name,
+                    exc.details(),
+                    delay,
                 )
                 if stop is not None and stop.wait(delay):
                     return
@@ -247,7 +258,11 @@ class Agent:
         try:
             reply: pb.ReportProgressResponse = self.client.call("ReportProgress", req)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+            if exc.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
                 self._abandon(f"orchestrator refused the report: {exc.details()}", keep_folder=True)
                 return None
             raise
@@ -278,10 +293,18 @@ class Agent:
 
         training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
         self.job = LocalJob(
-            a.job_id, a.lease_epoch, a.attempt, training, state="LEASED", upload_url=a.upload_url, dataset_url=a.dataset_url
+            a.job_id,
+            a.lease_epoch,
+            a.attempt,
+            training,
+            state="LEASED",
+            upload_url=a.upload_url,
+            dataset_url=a.dataset_url,
         )
         self.job.save(self.cfg.work_dir)
-        self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name"))
+        self._emit(
+            "leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name")
+        )
         self._start_training()
 
     def _start_training(self) -> None:
@@ -298,7 +321,9 @@ class Agent:
                 dataset = fetch_shipped_dataset(self.job, job_dir)
             else:
                 dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
-            spec = training_spec(self.job, job_dir, self.cfg.base_model_dir, dataset, self.cfg.memory_budget_mb, self.cfg.torch_threads)
+            spec = training_spec(
+                self.job, job_dir, self.cfg.base_model_dir, dataset, self.cfg.memory_budget_mb, self.cfg.torch_threads
+            )
         except JobSetupError as exc:
             self._fail(exc.error_class, str(exc))
             return
@@ -329,7 +354,9 @@ class Agent:
                 self.pausing = True
                 requested_at = time.monotonic()
                 self.proc.request_pause()
-                self._emit("pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail, t=requested_at)
+                self._emit(
+                    "pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail, t=requested_at
+                )
             elif time.monotonic() - self.last_progress_report >= self.cfg.progress_every_s:
                 self._report(self.job.state if self.job.state in _STATE_PB else "RUNNING")
             return
@@ -363,9 +390,16 @@ class Agent:
             self._fail("UPLOAD_FAILED", f"upload failed: {exc}")
             return
         self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
-        metrics = {"final_loss": float(self.job.progress.get("loss", 0.0) or 0.0), "steps": float(self.job.progress.get("step", 0))}
+        metrics = {
+            "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
+            "steps": float(self.job.progress.get("step", 0)),
+        }
         req = pb.CompleteJobRequest(
-            job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, sha256=info.sha256, size_bytes=info.size, metrics=metrics
+            job_id=self.job.job_id,
+            lease_epoch=self.job.lease_epoch,
+            sha256=info.sha256,
+            size_bytes=info.size,
+            metrics=metrics,
         )
         try:
             done: pb.CompleteJobResponse = self.client.call("CompleteJob", req)
@@ -374,15 +408,23 @@ class Agent:
                 self._abandon(f"completion refused: {exc.details()}", keep_folder=False)
                 return
             raise
-        self._emit("completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version)
+        self._emit(
+            "completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version
+        )
         LocalJob.forget(self.cfg.work_dir, self.job.job_id)
         self.job = None
         self.next_lease = time.monotonic() + 1.0
 
     def _fail(self, error_class: str, message: str) -> None:
         assert self.job is not None
-        code = tpb.ErrorClass.Value("ERROR_CLASS_" + error_class) if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys() else tpb.ERROR_CLASS_CRASHED
-        req = pb.FailJobRequest(job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500])
+        code = (
+            tpb.ErrorClass.Value("ERROR_CLASS_" + error_class)
+            if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys()
+            else tpb.ERROR_CLASS_CRASHED
+        )
+        req = pb.FailJobRequest(
+            job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500]
+        )
         retry = False
         try:
             retry = self.client.call("FailJob", req).will_retry

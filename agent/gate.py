@@ -81,19 +81,13 @@ class GatePolicy:
         if isinstance(storage, bool) or not isinstance(storage, int) or storage < 0:
             raise ValueError(f"min_free_storage_bytes must be an int >= 0, got {storage!r}")
         cpu = self.max_cpu_load_pct
-        if cpu is not None and (
-            isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0.0 < cpu <= 100.0
-        ):
+        if cpu is not None and (isinstance(cpu, bool) or not isinstance(cpu, int | float) or not 0.0 < cpu <= 100.0):
             raise ValueError(f"max_cpu_load_pct must be None or in (0, 100], got {cpu!r}")
         if self.no_battery not in _NO_BATTERY_CHOICES:
-            raise ValueError(
-                f"no_battery must be one of {_NO_BATTERY_CHOICES}, got {self.no_battery!r}"
-            )
+            raise ValueError(f"no_battery must be one of {_NO_BATTERY_CHOICES}, got {self.no_battery!r}")
         for name in ("unknown_temperature", "unknown_charging"):
             if getattr(self, name) not in _UNKNOWN_CHOICES:
-                raise ValueError(
-                    f"{name} must be one of {_UNKNOWN_CHOICES}, got {getattr(self, name)!r}"
-                )
+                raise ValueError(f"{name} must be one of {_UNKNOWN_CHOICES}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatePolicy:
@@ -187,17 +181,13 @@ class Gate:
                     f"temperature unknown; paused until it reads below {p.temp_low_c:.1f}°C",
                 )
             if p.unknown_temperature == "deny":
-                return _deny(
-                    Reason.SENSOR_UNKNOWN, "temperature unknown (unknown_temperature=deny)"
-                )
+                return _deny(Reason.SENSOR_UNKNOWN, "temperature unknown (unknown_temperature=deny)")
             return None
         # The latch is updated on every reading, whatever else fails, so hysteresis holds even
         # while the device is also unplugged.
         if temp >= p.temp_high_c:
             self._hot = True
-            return _deny(
-                Reason.TOO_HOT, f"temperature {temp:.1f}°C >= {p.temp_high_c:.1f}°C high mark"
-            )
+            return _deny(Reason.TOO_HOT, f"temperature {temp:.1f}°C >= {p.temp_high_c:.1f}°C high mark")
         if self._hot and temp >= p.temp_low_c:
             return _deny(
                 Reason.TOO_HOT,
@@ -223,17 +213,13 @@ class Gate:
             if charging is None or battery is None:
                 missing = "charging state" if charging is None else "battery level"
                 if p.unknown_charging == "deny":
-                    return _deny(
-                        Reason.SENSOR_UNKNOWN, f"{missing} unknown (unknown_charging=deny)"
-                    )
+                    return _deny(Reason.SENSOR_UNKNOWN, f"{missing} unknown (unknown_charging=deny)")
                 charging = True if charging is None else charging
                 battery = 100.0 if battery is None else battery
         if p.require_charging and not charging:
             return _deny(Reason.NOT_CHARGING, "not charging")
         if battery < p.min_battery_pct:
-            return _deny(
-                Reason.BATTERY_LOW, f"battery {battery:g}% < {p.min_battery_pct:g}% minimum"
-            )
+            return _deny(Reason.BATTERY_LOW, f"battery {battery:g}% < {p.min_battery_pct:g}% minimum")
 
         storage = reading.free_storage_bytes
         if p.min_free_storage_bytes > 0:
@@ -242,14 +228,11 @@ class Gate:
             if storage < p.min_free_storage_bytes:
                 return _deny(
                     Reason.STORAGE_LOW,
-                    f"free storage {storage / 2**20:.0f} MiB < "
-                    f"{p.min_free_storage_bytes / 2**20:.0f} MiB minimum",
+                    f"free storage {storage / 2**20:.0f} MiB < {p.min_free_storage_bytes / 2**20:.0f} MiB minimum",
                 )
         cpu = reading.cpu_load_pct
         if p.max_cpu_load_pct is not None and cpu is not None and cpu > p.max_cpu_load_pct:
-            return _deny(
-                Reason.CPU_BUSY, f"CPU load {cpu:.0f}% > {p.max_cpu_load_pct:.0f}% maximum"
-            )
+            return _deny(Reason.CPU_BUSY, f"CPU load {cpu:.0f}% > {p.max_cpu_load_pct:.0f}% maximum")
 
         parts = [
             power_note or ("charging" if charging else "on battery"),

@@ -23,8 +23,15 @@ class RuntimeHost:
     """A child process holding the base model and its resident adapters."""
 
     def __init__(self, base_model_dir: Path, *, torch_threads: int = 0, max_resident_bytes: int = 256 * 2**20) -> None:
-        cmd = [sys.executable, "-m", "agent.runtime_host", "--base-model", str(base_model_dir),
-               "--max-resident-bytes", str(max_resident_bytes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent.runtime_host",
+            "--base-model",
+            str(base_model_dir),
+            "--max-resident-bytes",
+            str(max_resident_bytes),
+        ]
         if torch_threads:
             cmd += ["--torch-threads", str(torch_threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -63,7 +70,9 @@ class RuntimeHost:
         """Make an adapter (or the base, with None) active for new requests."""
         self.call("activate", name=name)
 
-    def generate(self, prompt: str, max_new_tokens: int = 48, adapter: str | None = None, use_active: bool = True) -> dict[str, Any]:
+    def generate(
+        self, prompt: str, max_new_tokens: int = 48, adapter: str | None = None, use_active: bool = True
+    ) -> dict[str, Any]:
         """Generate with the active adapter (or the named one / the base)."""
         args: dict[str, Any] = {"prompt": prompt, "max_new_tokens": max_new_tokens}
         if not use_active:

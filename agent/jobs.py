@@ -94,7 +94,9 @@ def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
         raise JobSetupError("TRANSIENT", "the shipped dataset's download URL is missing; retry with a new lease")
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        download_from_url(job.dataset_url, path, expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:"))
+        download_from_url(
+            job.dataset_url, path, expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:")
+        )
     except IntegrityError as exc:
         raise JobSetupError("DATASET_INVALID", f"shipped dataset failed its check: {exc}") from exc
     except StoreError as exc:
@@ -164,7 +166,9 @@ def pack_output(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str
         base_fingerprint=str(trained["base_fingerprint"]),
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        target_modules=sorted(config["target_modules"]) if isinstance(config["target_modules"], list) else [str(config["target_modules"])],
+        target_modules=sorted(config["target_modules"])
+        if isinstance(config["target_modules"], list)
+        else [str(config["target_modules"])],
         dataset_sha256=str(trained.get("dataset_sha256", "")),
         metrics=metrics,
         training=trained.get("spec", {}),

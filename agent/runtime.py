@@ -233,9 +233,7 @@ class AdapterRuntime:
             with self._state:
                 if name in self._residents:
                     raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
-                slot = next(
-                    (s for s in self._free if self._slots[s].config_key == config_key), None
-                )
+                slot = next((s for s in self._free if self._slots[s].config_key == config_key), None)
                 if slot is not None:
                     del self._free[slot]
             if slot is not None:
@@ -270,8 +268,7 @@ class AdapterRuntime:
                 # peft loads with strict=False: a missing key would silently stay random.
                 missing, extra = sorted(set(tensors) - saved), sorted(saved - set(tensors))
                 raise AdapterLoadError(
-                    f"adapter {name!r}: weights do not match its config "
-                    f"(missing {missing[:3]}, unexpected {extra[:3]})"
+                    f"adapter {name!r}: weights do not match its config (missing {missing[:3]}, unexpected {extra[:3]})"
                 )
         except (ValueError, RuntimeError, KeyError, OSError, TypeError, AdapterLoadError) as exc:
             self._delete_slot_locked(slot)
@@ -299,9 +296,7 @@ class AdapterRuntime:
         if bad or len(new) != len(targets):
             with self._state:
                 self._free[slot] = None
-            raise AdapterLoadError(
-                f"adapter {name!r}: weights do not match its config (first bad tensors {bad[:3]})"
-            )
+            raise AdapterLoadError(f"adapter {name!r}: weights do not match its config (first bad tensors {bad[:3]})")
         with self._torch.no_grad():
             for key, tensor in targets.items():
                 tensor.copy_(new[key])  # casts to the slot's dtype (fp32), as peft's autocast does
@@ -335,9 +330,7 @@ class AdapterRuntime:
             bound = sum(r.nbytes for r in self._residents.values())
             doomed = []
             free_bytes = sum(self._slots[s].nbytes for s in self._free)
-            while self._free and (
-                len(self._free) > _MAX_FREE_SLOTS or bound + free_bytes > self.max_resident_bytes
-            ):
+            while self._free and (len(self._free) > _MAX_FREE_SLOTS or bound + free_bytes > self.max_resident_bytes):
                 slot, _ = self._free.popitem(last=False)
                 free_bytes -= self._slots[slot].nbytes
                 doomed.append(slot)
@@ -382,9 +375,7 @@ class AdapterRuntime:
             if res is None:
                 raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
             if name == self._active:
-                raise AdapterBusy(
-                    f"adapter {name!r} is active; activate another adapter or None first"
-                )
+                raise AdapterBusy(f"adapter {name!r} is active; activate another adapter or None first")
             del self._residents[name]
             if res.pins > 0:
                 res.draining = True  # the last in-flight request frees the slot

@@ -24,7 +24,9 @@ def main() -> int:
     sys.stdout = sys.stderr
     from agent.runtime import AdapterRuntime
 
-    runtime = AdapterRuntime(args.base_model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.torch_threads or None)
+    runtime = AdapterRuntime(
+        args.base_model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.torch_threads or None
+    )
 
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd.get("op")

@@ -364,6 +364,4 @@ def parse_sensor_spec(spec: str, *, storage_path: Path = Path(".")) -> SensorSou
         if sysfs_has_battery(Path("/sys")):
             return SysfsSensors(Path("/sys"), storage_path)
         return PsutilSensors(storage_path)
-    raise ValueError(
-        f"unknown sensor spec {spec!r}; expected psutil, sysfs[:ROOT], trace:PATH or auto"
-    )
+    raise ValueError(f"unknown sensor spec {spec!r}; expected psutil, sysfs[:ROOT], trace:PATH or auto")

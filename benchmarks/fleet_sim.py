@@ -72,7 +72,15 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    stats: dict[str, Any] = {"completed": [], "fenced": 0, "vanished": 0, "transient": 0, "paused": 0, "errors": 0, "refused": collections.Counter()}
+    stats: dict[str, Any] = {
+        "completed": [],
+        "fenced": 0,
+        "vanished": 0,
+        "transient": 0,
+        "paused": 0,
+        "errors": 0,
+        "refused": collections.Counter(),
+    }
     caps = tpb.Capabilities(base_model_id="tiny", supports_4bit=True, ram_bytes=8 * 2**30)
 
     async def agent(n: int) -> None:
@@ -81,7 +89,11 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
         vanish = rng.random() < VANISH_SHARE
         for attempt in range(20):
             try:
-                reply = await stub.Enroll(apb.EnrollRequest(device_id=device_id, capabilities=caps), metadata=(("authorization", f"Bearer {ENROLL_TOKEN}"),), timeout=60)
+                reply = await stub.Enroll(
+                    apb.EnrollRequest(device_id=device_id, capabilities=caps),
+                    metadata=(("authorization", f"Bearer {ENROLL_TOKEN}"),),
+                    timeout=60,
+                )
                 break
             except grpc.aio.AioRpcError as exc:
                 # 2,000 agents enrolling at once on 2 cores: back off and retry like a real agent.
@@ -96,12 +108,20 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
             return ((time.monotonic() + phase) % CHARGE_PERIOD_S) < CHARGE_PERIOD_S * CHARGE_SHARE
 
         async def report(job_id: str, epoch: int, state: int) -> Any:
-            return await stub.ReportProgress(apb.ReportProgressRequest(job_id=job_id, lease_epoch=epoch, state=state), metadata=md, timeout=30)
+            return await stub.ReportProgress(
+                apb.ReportProgressRequest(job_id=job_id, lease_epoch=epoch, state=state), metadata=md, timeout=30
+            )
 
         while not stop.is_set():
             try:
                 if not charging():
-                    hb = await stub.Heartbeat(apb.HeartbeatRequest(device_id=device_id, eligible=False, eligibility_reason=tpb.ELIGIBILITY_REASON_NOT_CHARGING), metadata=md, timeout=30)
+                    hb = await stub.Heartbeat(
+                        apb.HeartbeatRequest(
+                            device_id=device_id, eligible=False, eligibility_reason=tpb.ELIGIBILITY_REASON_NOT_CHARGING
+                        ),
+                        metadata=md,
+                        timeout=30,
+                    )
                     # Pace steering, as the real agent obeys it (capped: a sim has short windows).
                     wait = hb.next_poll_after.seconds + hb.next_poll_after.nanos / 1e9
                     await asyncio.sleep(min(wait, IDLE_POLL_MAX_S) * rng.uniform(0.5, 1.0))
@@ -143,13 +163,30 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
                         await asyncio.sleep(LEASE_S / 3)
                 if rng.random() < TRANSIENT_SHARE:
                     stats["transient"] += 1
-                    await stub.FailJob(apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_TRANSIENT, message="simulated"), metadata=md, timeout=30)
+                    await stub.FailJob(
+                        apb.FailJobRequest(
+                            job_id=a.job_id,
+                            lease_epoch=a.lease_epoch,
+                            error_class=tpb.ERROR_CLASS_TRANSIENT,
+                            message="simulated",
+                        ),
+                        metadata=md,
+                        timeout=30,
+                    )
                     continue
                 up = await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_UPLOADING)
-                blob, info = await asyncio.to_thread(fake_adapter_blob, tmp, device_id=device_id, job_id=a.job_id, attempt=a.attempt)
+                blob, info = await asyncio.to_thread(
+                    fake_adapter_blob, tmp, device_id=device_id, job_id=a.job_id, attempt=a.attempt
+                )
                 await asyncio.to_thread(upload_to_url, up.upload_url or a.upload_url, blob)
                 blob.unlink()
-                await stub.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md, timeout=60)
+                await stub.CompleteJob(
+                    apb.CompleteJobRequest(
+                        job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
+                    ),
+                    metadata=md,
+                    timeout=60,
+                )
                 stats["completed"].append([a.job_id, a.attempt])
             except grpc.aio.AioRpcError as exc:
                 # A refused report (a lease lost while the machine was slow) is the fencing
@@ -201,7 +238,12 @@ async def submit_all(address: str, devices: list[str], jobs: int, max_attempts: 
 
         async def one(k: int) -> None:
             async with sem:
-                req = opb.SubmitJobRequest(request_id=f"sim-job-{k}", device_id=devices[k % len(devices)], training=spec, max_attempts=max_attempts)
+                req = opb.SubmitJobRequest(
+                    request_id=f"sim-job-{k}",
+                    device_id=devices[k % len(devices)],
+                    training=spec,
+                    max_attempts=max_attempts,
+                )
                 out[k] = (await stub.SubmitJob(req, metadata=md, timeout=60)).job.job_id
 
         await asyncio.gather(*(one(k) for k in range(jobs)))
@@ -252,7 +294,14 @@ def seed_fanout_devices(db_url: str, n: int) -> None:
         with store.transaction() as tx:
             tx.insert_devices(
                 [
-                    DeviceRecord(f"fan-{i:06d}", "unused", {"base_model_id": "tiny", "ram_bytes": 8 * 2**30}, {"pool": "fanout"}, enrolled_at=now, last_seen=now)
+                    DeviceRecord(
+                        f"fan-{i:06d}",
+                        "unused",
+                        {"base_model_id": "tiny", "ram_bytes": 8 * 2**30},
+                        {"pool": "fanout"},
+                        enrolled_at=now,
+                        last_seen=now,
+                    )
                     for i in range(n)
                 ]
             )
@@ -289,7 +338,17 @@ def main(argv: list[str] | None = None) -> int:
             first, count = p * per, min(per, agents - p * per)
             if count <= 0:
                 break
-            cmd = [sys.executable, str(Path(__file__).resolve()), "agents", address, str(first), str(count), str(tmp), str(p), str(args.train_s)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "agents",
+                address,
+                str(first),
+                str(count),
+                str(tmp),
+                str(p),
+                str(args.train_s),
+            ]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env))
         for proc in procs:
             assert proc.stdout is not None
@@ -349,11 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         from protos.pocketlora.v1 import types_pb2 as tpb
 
         req = opb.SubmitCampaignRequest(
-            request_id="fanout-1", name="fanout", selector=tpb.DeviceSelector(labels={"pool": "fanout"}),
+            request_id="fanout-1",
+            name="fanout",
+            selector=tpb.DeviceSelector(labels={"pool": "fanout"}),
             training=tpb.TrainingSpec(adapter_name="persona", base_model_id="tiny", dataset="captain"),
         )
         t1 = time.perf_counter()
-        campaign = stub.SubmitCampaign(req, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=300).campaign
+        campaign = stub.SubmitCampaign(
+            req, metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),), timeout=300
+        ).campaign
         result["fanout_devices"] = int(campaign.job_count)
         result["fanout_s"] = round(time.perf_counter() - t1, 2)
     finally:
@@ -363,8 +426,25 @@ def main(argv: list[str] | None = None) -> int:
         stop_process(server)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"fleet simulation: {agents:,} agents in {len(procs)} processes, {jobs:,} jobs, lease {LEASE_S:g} s, {result['db']}")
-    for key in ("succeeded", "failed", "lost", "double_completed", "over_attempts", "vanished", "fenced", "transient_failures", "retried_jobs", "pauses", "wall_s", "jobs_per_s", "fanout_devices", "fanout_s"):
+    print(
+        f"fleet simulation: {agents:,} agents in {len(procs)} processes, {jobs:,} jobs, lease {LEASE_S:g} s, {result['db']}"
+    )
+    for key in (
+        "succeeded",
+        "failed",
+        "lost",
+        "double_completed",
+        "over_attempts",
+        "vanished",
+        "fenced",
+        "transient_failures",
+        "retried_jobs",
+        "pauses",
+        "wall_s",
+        "jobs_per_s",
+        "fanout_devices",
+        "fanout_s",
+    ):
         print(f"  {key:<20}{result[key]}")
     print(json.dumps(result))
     ok = (

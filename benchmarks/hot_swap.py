@@ -84,9 +84,7 @@ def make_adapter(base: Path, out: Path, fingerprint: str) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(str(out))
     (out / "manifest.json").write_text(json.dumps({"base_fingerprint": fingerprint}))
     del model
@@ -111,9 +109,7 @@ def cold_reload_ms(base: Path, adapter: Path, runs: int) -> float:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
-        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
         elapsed = (time.perf_counter() - t0) * 1000
         if proc.returncode != 0 or "READY" not in proc.stdout:
             raise RuntimeError(f"cold reload child failed: {proc.stderr[-2000:]}")

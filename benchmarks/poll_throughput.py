@@ -48,7 +48,12 @@ from benchmarks._common import (
     stop_process,
 )
 
-GOALS = {"sqlite_ratio": (">=", 0.5), "postgres_ratio": (">=", 0.35), "sqlite_p99_ms": ("<=", 50.0), "postgres_p99_ms": ("<=", 50.0)}
+GOALS = {
+    "sqlite_ratio": (">=", 0.5),
+    "postgres_ratio": (">=", 0.35),
+    "sqlite_p99_ms": ("<=", 50.0),
+    "postgres_p99_ms": ("<=", 50.0),
+}
 POLLERS = 64
 TARGETS = ("sqlite", "sqlite_normal", "postgres")
 
@@ -129,7 +134,9 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(address: str, devices: int, runs: int, seconds: float, pid: int = 0) -> tuple[float, float, int, float | None]:
+def measure(
+    address: str, devices: int, runs: int, seconds: float, pid: int = 0
+) -> tuple[float, float, int, float | None]:
     """Median calls/s and median p99 (ms) over `runs` windows, the total error count, and the
     server's CPU ms per call over all windows (None without a pid or /proc)."""
     rates, tails, errors, calls = [], [], 0, 0
@@ -150,7 +157,9 @@ def run_ceiling(tmp: Path, runs: int, seconds: float) -> tuple[float, float, flo
 
     script = tmp / "echo_server.py"
     script.write_text(ECHO_SERVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(Path(__file__).resolve().parents[1])], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(Path(__file__).resolve().parents[1])], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     address = proc.stdout.readline().strip().removeprefix("serving ")
     try:
@@ -192,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or (60_000 if args.quick else 100_000)
 
     tmp = Path(tempfile.mkdtemp(prefix="pocketlora-bench-"))
-    result: dict[str, float | int | str | None] = {"devices": devices, "jobs": jobs, "pollers": POLLERS, "runs": runs, "window_s": seconds}
+    result: dict[str, float | int | str | None] = {
+        "devices": devices,
+        "jobs": jobs,
+        "pollers": POLLERS,
+        "runs": runs,
+        "window_s": seconds,
+    }
     t_start = time.perf_counter()
     try:
         result["ceiling_rps"], result["ceiling_p99_ms"], result["ceiling_server_ms"] = run_ceiling(tmp, runs, seconds)
@@ -201,8 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         result["sqlite_rps"], result["sqlite_p99_ms"], result["sqlite_server_ms"] = run_orchestrator(
             f"sqlite:///{tmp / 'state.db'}", tmp, devices, jobs, runs, seconds, "sqlite"
         )
-        result["sqlite_normal_rps"], result["sqlite_normal_p99_ms"], result["sqlite_normal_server_ms"] = run_orchestrator(
-            f"sqlite:///{tmp / 'state-normal.db'}?synchronous=NORMAL", tmp, devices, jobs, runs, seconds, "sqlite_normal"
+        result["sqlite_normal_rps"], result["sqlite_normal_p99_ms"], result["sqlite_normal_server_ms"] = (
+            run_orchestrator(
+                f"sqlite:///{tmp / 'state-normal.db'}?synchronous=NORMAL",
+                tmp,
+                devices,
+                jobs,
+                runs,
+                seconds,
+                "sqlite_normal",
+            )
         )
         if args.no_postgres:
             result["postgres_rps"] = result["postgres_p99_ms"] = result["postgres_server_ms"] = None
@@ -221,12 +244,24 @@ def main(argv: list[str] | None = None) -> int:
         result[f"{name}_ratio"] = round(float(rps) / ceiling, 3) if rps is not None else None
     for key, value in list(result.items()):
         if isinstance(value, float):
-            result[key] = round(value, 1) if key.endswith("rps") else round(value, 3) if key.endswith("server_ms") else round(value, 2) if key.endswith("ms") else value
+            result[key] = (
+                round(value, 1)
+                if key.endswith("rps")
+                else round(value, 3)
+                if key.endswith("server_ms")
+                else round(value, 2)
+                if key.endswith("ms")
+                else value
+            )
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
-    print(f"poll throughput: {devices:,} devices, {jobs:,} queued jobs, {POLLERS} pollers, median of {runs} x {seconds:g} s")
+    print(
+        f"poll throughput: {devices:,} devices, {jobs:,} queued jobs, {POLLERS} pollers, median of {runs} x {seconds:g} s"
+    )
     print(f"{'target':<14}{'calls/s':>10}{'ratio':>8}{'p99 ms':>9}{'server CPU ms/call':>20}")
-    print(f"{'ceiling':<14}{result['ceiling_rps']:>10}{1.0:>8}{result['ceiling_p99_ms']:>9}{result['ceiling_server_ms']!s:>20}")
+    print(
+        f"{'ceiling':<14}{result['ceiling_rps']:>10}{1.0:>8}{result['ceiling_p99_ms']:>9}{result['ceiling_server_ms']!s:>20}"
+    )
     for name in TARGETS:
         if result.get(f"{name}_rps") is not None:
             print(

@@ -138,9 +138,7 @@ def child_bare(base: str, mb: int, seq: int, steps: int) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.config.use_cache = False
     torch.manual_seed(0)
-    lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -190,9 +188,7 @@ def _base_model(cache_dir: Path) -> tuple[Path, str]:
 
 def main() -> None:
     """Run every configuration in fresh subprocesses and report medians."""
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batch, one repeat: under 2 minutes")
     ap.add_argument("--repeats", type=int, default=0, help="subprocess runs per configuration")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "pocketlora")
@@ -202,9 +198,7 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "ours":
             base, quant, ckpt, mb, seq, steps, out, cold = rest
-            result = child_ours(
-                base, quant, ckpt == "1", int(mb), int(seq), int(steps), out, cold == "1"
-            )
+            result = child_ours(base, quant, ckpt == "1", int(mb), int(seq), int(steps), out, cold == "1")
         else:
             base, mb, seq, steps = rest
             result = child_bare(base, int(mb), int(seq), int(steps))
@@ -238,9 +232,7 @@ def main() -> None:
                         ]
                     )
                 )
-            results.setdefault("bare fp32", []).append(
-                _run_child(["bare", str(base), str(mb), str(seq), str(steps)])
-            )
+            results.setdefault("bare fp32", []).append(_run_child(["bare", str(base), str(mb), str(seq), str(steps)]))
 
     med = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "quantized"}
@@ -249,9 +241,7 @@ def main() -> None:
     print(
         f"base: {label}  ({base_bytes / 2**20:.0f} MiB)  micro-batch {mb} x seq {seq}, LoRA r=8 on {TARGETS}, 1 thread, {repeats} run(s)"
     )
-    print(
-        f"{'config':<14} {'peak RSS MiB':>13} {'estimate MiB':>13} {'err':>6} {'step s':>8} {'cpu s':>7}"
-    )
+    print(f"{'config':<14} {'peak RSS MiB':>13} {'estimate MiB':>13} {'err':>6} {'step s':>8} {'cpu s':>7}")
     errors = {}
     for name, m in med.items():
         est = m.get("estimate")
@@ -260,9 +250,7 @@ def main() -> None:
             errors[name] = round(err, 3)
         est_s = f"{est / 2**20:13.0f}" if est else f"{'-':>13}"
         err_s = f"{err:6.1%}" if err is not None else f"{'-':>6}"
-        print(
-            f"{name:<14} {m['peak_rss'] / 2**20:13.0f} {est_s} {err_s} {m['step_s']:8.2f} {m['step_cpu_s']:7.2f}"
-        )
+        print(f"{name:<14} {m['peak_rss'] / 2**20:13.0f} {est_s} {err_s} {m['step_s']:8.2f} {m['step_cpu_s']:7.2f}")
     summary = {
         "benchmark": "training_memory",
         "base": label,

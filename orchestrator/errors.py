@@ -1,12 +1,12 @@
 """The orchestrator's error tree, mapped to gRPC status codes in one place (servicers/errors.py).
 
-    OrchestratorError
-    ├── InvalidArgument      a request field is missing or malformed (names the field)
-    ├── NotFound             an unknown job, device, adapter or campaign id
-    ├── AlreadyExists        a conflicting create
-    ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
-    ├── Unauthenticated      no or wrong credential
-    └── PermissionDenied     a valid caller acting on what is not theirs
+OrchestratorError
+├── InvalidArgument      a request field is missing or malformed (names the field)
+├── NotFound             an unknown job, device, adapter or campaign id
+├── AlreadyExists        a conflicting create
+├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
+├── Unauthenticated      no or wrong credential
+└── PermissionDenied     a valid caller acting on what is not theirs
 """
 
 from __future__ import annotations

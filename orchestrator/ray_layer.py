@@ -51,9 +51,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, tmp_roo
     if ray.is_initialized():
         return
     # env_vars reach actors and tasks (they are separate processes started by Ray's workers).
-    runtime_env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("POCKETLORA_", "AWS_", "HF_", "TRANSFORMERS_"))}}
+    runtime_env = {
+        "env_vars": {
+            k: v for k, v in os.environ.items() if k.startswith(("POCKETLORA_", "AWS_", "HF_", "TRANSFORMERS_"))
+        }
+    }
     if address:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            runtime_env=runtime_env,
+        )
         return
     # address="local": a bare ray.init() would attach to any leftover cluster in RAY_TMPDIR.
     ray.init(

@@ -191,7 +191,9 @@ class Orchestrator:
         if not enrollment_token or not self._enrollment_token_ok(enrollment_token):
             raise Unauthenticated("a valid enrollment token is required to enroll")
         validation.device_id(device_id)
-        labels = validation.labels({str(k): str(v) for k, v in capabilities.pop("labels", {}).items()}, "capabilities.labels")
+        labels = validation.labels(
+            {str(k): str(v) for k, v in capabilities.pop("labels", {}).items()}, "capabilities.labels"
+        )
         credential = "pldev_" + secrets.token_urlsafe(32)
         now = self.clock()
         with self.state.transaction() as tx:
@@ -262,7 +264,12 @@ class Orchestrator:
                 job = tx.get_job(hb.running_job_id, for_update=True)
                 if job is not None and job.device_id == device_id and job.state == JobState.CANCELLED:
                     cancel.append(hb.running_job_id)
-                elif job is None or job.device_id != device_id or not job.state.leased or job.lease_epoch != hb.running_epoch:
+                elif (
+                    job is None
+                    or job.device_id != device_id
+                    or not job.state.leased
+                    or job.lease_epoch != hb.running_epoch
+                ):
                     stale.append(hb.running_job_id)
                 else:
                     if hb.running_state is not None and hb.running_state != job.state:
@@ -296,9 +303,7 @@ class Orchestrator:
                     setattr(device, key, value)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
             fleet = self._fleet(tx)
-        next_s = next_poll_after(
-            self.config.pace, fleet, running=bool(hb.running_job_id), lease_s=self.config.lease_s
-        )
+        next_s = next_poll_after(self.config.pace, fleet, running=bool(hb.running_job_id), lease_s=self.config.lease_s)
         return HeartbeatResult(cancel, desired, lease_expires_at, next_s, stale)
 
     def lease(self, device_id: str, *, credential: str | None = None) -> LeaseResult:
@@ -489,7 +494,9 @@ class Orchestrator:
             delay = min(self.config.retry_base_s * 2 ** max(job.attempt - 1, 0), self.config.retry_max_s)
             job.state = JobState.QUEUED
             job.not_before = now + delay
-            job.status_message = f"retry {job.attempt + 1}/{job.max_attempts} after {error.value}, not before +{delay:.0f}s"
+            job.status_message = (
+                f"retry {job.attempt + 1}/{job.max_attempts} after {error.value}, not before +{delay:.0f}s"
+            )
         else:
             job.state = JobState.FAILED
             job.status_message = (
@@ -555,7 +562,15 @@ class Orchestrator:
     def _new_job(
         self, device_id: str, training: dict[str, Any], max_attempts: int, deadline: float, now: float, **kw: str
     ) -> JobRecord:
-        job = JobRecord(job_id=new_id("job"), device_id=device_id, training=training, created_at=now, updated_at=now, deadline=deadline, **kw)  # type: ignore[arg-type]
+        job = JobRecord(
+            job_id=new_id("job"),
+            device_id=device_id,
+            training=training,
+            created_at=now,
+            updated_at=now,
+            deadline=deadline,
+            **kw,  # type: ignore[arg-type]
+        )
         job.memory_estimate_bytes = self.config.base_model_min_bytes.get(str(training.get("base_model_id", "")), 0)
         if max_attempts:
             job.max_attempts = max_attempts
@@ -589,7 +604,9 @@ class Orchestrator:
             while True:
                 devices = tx.list_devices(1000, after)
                 jobs = [
-                    self._new_job(device.device_id, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id)
+                    self._new_job(
+                        device.device_id, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id
+                    )
                     for device in devices
                     if selector.matches(device)
                 ]
@@ -647,7 +664,9 @@ class Orchestrator:
         jobs = jobs[:size]
         return jobs, (jobs[-1].job_id if more else "")
 
-    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int = 500) -> tuple[list[JobRecord], WatchCursor]:
+    def jobs_changed_after(
+        self, cursor: WatchCursor, flt: JobFilter, limit: int = 500
+    ) -> tuple[list[JobRecord], WatchCursor]:
         """Job changes committed after a watch cursor, and the cursor after them."""
         _check_filter(flt)
         with self.state.transaction() as tx:
@@ -684,7 +703,9 @@ class Orchestrator:
             raise NotFound(f"device {device_id} not found")
         return device
 
-    def list_adapters(self, device_id: str, name: str, page_size: int, page_token: str) -> tuple[list[AdapterRecord], str]:
+    def list_adapters(
+        self, device_id: str, name: str, page_size: int, page_token: str
+    ) -> tuple[list[AdapterRecord], str]:
         """A page of adapter versions, newest first."""
         size = validation.page_size(page_size)
         validation.optional_device_id(device_id, "device_id")
@@ -707,13 +728,20 @@ class Orchestrator:
         return adapter
 
     def activate_adapter(
-        self, adapter_id: str = "", *, name: str = "", selector: DeviceSelector | None = None,
-        campaign_id: str = "", canary_percent: int = 0,
+        self,
+        adapter_id: str = "",
+        *,
+        name: str = "",
+        selector: DeviceSelector | None = None,
+        campaign_id: str = "",
+        canary_percent: int = 0,
     ) -> list[str]:
         """Make adapters desired: one adapter on its device, a name across a selector, or a canary share."""
         modes = [bool(adapter_id), bool(name), bool(campaign_id)]
         if sum(modes) != 1:
-            raise InvalidArgument("adapter_id", "set exactly one of adapter_id, adapter_name (with a selector) or campaign_id")
+            raise InvalidArgument(
+                "adapter_id", "set exactly one of adapter_id, adapter_name (with a selector) or campaign_id"
+            )
         with self.state.transaction() as tx:
             if adapter_id:
                 validation.object_id(adapter_id, "adapter_id")

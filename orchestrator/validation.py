@@ -126,7 +126,9 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
         digest = sha256_hex(str(spec.get("dataset_sha256", "")).removeprefix("sha256:"), f"{field}.dataset_sha256")
         # Shipped datasets are content-addressed: a device is only ever handed a URL for one.
         if shipped != f"datasets/sha256/{digest}.jsonl":
-            raise InvalidArgument(f"{field}.dataset_object", f"must be datasets/sha256/<dataset_sha256>.jsonl, got {shipped[:80]!r}")
+            raise InvalidArgument(
+                f"{field}.dataset_object", f"must be datasets/sha256/<dataset_sha256>.jsonl, got {shipped[:80]!r}"
+            )
     lora = spec.get("lora", {})
     rank = int(lora.get("rank", 0))
     if not 0 <= rank <= 256:

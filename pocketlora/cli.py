@@ -21,22 +21,44 @@ from pocketlora.client import DEFAULT_ADDRESS, ClientError, OperatorClient
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
 
-app = typer.Typer(help="PocketLoRA: on-device LoRA personalisation for fleets.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="PocketLoRA: on-device LoRA personalisation for fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 orchestrator_app = typer.Typer(help="Run the orchestrator.", no_args_is_help=True)
 agent_app = typer.Typer(help="Run a device agent.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit, follow and cancel training jobs.", no_args_is_help=True)
 device_app = typer.Typer(help="Inspect enrolled devices.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Inspect and activate adapters.", no_args_is_help=True)
 token_app = typer.Typer(help="Issue enrollment tokens.", no_args_is_help=True)
-for sub, name in ((orchestrator_app, "orchestrator"), (agent_app, "agent"), (job_app, "job"), (device_app, "device"), (adapter_app, "adapter"), (token_app, "token")):
+for sub, name in (
+    (orchestrator_app, "orchestrator"),
+    (agent_app, "agent"),
+    (job_app, "job"),
+    (device_app, "device"),
+    (adapter_app, "adapter"),
+    (token_app, "token"),
+):
     app.add_typer(sub, name=name)
 
 out = Console()
 err = Console(stderr=True)
 
 DEFAULT_STATE_DIR = Path(".pocketlora")
-Address = Annotated[str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")]
-Token = Annotated[str, typer.Option("--token", envvar="POCKETLORA_OPERATOR_TOKEN", help="Operator token (default: read from .pocketlora/operator-token).", show_default=False)]
+Address = Annotated[
+    str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")
+]
+Token = Annotated[
+    str,
+    typer.Option(
+        "--token",
+        envvar="POCKETLORA_OPERATOR_TOKEN",
+        help="Operator token (default: read from .pocketlora/operator-token).",
+        show_default=False,
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -70,7 +92,9 @@ def _token(token: str) -> str:
     path = DEFAULT_STATE_DIR / "operator-token"
     if path.is_file():
         return path.read_text().strip()
-    raise UserError("no operator token: pass --token, set POCKETLORA_OPERATOR_TOKEN, or run from the orchestrator's directory")
+    raise UserError(
+        "no operator token: pass --token, set POCKETLORA_OPERATOR_TOKEN, or run from the orchestrator's directory"
+    )
 
 
 def _client(address: str, token: str) -> OperatorClient:
@@ -131,7 +155,16 @@ def _jobs_table(jobs: list[Any]) -> Table:
     for j in jobs:
         prog = f"{j.progress.step}/{j.progress.total_steps}" if j.progress.total_steps else "-"
         loss = f"{j.progress.loss:.3f}" if j.progress.total_steps else "-"
-        table.add_row(j.job_id, j.device_id, _state_name(j.state), f"{j.attempt}/{j.max_attempts}", prog, loss, j.adapter_id or "-", j.status_message or j.last_error or "")
+        table.add_row(
+            j.job_id,
+            j.device_id,
+            _state_name(j.state),
+            f"{j.attempt}/{j.max_attempts}",
+            prog,
+            loss,
+            j.adapter_id or "-",
+            j.status_message or j.last_error or "",
+        )
     return table
 
 
@@ -139,14 +172,32 @@ def _jobs_table(jobs: list[Any]) -> Table:
 @job_app.command("submit")
 def job_submit(
     device_id: Annotated[str, typer.Option("--device-id", help="Device that trains the adapter.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")] = "",
-    dataset_file: Annotated[Path | None, typer.Option("--dataset-file", help="Or: a local JSONL file to ship to the device through the store.")] = None,
-    store: Annotated[str, typer.Option("--store", envvar="POCKETLORA_STORE", help="Store URL for --dataset-file (credentials from the environment).")] = "",
-    adapter_name: Annotated[str, typer.Option("--adapter-name", help="Adapter name (versions count per device and name).")] = "personal",
-    base_model_id: Annotated[str, typer.Option("--base-model-id", help="Base model the device must have.")] = "SmolLM2-135M-Instruct",
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")
+    ] = "",
+    dataset_file: Annotated[
+        Path | None,
+        typer.Option("--dataset-file", help="Or: a local JSONL file to ship to the device through the store."),
+    ] = None,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            envvar="POCKETLORA_STORE",
+            help="Store URL for --dataset-file (credentials from the environment).",
+        ),
+    ] = "",
+    adapter_name: Annotated[
+        str, typer.Option("--adapter-name", help="Adapter name (versions count per device and name).")
+    ] = "personal",
+    base_model_id: Annotated[
+        str, typer.Option("--base-model-id", help="Base model the device must have.")
+    ] = "SmolLM2-135M-Instruct",
     rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
     alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (0: the default).")] = 0.0,
-    learning_rate: Annotated[float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")] = 0.0,
+    learning_rate: Annotated[
+        float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")
+    ] = 0.0,
     epochs: Annotated[int, typer.Option(min=0, help="Passes over the data (0: 1).")] = 0,
     max_steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from epochs).")] = 0,
     max_seq_len: Annotated[int, typer.Option(min=0, help="Longest example in tokens (0: 256).")] = 0,
@@ -162,21 +213,37 @@ def job_submit(
     if quantization not in ("nf4", "none"):
         raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
     if bool(dataset) == (dataset_file is not None):
-        raise typer.BadParameter("give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset")
+        raise typer.BadParameter(
+            "give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset"
+        )
     shipped, shipped_sha = ("", "") if dataset_file is None else _ship_dataset(dataset_file, store)
     spec = tpb.TrainingSpec(
-        adapter_name=adapter_name, base_model_id=base_model_id, dataset=dataset,
-        dataset_object=shipped, dataset_sha256=shipped_sha,
+        adapter_name=adapter_name,
+        base_model_id=base_model_id,
+        dataset=dataset,
+        dataset_object=shipped,
+        dataset_sha256=shipped_sha,
         lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
         quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
-        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, max_seq_len=max_seq_len, seed=seed,
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=max_steps,
+        max_seq_len=max_seq_len,
+        seed=seed,
     )
     with _client(address, token) as c:
-        reply = c.call("SubmitJob", op.SubmitJobRequest(request_id=request_id or uuid.uuid4().hex, device_id=device_id, training=spec, max_attempts=max_attempts))
+        reply = c.call(
+            "SubmitJob",
+            op.SubmitJobRequest(
+                request_id=request_id or uuid.uuid4().hex, device_id=device_id, training=spec, max_attempts=max_attempts
+            ),
+        )
     if as_json:
         _print_json(_dump(reply))
     else:
-        out.print(f"{'submitted' if reply.created else 'already submitted'} job [bold]{reply.job.job_id}[/] for {device_id} ({_state_name(reply.job.state)})")
+        out.print(
+            f"{'submitted' if reply.created else 'already submitted'} job [bold]{reply.job.job_id}[/] for {device_id} ({_state_name(reply.job.state)})"
+        )
 
 
 def _ship_dataset(path: Path, store_url: str) -> tuple[str, str]:
@@ -266,7 +333,9 @@ def job_watch(
                 print(json.dumps(_dump(j)), flush=True)
             else:
                 p = j.progress
-                out.print(f"{j.job_id} {_state_name(j.state):<10} step {p.step}/{p.total_steps} loss {p.loss:.3f} {j.status_message}")
+                out.print(
+                    f"{j.job_id} {_state_name(j.state):<10} step {p.step}/{p.total_steps} loss {p.loss:.3f} {j.status_message}"
+                )
             if job_id and j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
                 return
 
@@ -293,7 +362,15 @@ def device_list(
         reason = tpb.EligibilityReason.Name(d.eligibility_reason).removeprefix("ELIGIBILITY_REASON_")
         batt = f"{d.power.battery_pct:.0f}%" if d.power.HasField("battery_pct") else "-"
         temp = f"{d.power.temperature_c:.1f}°C" if d.power.HasField("temperature_c") else "-"
-        table.add_row(d.device_id, "yes" if d.eligible else "no", reason, batt, temp, d.active_adapter_id or "(base)", d.running_job_id or "-")
+        table.add_row(
+            d.device_id,
+            "yes" if d.eligible else "no",
+            reason,
+            batt,
+            temp,
+            d.active_adapter_id or "(base)",
+            d.running_job_id or "-",
+        )
     out.print(table)
 
 
@@ -323,18 +400,25 @@ def adapter_list(
 ) -> None:
     """List adapter versions, newest first."""
     with _client(address, token) as c:
-        reply = c.call("ListAdapters", op.ListAdaptersRequest(device_id=device_id, name=name, page_size=page_size, page_token=page_token))
+        reply = c.call(
+            "ListAdapters",
+            op.ListAdaptersRequest(device_id=device_id, name=name, page_size=page_size, page_token=page_token),
+        )
     if as_json:
         _print_json(_dump(reply))
         return
     table = Table("adapter", "name", "version", "device", "job", "size", "sha256")
     for a in reply.adapters:
-        table.add_row(a.adapter_id, a.name, str(a.version), a.device_id, a.job_id, f"{a.size_bytes / 1e6:.2f} MB", a.sha256[:16])
+        table.add_row(
+            a.adapter_id, a.name, str(a.version), a.device_id, a.job_id, f"{a.size_bytes / 1e6:.2f} MB", a.sha256[:16]
+        )
     out.print(table)
 
 
 @adapter_app.command("get")
-def adapter_get(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+def adapter_get(
+    adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False
+) -> None:
     """Show one adapter version with its lineage manifest."""
     with _client(address, token) as c:
         a = c.call("GetAdapter", op.GetAdapterRequest(adapter_id=adapter_id)).adapter
@@ -349,9 +433,15 @@ def adapter_get(adapter_id: str, address: Address = DEFAULT_ADDRESS, token: Toke
 @adapter_app.command("activate")
 def adapter_activate(
     adapter_id: Annotated[str, typer.Argument(help="Activate this adapter on the device that trained it.")] = "",
-    name: Annotated[str, typer.Option("--name", help="Or: each matching device's latest version of this adapter name.")] = "",
-    label: Annotated[list[str], typer.Option("--label", help="With --name: KEY=VALUE the devices must carry (repeatable).")] = [],  # noqa: B006
-    campaign_id: Annotated[str, typer.Option("--campaign-id", help="Or: a canary share of this campaign's devices.")] = "",
+    name: Annotated[
+        str, typer.Option("--name", help="Or: each matching device's latest version of this adapter name.")
+    ] = "",
+    label: Annotated[
+        list[str], typer.Option("--label", help="With --name: KEY=VALUE the devices must carry (repeatable).")
+    ] = [],  # noqa: B006
+    campaign_id: Annotated[
+        str, typer.Option("--campaign-id", help="Or: a canary share of this campaign's devices.")
+    ] = "",
     canary_percent: Annotated[int, typer.Option(min=0, max=100, help="With --campaign-id: the share, 1-100.")] = 0,
     address: Address = DEFAULT_ADDRESS,
     token: Token = "",
@@ -360,22 +450,36 @@ def adapter_activate(
     """Make adapters the desired ones: one adapter, a name across a selector, or a canary share."""
     if sum(map(bool, (adapter_id, name, campaign_id))) != 1:
         raise typer.BadParameter("give exactly one of ADAPTER_ID, --name or --campaign-id", param_hint="ADAPTER_ID")
-    request = op.ActivateAdapterRequest(adapter_id=adapter_id, adapter_name=name, campaign_id=campaign_id, canary_percent=canary_percent)
+    request = op.ActivateAdapterRequest(
+        adapter_id=adapter_id, adapter_name=name, campaign_id=campaign_id, canary_percent=canary_percent
+    )
     if name:
         request.selector.CopyFrom(tpb.DeviceSelector(labels=_kv(label, "--label")))
     reply = _call(address, token, "ActivateAdapter", request)
-    _show(reply, as_json, f"activated on {len(reply.device_ids)} device(s): {', '.join(reply.device_ids) or 'none changed'}")
+    _show(
+        reply,
+        as_json,
+        f"activated on {len(reply.device_ids)} device(s): {', '.join(reply.device_ids) or 'none changed'}",
+    )
 
 
 @adapter_app.command("deactivate")
-def adapter_deactivate(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+def adapter_deactivate(
+    device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False
+) -> None:
     """Send a device back to its base model."""
     reply = _call(address, token, "DeactivateAdapter", op.DeactivateAdapterRequest(device_id=device_id))
-    _show(reply, as_json, f"{device_id} goes back to the base model" if reply.device_ids else f"{device_id} already runs the base model")
+    _show(
+        reply,
+        as_json,
+        f"{device_id} goes back to the base model" if reply.device_ids else f"{device_id} already runs the base model",
+    )
 
 
 @adapter_app.command("rollback")
-def adapter_rollback(device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False) -> None:
+def adapter_rollback(
+    device_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJson = False
+) -> None:
     """Make a device's previously desired adapter desired again."""
     reply = _call(address, token, "RollbackAdapter", op.RollbackAdapterRequest(device_id=device_id))
     _show(reply, as_json, f"{device_id} now wants {reply.desired_adapter_id or 'the base model'}")
@@ -383,11 +487,19 @@ def adapter_rollback(device_id: str, address: Address = DEFAULT_ADDRESS, token: 
 
 @adapter_app.command("gc")
 def adapter_gc(
-    db: Annotated[str, typer.Option(help="The orchestrator's database URL.")] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
-    store: Annotated[str, typer.Option(help="The orchestrator's store URL (S3 credentials from the environment).")] = "",
-    keep_versions: Annotated[int, typer.Option(min=0, help="Keep this many newest versions per device and name (0: all).")] = 0,
+    db: Annotated[
+        str, typer.Option(help="The orchestrator's database URL.")
+    ] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
+    store: Annotated[
+        str, typer.Option(help="The orchestrator's store URL (S3 credentials from the environment).")
+    ] = "",
+    keep_versions: Annotated[
+        int, typer.Option(min=0, help="Keep this many newest versions per device and name (0: all).")
+    ] = 0,
     upload_grace_hours: Annotated[float, typer.Option(min=0.0, help="Leave uploads younger than this.")] = 1.0,
-    delete: Annotated[bool, typer.Option("--delete", help="Delete for real (default: a dry run that only lists).")] = False,
+    delete: Annotated[
+        bool, typer.Option("--delete", help="Delete for real (default: a dry run that only lists).")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Remove blobs no adapter version references, and superseded versions past a retention count."""
@@ -405,12 +517,16 @@ def adapter_gc(
     except StoreError as exc:
         raise UserError(f"--store: {exc}") from None
     try:
-        report = run_gc(state, blobs, keep_versions=keep_versions, dry_run=not delete, upload_grace_s=upload_grace_hours * 3600)
+        report = run_gc(
+            state, blobs, keep_versions=keep_versions, dry_run=not delete, upload_grace_s=upload_grace_hours * 3600
+        )
     finally:
         state.close()
         blobs.close()
     if as_json:
-        _print_json({"dry_run": report.dry_run, "pruned_adapters": report.pruned_adapters, "deleted_keys": report.deleted_keys})
+        _print_json(
+            {"dry_run": report.dry_run, "pruned_adapters": report.pruned_adapters, "deleted_keys": report.deleted_keys}
+        )
         return
     verb = "would delete" if report.dry_run else "deleted"
     out.print(f"{verb} {len(report.deleted_keys)} blob(s) and {len(report.pruned_adapters)} superseded version(s)")
@@ -430,7 +546,10 @@ def token_create(
     from google.protobuf.duration_pb2 import Duration
 
     with _client(address, token) as c:
-        reply = c.call("CreateEnrollmentToken", op.CreateEnrollmentTokenRequest(ttl=Duration(seconds=int(ttl_hours * 3600)), description=description))
+        reply = c.call(
+            "CreateEnrollmentToken",
+            op.CreateEnrollmentTokenRequest(ttl=Duration(seconds=int(ttl_hours * 3600)), description=description),
+        )
     if as_json:
         _print_json(_dump(reply))
     else:
@@ -451,4 +570,3 @@ def summary(address: Address = DEFAULT_ADDRESS, token: Token = "", as_json: AsJs
 
 # Server-side and device-side commands live in their own module to keep this one readable.
 from pocketlora import commands  # noqa: E402,F401  (registers orchestrator/agent/infer/demo)
-

@@ -25,7 +25,10 @@ def describe_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
     """One line for a failed call: unreachable servers are named, statuses shown plainly."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "connect" in (details or "").lower():
+    if (
+        code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        and "connect" in (details or "").lower()
+    ):
         return ClientError(f"cannot reach the orchestrator at {address}: {details}", code)
     if code == grpc.StatusCode.UNAVAILABLE:
         return ClientError(f"cannot reach the orchestrator at {address} ({details})", code)

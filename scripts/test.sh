@@ -19,6 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy orchestrator adapters_store agent pocketlora
 .venv/bin/python scripts/gen_protos.py --check
 exec .venv/bin/python -m pytest -q "$@"

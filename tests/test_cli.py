@@ -18,9 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR")}
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR")
+    }
     full_env = {**inherited, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pocketlora", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pocketlora", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -39,9 +43,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 SUBCOMMANDS = [
-    [], ["demo"], ["orchestrator", "serve"], ["agent", "run"], ["job", "submit"], ["job", "list"], ["job", "get"],
-    ["job", "cancel"], ["job", "watch"], ["device", "list"], ["device", "get"], ["adapter", "list"], ["adapter", "get"],
-    ["adapter", "activate"], ["adapter", "deactivate"], ["adapter", "rollback"], ["adapter", "gc"], ["infer"], ["summary"], ["token", "create"],
+    [],
+    ["demo"],
+    ["orchestrator", "serve"],
+    ["agent", "run"],
+    ["job", "submit"],
+    ["job", "list"],
+    ["job", "get"],
+    ["job", "cancel"],
+    ["job", "watch"],
+    ["device", "list"],
+    ["device", "get"],
+    ["adapter", "list"],
+    ["adapter", "get"],
+    ["adapter", "activate"],
+    ["adapter", "deactivate"],
+    ["adapter", "rollback"],
+    ["adapter", "gc"],
+    ["infer"],
+    ["summary"],
+    ["token", "create"],
     ["model", "prepare"],
 ]
 
@@ -55,7 +76,9 @@ def test_every_subcommand_has_help(sub: list[str]) -> None:
 
 def test_operator_commands_round_trip(server: ServerThread) -> None:
     env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
-    sub = cli("job", "submit", "--device-id", "phone-1", "--dataset", "notes", "--request-id", "cli-1", "--json", env=env)
+    sub = cli(
+        "job", "submit", "--device-id", "phone-1", "--dataset", "notes", "--request-id", "cli-1", "--json", env=env
+    )
     assert sub.returncode == 0, sub.stderr
     job_id = json.loads(sub.stdout)["job"]["job_id"]
     listed = cli("job", "list", "--json", env=env)
@@ -73,7 +96,9 @@ def test_submit_ships_a_dataset_file_through_the_store(server: ServerThread, tmp
     data.write_text('{"text": "a note"}\n')
     env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
     store = f"file://{server.store.root}"
-    sub = cli("job", "submit", "--device-id", "phone-1", "--dataset-file", str(data), "--store", store, "--json", env=env)
+    sub = cli(
+        "job", "submit", "--device-id", "phone-1", "--dataset-file", str(data), "--store", store, "--json", env=env
+    )
     assert sub.returncode == 0, sub.stderr
     training = json.loads(sub.stdout)["job"]["training"]
     assert training["dataset_object"].startswith("datasets/sha256/") and "dataset" not in training
@@ -94,7 +119,17 @@ def test_unknown_job_id_is_one_line(server: ServerThread) -> None:
 
 def test_bad_request_names_the_field(server: ServerThread) -> None:
     env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN}
-    result = cli("job", "submit", "--device-id", "phone-1", "--dataset", "../../etc/passwd", "--orchestrator", server.address, env=env)
+    result = cli(
+        "job",
+        "submit",
+        "--device-id",
+        "phone-1",
+        "--dataset",
+        "../../etc/passwd",
+        "--orchestrator",
+        server.address,
+        env=env,
+    )
     assert_one_line_error(result, "INVALID_ARGUMENT", "training.dataset")
 
 
@@ -118,7 +153,10 @@ def test_unreachable_orchestrator(tmp_path: Path) -> None:
         (["device", "list", "--label", "novalue", "--token", "x"], "KEY=VALUE"),
         (["orchestrator", "serve", "--listen", "nonsense"], "HOST:PORT"),
         (["orchestrator", "serve", "--db", "mysql://x", "--state-dir", "{tmp}"], "unsupported database URL scheme"),
-        (["orchestrator", "serve", "--store", "ftp://x", "--state-dir", "{tmp}", "--db", "sqlite:///{tmp}/s.db"], "ftp"),
+        (
+            ["orchestrator", "serve", "--store", "ftp://x", "--state-dir", "{tmp}", "--db", "sqlite:///{tmp}/s.db"],
+            "ftp",
+        ),
         (["agent", "run", "--device-id", "d", "--base-model", "/nonexistent"], "no config.json"),
         (["infer", "--base-model", "/nonexistent", "--prompt", "hi"], "no config.json"),
         (["demo", "--dataset", "/nonexistent.jsonl"], "no such file"),
@@ -141,6 +179,19 @@ def test_agent_enrollment_problems_are_one_line(server: ServerThread, tmp_path: 
     from tests.support.tiny_models import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "base")
-    args = ["agent", "run", "--device-id", "p9", "--base-model", str(base), "--work-dir", str(tmp_path / "w"), "--orchestrator", server.address, "--sensors", "psutil"]
+    args = [
+        "agent",
+        "run",
+        "--device-id",
+        "p9",
+        "--base-model",
+        str(base),
+        "--work-dir",
+        str(tmp_path / "w"),
+        "--orchestrator",
+        server.address,
+        "--sensors",
+        "psutil",
+    ]
     assert_one_line_error(cli(*args, env={}), "no enrollment token")
     assert_one_line_error(cli(*args, "--enrollment-token", "wrong", env={}), "enrollment refused", "UNAUTHENTICATED")

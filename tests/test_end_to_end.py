@@ -35,7 +35,6 @@ pytestmark = pytest.mark.slow
 OPERATOR, ENROLL = "op-e2e-token", "enroll-e2e-token"
 
 
-
 @pytest.fixture
 def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """Orchestrator on in-process Ray, SQLite state, S3 store on SeaweedFS; yields (address, store URL)."""
@@ -59,7 +58,9 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer) -> None:
+def test_whole_loop_trains_verifies_activates_and_changes_outputs(
+    cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer
+) -> None:
     address, _ = cluster
     base = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
     device_dir = tmp_path / "device"
@@ -71,9 +72,15 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
 
     events: list[tuple[str, dict[str, Any]]] = []
     cfg = AgentConfig(
-        orchestrator=address, device_id="e2e-phone", work_dir=device_dir, base_model_dir=base,
-        base_model_id="tiny-llama", datasets_dir=device_dir / "datasets", enrollment_token=ENROLL,
-        tick_s=0.2, progress_every_s=0.5,
+        orchestrator=address,
+        device_id="e2e-phone",
+        work_dir=device_dir,
+        base_model_dir=base,
+        base_model_id="tiny-llama",
+        datasets_dir=device_dir / "datasets",
+        enrollment_token=ENROLL,
+        tick_s=0.2,
+        progress_every_s=0.5,
     )
     agent = Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=lambda k, d: events.append((k, d)))
     stop = threading.Event()
@@ -83,10 +90,18 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
     try:
         wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
         spec = tpb.TrainingSpec(
-            adapter_name="codes", base_model_id="tiny-llama", dataset="codes", learning_rate=5e-3,
-            max_steps=6, max_seq_len=64, seed=3, lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
+            adapter_name="codes",
+            base_model_id="tiny-llama",
+            dataset="codes",
+            learning_rate=5e-3,
+            max_steps=6,
+            max_seq_len=64,
+            seed=3,
+            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
         )
-        job = client.call("SubmitJob", op.SubmitJobRequest(request_id="e2e-1", device_id="e2e-phone", training=spec)).job
+        job = client.call(
+            "SubmitJob", op.SubmitJobRequest(request_id="e2e-1", device_id="e2e-phone", training=spec)
+        ).job
 
         def finished() -> Any:
             j = client.call("GetJob", op.GetJobRequest(job_id=job.job_id)).job
@@ -104,7 +119,14 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
         assert store.list_keys("uploads/") == []  # promoted to its content address
 
         client.call("ActivateAdapter", op.ActivateAdapterRequest(adapter_id=adapter.adapter_id))
-        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == adapter.adapter_id, 120, "the device to activate the adapter")
+        wait_for(
+            lambda: (
+                client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id
+                == adapter.adapter_id
+            ),
+            120,
+            "the device to activate the adapter",
+        )
         runtime = agent.runtime
         assert runtime is not None
         runtime_pid = runtime.proc.pid
@@ -117,7 +139,11 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
         # Roll back: the previous desire was the base model; the device returns to it without reloading.
         back = client.call("RollbackAdapter", op.RollbackAdapterRequest(device_id="e2e-phone"))
         assert back.desired_adapter_id == ""
-        wait_for(lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "", 60, "the rollback")
+        wait_for(
+            lambda: client.call("GetDevice", op.GetDeviceRequest(device_id="e2e-phone")).device.active_adapter_id == "",
+            60,
+            "the rollback",
+        )
         assert runtime.generate(prompt, max_new_tokens=12)["text"] == plain["text"]
         assert not runtime.has(adapter.adapter_id)  # the old adapter was unloaded after the swap
         assert agent.runtime is runtime and runtime.proc.pid == runtime_pid
@@ -128,4 +154,7 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(cluster: tuple
         thread.join(60)
         client.close()
     assert not thread.is_alive()
-    assert os.path.exists(device_dir / "credential.json") and (os.stat(device_dir / "credential.json").st_mode & 0o077) == 0
+    assert (
+        os.path.exists(device_dir / "credential.json")
+        and (os.stat(device_dir / "credential.json").st_mode & 0o077) == 0
+    )

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_generated_protos_are_fresh() -> None:
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -24,8 +26,13 @@ def test_stale_generated_code_is_detected(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "protos", copy / "protos")
     shutil.copytree(ROOT / "scripts", copy / "scripts")
     proto = copy / "protos" / "pocketlora" / "v1" / "types.proto"
-    proto.write_text(proto.read_text() + "\n// A new message nobody regenerated.\nmessage Stale {\n  // A field.\n  string x = 1;\n}\n")
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=copy, capture_output=True, text=True)
+    proto.write_text(
+        proto.read_text()
+        + "\n// A new message nobody regenerated.\nmessage Stale {\n  // A field.\n  string x = 1;\n}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=copy, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "stale" in result.stdout
 
 

@@ -38,9 +38,7 @@ GPT2_TARGETS = ["c_attn"]
 # chunks cost no time over the plain loss, 32-64-token chunks 0.2-0.4 s more per step.
 CHUNK_LOGIT_BYTES = 24 * 2**20
 # Model types whose *ForCausalLM forward is lm_head(decoder(...).last_hidden_state).
-PLAIN_HEAD_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "smollm3", "gpt2"}
-)
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "smollm3", "gpt2"})
 # Config fields that, when set, put something between the hidden states and the logits.
 _HEAD_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
 

@@ -55,9 +55,7 @@ class Checkpoint:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Return the trainable parameters by name (detached, contiguous copies)."""
-    return {
-        n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
-    }
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def optimizer_to_disk(
@@ -172,9 +170,7 @@ def _read(path: Path) -> Checkpoint:
     )
 
 
-def apply_checkpoint(
-    ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler: Any
-) -> None:
+def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
     """Restore adapter weights, optimizer, scheduler and RNG states from a checkpoint."""
     params = dict(model.named_parameters())
     missing = [n for n in ckpt.adapter if n not in params]

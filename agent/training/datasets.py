@@ -89,10 +89,7 @@ def _validate(obj: Any, where: str, lineno: int) -> Record:
         raise DatasetError(f"{where}: missing field 'prompt' next to 'completion'")
     if len(shapes) != 1:
         what = "none" if not shapes else ", ".join(shapes)
-        raise DatasetError(
-            f"{where}: expected exactly one of 'text', 'prompt'+'completion', 'messages'; "
-            f"found {what}"
-        )
+        raise DatasetError(f"{where}: expected exactly one of 'text', 'prompt'+'completion', 'messages'; found {what}")
     kind = shapes[0]
     if kind == "text":
         _expect_str(obj, "text", where)
@@ -114,9 +111,7 @@ def _validate(obj: Any, where: str, lineno: int) -> Record:
             if key not in m:
                 raise DatasetError(f"{where}: messages[{i}] is missing field '{key}'")
             if not isinstance(m[key], str):
-                raise DatasetError(
-                    f"{where}: messages[{i}].{key} must be a string, got {type(m[key]).__name__}"
-                )
+                raise DatasetError(f"{where}: messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in clean):
         raise DatasetError(f"{where}: 'messages' has no assistant turn to learn from")
@@ -152,9 +147,7 @@ def tokenize_record(record: Record, tokenizer: Any, max_seq_len: int, where: str
     return Example(ids[:max_seq_len], labels[:max_seq_len])
 
 
-def _tokenize_chat(
-    messages: list[dict[str, str]], tokenizer: Any, where: str
-) -> tuple[list[int], list[int]]:
+def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise DatasetError(f"{where}: 'messages' needs a chat template and the base model has none")
 
@@ -188,9 +181,7 @@ def load_examples(path: str | Path, tokenizer: Any, max_seq_len: int) -> list[Ex
     return examples_from_records(read_records(path), tokenizer, max_seq_len, path)
 
 
-def examples_from_records(
-    records: list[Record], tokenizer: Any, max_seq_len: int, path: str | Path
-) -> list[Example]:
+def examples_from_records(records: list[Record], tokenizer: Any, max_seq_len: int, path: str | Path) -> list[Example]:
     """Tokenize validated records; examples left without loss tokens are dropped."""
     examples: list[Example] = []
     dropped = 0
@@ -209,7 +200,5 @@ def examples_from_records(
             max_seq_len,
         )
     if not examples:
-        raise DatasetError(
-            f"{path}:1: no example has a loss token within max_seq_len={max_seq_len}"
-        )
+        raise DatasetError(f"{path}:1: no example has a loss token within max_seq_len={max_seq_len}")
     return examples

@@ -54,9 +54,7 @@ def memory_budget(spec: TrainingSpec) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _check_resume(
-    ckpt_meta: dict[str, Any], spec: TrainingSpec, fingerprint: str, ds_sha: str
-) -> None:
+def _check_resume(ckpt_meta: dict[str, Any], spec: TrainingSpec, fingerprint: str, ds_sha: str) -> None:
     if ckpt_meta.get("base_fingerprint") != fingerprint:
         raise IncompatibleBase(
             f"the checkpoint was trained on base {ckpt_meta.get('base_fingerprint')}, "
@@ -109,11 +107,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     longest = max(len(e.input_ids) for e in examples)
 
     quantize, fallback_note = decide_quantization(spec)
-    plan_spec = (
-        spec
-        if quantize or spec.quantization == "none"
-        else dataclasses.replace(spec, quantization="none")
-    )
+    plan_spec = spec if quantize or spec.quantization == "none" else dataclasses.replace(spec, quantization="none")
     plan = plan_memory(spec.base_model_dir, plan_spec, memory_budget(spec), seq_len=longest)
     if fallback_note:
         plan.notes.insert(0, fallback_note)

@@ -138,9 +138,7 @@ def train(
     """Train to cfg.total_steps or until paused; return ("done" | "paused", final state)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.total_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.total_steps))
     state = TrainState()
     if resume is not None:
         apply_checkpoint(resume, model, optimizer, scheduler)
@@ -154,9 +152,7 @@ def train(
     def checkpoint() -> None:
         if cfg.offload_optimizer:
             offload.restore()
-        save_checkpoint(
-            job_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state, meta=meta
-        )
+        save_checkpoint(job_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state, meta=meta)
         if cfg.offload_optimizer:
             offload.stash()
         emit({"event": "checkpoint", "step": state.step})
@@ -197,12 +193,8 @@ def train(
             }
         )
         pause = should_pause is not None and should_pause() and state.step < cfg.total_steps
-        due_steps = (
-            cfg.checkpoint_every_steps and state.step - last_ckpt_step >= cfg.checkpoint_every_steps
-        )
-        due_time = (
-            cfg.checkpoint_every_s and time.monotonic() - last_ckpt_time >= cfg.checkpoint_every_s
-        )
+        due_steps = cfg.checkpoint_every_steps and state.step - last_ckpt_step >= cfg.checkpoint_every_steps
+        due_time = cfg.checkpoint_every_s and time.monotonic() - last_ckpt_time >= cfg.checkpoint_every_s
         if pause or due_steps or due_time or state.step == cfg.total_steps:
             checkpoint()
             last_ckpt_time, last_ckpt_step = time.monotonic(), state.step
@@ -214,9 +206,7 @@ def train(
     return "done", state
 
 
-def _accumulate(
-    model: torch.nn.Module, chosen: list[Example], cfg: LoopConfig
-) -> tuple[float, int]:
+def _accumulate(model: torch.nn.Module, chosen: list[Example], cfg: LoopConfig) -> tuple[float, int]:
     """Run forward/backward over the step's micro-batches; return (mean token loss, tokens)."""
     # Normalise by the whole step's label tokens so any micro-batch split gives the same update.
     label_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in chosen)
@@ -231,9 +221,7 @@ def _accumulate(
         shifted = torch.full_like(labels, IGNORE_INDEX)
         shifted[:, :-1] = labels[:, 1:]
         loss = (
-            causal_lm_loss_sum(
-                model, ids, mask, shifted, bf16_autocast=cfg.bf16_autocast, chunked=cfg.chunked_loss
-            )
+            causal_lm_loss_sum(model, ids, mask, shifted, bf16_autocast=cfg.bf16_autocast, chunked=cfg.chunked_loss)
             / denom
         )
         loss.backward()  # type: ignore[no-untyped-call]

@@ -65,9 +65,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 # Same ops as the plain path: the head under autocast, the loss in fp32.
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logits = head(h)
-                loss = F.cross_entropy(
-                    logits.float(), lab, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
+                loss = F.cross_entropy(logits.float(), lab, ignore_index=IGNORE_INDEX, reduction="sum")
             if grad is not None:
                 (g,) = torch.autograd.grad(loss, h)
                 grad[start : start + chunk] = g

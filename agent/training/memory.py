@@ -132,13 +132,9 @@ def _nf4_bytes_per_param(double_quant: bool) -> float:
     return 0.5 + absmax / NF4_BLOCK
 
 
-def _activation_bytes(
-    arch: ArchInfo, micro_batch: int, seq: int, checkpointing: bool, nf4: bool
-) -> float:
+def _activation_bytes(arch: ArchInfo, micro_batch: int, seq: int, checkpointing: bool, nf4: bool) -> float:
     tokens = micro_batch * seq
-    per_layer = (
-        tokens * (ACT_PER_HIDDEN * arch.hidden + ACT_PER_INTERMEDIATE * arch.intermediate) * 4
-    )
+    per_layer = tokens * (ACT_PER_HIDDEN * arch.hidden + ACT_PER_INTERMEDIATE * arch.intermediate) * 4
     if checkpointing:
         # Every layer keeps its input; one layer at a time is recomputed with full activations.
         return arch.layers * tokens * CKPT_KEEP_PER_HIDDEN * arch.hidden * 4 + per_layer
@@ -163,9 +159,7 @@ def estimate_peak_bytes(
     seq = min(seq_len or spec.max_seq_len, spec.max_seq_len)
     nf4 = spec.quantization == "nf4"
     if nf4:
-        weights = (
-            stats.linear_params * _nf4_bytes_per_param(spec.double_quant) + stats.other_params * 4
-        )
+        weights = stats.linear_params * _nf4_bytes_per_param(spec.double_quant) + stats.other_params * 4
     else:
         weights = (stats.linear_params + stats.other_params) * 4
     lora = stats.lora_params * 4 * (2 if offload_optimizer else 4)
@@ -214,16 +208,12 @@ def plan_memory(
     for offload in _choices(spec.offload_optimizer):
         for ckpt in _choices(spec.gradient_checkpointing):
             for mb in _micro_batch_candidates(spec):
-                est = estimate_peak_bytes(
-                    model_dir, spec, mb, ckpt, offload_optimizer=offload, seq_len=seq_len
-                )
+                est = estimate_peak_bytes(model_dir, spec, mb, ckpt, offload_optimizer=offload, seq_len=seq_len)
                 if best is None or est < best[0]:
                     best = (est, mb, ckpt, offload)
                 if est <= budget_bytes:
                     if mb < spec.effective_batch:
-                        notes.append(
-                            f"micro-batch {mb} x {math.ceil(spec.effective_batch / mb)} accumulation"
-                        )
+                        notes.append(f"micro-batch {mb} x {math.ceil(spec.effective_batch / mb)} accumulation")
                     if ckpt:
                         notes.append("gradient checkpointing on")
                     if offload:

@@ -106,9 +106,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
-def _load_nf4(
-    spec: TrainingSpec, compute: torch.dtype, cache_dir: str | Path | None, notes: list[str]
-) -> Any:
+def _load_nf4(spec: TrainingSpec, compute: torch.dtype, cache_dir: str | Path | None, notes: list[str]) -> Any:
     """Load the base in NF4: from its pre-quantized copy when one can be made, else on the fly."""
     from transformers import AutoModelForCausalLM
 

@@ -106,10 +106,7 @@ def _marker(base: Path, double_quant: bool, compute_dtype: torch.dtype) -> dict[
     return {
         "format": FORMAT_VERSION,
         "variant": variant_name(double_quant, compute_dtype),
-        "sources": [
-            {"name": p.name, "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
-            for p in sources
-        ],
+        "sources": [{"name": p.name, "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in sources],
         "bitsandbytes": bitsandbytes.__version__,
         "transformers": transformers.__version__,
     }
@@ -189,9 +186,7 @@ def _skeleton(base: Path, double_quant: bool, compute_dtype: torch.dtype) -> Any
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-    quantizer = AutoHfQuantizer.from_config(
-        bnb_config(double_quant, compute_dtype), pre_quantized=False
-    )
+    quantizer = AutoHfQuantizer.from_config(bnb_config(double_quant, compute_dtype), pre_quantized=False)
     quantizer.preprocess_model(model, device_map={"": "cpu"})
     return model
 
@@ -209,9 +204,7 @@ def _read_tensor(f: Any, start: int, info: dict[str, Any]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def write_nf4_copy(
-    base: str | Path, out: str | Path, *, double_quant: bool, compute_dtype: torch.dtype
-) -> None:
+def write_nf4_copy(base: str | Path, out: str | Path, *, double_quant: bool, compute_dtype: torch.dtype) -> None:
     """Quantize base's linear layers tensor by tensor and write the pre-quantized model to out."""
     from bitsandbytes.nn.modules import Linear4bit, Params4bit
     from transformers.pytorch_utils import Conv1D
@@ -254,9 +247,7 @@ def write_nf4_copy(
                     trim_heap()
                 else:
                     passthrough.append((name, path, start, info))
-    missing = [
-        n for n, m in modules.items() if isinstance(m, Linear4bit) and f"{n}.weight" not in seen
-    ]
+    missing = [n for n, m in modules.items() if isinstance(m, Linear4bit) and f"{n}.weight" not in seen]
     if missing:
         raise QuantizedCopyUnsupported(f"{base}: no weights for {missing[:3]}")
     out.mkdir(parents=True, exist_ok=True)

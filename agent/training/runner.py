@@ -182,16 +182,12 @@ class TrainingProcess:
         last = {e.get("event"): e for e in events}
         if code == EXIT_DONE and "done" in last:
             done = last["done"]
-            return Outcome(
-                "done", None, None, done.get("adapter_dir"), dict(done.get("metrics") or {}), code
-            )
+            return Outcome("done", None, None, done.get("adapter_dir"), dict(done.get("metrics") or {}), code)
         if code == EXIT_PAUSED and "paused" in last:
             return Outcome("paused", None, None, None, {"step": last["paused"].get("step")}, code)
         if code > 0 and "error" in last:
             err = last["error"]
-            return Outcome(
-                "failed", str(err.get("error_class")), str(err.get("message")), None, {}, code
-            )
+            return Outcome("failed", str(err.get("error_class")), str(err.get("message")), None, {}, code)
         if code < 0:
             try:
                 why = f"worker killed by {signal.Signals(-code).name}"

@@ -84,13 +84,10 @@ class TrainingSpec:
         if self.dropout >= 1:
             raise SpecError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None:
-            ok = isinstance(self.target_modules, list) and all(
-                isinstance(m, str) and m for m in self.target_modules
-            )
+            ok = isinstance(self.target_modules, list) and all(isinstance(m, str) and m for m in self.target_modules)
             if not ok or not self.target_modules:
                 raise SpecError(
-                    "target_modules must be null or a non-empty list of module names, "
-                    f"got {self.target_modules!r}"
+                    f"target_modules must be null or a non-empty list of module names, got {self.target_modules!r}"
                 )
         _check_choice(self, "quantization", QUANTIZATIONS)
         _check_bool(self, "double_quant")
@@ -100,8 +97,7 @@ class TrainingSpec:
         _check_int(self, "micro_batch", minimum=0)
         if self.micro_batch > self.effective_batch:
             raise SpecError(
-                f"micro_batch must be <= effective_batch ({self.effective_batch}), "
-                f"got {self.micro_batch!r}"
+                f"micro_batch must be <= effective_batch ({self.effective_batch}), got {self.micro_batch!r}"
             )
         _check_int(self, "epochs", minimum=1)
         _check_int(self, "max_steps", minimum=0)

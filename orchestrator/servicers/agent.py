@@ -142,11 +142,19 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         )
 
     @rpc
-    async def CompleteJob(self, request: pb.CompleteJobRequest, context: grpc.aio.ServicerContext) -> pb.CompleteJobResponse:
+    async def CompleteJob(
+        self, request: pb.CompleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteJobResponse:
         device_id = await self._device(context)
         metrics = {k[:64]: float(v) for k, v in list(request.metrics.items())[:64]}
         adapter = await self._run(
-            self.orch.complete, device_id, request.job_id, request.lease_epoch, request.sha256, request.size_bytes, metrics
+            self.orch.complete,
+            device_id,
+            request.job_id,
+            request.lease_epoch,
+            request.sha256,
+            request.size_bytes,
+            metrics,
         )
         return pb.CompleteJobResponse(adapter=convert.adapter_pb(adapter))
 
@@ -167,4 +175,6 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     ) -> pb.GetAdapterDownloadUrlResponse:
         device_id = await self._device(context)
         adapter, url, expires = await self._run(self.orch.adapter_download, device_id, request.adapter_id)
-        return pb.GetAdapterDownloadUrlResponse(adapter=convert.adapter_ref(adapter), url=url, expires_at=convert.ts(expires))
+        return pb.GetAdapterDownloadUrlResponse(
+            adapter=convert.adapter_ref(adapter), url=url, expires_at=convert.ts(expires)
+        )

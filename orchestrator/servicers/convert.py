@@ -58,7 +58,9 @@ _JOB_STATES: dict[int, JobState] = {
     for name, number in pb.JobState.items()
     if number != pb.JOB_STATE_UNSPECIFIED
 }
-_REASONS: dict[int, str] = {number: name.removeprefix("ELIGIBILITY_REASON_") for name, number in pb.EligibilityReason.items() if number}
+_REASONS: dict[int, str] = {
+    number: name.removeprefix("ELIGIBILITY_REASON_") for name, number in pb.EligibilityReason.items() if number
+}
 
 
 def job_state(value: int, field: str = "state") -> JobState:

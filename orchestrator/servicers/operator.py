@@ -57,7 +57,9 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         return pb.SubmitCampaignResponse(campaign=convert.campaign_pb(campaign, counts), created=created)
 
     @rpc
-    async def GetCampaign(self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext) -> pb.GetCampaignResponse:
+    async def GetCampaign(
+        self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCampaignResponse:
         await self._operator(context)
         campaign, counts = await self._run(self.orch.get_campaign, request.campaign_id)
         return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
@@ -108,7 +110,9 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the orchestrator log")
 
     @rpc
-    async def ListDevices(self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext) -> pb.ListDevicesResponse:
+    async def ListDevices(
+        self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDevicesResponse:
         await self._operator(context)
         devices, token = await self._run(
             self.orch.list_devices, convert.selector(request.selector), request.page_size, request.page_token
@@ -131,9 +135,13 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         return pb.ListAdaptersResponse(adapters=[convert.adapter_pb(a) for a in adapters], next_page_token=token)
 
     @rpc
-    async def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext) -> pb.GetAdapterResponse:
+    async def GetAdapter(
+        self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetAdapterResponse:
         await self._operator(context)
-        return pb.GetAdapterResponse(adapter=convert.adapter_pb(await self._run(self.orch.get_adapter, request.adapter_id)))
+        return pb.GetAdapterResponse(
+            adapter=convert.adapter_pb(await self._run(self.orch.get_adapter, request.adapter_id))
+        )
 
     @rpc
     async def ActivateAdapter(
@@ -167,7 +175,9 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RollbackAdapterResponse:
         await self._operator(context)
-        return pb.RollbackAdapterResponse(desired_adapter_id=await self._run(self.orch.rollback_adapter, request.device_id))
+        return pb.RollbackAdapterResponse(
+            desired_adapter_id=await self._run(self.orch.rollback_adapter, request.device_id)
+        )
 
     @rpc
     async def GetFleetSummary(
@@ -177,7 +187,9 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         s = await self._run(self.orch.fleet_summary)
         return pb.GetFleetSummaryResponse(
             jobs_by_state={"JOB_STATE_" + k: v for k, v in s["jobs_by_state"].items()},
-            devices_by_eligibility={"ELIGIBILITY_REASON_" + (k or "UNSPECIFIED"): v for k, v in s["devices_by_eligibility"].items()},
+            devices_by_eligibility={
+                "ELIGIBILITY_REASON_" + (k or "UNSPECIFIED"): v for k, v in s["devices_by_eligibility"].items()
+            },
             device_count=s["device_count"],
             devices_online=s["devices_online"],
             adapter_count=s["adapter_count"],

@@ -72,7 +72,9 @@ class Tx(abc.ABC):
         """Where a watch starts: every change committed from now on sorts after it."""
 
     @abc.abstractmethod
-    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int) -> tuple[list[JobRecord], WatchCursor]:
+    def jobs_changed_after(
+        self, cursor: WatchCursor, flt: JobFilter, limit: int
+    ) -> tuple[list[JobRecord], WatchCursor]:
         """Committed job changes after the cursor, in cursor order, and the cursor after them.
 
         A change committed later never sorts before a cursor handed out earlier, so a watcher
@@ -155,9 +157,7 @@ class Tx(abc.ABC):
         """Highest version of (device, name), 0 when none."""
 
     @abc.abstractmethod
-    def list_adapters(
-        self, device_id: str, name: str, limit: int, before_adapter_id: str = ""
-    ) -> list[AdapterRecord]:
+    def list_adapters(self, device_id: str, name: str, limit: int, before_adapter_id: str = "") -> list[AdapterRecord]:
         """Adapters newest first, filtered by device and name when given."""
 
     @abc.abstractmethod

@@ -226,7 +226,9 @@ class SqlTx(Tx):
             return (int(self._q(f"SELECT {self.d.xid_horizon} AS x")[0]["x"]), "")
         return (self.max_change_seq(), "")
 
-    def jobs_changed_after(self, cursor: WatchCursor, flt: JobFilter, limit: int) -> tuple[list[JobRecord], WatchCursor]:
+    def jobs_changed_after(
+        self, cursor: WatchCursor, flt: JobFilter, limit: int
+    ) -> tuple[list[JobRecord], WatchCursor]:
         where, params = self._filter_sql(flt)
         key, last_id = cursor
         if self.d.xid_horizon:
@@ -343,14 +345,10 @@ class SqlTx(Tx):
         return _row_to_adapter(rows[0]) if rows else None
 
     def latest_adapter_version(self, device_id: str, name: str) -> int:
-        rows = self._q(
-            "SELECT MAX(version) AS v FROM adapters WHERE device_id = ? AND name = ?", [device_id, name]
-        )
+        rows = self._q("SELECT MAX(version) AS v FROM adapters WHERE device_id = ? AND name = ?", [device_id, name])
         return int(rows[0]["v"] or 0) if rows else 0
 
-    def list_adapters(
-        self, device_id: str, name: str, limit: int, before_adapter_id: str = ""
-    ) -> list[AdapterRecord]:
+    def list_adapters(self, device_id: str, name: str, limit: int, before_adapter_id: str = "") -> list[AdapterRecord]:
         where, params = ["1 = 1"], []
         for col, value in (("device_id", device_id), ("name", name)):
             if value:
@@ -373,4 +371,3 @@ class SqlTx(Tx):
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._q("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
-

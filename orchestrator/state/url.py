@@ -32,7 +32,9 @@ def open_state(url: str, *, migrate: bool = True) -> StateStore:
         store = PostgresStore(url)
     else:
         scheme = url.split(":", 1)[0] if ":" in url else url
-        raise InvalidArgument("db", f"unsupported database URL scheme {scheme!r}; use sqlite:///path or postgresql://...")
+        raise InvalidArgument(
+            "db", f"unsupported database URL scheme {scheme!r}; use sqlite:///path or postgresql://..."
+        )
     if migrate:
         store.migrate()
     return store

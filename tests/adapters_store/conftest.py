@@ -77,9 +77,7 @@ def write_fake_adapter(adapter_dir: Path, rank: int = 4, alpha: float = 8.0) -> 
     }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    (adapter_dir / "adapter_model.safetensors").write_bytes(
-        struct.pack("<Q", len(raw)) + raw + a + b
-    )
+    (adapter_dir / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + a + b)
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q_proj"]}
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
     return adapter_dir

@@ -19,9 +19,7 @@ from adapters_store import (
 )
 from tests.adapters_store.conftest import make_manifest, write_fake_adapter
 
-PICKLE_MESSAGE = (
-    "custom_adapter.bin is a pickled PyTorch file; PocketLoRA loads only safetensors adapters"
-)
+PICKLE_MESSAGE = "custom_adapter.bin is a pickled PyTorch file; PocketLoRA loads only safetensors adapters"
 
 
 def _sections(path: Path) -> tuple[int, bytes]:
@@ -59,9 +57,7 @@ def test_unpack_writes_peft_folder(tmp_path: Path) -> None:
         "adapter_model.safetensors",
         "manifest.json",
     ]
-    assert (tmp_path / "out/adapter_config.json").read_text() == (
-        adapter / "adapter_config.json"
-    ).read_text()
+    assert (tmp_path / "out/adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
     assert json.loads((tmp_path / "out/manifest.json").read_text()) == manifest.to_dict()
     ensure_safetensors(tmp_path / "out/adapter_model.safetensors")
 

@@ -18,9 +18,7 @@ from adapters_store import FileBlobStore, TransferError, upload_to_url
 
 @pytest.fixture
 def fs(tmp_path: Path) -> Iterator[FileBlobStore]:
-    store = FileBlobStore(
-        tmp_path / "root", url_secret=secrets.token_bytes(32), max_upload_bytes=1024
-    )
+    store = FileBlobStore(tmp_path / "root", url_secret=secrets.token_bytes(32), max_upload_bytes=1024)
     try:
         yield store
     finally:

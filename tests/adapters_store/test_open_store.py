@@ -102,10 +102,7 @@ def test_s3_wrong_credentials_refused(seaweed: SeaweedServer) -> None:
 
     # A HEAD error has no body, so the SDK may only know "AccessDenied" for a missing bucket.
     for err in (bad_secret, bad_key):
-        assert any(
-            c in str(err.value)
-            for c in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
-        )
+        assert any(c in str(err.value) for c in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"))
         assert "refused" in str(err.value)
         assert wrong_secret not in str(err.value) and seaweed.secret_key not in str(err.value)
 
@@ -118,9 +115,7 @@ def test_s3_wrong_credentials_on_existing_bucket(seaweed: SeaweedServer, tmp_pat
     good.put_file("k/1", tmp_path / "f")
     good.close()
 
-    with pytest.raises(
-        StoreError, match=r"refused opening bucket.*(AccessDenied|SignatureDoesNotMatch)"
-    ):
+    with pytest.raises(StoreError, match=r"refused opening bucket.*(AccessDenied|SignatureDoesNotMatch)"):
         S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, "wrong-secret-value")
 
 

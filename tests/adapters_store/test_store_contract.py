@@ -108,9 +108,7 @@ def test_presigned_round_trip(store: BlobStore, tmp_path: Path) -> None:
     key = upload_key("job-7", 2)
 
     upload_to_url(store.presign_put(key, 60), _file(tmp_path, "in", data))
-    got = download_from_url(
-        store.presign_get(key, 60), tmp_path / "out", _info(data).sha256, len(data)
-    )
+    got = download_from_url(store.presign_get(key, 60), tmp_path / "out", _info(data).sha256, len(data))
 
     assert got == _info(data)
     assert (tmp_path / "out").read_bytes() == data

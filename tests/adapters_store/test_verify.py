@@ -28,9 +28,7 @@ def packed(tmp_path: Path) -> tuple[Path, str, int]:
     return blob, info.sha256, info.size
 
 
-def test_verify_and_promote(
-    store: BlobStore, packed: tuple[Path, str, int], tmp_path: Path
-) -> None:
+def test_verify_and_promote(store: BlobStore, packed: tuple[Path, str, int], tmp_path: Path) -> None:
     blob, sha, size = packed
     key = upload_key("job-1", 0)
     upload_to_url(store.presign_put(key, 60), blob)

@@ -47,7 +47,6 @@ class ManualClock:
         return self.t
 
 
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("base") / "tiny", hidden=64, layers=2)
@@ -76,8 +75,15 @@ def write_trace(path: Path) -> None:
 
 
 SPEC = tpb.TrainingSpec(
-    adapter_name="codes", base_model_id="tiny", dataset="codes", learning_rate=5e-3, max_steps=10,
-    max_seq_len=48, seed=11, checkpoint_every_steps=2, lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
+    adapter_name="codes",
+    base_model_id="tiny",
+    dataset="codes",
+    learning_rate=5e-3,
+    max_steps=10,
+    max_seq_len=48,
+    seed=11,
+    checkpoint_every_steps=2,
+    lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
 )
 
 
@@ -88,10 +94,23 @@ def run_agent(
     write_trace(work / "trace.jsonl")
     events: list[tuple[str, dict[str, Any]]] = []
     cfg = AgentConfig(
-        orchestrator=srv.address, device_id=device, work_dir=work, base_model_dir=base, base_model_id="tiny",
-        datasets_dir=work / "datasets", enrollment_token=ENROLL_TOKEN, tick_s=0.05, progress_every_s=progress_every_s, serve_adapters=False,
+        orchestrator=srv.address,
+        device_id=device,
+        work_dir=work,
+        base_model_dir=base,
+        base_model_id="tiny",
+        datasets_dir=work / "datasets",
+        enrollment_token=ENROLL_TOKEN,
+        tick_s=0.05,
+        progress_every_s=progress_every_s,
+        serve_adapters=False,
     )
-    agent = Agent(cfg, TraceSensors(work / "trace.jsonl", clock=clock), Gate(GatePolicy()), listener=lambda k, d: events.append((k, dict(d))))
+    agent = Agent(
+        cfg,
+        TraceSensors(work / "trace.jsonl", clock=clock),
+        Gate(GatePolicy()),
+        listener=lambda k, d: events.append((k, dict(d))),
+    )
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
@@ -103,8 +122,16 @@ def job_of(srv: ServerThread, job_id: str) -> Any:
 
 
 def submit(srv: ServerThread, device: str, spec: tpb.TrainingSpec = SPEC) -> str:
-    wait_for(lambda: any(d.device_id == device for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 30, "enrollment")
-    return str(srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=device, training=spec), metadata=op_md()).job.job_id)
+    wait_for(
+        lambda: any(
+            d.device_id == device for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices
+        ),
+        30,
+        "enrollment",
+    )
+    return str(
+        srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=device, training=spec), metadata=op_md()).job.job_id
+    )
 
 
 # Long enough that, on a fast idle machine, the heat arrives while steps remain (a tiny model
@@ -122,7 +149,9 @@ def adapter_tensors(srv: ServerThread, job: Any, tmp: Path) -> dict[str, np.ndar
     return load_file(str(tmp / adapter.adapter_id / "adapter_model.safetensors"))
 
 
-def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: ServerThread, base: Path, tmp_path: Path) -> None:
+def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(
+    srv: ServerThread, base: Path, tmp_path: Path
+) -> None:
     # Reference: the same job with no hot spell.
     clock = ManualClock()
     _, stop, thread, _ = run_agent(srv, base, tmp_path / "ref", clock, "ref-phone")
@@ -155,7 +184,9 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: S
         assert job_of(srv, job_id).state == tpb.JOB_STATE_PAUSED
         assert not any(k == "resuming" for k, _ in events)
         clock.t = 350  # 35 °C: resume
-        done = wait_for(lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the resumed job")
+        done = wait_for(
+            lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the resumed job"
+        )
         assert any(k == "resumed" and d["step"] == paused[0]["step"] for k, d in events)
         device = srv.operator.GetDevice(opb.GetDeviceRequest(device_id="hot-phone"), metadata=op_md()).device
         assert device.eligible
@@ -170,7 +201,9 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(srv: S
     assert any(not np.allclose(t, 0) for n, t in b.items() if "lora_B" in n)  # it trained
 
 
-def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(srv: ServerThread, base: Path, tmp_path: Path) -> None:
+def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(
+    srv: ServerThread, base: Path, tmp_path: Path
+) -> None:
     clock = ManualClock()
     agent, stop, thread, events = run_agent(srv, base, tmp_path / "crash", clock, "crash-phone")
     try:
@@ -184,33 +217,51 @@ def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(srv: S
         job = job_of(srv, job_id)
         assert job.last_error_class == tpb.ERROR_CLASS_CRASHED
         assert thread.is_alive()
-        seen = srv.operator.GetDevice(opb.GetDeviceRequest(device_id="crash-phone"), metadata=op_md()).device.last_seen.seconds
+        seen = srv.operator.GetDevice(
+            opb.GetDeviceRequest(device_id="crash-phone"), metadata=op_md()
+        ).device.last_seen.seconds
         time.sleep(2.5)
-        later = srv.operator.GetDevice(opb.GetDeviceRequest(device_id="crash-phone"), metadata=op_md()).device.last_seen.seconds
+        later = srv.operator.GetDevice(
+            opb.GetDeviceRequest(device_id="crash-phone"), metadata=op_md()
+        ).device.last_seen.seconds
         assert later > seen  # still heartbeating
         # The retry resumes from the crashed attempt's last checkpoint and succeeds.
-        done = wait_for(lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the retried job")
+        done = wait_for(
+            lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the retried job"
+        )
         assert done.attempt == 2
     finally:
         stop.set()
         thread.join(60)
 
 
-def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_checkpoint(base: Path, tmp_path: Path) -> None:
+def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_checkpoint(
+    base: Path, tmp_path: Path
+) -> None:
     """The orchestrator's clock jumps past the lease (as when an agent stalls): the reaper
     requeues the job, the agent's next heartbeat hears it is stale, stops training but keeps
     the checkpoints, and when the job comes back to it the second attempt resumes from them."""
     skew = [0.0]
-    with ServerThread(tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=6.0, retry_base_s=0.5, reap_every_s=0.5) as srv:
+    with ServerThread(
+        tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=6.0, retry_base_s=0.5, reap_every_s=0.5
+    ) as srv:
         # Progress reports far apart, so the heartbeat (not a refused report) is what hears it.
-        agent, stop, thread, events = run_agent(srv, base, tmp_path / "stale", ManualClock(), "stale-phone", progress_every_s=600)
+        agent, stop, thread, events = run_agent(
+            srv, base, tmp_path / "stale", ManualClock(), "stale-phone", progress_every_s=600
+        )
         try:
             job_id = submit(srv, "stale-phone", LONG_SPEC)
             wait_for(lambda: agent.job is not None and agent.job.progress.get("step", 0) >= 4, 180, "four steps")
             skew[0] = 60.0
-            dropped = wait_for(lambda: [d for k, d in events if k == "job_dropped"], 60, "the agent to drop the stale lease")
+            dropped = wait_for(
+                lambda: [d for k, d in events if k == "job_dropped"], 60, "the agent to drop the stale lease"
+            )
             assert dropped[0]["reason"] == "no longer leased to this device"
-            done = wait_for(lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 240, "the job's second attempt")
+            done = wait_for(
+                lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j,
+                240,
+                "the job's second attempt",
+            )
             assert done.attempt == 2 and done.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
             resumed = [d for k, d in events if k == "resumed"]
             assert resumed and resumed[0]["step"] >= 2  # from a checkpoint, not step 0
@@ -221,18 +272,37 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
 
 def _agent_cmd(srv: ServerThread, base: Path, work: Path, device: str) -> list[str]:
     return [
-        sys.executable, "-m", "pocketlora", "agent", "run", "--device-id", device, "--orchestrator", srv.address,
-        "--work-dir", str(work), "--base-model", str(base), "--base-model-id", "tiny", "--sensors", f"trace:{work / 'trace.jsonl'}",
+        sys.executable,
+        "-m",
+        "pocketlora",
+        "agent",
+        "run",
+        "--device-id",
+        device,
+        "--orchestrator",
+        srv.address,
+        "--work-dir",
+        str(work),
+        "--base-model",
+        str(base),
+        "--base-model-id",
+        "tiny",
+        "--sensors",
+        f"trace:{work / 'trace.jsonl'}",
     ]
 
 
-def test_agent_killed_with_sigkill_resumes_from_its_last_checkpoint(srv: ServerThread, base: Path, tmp_path: Path) -> None:
+def test_agent_killed_with_sigkill_resumes_from_its_last_checkpoint(
+    srv: ServerThread, base: Path, tmp_path: Path
+) -> None:
     work = tmp_path / "k9"
     write_dataset(work / "datasets")
     (work / "trace.jsonl").write_text(json.dumps({"t": 0, "charging": True, "battery": 90, "temp_c": 30}) + "\n")
     env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": ENROLL_TOKEN}
     log1 = (tmp_path / "agent1.log").open("w")
-    first = subprocess.Popen(_agent_cmd(srv, base, work, "k9-phone"), env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        _agent_cmd(srv, base, work, "k9-phone"), env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True
+    )
     second = None
     try:
         job_id = submit(srv, "k9-phone", LONG_SPEC)
@@ -242,11 +312,23 @@ def test_agent_killed_with_sigkill_resumes_from_its_last_checkpoint(srv: ServerT
         # The lease runs out while the device is gone; the job goes back to the queue.
         wait_for(lambda: job_of(srv, job_id).state == tpb.JOB_STATE_QUEUED, 60, "the lease to expire")
         log2 = (tmp_path / "agent2.log").open("w")
-        second = subprocess.Popen(_agent_cmd(srv, base, work, "k9-phone"), env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True)
-        done = wait_for(lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 240, "the job after restart")
+        second = subprocess.Popen(
+            _agent_cmd(srv, base, work, "k9-phone"),
+            env=env,
+            stdout=log2,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        done = wait_for(
+            lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j, 240, "the job after restart"
+        )
         assert done.attempt == 2 and done.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
         text = (tmp_path / "agent2.log").read_text()
-        resumed = [json.loads(line.split(" resumed ", 1)[1].replace("'", '"')) for line in text.splitlines() if " resumed {" in line]
+        resumed = [
+            json.loads(line.split(" resumed ", 1)[1].replace("'", '"'))
+            for line in text.splitlines()
+            if " resumed {" in line
+        ]
         assert resumed and resumed[0]["step"] >= 2, text[-2000:]  # from a checkpoint, not step 0
     finally:
         for proc in (first, second):
@@ -260,9 +342,18 @@ def test_idle_agent_is_light_and_never_imports_torch(srv: ServerThread, base: Pa
     work.mkdir()
     (work / "trace.jsonl").write_text(json.dumps({"t": 0, "charging": False, "battery": 30, "temp_c": 30}) + "\n")
     env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": ENROLL_TOKEN}
-    proc = subprocess.Popen(_agent_cmd(srv, base, work, "idle-phone"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _agent_cmd(srv, base, work, "idle-phone"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        wait_for(lambda: any(d.device_id == "idle-phone" for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 60, "enrollment")
+        wait_for(
+            lambda: any(
+                d.device_id == "idle-phone"
+                for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices
+            ),
+            60,
+            "enrollment",
+        )
         time.sleep(3)  # a few heartbeats
         rss = psutil.Process(proc.pid).memory_info().rss
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
@@ -288,18 +379,39 @@ def test_operator_shipped_dataset_is_fetched_and_checked(srv: ServerThread, base
     clock = ManualClock()
     _, stop, thread, _ = run_agent(srv, base, tmp_path / "ship", clock, "ship-phone")
     try:
-        wait_for(lambda: any(d.device_id == "ship-phone" for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices), 30, "enrollment")
+        wait_for(
+            lambda: any(
+                d.device_id == "ship-phone"
+                for d in srv.operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md()).devices
+            ),
+            30,
+            "enrollment",
+        )
         specs = {}
         for name, sha in (("good", digest), ("bad", tampered_digest)):
             spec = tpb.TrainingSpec()
             spec.CopyFrom(SPEC)
             spec.dataset = ""
             spec.dataset_object, spec.dataset_sha256, spec.max_steps = dataset_key(sha), sha, 2
-            specs[name] = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="ship-phone", training=spec), metadata=op_md()).job.job_id
-        good = wait_for(lambda: (j := job_of(srv, specs["good"])).state == tpb.JOB_STATE_SUCCEEDED and j, 180, "the shipped-dataset job")
-        manifest = json.loads(srv.operator.GetAdapter(opb.GetAdapterRequest(adapter_id=good.adapter_id), metadata=op_md()).adapter.manifest_json)
+            specs[name] = srv.operator.SubmitJob(
+                opb.SubmitJobRequest(device_id="ship-phone", training=spec), metadata=op_md()
+            ).job.job_id
+        good = wait_for(
+            lambda: (j := job_of(srv, specs["good"])).state == tpb.JOB_STATE_SUCCEEDED and j,
+            180,
+            "the shipped-dataset job",
+        )
+        manifest = json.loads(
+            srv.operator.GetAdapter(
+                opb.GetAdapterRequest(adapter_id=good.adapter_id), metadata=op_md()
+            ).adapter.manifest_json
+        )
         assert manifest["dataset_sha256"].removeprefix("sha256:") == digest
-        bad = wait_for(lambda: (j := job_of(srv, specs["bad"])).state == tpb.JOB_STATE_FAILED and j, 120, "the tampered-dataset job")
+        bad = wait_for(
+            lambda: (j := job_of(srv, specs["bad"])).state == tpb.JOB_STATE_FAILED and j,
+            120,
+            "the tampered-dataset job",
+        )
         assert bad.last_error_class == tpb.ERROR_CLASS_DATASET_INVALID and bad.attempt == 1
     finally:
         stop.set()

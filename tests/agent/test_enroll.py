@@ -27,9 +27,7 @@ class ShedEnrolls(grpc.aio.ServerInterceptor):
         self.codes = list(codes)
         self.enrolls = 0
 
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
-    ) -> Any:
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any) -> Any:
         if handler_call_details.method.endswith("/Enroll"):
             self.enrolls += 1
             if self.codes:
@@ -49,8 +47,14 @@ def _agent(srv: ServerThread, tmp: Path, token: str = ENROLL_TOKEN) -> Agent:
     trace = tmp / "trace.jsonl"
     trace.write_text(json.dumps({"t": 0, "charging": True, "battery": 90, "temp_c": 30}) + "\n")
     cfg = AgentConfig(
-        orchestrator=srv.address, device_id="busy-phone", work_dir=tmp / "work", base_model_dir=base,
-        base_model_id="tiny", datasets_dir=tmp / "datasets", enrollment_token=token, serve_adapters=False,
+        orchestrator=srv.address,
+        device_id="busy-phone",
+        work_dir=tmp / "work",
+        base_model_dir=base,
+        base_model_id="tiny",
+        datasets_dir=tmp / "datasets",
+        enrollment_token=token,
+        serve_adapters=False,
     )
     return Agent(cfg, TraceSensors(trace), Gate(GatePolicy()))
 

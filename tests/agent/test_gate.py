@@ -94,9 +94,7 @@ def test_precedence_hot_before_unplugged_before_low_battery() -> None:
     worst = reading(charging=False, battery=5.0, temp=60.0, storage=0, cpu=99.0)
     assert gate.evaluate(worst).reason is Reason.TOO_HOT
     gate.reset()
-    assert (
-        gate.evaluate(reading(charging=False, battery=5.0, storage=0)).reason is Reason.NOT_CHARGING
-    )
+    assert gate.evaluate(reading(charging=False, battery=5.0, storage=0)).reason is Reason.NOT_CHARGING
     assert gate.evaluate(reading(battery=5.0, storage=0, cpu=99.0)).reason is Reason.BATTERY_LOW
     assert gate.evaluate(reading(storage=0, cpu=99.0)).reason is Reason.STORAGE_LOW
     assert gate.evaluate(reading(cpu=99.0)).reason is Reason.CPU_BUSY
@@ -184,9 +182,7 @@ def test_policy_from_toml_and_json(tmp_path: Path) -> None:
     js = tmp_path / "gate.json"
     js.write_text(json.dumps({"no_battery": "deny", "max_cpu_load_pct": 80}))
 
-    assert GatePolicy.from_file(toml) == GatePolicy(
-        min_battery_pct=70, temp_high_c=42.0, temp_low_c=38.0
-    )
+    assert GatePolicy.from_file(toml) == GatePolicy(min_battery_pct=70, temp_high_c=42.0, temp_low_c=38.0)
     assert GatePolicy.from_file(flat).unknown_temperature == "deny"
     assert GatePolicy.from_file(js) == GatePolicy(no_battery="deny", max_cpu_load_pct=80)
 

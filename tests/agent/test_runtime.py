@@ -100,9 +100,7 @@ def test_load_does_not_activate_and_switching_works(
     assert rt.active == "beta"
 
 
-def test_unload_back_to_base(
-    rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]
-) -> None:
+def test_unload_back_to_base(rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]) -> None:
     rt.load("alpha", models["alpha"])
     rt.activate("alpha")
     with pytest.raises(AdapterBusy, match="active"):
@@ -139,18 +137,14 @@ def test_free_slot_reused_in_place(
     assert rt.generate(PROMPT, max_new_tokens=TOKENS).text == references["beta"]
 
 
-def test_mismatched_weights_refused_for_free_slot(
-    rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_mismatched_weights_refused_for_free_slot(rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     rt.load("alpha", models["alpha"])
     rt.unload("alpha")
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "adapter_config.json").write_text(
-        (models["beta"] / "adapter_config.json").read_text()
-    )
+    (partial / "adapter_config.json").write_text((models["beta"] / "adapter_config.json").read_text())
     state = load_file(models["beta"] / "adapter_model.safetensors")
     state.pop(sorted(state)[0])
     save_file(state, partial / "adapter_model.safetensors")
@@ -212,9 +206,7 @@ def test_pickled_bin_refused_without_unpickling(
     state = load_file(models["alpha"] / "adapter_model.safetensors")
     only_bin = tmp_path / "only_bin"
     only_bin.mkdir()
-    (only_bin / "adapter_config.json").write_text(
-        (models["alpha"] / "adapter_config.json").read_text()
-    )
+    (only_bin / "adapter_config.json").write_text((models["alpha"] / "adapter_config.json").read_text())
     torch.save(state, only_bin / "adapter_model.bin")
     with pytest.raises(AdapterLoadError, match=r"pickled.*adapter_model\.bin"):
         rt.load("evil", only_bin)
@@ -222,24 +214,18 @@ def test_pickled_bin_refused_without_unpickling(
     disguised = tmp_path / "disguised"
     disguised.mkdir()
     (disguised / "adapter_config.json").write_text("{}")
-    (disguised / "adapter_model.safetensors").write_bytes(
-        (only_bin / "adapter_model.bin").read_bytes()
-    )
+    (disguised / "adapter_model.safetensors").write_bytes((only_bin / "adapter_model.bin").read_bytes())
     with pytest.raises(AdapterLoadError, match=r"pickled|safetensors"):
         rt.load("evil", disguised)
     assert rt.resident() == {}
 
 
-def test_missing_weights_and_bad_config_refused(
-    rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_missing_weights_and_bad_config_refused(rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(AdapterLoadError, match=r"no adapter_model\.safetensors"):
         rt.load("empty", tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "adapter_model.safetensors").write_bytes(
-        (models["alpha"] / "adapter_model.safetensors").read_bytes()
-    )
+    (broken / "adapter_model.safetensors").write_bytes((models["alpha"] / "adapter_model.safetensors").read_bytes())
     (broken / "adapter_config.json").write_text("{nope")
     with pytest.raises(AdapterLoadError, match=r"adapter_config\.json"):
         rt.load("broken", broken)
@@ -253,9 +239,7 @@ def _with_manifest(src: Path, dst: Path, fingerprint: str) -> Path:
     return dst
 
 
-def test_incompatible_fingerprint_refused(
-    rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_incompatible_fingerprint_refused(rt: AdapterRuntime, models: dict[str, Path], tmp_path: Path) -> None:
     other = "sha256:" + "ab" * 32
     adapter = _with_manifest(models["alpha"], tmp_path / "other", other)
     with pytest.raises(IncompatibleAdapter) as info:
@@ -276,9 +260,7 @@ def test_unload_while_pinned_finishes_the_request(
     results = []
     with rt._model_lock:  # hold the model so the request is admitted but cannot run yet
         worker = threading.Thread(
-            target=lambda: results.append(
-                rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="alpha")
-            )
+            target=lambda: results.append(rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="alpha"))
         )
         worker.start()
         deadline = time.monotonic() + 10
@@ -322,9 +304,7 @@ def test_concurrent_generation_while_swapping(
         try:
             for j in range(12):
                 if (j + k) % 3 == 0:  # some requests name their adapter explicitly
-                    results.append(
-                        rt.generate(PROMPT, max_new_tokens=TOKENS, adapter=choices[j % 4])
-                    )
+                    results.append(rt.generate(PROMPT, max_new_tokens=TOKENS, adapter=choices[j % 4]))
                 else:
                     results.append(rt.generate(PROMPT, max_new_tokens=TOKENS))
         except BaseException as exc:

@@ -81,9 +81,7 @@ def test_sysfs_online_usb_supply_means_charging(tmp_path: Path) -> None:
 
 
 def test_sysfs_ignores_peripheral_batteries(tmp_path: Path) -> None:
-    _supply(
-        tmp_path, "hid-mouse", type="Battery", scope="Device", status="Discharging", capacity="5"
-    )
+    _supply(tmp_path, "hid-mouse", type="Battery", scope="Device", status="Discharging", capacity="5")
     _supply(tmp_path, "AC", type="Mains", online="1")
     reading = SysfsSensors(tmp_path).read()
     assert reading.has_battery is False
@@ -185,9 +183,7 @@ ROW = {"t": 0, "charging": True, "battery": 80, "temp_c": 30.0}
         ([{**ROW, "cpu_load_pct": 101}], 1, "cpu_load_pct"),
     ],
 )
-def test_trace_errors_name_file_line_and_field(
-    tmp_path: Path, rows: list[object], line: int, field: str
-) -> None:
+def test_trace_errors_name_file_line_and_field(tmp_path: Path, rows: list[object], line: int, field: str) -> None:
     path = _write(tmp_path, rows)
     with pytest.raises(TraceError) as info:
         TraceSensors(path)
@@ -278,9 +274,7 @@ def test_parse_sensor_spec_variants(tmp_path: Path) -> None:
     assert isinstance(parse_sensor_spec("auto"), PsutilSensors | SysfsSensors)
 
 
-@pytest.mark.parametrize(
-    "spec", ["bogus", "trace:", "trace:/x.jsonl?fast=1", "trace:/x.jsonl?speed=abc", "Psutil"]
-)
+@pytest.mark.parametrize("spec", ["bogus", "trace:", "trace:/x.jsonl?fast=1", "trace:/x.jsonl?speed=abc", "Psutil"])
 def test_parse_sensor_spec_rejects_unknown(spec: str) -> None:
     with pytest.raises(ValueError, match="spec"):
         parse_sensor_spec(spec)

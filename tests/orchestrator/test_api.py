@@ -38,12 +38,16 @@ def srv(tmp_path: Path, clock: FakeClock) -> Iterator[ServerThread]:
 def enroll(srv: ServerThread, device_id: str, **caps: object) -> tuple[tuple[str, str], ...]:
     fields: dict[str, object] = {"base_model_id": "tiny", "supports_4bit": True, "ram_bytes": 8 * 2**30, **caps}
     capabilities = tpb.Capabilities(**fields)  # type: ignore[arg-type]
-    reply = srv.agent.Enroll(apb.EnrollRequest(device_id=device_id, capabilities=capabilities), metadata=op_md(ENROLL_TOKEN))
+    reply = srv.agent.Enroll(
+        apb.EnrollRequest(device_id=device_id, capabilities=capabilities), metadata=op_md(ENROLL_TOKEN)
+    )
     return dev_md(device_id, reply.device_credential)
 
 
 def submit(srv: ServerThread, device_id: str, request_id: str = "", **kw: object) -> opb.SubmitJobResponse:
-    return srv.operator.SubmitJob(opb.SubmitJobRequest(request_id=request_id, device_id=device_id, training=SPEC, **kw), metadata=op_md())  # type: ignore[arg-type]
+    return srv.operator.SubmitJob(
+        opb.SubmitJobRequest(request_id=request_id, device_id=device_id, training=SPEC, **kw), metadata=op_md()
+    )  # type: ignore[arg-type]
 
 
 def lease(srv: ServerThread, device_id: str, md: tuple[tuple[str, str], ...]) -> apb.Assignment | None:
@@ -68,22 +72,38 @@ def test_full_lifecycle_registers_a_verified_adapter(srv: ServerThread, tmp_path
     a = lease(srv, "phone-1", md)
     assert a is not None and a.job_id == job.job_id and a.attempt == 1 and a.upload_url
     for state in (tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_PAUSED, tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_UPLOADING):
-        req = apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=state, pause_reason=tpb.ELIGIBILITY_REASON_TOO_HOT)
+        req = apb.ReportProgressRequest(
+            job_id=a.job_id, lease_epoch=a.lease_epoch, state=state, pause_reason=tpb.ELIGIBILITY_REASON_TOO_HOT
+        )
         srv.agent.ReportProgress(req, metadata=md)
         got = srv.operator.GetJob(opb.GetJobRequest(job_id=a.job_id), metadata=op_md()).job
         assert got.state == state
         assert ("TOO_HOT" in got.status_message) == (state == tpb.JOB_STATE_PAUSED)
     blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt)
     upload_to_url(a.upload_url, blob)
-    done = srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md)
+    done = srv.agent.CompleteJob(
+        apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size),
+        metadata=md,
+    )
     assert done.adapter.sha256 == info.sha256 and done.adapter.version == 1
     assert state_of(srv, a.job_id) == tpb.JOB_STATE_SUCCEEDED
     # The blob now lives at its content address and the device may download it.
-    url = srv.agent.GetAdapterDownloadUrl(apb.GetAdapterDownloadUrlRequest(adapter_id=done.adapter.adapter_id), metadata=md)
+    url = srv.agent.GetAdapterDownloadUrl(
+        apb.GetAdapterDownloadUrlRequest(adapter_id=done.adapter.adapter_id), metadata=md
+    )
     assert url.adapter.sha256 == info.sha256 and url.url
     assert srv.store.hash_object(done.adapter.blob_key).sha256 == info.sha256
     # A second completion of the same job is refused.
-    assert code_of(srv.agent.CompleteJob, apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(
+            srv.agent.CompleteJob,
+            apb.CompleteJobRequest(
+                job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
+            ),
+            metadata=md,
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
 
 
 def test_tampered_upload_fails_the_attempt_and_retries(srv: ServerThread, tmp_path: Path) -> None:
@@ -105,7 +125,10 @@ def test_expired_lease_is_fenced(srv: ServerThread, clock: FakeClock, tmp_path: 
     job = submit(srv, "phone-1").job
     old = lease(srv, "phone-1", md)
     assert old is not None
-    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    srv.agent.ReportProgress(
+        apb.ReportProgressRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, state=tpb.JOB_STATE_RUNNING),
+        metadata=md,
+    )
     clock.advance(31)
     assert srv.orch.reap() == 1
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
@@ -119,11 +142,18 @@ def test_expired_lease_is_fenced(srv: ServerThread, clock: FakeClock, tmp_path: 
     assert code_of(srv.agent.ReportProgress, stale, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
     blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=old.job_id, attempt=old.attempt)
     upload_to_url(old.upload_url, blob)
-    req = apb.CompleteJobRequest(job_id=old.job_id, lease_epoch=old.lease_epoch, sha256=info.sha256, size_bytes=info.size)
+    req = apb.CompleteJobRequest(
+        job_id=old.job_id, lease_epoch=old.lease_epoch, sha256=info.sha256, size_bytes=info.size
+    )
     assert code_of(srv.agent.CompleteJob, req, metadata=md) == grpc.StatusCode.FAILED_PRECONDITION
     # A heartbeat naming the stale lease is told to stop it, as stale (keep the checkpoint: the
     # job is this device's and comes back to it), not as cancelled (discard the work).
-    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=old.job_id, lease_epoch=old.lease_epoch)), metadata=md)
+    hb = srv.agent.Heartbeat(
+        apb.HeartbeatRequest(
+            device_id="phone-1", running=apb.RunningJob(job_id=old.job_id, lease_epoch=old.lease_epoch)
+        ),
+        metadata=md,
+    )
     assert list(hb.stale_job_ids) == [old.job_id] and list(hb.cancel_job_ids) == []
 
 
@@ -132,12 +162,25 @@ def test_error_classes_decide_retries(srv: ServerThread, clock: FakeClock) -> No
     retry = submit(srv, "phone-1", request_id="a").job
     a = lease(srv, "phone-1", md)
     assert a is not None and a.job_id == retry.job_id
-    r = srv.agent.FailJob(apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_CRASHED, message="segfault"), metadata=md)
+    r = srv.agent.FailJob(
+        apb.FailJobRequest(
+            job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_CRASHED, message="segfault"
+        ),
+        metadata=md,
+    )
     assert r.will_retry and r.state == tpb.JOB_STATE_QUEUED
     clock.advance(11)
     b = lease(srv, "phone-1", md)
     assert b is not None
-    r = srv.agent.FailJob(apb.FailJobRequest(job_id=b.job_id, lease_epoch=b.lease_epoch, error_class=tpb.ERROR_CLASS_DATASET_INVALID, message="line 3: not JSON"), metadata=md)
+    r = srv.agent.FailJob(
+        apb.FailJobRequest(
+            job_id=b.job_id,
+            lease_epoch=b.lease_epoch,
+            error_class=tpb.ERROR_CLASS_DATASET_INVALID,
+            message="line 3: not JSON",
+        ),
+        metadata=md,
+    )
     assert not r.will_retry and r.state == tpb.JOB_STATE_FAILED
 
 
@@ -148,7 +191,10 @@ def test_attempts_are_bounded(srv: ServerThread, clock: FakeClock) -> None:
         clock.advance(1000)
         a = lease(srv, "phone-1", md)
         assert a is not None
-        srv.agent.FailJob(apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_TRANSIENT), metadata=md)
+        srv.agent.FailJob(
+            apb.FailJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_TRANSIENT),
+            metadata=md,
+        )
     assert state_of(srv, job.job_id) == tpb.JOB_STATE_FAILED
 
 
@@ -158,11 +204,22 @@ def test_cancel_reaches_the_device_on_its_next_heartbeat(srv: ServerThread) -> N
     a = lease(srv, "phone-1", md)
     assert a is not None
     srv.operator.CancelJob(opb.CancelJobRequest(job_id=a.job_id), metadata=op_md())
-    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING)), metadata=md)
+    hb = srv.agent.Heartbeat(
+        apb.HeartbeatRequest(
+            device_id="phone-1",
+            running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING),
+        ),
+        metadata=md,
+    )
     assert list(hb.cancel_job_ids) == [a.job_id] and list(hb.stale_job_ids) == []
-    rep = srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    rep = srv.agent.ReportProgress(
+        apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md
+    )
     assert rep.cancel_requested
-    assert code_of(srv.operator.CancelJob, opb.CancelJobRequest(job_id=a.job_id), metadata=op_md()) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(srv.operator.CancelJob, opb.CancelJobRequest(job_id=a.job_id), metadata=op_md())
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
 
 
 def test_paused_time_does_not_eat_the_deadline(srv: ServerThread, clock: FakeClock) -> None:
@@ -173,12 +230,22 @@ def test_paused_time_does_not_eat_the_deadline(srv: ServerThread, clock: FakeClo
     job = submit(srv, "phone-1", deadline=deadline).job
     a = lease(srv, "phone-1", md)
     assert a is not None
-    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED), metadata=md)
+    srv.agent.ReportProgress(
+        apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED), metadata=md
+    )
     for _ in range(10):  # 200 s paused, the lease renewed by heartbeats
         clock.advance(20)
-        srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED)), metadata=md)
+        srv.agent.Heartbeat(
+            apb.HeartbeatRequest(
+                device_id="phone-1",
+                running=apb.RunningJob(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_PAUSED),
+            ),
+            metadata=md,
+        )
         srv.orch.reap()
-    srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md)
+    srv.agent.ReportProgress(
+        apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md
+    )
     srv.orch.reap()
     assert state_of(srv, job.job_id) == tpb.JOB_STATE_RUNNING
     clock.advance(101)
@@ -202,10 +269,21 @@ def test_identity(srv: ServerThread) -> None:
     md1 = enroll(srv, "phone-1")
     md2 = enroll(srv, "phone-2")
     submit(srv, "phone-1")
-    assert code_of(srv.agent.Enroll, apb.EnrollRequest(device_id="x"), metadata=op_md("wrong")) == grpc.StatusCode.UNAUTHENTICATED
-    assert code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=dev_md("phone-1", "forged")) == grpc.StatusCode.UNAUTHENTICATED
-    assert code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=md2) == grpc.StatusCode.PERMISSION_DENIED
-    assert code_of(srv.operator.ListJobs, opb.ListJobsRequest(), metadata=op_md("nope")) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        code_of(srv.agent.Enroll, apb.EnrollRequest(device_id="x"), metadata=op_md("wrong"))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=dev_md("phone-1", "forged"))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        code_of(srv.agent.LeaseJob, apb.LeaseJobRequest(device_id="phone-1"), metadata=md2)
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert (
+        code_of(srv.operator.ListJobs, opb.ListJobsRequest(), metadata=op_md("nope")) == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert code_of(srv.operator.ListJobs, opb.ListJobsRequest()) == grpc.StatusCode.UNAUTHENTICATED
     a = lease(srv, "phone-1", md1)
     assert a is not None
@@ -217,23 +295,45 @@ def test_identity(srv: ServerThread) -> None:
 def test_errors_name_the_field(srv: ServerThread) -> None:
     enroll(srv, "phone-1")
     cases = [
-        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(base_model_id="tiny", dataset="d")), "training.adapter_name"),
-        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(adapter_name="a", base_model_id="tiny")), "training.dataset"),
+        (
+            opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(base_model_id="tiny", dataset="d")),
+            "training.adapter_name",
+        ),
+        (
+            opb.SubmitJobRequest(
+                device_id="phone-1", training=tpb.TrainingSpec(adapter_name="a", base_model_id="tiny")
+            ),
+            "training.dataset",
+        ),
         (opb.SubmitJobRequest(device_id="bad id!", training=SPEC), "device_id"),
-        (opb.SubmitJobRequest(device_id="phone-1", training=tpb.TrainingSpec(adapter_name="a", base_model_id="t", dataset="../etc/passwd")), "training.dataset"),
+        (
+            opb.SubmitJobRequest(
+                device_id="phone-1",
+                training=tpb.TrainingSpec(adapter_name="a", base_model_id="t", dataset="../etc/passwd"),
+            ),
+            "training.dataset",
+        ),
     ]
     for req, field in cases:
         with pytest.raises(grpc.RpcError) as info:
             srv.operator.SubmitJob(req, metadata=op_md())
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(field)
-    assert code_of(srv.operator.GetJob, opb.GetJobRequest(job_id="job-0000"), metadata=op_md()) == grpc.StatusCode.NOT_FOUND
-    assert code_of(srv.operator.SubmitJob, opb.SubmitJobRequest(device_id="ghost", training=SPEC), metadata=op_md()) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(srv.operator.GetJob, opb.GetJobRequest(job_id="job-0000"), metadata=op_md())
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        code_of(srv.operator.SubmitJob, opb.SubmitJobRequest(device_id="ghost", training=SPEC), metadata=op_md())
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_placement_says_why_a_job_waits(srv: ServerThread) -> None:
     md = enroll(srv, "tiny-phone", supports_4bit=False)
-    spec = tpb.TrainingSpec(adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL)
+    spec = tpb.TrainingSpec(
+        adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL
+    )
     job = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="tiny-phone", training=spec), metadata=op_md()).job
     assert lease(srv, "tiny-phone", md) is None
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
@@ -249,7 +349,14 @@ def test_activation_rollback_and_heartbeat(srv: ServerThread, tmp_path: Path) ->
         assert a is not None
         blob, info = fake_adapter_blob(tmp_path, device_id="phone-1", job_id=a.job_id, attempt=a.attempt, seed=i)
         upload_to_url(a.upload_url, blob)
-        adapters.append(srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md).adapter)
+        adapters.append(
+            srv.agent.CompleteJob(
+                apb.CompleteJobRequest(
+                    job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
+                ),
+                metadata=md,
+            ).adapter
+        )
     assert [x.version for x in adapters] == [1, 2]
     for adapter in adapters:
         srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(adapter_id=adapter.adapter_id), metadata=op_md())
@@ -258,24 +365,32 @@ def test_activation_rollback_and_heartbeat(srv: ServerThread, tmp_path: Path) ->
     back = srv.operator.RollbackAdapter(opb.RollbackAdapterRequest(device_id="phone-1"), metadata=op_md())
     assert back.desired_adapter_id == adapters[0].adapter_id
     srv.operator.DeactivateAdapter(opb.DeactivateAdapterRequest(device_id="phone-1"), metadata=op_md())
-    hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1", active_adapter_id=adapters[0].adapter_id), metadata=md)
+    hb = srv.agent.Heartbeat(
+        apb.HeartbeatRequest(device_id="phone-1", active_adapter_id=adapters[0].adapter_id), metadata=md
+    )
     assert not hb.HasField("desired_adapter")
     dev = srv.operator.GetDevice(opb.GetDeviceRequest(device_id="phone-1"), metadata=op_md()).device
     assert dev.active_adapter_id == adapters[0].adapter_id and dev.desired_adapter_id == ""
     summary = srv.operator.GetFleetSummary(opb.GetFleetSummaryRequest(), metadata=op_md())
-    assert summary.jobs_by_state["JOB_STATE_SUCCEEDED"] == 2 and summary.device_count == 1 and summary.adapter_count == 2
+    assert (
+        summary.jobs_by_state["JOB_STATE_SUCCEEDED"] == 2 and summary.device_count == 1 and summary.adapter_count == 2
+    )
 
 
 def test_campaign_fans_out_to_matching_devices(srv: ServerThread) -> None:
     for i in range(5):
         enroll(srv, f"d{i}", labels={"tier": "beta" if i % 2 else "ga"})
-    req = opb.SubmitCampaignRequest(request_id="c1", name="beta", selector=tpb.DeviceSelector(labels={"tier": "beta"}), training=SPEC)
+    req = opb.SubmitCampaignRequest(
+        request_id="c1", name="beta", selector=tpb.DeviceSelector(labels={"tier": "beta"}), training=SPEC
+    )
     camp = srv.operator.SubmitCampaign(req, metadata=op_md())
     assert camp.created and camp.campaign.job_count == 2
     assert camp.campaign.jobs_by_state["JOB_STATE_QUEUED"] == 2
     again = srv.operator.SubmitCampaign(req, metadata=op_md())
     assert not again.created and again.campaign.campaign_id == camp.campaign.campaign_id
-    jobs = srv.operator.ListJobs(opb.ListJobsRequest(filter=tpb.JobFilter(campaign_id=camp.campaign.campaign_id)), metadata=op_md()).jobs
+    jobs = srv.operator.ListJobs(
+        opb.ListJobsRequest(filter=tpb.JobFilter(campaign_id=camp.campaign.campaign_id)), metadata=op_md()
+    ).jobs
     assert sorted(j.device_id for j in jobs) == ["d1", "d3"]
 
 
@@ -291,12 +406,17 @@ def test_watch_streams_changes(srv: ServerThread) -> None:
     stream.cancel()
 
 
-def _train(srv: ServerThread, tmp_path: Path, device: str, md: tuple[tuple[str, str], ...], seed: int, campaign: str = "") -> apb.CompleteJobResponse:
+def _train(
+    srv: ServerThread, tmp_path: Path, device: str, md: tuple[tuple[str, str], ...], seed: int, campaign: str = ""
+) -> apb.CompleteJobResponse:
     a = lease(srv, device, md)
     assert a is not None
     blob, info = fake_adapter_blob(tmp_path, device_id=device, job_id=a.job_id, attempt=a.attempt, seed=seed)
     upload_to_url(a.upload_url, blob)
-    return srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md)
+    return srv.agent.CompleteJob(
+        apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size),
+        metadata=md,
+    )
 
 
 def test_fleet_activation_by_name_and_selector(srv: ServerThread, tmp_path: Path) -> None:
@@ -314,7 +434,9 @@ def test_fleet_activation_by_name_and_selector(srv: ServerThread, tmp_path: Path
         hb = srv.agent.Heartbeat(apb.HeartbeatRequest(device_id=device), metadata=mds[device])
         assert hb.desired_adapter.adapter_id == latest[device].adapter_id  # each its own, latest version
     assert not srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="d3"), metadata=mds["d3"]).HasField("desired_adapter")
-    off = srv.operator.DeactivateAdapter(opb.DeactivateAdapterRequest(selector=tpb.DeviceSelector(device_ids=["d0", "d1"])), metadata=op_md())
+    off = srv.operator.DeactivateAdapter(
+        opb.DeactivateAdapterRequest(selector=tpb.DeviceSelector(device_ids=["d0", "d1"])), metadata=op_md()
+    )
     assert sorted(off.device_ids) == ["d0", "d1"]
     back = srv.operator.RollbackAdapter(opb.RollbackAdapterRequest(device_id="d0"), metadata=op_md())
     assert back.desired_adapter_id == latest["d0"].adapter_id
@@ -322,12 +444,18 @@ def test_fleet_activation_by_name_and_selector(srv: ServerThread, tmp_path: Path
 
 def test_canary_share_is_stable_and_grows(srv: ServerThread, tmp_path: Path) -> None:
     mds = {f"c{i}": enroll(srv, f"c{i}") for i in range(10)}
-    camp = srv.operator.SubmitCampaign(opb.SubmitCampaignRequest(name="all", selector=tpb.DeviceSelector(), training=SPEC), metadata=op_md()).campaign
+    camp = srv.operator.SubmitCampaign(
+        opb.SubmitCampaignRequest(name="all", selector=tpb.DeviceSelector(), training=SPEC), metadata=op_md()
+    ).campaign
     for i, (device, md) in enumerate(mds.items()):
         _train(srv, tmp_path, device, md, seed=i)
-    first = srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=20), metadata=op_md()).device_ids
+    first = srv.operator.ActivateAdapter(
+        opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=20), metadata=op_md()
+    ).device_ids
     assert len(first) == 2
-    more = srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=50), metadata=op_md()).device_ids
+    more = srv.operator.ActivateAdapter(
+        opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=50), metadata=op_md()
+    ).device_ids
     assert len(more) == 3 and not set(first) & set(more)  # the first two stay in, three join
     for bad, field in (
         (opb.ActivateAdapterRequest(campaign_id=camp.campaign_id, canary_percent=0), "canary_percent"),
@@ -355,7 +483,9 @@ def test_a_job_too_big_for_the_device_waits_and_says_why(srv: ServerThread) -> N
     assert job.memory_estimate_bytes == 800 * 2**20
     assert lease(srv, "small-phone", md) is None
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
-    assert got.state == tpb.JOB_STATE_QUEUED and "needs ~800 MiB" in got.status_message and "512 MiB" in got.status_message
+    assert (
+        got.state == tpb.JOB_STATE_QUEUED and "needs ~800 MiB" in got.status_message and "512 MiB" in got.status_message
+    )
     big = enroll(srv, "big-phone", base_model_id="SmolLM2-135M-Instruct", ram_bytes=8 * 2**30)
     srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="big-phone", training=spec), metadata=op_md())
     assert lease(srv, "big-phone", big) is not None
@@ -363,7 +493,9 @@ def test_a_job_too_big_for_the_device_waits_and_says_why(srv: ServerThread) -> N
 
 def test_lease_skips_an_oldest_job_that_does_not_fit_for_the_next_that_does(srv: ServerThread) -> None:
     md = enroll(srv, "skip-phone", supports_4bit=False)
-    strict = tpb.TrainingSpec(adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL)
+    strict = tpb.TrainingSpec(
+        adapter_name="a", base_model_id="tiny", dataset="d", on_4bit_unsupported=tpb.FOUR_BIT_FALLBACK_FAIL
+    )
     loose = tpb.TrainingSpec(adapter_name="b", base_model_id="tiny", dataset="d")
     first = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="skip-phone", training=strict), metadata=op_md()).job
     second = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="skip-phone", training=loose), metadata=op_md()).job

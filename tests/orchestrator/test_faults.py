@@ -64,7 +64,9 @@ def free_port() -> int:
 
 
 def enroll(agent: Any, device_id: str) -> str:
-    reply = agent.Enroll(apb.EnrollRequest(device_id=device_id, capabilities=CAPS), metadata=op_md(ENROLL_TOKEN), timeout=30)
+    reply = agent.Enroll(
+        apb.EnrollRequest(device_id=device_id, capabilities=CAPS), metadata=op_md(ENROLL_TOKEN), timeout=30
+    )
     return str(reply.device_credential)
 
 
@@ -155,7 +157,9 @@ def test_a_device_frozen_past_its_lease_loses_the_job(tmp_path: Path) -> None:
     script.write_text(CLIENT)
     with ServerThread(tmp_path, lease_s=4.0, retry_base_s=0.5) as srv:
         credential = enroll(srv.agent, "phone-1")
-        job_id = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="phone-1", training=SPEC), metadata=op_md()).job.job_id
+        job_id = srv.operator.SubmitJob(
+            opb.SubmitJobRequest(device_id="phone-1", training=SPEC), metadata=op_md()
+        ).job.job_id
         holder = Client(script, srv.address, "phone-1", credential, "hold", tmp_path)
         second: Client | None = None
         try:
@@ -187,7 +191,9 @@ def test_a_device_frozen_past_its_lease_loses_the_job(tmp_path: Path) -> None:
             assert holder.of("complete")[0]["code"] == "FAILED_PRECONDITION"
             job = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job
             assert job.state == tpb.JOB_STATE_SUCCEEDED and job.attempt == 2
-            adapters = srv.operator.ListAdapters(opb.ListAdaptersRequest(device_id="phone-1"), metadata=op_md()).adapters
+            adapters = srv.operator.ListAdapters(
+                opb.ListAdaptersRequest(device_id="phone-1"), metadata=op_md()
+            ).adapters
             assert [(a.job_id, a.attempt) for a in adapters] == [(job_id, 2)]
         finally:
             holder.kill()
@@ -221,11 +227,27 @@ class ServeProcess:
         self.log = open(tmp / f"serve-{name}.log", "w")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "pocketlora", "orchestrator", "serve",
-                "--listen", self.address, "--db", db_url, "--store", f"file://{tmp / 'blobs'}",
-                "--state-dir", str(tmp / "state"), "--lease-s", "600",
+                sys.executable,
+                "-m",
+                "pocketlora",
+                "orchestrator",
+                "serve",
+                "--listen",
+                self.address,
+                "--db",
+                db_url,
+                "--store",
+                f"file://{tmp / 'blobs'}",
+                "--state-dir",
+                str(tmp / "state"),
+                "--lease-s",
+                "600",
             ],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
@@ -238,7 +260,10 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"orchestrator exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                return bool(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING)
+                return bool(
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
             except grpc.RpcError:
                 return False
 
@@ -303,7 +328,11 @@ def _drive(srv: ServeProcess, ledger: Ledger, tmp: Path, device_id: str) -> None
             # Every other job goes to a device that never polls, so it stays queued.
             target = device_id if n % 2 == 0 else f"{device_id}-idle"
             request_id = f"{target}-req-{n}"
-            job_id = srv.operator.SubmitJob(opb.SubmitJobRequest(request_id=request_id, device_id=target, training=SPEC), metadata=op_md(), timeout=30).job.job_id
+            job_id = srv.operator.SubmitJob(
+                opb.SubmitJobRequest(request_id=request_id, device_id=target, training=SPEC),
+                metadata=op_md(),
+                timeout=30,
+            ).job.job_id
             ledger.submitted[request_id] = job_id
             ledger.states[job_id] = tpb.JOB_STATE_QUEUED
             if target != device_id:
@@ -314,13 +343,23 @@ def _drive(srv: ServeProcess, ledger: Ledger, tmp: Path, device_id: str) -> None
             ledger.states[job_id], ledger.epochs[job_id] = tpb.JOB_STATE_LEASED, a.lease_epoch
             for state in (tpb.JOB_STATE_RUNNING, tpb.JOB_STATE_UPLOADING):
                 ledger.in_flight[job_id] = state
-                srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=job_id, lease_epoch=a.lease_epoch, state=state), metadata=md, timeout=30)
+                srv.agent.ReportProgress(
+                    apb.ReportProgressRequest(job_id=job_id, lease_epoch=a.lease_epoch, state=state),
+                    metadata=md,
+                    timeout=30,
+                )
                 ledger.states[job_id] = state
             if n % 4 == 0:
                 blob, info = fake_adapter_blob(tmp, device_id=device_id, job_id=job_id, attempt=a.attempt)
                 upload_to_url(a.upload_url, blob)
                 ledger.in_flight[job_id] = tpb.JOB_STATE_SUCCEEDED
-                done = srv.agent.CompleteJob(apb.CompleteJobRequest(job_id=job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size), metadata=md, timeout=30)
+                done = srv.agent.CompleteJob(
+                    apb.CompleteJobRequest(
+                        job_id=job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
+                    ),
+                    metadata=md,
+                    timeout=30,
+                )
                 ledger.states[job_id] = tpb.JOB_STATE_SUCCEEDED
                 ledger.adapters[job_id] = done.adapter.adapter_id
             ledger.in_flight.pop(job_id, None)
@@ -334,7 +373,11 @@ def _verify(srv: ServeProcess, ledger: Ledger) -> None:
     assert ledger.submitted, "nothing was acknowledged before the kill"
     for request_id, job_id in ledger.submitted.items():
         device_id = request_id.rsplit("-req-", 1)[0]
-        again = srv.operator.SubmitJob(opb.SubmitJobRequest(request_id=request_id, device_id=device_id, training=SPEC), metadata=op_md(), timeout=30)
+        again = srv.operator.SubmitJob(
+            opb.SubmitJobRequest(request_id=request_id, device_id=device_id, training=SPEC),
+            metadata=op_md(),
+            timeout=30,
+        )
         assert not again.created and again.job.job_id == job_id, f"acknowledged submit {request_id} was lost"
     for job_id, state in ledger.states.items():
         job = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md(), timeout=30).job
@@ -343,21 +386,29 @@ def _verify(srv: ServeProcess, ledger: Ledger) -> None:
         if job_id in ledger.epochs:
             assert job.lease_epoch == ledger.epochs[job_id]
     for job_id, adapter_id in ledger.adapters.items():
-        adapter = srv.operator.GetAdapter(opb.GetAdapterRequest(adapter_id=adapter_id), metadata=op_md(), timeout=30).adapter
+        adapter = srv.operator.GetAdapter(
+            opb.GetAdapterRequest(adapter_id=adapter_id), metadata=op_md(), timeout=30
+        ).adapter
         assert adapter.job_id == job_id
     # Credentials survived too: a device whose job is RUNNING can still report on its lease.
     for job_id, epoch in ledger.epochs.items():
         if ledger.states[job_id] == tpb.JOB_STATE_UPLOADING and job_id not in ledger.in_flight:
             device_id = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job.device_id
             md = dev_md(device_id, ledger.credentials[device_id])
-            srv.agent.ReportProgress(apb.ReportProgressRequest(job_id=job_id, lease_epoch=epoch, state=tpb.JOB_STATE_UPLOADING), metadata=md, timeout=30)
+            srv.agent.ReportProgress(
+                apb.ReportProgressRequest(job_id=job_id, lease_epoch=epoch, state=tpb.JOB_STATE_UPLOADING),
+                metadata=md,
+                timeout=30,
+            )
             break
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    db_url = f"sqlite:///{tmp_path / 'state.db'}" if backend == "sqlite" else str(request.getfixturevalue("postgres_url"))
+    db_url = (
+        f"sqlite:///{tmp_path / 'state.db'}" if backend == "sqlite" else str(request.getfixturevalue("postgres_url"))
+    )
     first = ServeProcess(tmp_path, db_url, "first")
     second: ServeProcess | None = None
     try:
@@ -371,7 +422,10 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, backend: str, request
         for t in drivers:
             t.start()
         # Kill in the middle of the traffic, once a fair amount was acknowledged.
-        wait_for(lambda: ledger.errors or (len(ledger.adapters) >= 3 and len(ledger.submitted) >= 20), "traffic to be acknowledged")
+        wait_for(
+            lambda: ledger.errors or (len(ledger.adapters) >= 3 and len(ledger.submitted) >= 20),
+            "traffic to be acknowledged",
+        )
         assert not ledger.errors, ledger.errors
         ledger.stop.set()
         first.kill9()
@@ -411,7 +465,9 @@ def test_two_replicas_never_double_lease(two_replicas: tuple[ServerThread, Serve
     for i, d in enumerate(devices):
         srv = (a, b)[i % 2]
         for _ in range(jobs_per_device):
-            submitted.add(srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=d, training=SPEC), metadata=op_md()).job.job_id)
+            submitted.add(
+                srv.operator.SubmitJob(opb.SubmitJobRequest(device_id=d, training=SPEC), metadata=op_md()).job.job_id
+            )
 
     # Each device polls both replicas from four clients at once until its queue is empty.
     leases: list[tuple[str, int, int, str]] = []

@@ -118,9 +118,7 @@ def _build_world(tmp: Path, srv: ServerThread) -> World:
     world.shas.append(hashlib.sha256(junk.read_bytes()).hexdigest())
     world.sizes.append(junk.stat().st_size)
     world.epochs += [a.lease_epoch, b.lease_epoch]
-    camp = srv.operator.SubmitCampaign(
-        opb.SubmitCampaignRequest(name="c", training=SPEC), metadata=op_md()
-    ).campaign
+    camp = srv.operator.SubmitCampaign(opb.SubmitCampaignRequest(name="c", training=SPEC), metadata=op_md()).campaign
     world.ids.append(camp.campaign_id)
     return world
 
@@ -281,16 +279,23 @@ def _call(world: World, service: str, method: str, streaming: bool, request: Mes
     channel = world.srv.channel
     path = f"/pocketlora.v1.{service}/{method}"
     response_cls = _message_class(
-        (apb if service == "AgentService" else opb).DESCRIPTOR.services_by_name[service].methods_by_name[method].output_type
+        (apb if service == "AgentService" else opb)
+        .DESCRIPTOR.services_by_name[service]
+        .methods_by_name[method]
+        .output_type
     )
     try:
         if streaming:
-            call = channel.unary_stream(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString)
+            call = channel.unary_stream(
+                path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString
+            )
             stream = call(request, metadata=md, timeout=0.5)
             for _ in stream:
                 pass
         else:
-            call = channel.unary_unary(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString)
+            call = channel.unary_unary(
+                path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString
+            )
             reply = call(request, metadata=md, timeout=1.0 if method == "LeaseJob" else 20.0)
             if method == "Enroll" and request.device_id in world.creds:  # type: ignore[attr-defined]
                 world.creds[request.device_id] = reply.device_credential  # type: ignore[attr-defined]
@@ -315,7 +320,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize(("service", "method", "desc", "streaming"), RPCS, ids=[f"{s}.{m}" for s, m, _, _ in RPCS])
-def test_arbitrary_requests_get_typed_errors(world: World, service: str, method: str, desc: Descriptor, streaming: bool) -> None:
+def test_arbitrary_requests_get_typed_errors(
+    world: World, service: str, method: str, desc: Descriptor, streaming: bool
+) -> None:
     fields = _field_names(desc)
     examples = 60 if world.srv.orch.state.url.startswith("sqlite") else 40
 
@@ -331,7 +338,9 @@ def test_arbitrary_requests_get_typed_errors(world: World, service: str, method:
         code = err.code()
         assert code not in FORBIDDEN, f"{method} answered {code.name}: {err.details()}"
         if not valid:
-            assert code in IDENTITY | TRANSPORT, f"{method} with credential {cred!r} answered {code.name}: {err.details()}"
+            assert code in IDENTITY | TRANSPORT, (
+                f"{method} with credential {cred!r} answered {code.name}: {err.details()}"
+            )
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             named = (err.details() or "").split(":", 1)[0]
             named = re.sub(r"\[[^\]]*\]", "", named)  # labels[gpu] names the field labels
@@ -382,7 +391,9 @@ HOSTILE = ["\x00", "a\x00b", "phone-a\n", "\u202e\U0001f642", "x" * 100_000, "' 
 
 
 @pytest.mark.parametrize(("service", "method", "desc", "streaming"), RPCS, ids=[f"{s}.{m}" for s, m, _, _ in RPCS])
-def test_every_string_field_survives_hostile_values(world: World, service: str, method: str, desc: Descriptor, streaming: bool) -> None:
+def test_every_string_field_survives_hostile_values(
+    world: World, service: str, method: str, desc: Descriptor, streaming: bool
+) -> None:
     """Deterministic sweep: each string field (nested too) alone set to each hostile value."""
     fields = _field_names(desc)
     for path in _string_paths(desc):
@@ -400,14 +411,22 @@ def test_every_string_field_survives_hostile_values(world: World, service: str, 
 def test_an_upload_that_is_not_an_adapter_fails_the_attempt(tmp_path: Path) -> None:
     """Right digest and size, wrong bytes: FAILED_PRECONDITION and a retry, never INTERNAL."""
     with ServerThread(tmp_path, lease_s=600.0, retry_base_s=1.0) as srv:
-        reply = srv.agent.Enroll(apb.EnrollRequest(device_id="phone-a", capabilities=tpb.Capabilities(base_model_id="tiny")), metadata=op_md(ENROLL_TOKEN))
+        reply = srv.agent.Enroll(
+            apb.EnrollRequest(device_id="phone-a", capabilities=tpb.Capabilities(base_model_id="tiny")),
+            metadata=op_md(ENROLL_TOKEN),
+        )
         md = dev_md("phone-a", reply.device_credential)
         srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="phone-a", training=SPEC), metadata=op_md())
         a = srv.agent.LeaseJob(apb.LeaseJobRequest(device_id="phone-a"), metadata=md).assignment
         junk = tmp_path / "junk.bin"
         junk.write_bytes(b"\x00" * 64)
         upload_to_url(a.upload_url, junk)
-        req = apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=hashlib.sha256(junk.read_bytes()).hexdigest(), size_bytes=64)
+        req = apb.CompleteJobRequest(
+            job_id=a.job_id,
+            lease_epoch=a.lease_epoch,
+            sha256=hashlib.sha256(junk.read_bytes()).hexdigest(),
+            size_bytes=64,
+        )
         with pytest.raises(grpc.RpcError) as info:
             srv.agent.CompleteJob(req, metadata=md)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -57,7 +57,27 @@ def test_gc_cli_dry_run_lists(tmp_path: Path) -> None:
         srv.store.put_file("uploads/job-x/1/adapter.safetensors", Path(__file__))
         db, store = srv.orch.state.url, f"file://{tmp_path / 'blobs'}"
         env = {**os.environ, "COLUMNS": "200"}
-        run = subprocess.run([sys.executable, "-m", "pocketlora", "adapter", "gc", "--db", db, "--store", store, "--upload-grace-hours", "0", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pocketlora",
+                "adapter",
+                "gc",
+                "--db",
+                db,
+                "--store",
+                store,
+                "--upload-grace-hours",
+                "0",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 0, run.stderr
         report = json.loads(run.stdout)
         assert report["dry_run"] and report["deleted_keys"] == ["uploads/job-x/1/adapter.safetensors"]

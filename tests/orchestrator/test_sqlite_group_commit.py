@@ -311,10 +311,7 @@ def test_stores_opening_one_new_file_together_migrate_it_once(tmp_path: Path) ->
         barrier = threading.Barrier(6)
         errors: list[BaseException] = []
         stores: list[SqliteStore] = []
-        threads = [
-            threading.Thread(target=_open_and_migrate, args=(path, barrier, stores, errors))
-            for _ in range(6)
-        ]
+        threads = [threading.Thread(target=_open_and_migrate, args=(path, barrier, stores, errors)) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:
@@ -324,9 +321,7 @@ def test_stores_opening_one_new_file_together_migrate_it_once(tmp_path: Path) ->
         assert errors == []
         conn = sqlite3.connect(path)
         try:
-            versions = [
-                v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")
-            ]
+            versions = [v for (v,) in conn.execute("SELECT version FROM schema_version ORDER BY version")]
         finally:
             conn.close()
         assert versions and versions == sorted(set(versions))

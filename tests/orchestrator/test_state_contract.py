@@ -23,7 +23,9 @@ from orchestrator.state import StateStore, open_state
 
 def _job(device: str = "dev-1", **kw: object) -> JobRecord:
     now = time.time()
-    return JobRecord(job_id=new_id("job"), device_id=device, training={"adapter_name": "a"}, created_at=now, updated_at=now, **kw)  # type: ignore[arg-type]
+    return JobRecord(
+        job_id=new_id("job"), device_id=device, training={"adapter_name": "a"}, created_at=now, updated_at=now, **kw
+    )  # type: ignore[arg-type]
 
 
 def test_job_round_trip(state: StateStore) -> None:
@@ -174,7 +176,16 @@ def test_devices(state: StateStore) -> None:
     now = time.time()
     with state.transaction() as tx:
         for i in range(5):
-            tx.upsert_device(DeviceRecord(f"d{i}", "h", {"ram_bytes": i}, {"k": "v"}, eligibility_reason="TOO_HOT" if i else "ELIGIBLE", last_seen=now - i * 100))
+            tx.upsert_device(
+                DeviceRecord(
+                    f"d{i}",
+                    "h",
+                    {"ram_bytes": i},
+                    {"k": "v"},
+                    eligibility_reason="TOO_HOT" if i else "ELIGIBLE",
+                    last_seen=now - i * 100,
+                )
+            )
     with state.transaction() as tx:
         d = tx.get_device("d1", for_update=True)
         assert d is not None and d.capabilities == {"ram_bytes": 1} and d.labels == {"k": "v"}
@@ -193,7 +204,9 @@ def test_update_device_writes_only_the_named_fields(state: StateStore) -> None:
     with state.transaction() as tx:
         tx.upsert_device(DeviceRecord("d1", "h", {"ram_bytes": 1}, {"k": "v"}, desired_adapter_id="ad-1"))
     with state.transaction() as tx:
-        assert tx.update_device("d1", {"last_seen": 5.0, "eligible": True, "power": {"battery": 80}, "running_job_id": "job-1"})
+        assert tx.update_device(
+            "d1", {"last_seen": 5.0, "eligible": True, "power": {"battery": 80}, "running_job_id": "job-1"}
+        )
         assert not tx.update_device("nope", {"last_seen": 5.0})
         assert tx.update_device("d1", {}) and not tx.update_device("nope", {})
         with pytest.raises(ValueError, match="no_such_field"):
@@ -202,7 +215,12 @@ def test_update_device_writes_only_the_named_fields(state: StateStore) -> None:
         d = tx.get_device("d1")
         assert d is not None
         assert (d.last_seen, d.eligible, d.power, d.running_job_id) == (5.0, True, {"battery": 80}, "job-1")
-        assert (d.credential_hash, d.capabilities, d.labels, d.desired_adapter_id) == ("h", {"ram_bytes": 1}, {"k": "v"}, "ad-1")
+        assert (d.credential_hash, d.capabilities, d.labels, d.desired_adapter_id) == (
+            "h",
+            {"ram_bytes": 1},
+            {"k": "v"},
+            "ad-1",
+        )
 
 
 def test_bulk_inserts(state: StateStore) -> None:
@@ -232,7 +250,21 @@ def test_bulk_inserts(state: StateStore) -> None:
 
 def test_adapters_and_versions(state: StateStore) -> None:
     def ad(version: int) -> AdapterRecord:
-        return AdapterRecord(new_id("ad"), "persona", version, "d1", "job", 1, "0" * 64, 10, "base", "fp", {"rank": 8}, time.time(), f"blobs/sha256/{version}")
+        return AdapterRecord(
+            new_id("ad"),
+            "persona",
+            version,
+            "d1",
+            "job",
+            1,
+            "0" * 64,
+            10,
+            "base",
+            "fp",
+            {"rank": 8},
+            time.time(),
+            f"blobs/sha256/{version}",
+        )
 
     with state.transaction() as tx:
         tx.insert_adapter(ad(1))

@@ -40,7 +40,14 @@ class ServerThread:
     """An Orchestrator over SQLite (or a given URL) and a file store, served on 127.0.0.1:<free>."""
 
     def __init__(
-        self, tmp: Path, *, db_url: str = "", clock: Any = None, reap_every_s: float = 0.0, interceptors: Any = (), **config: Any
+        self,
+        tmp: Path,
+        *,
+        db_url: str = "",
+        clock: Any = None,
+        reap_every_s: float = 0.0,
+        interceptors: Any = (),
+        **config: Any,
     ) -> None:
         self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
@@ -61,7 +68,9 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        self.running = asyncio.run_coroutine_threadsafe(start_server(self.orch, interceptors=self.interceptors), self.loop).result(30)
+        self.running = asyncio.run_coroutine_threadsafe(
+            start_server(self.orch, interceptors=self.interceptors), self.loop
+        ).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
@@ -108,11 +117,23 @@ def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, s
         },
         str(folder / "adapter_model.safetensors"),
     )
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    )
     manifest = AdapterManifest(
-        adapter_name="persona", base_model_id="tiny", base_fingerprint="sha256:" + "ab" * 32, rank=4, alpha=8.0,
-        target_modules=["q_proj"], dataset_sha256="cd" * 32, metrics={"final_loss": 1.0}, training={},
-        device_id=device_id, job_id=job_id, attempt=attempt, created_at="2026-11-29T00:00:00+00:00",
+        adapter_name="persona",
+        base_model_id="tiny",
+        base_fingerprint="sha256:" + "ab" * 32,
+        rank=4,
+        alpha=8.0,
+        target_modules=["q_proj"],
+        dataset_sha256="cd" * 32,
+        metrics={"final_loss": 1.0},
+        training={},
+        device_id=device_id,
+        job_id=job_id,
+        attempt=attempt,
+        created_at="2026-11-29T00:00:00+00:00",
     )
     blob = tmp / f"blob-{job_id}-{attempt}-{seed}.safetensors"
     return blob, pack_adapter(folder, manifest, blob)

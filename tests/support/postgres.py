@@ -58,7 +58,17 @@ class PostgresServer:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir / "sock", pw.pw_uid, pw.pw_gid)
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir / 'sock'} -c fsync=on -c max_connections=200"
-        self._pg(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o", opts, "start")
+        self._pg(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-o",
+            opts,
+            "start",
+        )
         return self
 
     def url(self, dbname: str = "postgres") -> str:

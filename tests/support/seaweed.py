@@ -126,9 +126,7 @@ class SeaweedServer:
         ]
         self._log = d / "weed.log"
         with open(self._log, "wb") as log:
-            self._proc = subprocess.Popen(
-                cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self._proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:
@@ -142,9 +140,7 @@ class SeaweedServer:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed mini exited early (rc={self._proc.returncode}):\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"weed mini exited early (rc={self._proc.returncode}):\n{self.log_tail()}")
             try:
                 # An anonymous ListBuckets is refused (403) once S3 and its IAM are up.
                 with urllib.request.urlopen(url, timeout=1):
@@ -155,9 +151,7 @@ class SeaweedServer:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(
-            f"weed mini S3 not ready after {self.ready_timeout_s}s:\n{self.log_tail()}"
-        )
+        raise TimeoutError(f"weed mini S3 not ready after {self.ready_timeout_s}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
         """Return the last n lines of the server log (for failure messages)."""

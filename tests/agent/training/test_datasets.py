@@ -82,9 +82,7 @@ def test_text_trains_on_every_token(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_prompt_tokens_are_masked(tmp_path: Path, tokenizer: Any) -> None:
-    path = write_jsonl(
-        tmp_path / "p.jsonl", [{"prompt": "Question: hello", "completion": " Paris"}]
-    )
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Question: hello", "completion": " Paris"}])
 
     (ex,) = load_examples(path, tokenizer, 64)
 

@@ -49,9 +49,7 @@ def _loss_and_grads(model: Any, chunked: bool, bf16: bool = False) -> tuple[Any,
     ids, mask, shifted = _batch()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(123)
-    loss = loss_mod.causal_lm_loss_sum(
-        model, ids, mask, shifted, bf16_autocast=bf16, chunked=chunked
-    )
+    loss = loss_mod.causal_lm_loss_sum(model, ids, mask, shifted, bf16_autocast=bf16, chunked=chunked)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads
@@ -112,9 +110,7 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_one(
 
 def test_plain_path_for_unknown_heads_and_trained_heads(tiny_llama: Path, tmp_path: Path) -> None:
     assert not arch_mod.supports_chunked_loss({"model_type": "gemma2"})
-    assert not arch_mod.supports_chunked_loss(
-        {"model_type": "llama", "final_logit_softcapping": 30.0}
-    )
+    assert not arch_mod.supports_chunked_loss({"model_type": "llama", "final_logit_softcapping": 30.0})
     assert arch_mod.supports_chunked_loss({"model_type": "llama", "logit_scale": None})
     model = _load(tiny_llama, tmp_path, "none", False)
     head = model.get_base_model().get_output_embeddings()

@@ -13,9 +13,7 @@ from agent.training.memory import MB, estimate_peak_bytes, plan_memory, weight_s
 from agent.training.spec import TrainingSpec
 
 
-def fake_llama(
-    out: Path, *, layers: int = 30, hidden: int = 576, inter: int = 1536, vocab: int = 49152
-) -> Path:
+def fake_llama(out: Path, *, layers: int = 30, hidden: int = 576, inter: int = 1536, vocab: int = 49152) -> Path:
     """A SmolLM2-shaped model folder with config.json and a header-only safetensors file."""
     out.mkdir(parents=True, exist_ok=True)
     kv = hidden // 3
@@ -83,9 +81,7 @@ def test_checkpointing_nf4_and_offload_each_save_memory(smol: Path) -> None:
     plain = estimate_peak_bytes(smol, fp32, 4, False)
     assert estimate_peak_bytes(smol, fp32, 4, True) < plain
     assert estimate_peak_bytes(smol, nf4, 4, False) < plain
-    assert estimate_peak_bytes(smol, fp32, 4, True, offload_optimizer=True) < estimate_peak_bytes(
-        smol, fp32, 4, True
-    )
+    assert estimate_peak_bytes(smol, fp32, 4, True, offload_optimizer=True) < estimate_peak_bytes(smol, fp32, 4, True)
 
 
 def test_planner_prefers_full_micro_batch_when_it_fits(smol: Path) -> None:

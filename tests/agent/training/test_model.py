@@ -38,9 +38,7 @@ def _eval_then_backward(model: Any) -> list[Any]:
     return [p.grad for n, p in model.named_parameters() if "lora_B" in n]
 
 
-def test_lora_gets_gradients_after_an_eval_pass_of_the_nf4_model(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_lora_gets_gradients_after_an_eval_pass_of_the_nf4_model(tiny_llama: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
     loaded = model_mod.load_for_training(_spec(tiny_llama, tmp_path), checkpointing=False)

@@ -28,9 +28,7 @@ def test_a_finished_conversion_is_reused_without_touching_the_gguf(
     assert models.ensure_smollm2(tmp_path) == done
 
 
-def test_a_half_finished_conversion_is_redone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_half_finished_conversion_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / models.SMOLLM2_NAME).mkdir()  # no marker: a killed conversion
     monkeypatch.setattr(models, "smollm2_gguf_path", lambda: None)
 

@@ -37,9 +37,7 @@ def test_copy_loads_bit_identical_to_quantizing_on_the_fly(
 
     base = request.getfixturevalue(f"tiny_{arch}")
     q.write_nf4_copy(base, tmp_path / "copy", double_quant=True, compute_dtype=torch.float32)
-    copy, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "copy", dtype=torch.float32, output_loading_info=True
-    )
+    copy, info = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", dtype=torch.float32, output_loading_info=True)
     disable_bnb_cpu_repack(copy)
     reference = _on_the_fly(base)
 
@@ -69,9 +67,7 @@ def _base_copy(tiny_llama: Path, tmp_path: Path) -> Path:
     return base
 
 
-def test_copy_is_cached_and_rewritten_when_the_source_changes(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_copy_is_cached_and_rewritten_when_the_source_changes(tiny_llama: Path, tmp_path: Path) -> None:
     base = _base_copy(tiny_llama, tmp_path)
     kw: dict[str, Any] = {"double_quant": True, "compute_dtype": torch.float32}
 
@@ -83,9 +79,7 @@ def test_copy_is_cached_and_rewritten_when_the_source_changes(
     assert (first / q.MARKER).is_file()
 
     # Other variants live side by side.
-    assert q.ensure_nf4_copy(base, double_quant=False, compute_dtype=torch.float32).name == (
-        "nf4-float32"
-    )
+    assert q.ensure_nf4_copy(base, double_quant=False, compute_dtype=torch.float32).name == ("nf4-float32")
 
     st = (base / "model.safetensors").stat()
     os.utime(base / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -94,30 +88,22 @@ def test_copy_is_cached_and_rewritten_when_the_source_changes(
     assert not list(refreshed.parent.glob(".*.tmp-*"))
 
 
-def test_read_only_base_uses_the_fallback_folder_or_quantizes_while_loading(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_read_only_base_uses_the_fallback_folder_or_quantizes_while_loading(tiny_llama: Path, tmp_path: Path) -> None:
     base = _base_copy(tiny_llama, tmp_path)
     (base / ".pocketlora").write_text("not a folder")  # the base folder cannot take the copy
     kw: dict[str, Any] = {"double_quant": True, "compute_dtype": torch.float32}
 
     with pytest.raises(q.QuantizedCopyUnsupported, match="cannot write an NF4 copy"):
         q.ensure_nf4_copy(base, **kw)
-    assert q.ensure_nf4_copy(base, fallback_dir=tmp_path / "cache", **kw) == (
-        tmp_path / "cache" / "nf4-dq-float32"
-    )
+    assert q.ensure_nf4_copy(base, fallback_dir=tmp_path / "cache", **kw) == (tmp_path / "cache" / "nf4-dq-float32")
 
-    spec = TrainingSpec(
-        base_model_dir=str(base), dataset_path=str(tmp_path / "d.jsonl"), output_dir="out"
-    )
+    spec = TrainingSpec(base_model_dir=str(base), dataset_path=str(tmp_path / "d.jsonl"), output_dir="out")
     loaded = load_for_training(spec, checkpointing=False)
     assert loaded.quantized
     assert any("quantized while loading" in n for n in loaded.notes)
 
 
-def test_checkpoint_with_renamed_keys_is_left_to_transformers(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
+def test_checkpoint_with_renamed_keys_is_left_to_transformers(tiny_llama: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     base = _base_copy(tiny_llama, tmp_path)

@@ -72,9 +72,7 @@ def test_in_process_pause_and_resume_matches_uninterrupted(
     assert_same_adapter(adapter(job), reference)
     manifest = json.loads((job.parent / "adapter" / "training_manifest.json").read_text())
     assert manifest["steps"] == TOTAL_STEPS and len(manifest["loss_curve"]) == TOTAL_STEPS
-    assert (
-        manifest["base_fingerprint"].startswith("sha256:") and len(manifest["dataset_sha256"]) == 64
-    )
+    assert manifest["base_fingerprint"].startswith("sha256:") and len(manifest["dataset_sha256"]) == 64
     assert manifest["plan"]["micro_batch"] >= 1 and manifest["peak_rss_bytes"] > 0
     assert manifest["spec"]["effective_batch"] == 2
 
@@ -158,9 +156,7 @@ def test_sigkilled_worker_resumes_from_its_last_checkpoint(
 
 
 @pytest.mark.slow
-def test_corrupt_base_weights_are_a_crash(
-    tmp_path: Path, tiny_llama: Path, memorise_data: Path
-) -> None:
+def test_corrupt_base_weights_are_a_crash(tmp_path: Path, tiny_llama: Path, memorise_data: Path) -> None:
     import shutil
 
     base = Path(shutil.copytree(tiny_llama, tmp_path / "corrupt"))
@@ -197,9 +193,7 @@ def test_bad_dataset_is_non_retryable_with_its_line(tmp_path: Path, tiny_llama: 
     assert f"{data}:2:" in (outcome.message or "")
 
 
-def test_invalid_spec_and_too_small_budget(
-    tmp_path: Path, tiny_llama: Path, memorise_data: Path
-) -> None:
+def test_invalid_spec_and_too_small_budget(tmp_path: Path, tiny_llama: Path, memorise_data: Path) -> None:
     job = tmp_path / "invalid"
     job.mkdir()
     (job / "spec.json").write_text(

@@ -23,9 +23,7 @@ def test_agent_side_modules_do_not_import_torch() -> None:
         "agent.training.datasets, agent.training.errors, agent.models; "
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
 
     assert out.stdout.strip() == "[]"
 
@@ -38,9 +36,7 @@ def _fake_python(tmp_path: Path, body: str) -> str:
 
 
 def test_a_segfault_is_a_crash_with_the_last_stderr_lines(tmp_path: Path) -> None:
-    python = _fake_python(
-        tmp_path, 'echo "loading weights" >&2\necho "about to fail" >&2\nkill -SEGV $$'
-    )
+    python = _fake_python(tmp_path, 'echo "loading weights" >&2\necho "about to fail" >&2\nkill -SEGV $$')
     proc = TrainingProcess(tmp_path / "job", python=python)
 
     proc.start()
@@ -59,9 +55,7 @@ def test_events_are_parsed_and_a_silent_exit_is_a_crash(tmp_path: Path) -> None:
     ]
     body = "\n".join(f"echo '{line}'" for line in lines) + "\nexit 0"
     seen: list[dict[str, object]] = []
-    proc = TrainingProcess(
-        tmp_path / "job", python=_fake_python(tmp_path, body), on_event=seen.append
-    )
+    proc = TrainingProcess(tmp_path / "job", python=_fake_python(tmp_path, body), on_event=seen.append)
 
     proc.start()
     outcome = proc.wait(timeout=30)
@@ -119,9 +113,7 @@ def test_worker_checkpoints_and_stops_when_the_agent_dies(
         os._exit(0)  # the agent dies without a word to its child
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", agent], cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
+    out = subprocess.run([sys.executable, "-c", agent], cwd=ROOT, capture_output=True, text=True, timeout=180)
     worker = int(out.stdout.split()[0])
 
     deadline = time.monotonic() + 60
