@@ -54,14 +54,18 @@ def test_lora_gets_gradients_after_an_eval_pass_of_the_nf4_model(tiny_llama: Pat
 def test_the_trap_reproduces_without_the_guard(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from bitsandbytes.functional import has_avx512bf16
+
+    # bitsandbytes takes the repacking fast path only where its native library reports
+    # AVX512-BF16; elsewhere (e.g. CPUs without AVX-512) there is no trap to reproduce.
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16 repack path: the trap does not reproduce here")
     monkeypatch.setattr(model_mod, "disable_bnb_cpu_repack", lambda model: 0)
     loaded = model_mod.load_for_training(_spec(tiny_llama, tmp_path), checkpointing=False)
 
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         grads = _eval_then_backward(loaded.model)
 
-    if all(g is not None and float(g.abs().sum()) > 0 for g in grads):
-        pytest.skip("this CPU has no AVX512-BF16 repack path: the trap does not reproduce here")
     # What the guard prevents: gradients silently missing or zero, so the loss stays flat.
     assert any(g is None or float(g.abs().sum()) == 0 for g in grads)
 
