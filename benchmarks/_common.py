@@ -47,7 +47,7 @@ def free_port() -> int:
 def seed(db_url: str, devices: int, jobs: int, *, now: float | None = None) -> float:
     """Bulk-insert enrolled devices and queued jobs straight through the state store; returns seconds."""
     from orchestrator.domain import DeviceRecord, JobRecord, new_id
-    from orchestrator.service import hash_secret
+    from orchestrator.identity import hash_secret
     from orchestrator.state import open_state
 
     now = now or time.time()
@@ -145,7 +145,7 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
         while not stop.is_set():
             if reap_every:
                 # The control loop's reaper, as ControlLoopActor runs it (here without Ray).
-                await loop.run_in_executor(None, orch.reap)
+                await loop.run_in_executor(None, orch.jobs.reap)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), reap_every or 3600)
         await running.stop(0.5)

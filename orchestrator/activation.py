@@ -11,7 +11,7 @@ import hashlib
 import math
 
 from orchestrator.domain import AdapterRecord, DeviceRecord, DeviceSelector, JobFilter, JobState
-from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound
+from orchestrator.errors import FailedPrecondition, InvalidArgument, found
 from orchestrator.state.base import Tx
 
 _HISTORY = 20
@@ -35,24 +35,13 @@ def set_desired(tx: Tx, device: DeviceRecord, adapter_id: str) -> bool:
 
 def matching_devices(tx: Tx, selector: DeviceSelector) -> list[DeviceRecord]:
     """Every device the selector matches, ordered by id."""
-    out: list[DeviceRecord] = []
-    after = ""
-    while True:
-        batch = tx.list_devices(1000, after)
-        out += [d for d in batch if selector.matches(d)]
-        if len(batch) < 1000:
-            return out
-        after = batch[-1].device_id
+    return [d for d in tx.iter_devices() if selector.matches(d)]
 
 
 def activate_one(tx: Tx, adapter_id: str) -> list[str]:
     """The adapter on the device that trained it; refused when the bases differ."""
-    adapter = tx.get_adapter(adapter_id)
-    if adapter is None:
-        raise NotFound(f"adapter {adapter_id} not found")
-    device = tx.get_device(adapter.device_id, for_update=True)
-    if device is None:
-        raise NotFound(f"device {adapter.device_id} not found")
+    adapter = found(tx.get_adapter(adapter_id), "adapter", adapter_id)
+    device = found(tx.get_device(adapter.device_id, for_update=True), "device", adapter.device_id)
     if not compatible(adapter, device):
         have = str(device.capabilities.get("base_fingerprint", ""))
         raise FailedPrecondition(
@@ -82,17 +71,9 @@ def activate_canary(tx: Tx, campaign_id: str, percent: int) -> list[str]:
     """The campaign's adapters on a stable `percent` share of the devices where it succeeded."""
     if not 1 <= percent <= 100:
         raise InvalidArgument("canary_percent", f"{percent} is outside 1-100")
-    if tx.get_campaign(campaign_id) is None:
-        raise NotFound(f"campaign {campaign_id} not found")
-    done: list[tuple[str, str]] = []
-    before = ""
+    found(tx.get_campaign(campaign_id), "campaign", campaign_id)
     flt = JobFilter(states=(JobState.SUCCEEDED,), campaign_id=campaign_id)
-    while True:
-        jobs = tx.list_jobs(flt, 1000, before)
-        done += [(j.device_id, j.adapter_id) for j in jobs]
-        if len(jobs) < 1000:
-            break
-        before = jobs[-1].job_id
+    done = [(j.device_id, j.adapter_id) for j in tx.iter_jobs(flt)]
     done.sort(key=lambda pair: canary_rank(campaign_id, pair[0]))
     chosen = done[: math.ceil(len(done) * percent / 100)]
     changed: list[str] = []
@@ -113,9 +94,7 @@ def deactivate(tx: Tx, devices: list[DeviceRecord]) -> list[str]:
 
 def rollback(tx: Tx, device_id: str) -> str:
     """Make the previously desired adapter (or the base) desired again."""
-    device = tx.get_device(device_id, for_update=True)
-    if device is None:
-        raise NotFound(f"device {device_id} not found")
+    device = found(tx.get_device(device_id, for_update=True), "device", device_id)
     if not device.adapter_history:
         raise FailedPrecondition(f"device {device_id} has no earlier adapter to roll back to")
     *rest, previous = device.adapter_history

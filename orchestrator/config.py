@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator.domain import RetryPolicy
 from orchestrator.pace import PacePolicy
 
 
@@ -36,6 +37,11 @@ class OrchestratorConfig:
     enrollment_token: str = ""
     # Operator token; operator calls need it.
     operator_token: str = ""
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """Backoff between attempts."""
+        return RetryPolicy(self.retry_base_s, self.retry_max_s)
 
     def __post_init__(self) -> None:
         for name in ("lease_s", "retry_base_s", "retry_max_s", "upload_url_s", "download_url_s"):

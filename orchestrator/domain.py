@@ -6,39 +6,30 @@ JSON dict of the proto `TrainingSpec` (the orchestrator reads only a few of its 
 
 from __future__ import annotations
 
-import enum
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.errors import FailedPrecondition
+from protos.wire import ErrorClass, JobState
 
-class JobState(enum.StrEnum):
-    """Lifecycle of a job; values match the proto enum names without the JOB_STATE_ prefix."""
+__all__ = [
+    "DEVICE_TRANSITIONS",
+    "AdapterRecord",
+    "CampaignRecord",
+    "DeviceRecord",
+    "DeviceSelector",
+    "ErrorClass",
+    "JobFilter",
+    "JobRecord",
+    "JobState",
+    "Progress",
+    "RetryPolicy",
+    "new_id",
+]
 
-    QUEUED = "QUEUED"
-    LEASED = "LEASED"
-    RUNNING = "RUNNING"
-    PAUSED = "PAUSED"
-    UPLOADING = "UPLOADING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def terminal(self) -> bool:
-        """True for states a job never leaves."""
-        return self in _TERMINAL
-
-    @property
-    def leased(self) -> bool:
-        """True while a device holds the job under a lease."""
-        return self in _HELD
-
-
-_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-_HELD = frozenset({JobState.LEASED, JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING})
 
 # Transitions a device may report while it holds the lease (the orchestrator itself also moves
 # jobs to QUEUED on expiry/retry, to FAILED, SUCCEEDED and CANCELLED).
@@ -49,37 +40,6 @@ DEVICE_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.UPLOADING: frozenset({JobState.UPLOADING}),
 }
 
-
-class ErrorClass(enum.StrEnum):
-    """Why an attempt failed; values match the proto enum names without the ERROR_CLASS_ prefix."""
-
-    TRANSIENT = "TRANSIENT"
-    CRASHED = "CRASHED"
-    DATASET_INVALID = "DATASET_INVALID"
-    DOES_NOT_FIT = "DOES_NOT_FIT"
-    UNSUPPORTED = "UNSUPPORTED"
-    INVALID_SPEC = "INVALID_SPEC"
-    INCOMPATIBLE_BASE = "INCOMPATIBLE_BASE"
-    UPLOAD_FAILED = "UPLOAD_FAILED"
-    INTEGRITY = "INTEGRITY"
-    LEASE_EXPIRED = "LEASE_EXPIRED"
-    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-
-    @property
-    def retryable(self) -> bool:
-        """Whether another attempt could succeed: bad data or a device that cannot fit never will."""
-        return self in _RETRYABLE
-
-
-_RETRYABLE = frozenset(
-    {
-        ErrorClass.TRANSIENT,
-        ErrorClass.CRASHED,
-        ErrorClass.UPLOAD_FAILED,
-        ErrorClass.INTEGRITY,
-        ErrorClass.LEASE_EXPIRED,
-    }
-)
 
 # Kubernetes Jobs retry 6 times by default (backoffLimit); so do we.
 DEFAULT_MAX_ATTEMPTS = 6
@@ -143,6 +103,102 @@ class JobRecord:
     request_id: str = ""
     memory_estimate_bytes: int = 0
     change_seq: int = 0
+
+    # State-change bookkeeping. Each method changes this record only; the caller saves it in
+    # the transaction that read it.
+    def lease(self, now: float, lease_s: float) -> None:
+        """Hand the job out under a new attempt and fencing epoch."""
+        self.state = JobState.LEASED
+        self.attempt += 1
+        self.lease_epoch += 1
+        self.lease_expires_at = now + lease_s
+        self.status_message = ""
+        self.progress = Progress()
+        self.updated_at = now
+
+    def renew(self, now: float, lease_s: float) -> None:
+        """Extend the lease from now."""
+        self.lease_expires_at = now + lease_s
+        self.updated_at = now
+
+    def move(self, new: JobState, now: float, pause_reason: str = "") -> None:
+        """Apply a transition the device reports; paused time never eats the deadline."""
+        if new not in DEVICE_TRANSITIONS.get(self.state, frozenset()):
+            raise FailedPrecondition(f"job {self.job_id}: cannot go from {self.state.value} to {new.value}")
+        if new == JobState.PAUSED and self.state != JobState.PAUSED:
+            self.paused_since = now
+            self.status_message = f"paused by the device's gate ({pause_reason or 'reason not given'})"
+        elif new != JobState.PAUSED and self.state == JobState.PAUSED:
+            self.end_pause(now)
+            self.status_message = ""
+        self.state = new
+        self.updated_at = now
+
+    def end_pause(self, now: float) -> None:
+        """Add the time since the job paused to paused_s (a no-op unless it is paused)."""
+        if self.state == JobState.PAUSED and self.paused_since:
+            self.paused_s += now - self.paused_since
+            self.paused_since = 0.0
+
+    def fail_attempt(self, error: ErrorClass, message: str, now: float, retry: RetryPolicy) -> None:
+        """End the attempt: back to QUEUED with backoff while retryable and attempts remain,
+        else FAILED."""
+        self._end(now)
+        self.last_error_class = error.value
+        self.last_error = message
+        if error.retryable and self.attempt < self.max_attempts:
+            delay = retry.delay(self.attempt)
+            self.state = JobState.QUEUED
+            self.not_before = now + delay
+            self.status_message = (
+                f"retry {self.attempt + 1}/{self.max_attempts} after {error.value}, not before +{delay:.0f}s"
+            )
+        else:
+            self.state = JobState.FAILED
+            self.status_message = (
+                f"{error.value} is not retryable" if not error.retryable else f"gave up after {self.attempt} attempts"
+            )
+
+    def past_deadline(self, now: float) -> bool:
+        """True when the deadline, extended by the time spent paused, has passed (a paused job
+        waits: its pause has no end yet)."""
+        return bool(self.deadline) and self.deadline + self.paused_s < now and self.state != JobState.PAUSED
+
+    def miss_deadline(self, now: float) -> None:
+        """FAILED for good: the deadline passed."""
+        self._end(now)
+        self.last_error_class = ErrorClass.DEADLINE_EXCEEDED.value
+        self.last_error = self.status_message = "deadline passed"
+        self.state = JobState.FAILED
+
+    def succeed(self, adapter_id: str, now: float) -> None:
+        """SUCCEEDED with the adapter it produced."""
+        self._end(now)
+        self.state = JobState.SUCCEEDED
+        self.adapter_id = adapter_id
+
+    def cancel(self, now: float) -> None:
+        """CANCELLED by an operator; its device learns it on the next report."""
+        self._end(now)
+        self.state = JobState.CANCELLED
+        self.status_message = "cancelled by an operator"
+
+    def _end(self, now: float) -> None:
+        self.end_pause(now)
+        self.lease_expires_at = 0.0
+        self.updated_at = now
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff between attempts: base * 2^(attempt-1), capped."""
+
+    base_s: float = 5.0
+    max_s: float = 600.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before the attempt after `attempt`."""
+        return float(min(self.base_s * 2 ** max(attempt - 1, 0), self.max_s))
 
 
 @dataclass

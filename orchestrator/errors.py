@@ -11,6 +11,8 @@ OrchestratorError
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class OrchestratorError(Exception):
     """Base of every error the orchestrator reports to a caller."""
@@ -42,3 +44,13 @@ class Unauthenticated(OrchestratorError):
 
 class PermissionDenied(OrchestratorError):
     """The caller may not do this."""
+
+
+T = TypeVar("T")
+
+
+def found(value: T | None, what: str, ident: str) -> T:
+    """The looked-up value, or NotFound naming what was looked for."""
+    if value is None:
+        raise NotFound(f"{what} {ident} not found")
+    return value

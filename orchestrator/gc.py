@@ -28,30 +28,12 @@ class GcReport:
     deleted_keys: list[str] = field(default_factory=list)
 
 
-def _all_adapters(state: StateStore) -> list[AdapterRecord]:
-    out: list[AdapterRecord] = []
-    before = ""
-    while True:
-        with state.transaction() as tx:
-            batch = tx.list_adapters("", "", 1000, before)
-        out += batch
-        if len(batch) < 1000:
-            return out
-        before = batch[-1].adapter_id
-
-
 def _pinned(state: StateStore) -> set[str]:
     """Adapter ids a device wants, runs, or keeps in its rollback history."""
     pinned: set[str] = set()
-    after = ""
-    while True:
-        with state.transaction() as tx:
-            devices = tx.list_devices(1000, after)
-        for d in devices:
-            pinned.update({d.desired_adapter_id, d.active_adapter_id, *d.adapter_history})
-        if len(devices) < 1000:
-            return pinned - {""}
-        after = devices[-1].device_id
+    for d in state.iter_all_devices():
+        pinned.update({d.desired_adapter_id, d.active_adapter_id, *d.adapter_history})
+    return pinned - {""}
 
 
 def prunable_versions(state: StateStore, keep_versions: int) -> list[AdapterRecord]:
@@ -59,7 +41,7 @@ def prunable_versions(state: StateStore, keep_versions: int) -> list[AdapterReco
     if keep_versions <= 0:
         return []
     groups: dict[tuple[str, str], list[AdapterRecord]] = defaultdict(list)
-    for a in _all_adapters(state):
+    for a in state.iter_all_adapters():
         groups[(a.device_id, a.name)].append(a)
     pinned = _pinned(state)
     out = []
@@ -91,7 +73,7 @@ def run_gc(
     if dry_run:
         # What the rows would reference once the prunable versions were gone.
         gone = {a.adapter_id for a in prunable}
-        referenced = {a.blob_key for a in _all_adapters(state) if a.adapter_id not in gone}
+        referenced = {a.blob_key for a in state.iter_all_adapters() if a.adapter_id not in gone}
     report.deleted_keys = collect_garbage(
         store, referenced, dry_run=dry_run, upload_grace_s=upload_grace_s, blob_grace_s=blob_grace_s
     )

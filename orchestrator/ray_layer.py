@@ -30,7 +30,7 @@ NAMESPACE = "pocketlora"
 
 
 def ray_env(tmp_root: Path | None = None) -> dict[str, str]:
-    """Environment that keeps every Ray server on 127.0.0.1, quiet, and telemetry off (PLATFORM.md)."""
+    """Environment that keeps every Ray server on 127.0.0.1, quiet, and telemetry off."""
     tmp = tmp_root or Path(tempfile.gettempdir()) / f"pocketlora-ray-{os.getuid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     return {
@@ -86,7 +86,7 @@ def _config_from(d: dict[str, Any]) -> OrchestratorConfig:
 
 def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
     from adapters_store import open_store
-    from orchestrator.service import local_verifier
+    from orchestrator.lifecycle import local_verifier
 
     store = open_store(store_url)
     try:
@@ -145,7 +145,7 @@ class ControlLoopActor:
         self._stopping = self._stopping or asyncio.Event()
         while not self._stopping.is_set():
             try:
-                self.reaped += await loop.run_in_executor(None, self.orch.reap)
+                self.reaped += await loop.run_in_executor(None, self.orch.jobs.reap)
             except Exception:  # keep the loop alive through a passing store error
                 log.exception("reaper tick failed")
             self.ticks += 1

@@ -15,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters_store import open_store
 from orchestrator.config import OrchestratorConfig
-from orchestrator.service import Orchestrator, Verifier, local_verifier
+from orchestrator.lifecycle import Verifier, local_verifier
+from orchestrator.polls import PollRunner, open_poll_runner
+from orchestrator.service import Orchestrator
 from orchestrator.servicers.agent import AgentServicer
 from orchestrator.servicers.operator import OperatorServicer
 from orchestrator.state import open_state
@@ -54,11 +56,13 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     orch: Orchestrator
+    polls: PollRunner
     executor: ThreadPoolExecutor
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Stop serving, then release the executor."""
+        """Stop serving, then release the poll runner and the executor."""
         await self.server.stop(grace)
+        await self.polls.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -74,12 +78,11 @@ async def start_server(
     host = listen.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
         log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
-    # SQLite serialises writers, so more threads only queue; PostgreSQL gains from a few.
-    is_sqlite = orch.state.url.startswith("sqlite")
-    executor = ThreadPoolExecutor(max_workers=threads or (16 if is_sqlite else 8), thread_name_prefix="orch")
+    executor = ThreadPoolExecutor(max_workers=threads or orch.state.worker_threads, thread_name_prefix="orch")
+    polls = open_poll_runner(orch.state, orch.jobs, executor)
     server = grpc.aio.server(options=_OPTIONS, interceptors=list(interceptors))
-    agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, executor), server)
-    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, executor), server)
+    agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, polls, executor), server)
+    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -95,7 +98,7 @@ async def start_server(
     await server.start()
     for name in ("", *names[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, orch, executor)
+    return RunningServer(server, port, orch, polls, executor)
 
 
 def new_secret() -> str:

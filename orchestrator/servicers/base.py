@@ -1,4 +1,4 @@
-"""What every servicer shares: running blocking domain calls off the loop, reading metadata."""
+"""What every servicer shares: the domain, the poll runner, blocking calls off the loop, metadata."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from orchestrator.polls import PollRunner
 from orchestrator.service import Orchestrator
 
 T = TypeVar("T")
@@ -29,20 +30,13 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
 
 
 class ServicerBase:
-    """Holds the domain service and the executor its blocking calls run on."""
+    """Holds the domain, the poll runner and the executor blocking domain calls run on."""
 
-    def __init__(self, orch: Orchestrator, executor: Executor) -> None:
+    def __init__(self, orch: Orchestrator, polls: PollRunner, executor: Executor) -> None:
         self.orch = orch
+        self.polls = polls
         self.executor = executor
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # Store calls block (SQL, S3): run them off the event loop so other RPCs keep flowing.
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def _run_poll(self, fn: Callable[..., T], *args: Any) -> T:
-        """A device poll (heartbeat, lease): a few short statements and no other I/O. Where the
-        store allows it, it runs on the loop and only the COMMIT leaves it (the thread hop
-        costs more CPU than the poll itself); otherwise as _run."""
-        if self.orch.state.inline:
-            return await self.orch.state.run_inline(fn, *args)
-        return await self._run(fn, *args)

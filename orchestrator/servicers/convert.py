@@ -15,14 +15,18 @@ from orchestrator.domain import (
     CampaignRecord,
     DeviceRecord,
     DeviceSelector,
+    ErrorClass,
     JobFilter,
     JobRecord,
     JobState,
     Progress,
 )
 from orchestrator.errors import InvalidArgument
+from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as agent_pb
+from protos.pocketlora.v1 import operator_service_pb2 as op_pb
 from protos.pocketlora.v1 import types_pb2 as pb
+from protos.wire import EligibilityReason
 
 _MAX_TS = dt.datetime(9999, 1, 1, tzinfo=dt.UTC).timestamp()
 
@@ -51,29 +55,36 @@ def duration(seconds: float) -> Duration:
     return out
 
 
-# Enum lookups built once: EnumTypeWrapper.values() builds a new list on every call, and these
-# run on every poll.
-_JOB_STATES: dict[int, JobState] = {
-    number: JobState(name.removeprefix("JOB_STATE_"))
-    for name, number in pb.JobState.items()
-    if number != pb.JOB_STATE_UNSPECIFIED
-}
-_REASONS: dict[int, str] = {
-    number: name.removeprefix("ELIGIBILITY_REASON_") for name, number in pb.EligibilityReason.items() if number
-}
-
-
 def job_state(value: int, field: str = "state") -> JobState:
     """Domain state from the proto enum (UNSPECIFIED is refused)."""
-    state = _JOB_STATES.get(value)
+    state = wire.from_pb(JobState, value)
     if state is None:
         raise InvalidArgument(field, f"{value} is not a valid job state")
     return state
 
 
-def job_state_pb(state: JobState) -> int:
-    """Proto enum for a domain state."""
-    return int(pb.JobState.Value("JOB_STATE_" + state.value))
+def error_class(value: int, field: str = "error_class") -> ErrorClass:
+    """Domain error class from the proto enum (UNSPECIFIED is refused)."""
+    error = wire.from_pb(ErrorClass, value)
+    if error is None:
+        raise InvalidArgument(field, f"{value} is not a valid error class")
+    return error
+
+
+def reason_name(value: int) -> str:
+    """The eligibility reason as stored ("" for unspecified or unknown values)."""
+    reason = wire.from_pb(EligibilityReason, value)
+    return reason.value if reason is not None else ""
+
+
+def reason_pb(name: str) -> int:
+    """The proto number of a stored eligibility reason (0 when unset)."""
+    return wire.to_pb(EligibilityReason(name)) if name else 0
+
+
+def counts_by_state(counts: dict[str, int]) -> dict[str, int]:
+    """Stored job counts keyed by the proto's state names, as replies carry them."""
+    return {wire.pb_name(JobState(k)): v for k, v in counts.items()}
 
 
 def training_dict(spec: pb.TrainingSpec) -> dict[str, Any]:
@@ -118,14 +129,14 @@ def job_pb(job: JobRecord) -> pb.Job:
         job_id=job.job_id,
         device_id=job.device_id,
         campaign_id=job.campaign_id,
-        state=job_state_pb(job.state),  # type: ignore[arg-type]
+        state=wire.to_pb(job.state),  # type: ignore[arg-type]
         training=training_pb(job.training),
         attempt=job.attempt,
         max_attempts=job.max_attempts,
         lease_epoch=job.lease_epoch,
         lease_expires_at=ts(job.lease_expires_at),
         progress=progress_pb(job.progress),
-        last_error_class=pb.ErrorClass.Value("ERROR_CLASS_" + job.last_error_class) if job.last_error_class else 0,  # type: ignore[arg-type]
+        last_error_class=wire.to_pb(ErrorClass(job.last_error_class)) if job.last_error_class else 0,  # type: ignore[arg-type]
         last_error=job.last_error,
         status_message=job.status_message,
         created_at=ts(job.created_at),
@@ -165,11 +176,6 @@ def power_dict(power: pb.PowerState) -> dict[str, Any]:
     return out
 
 
-def reason_name(value: int) -> str:
-    """EligibilityReason name without the prefix ("" for unspecified or unknown values)."""
-    return _REASONS.get(value, "")
-
-
 def device_pb(device: DeviceRecord) -> pb.Device:
     """A stored device as the API shows it."""
     caps = {k: v for k, v in device.capabilities.items() if k != "labels"}
@@ -184,7 +190,7 @@ def device_pb(device: DeviceRecord) -> pb.Device:
         capabilities=cap_pb,
         power=power,
         eligible=device.eligible,
-        eligibility_reason=pb.EligibilityReason.Value("ELIGIBILITY_REASON_" + reason) if reason else 0,  # type: ignore[arg-type]
+        eligibility_reason=reason_pb(reason),  # type: ignore[arg-type]
         eligibility_detail=device.eligibility_detail,
         active_adapter_id=device.active_adapter_id,
         desired_adapter_id=device.desired_adapter_id,
@@ -196,8 +202,6 @@ def device_pb(device: DeviceRecord) -> pb.Device:
 
 def adapter_pb(a: AdapterRecord) -> pb.Adapter:
     """A stored adapter version as the API shows it."""
-    import json
-
     return pb.Adapter(
         adapter_id=a.adapter_id,
         name=a.name,
@@ -227,15 +231,13 @@ def adapter_ref(a: AdapterRecord) -> agent_pb.AdapterRef:
     )
 
 
-def campaign_pb(c: CampaignRecord, counts: dict[str, int]) -> Any:
+def campaign_pb(c: CampaignRecord, counts: dict[str, int]) -> op_pb.Campaign:
     """A campaign with its jobs counted by state."""
-    from protos.pocketlora.v1 import operator_service_pb2 as op_pb
-
     return op_pb.Campaign(
         campaign_id=c.campaign_id,
         name=c.name,
         job_count=c.job_count,
-        jobs_by_state={"JOB_STATE_" + k: v for k, v in counts.items()},
+        jobs_by_state=counts_by_state(counts),
         created_at=ts(c.created_at),
         selector=selector_pb(c.selector),
     )
@@ -271,4 +273,21 @@ def job_filter(f: pb.JobFilter) -> JobFilter:
         campaign_id=f.campaign_id,
         created_after=from_ts(f.created_after, "filter.created_after"),
         created_before=from_ts(f.created_before, "filter.created_before"),
+    )
+
+
+def summary_pb(s: dict[str, Any]) -> op_pb.GetFleetSummaryResponse:
+    """The fleet summary as the API shows it, counts keyed by the proto's enum names."""
+    by_reason = {
+        wire.pb_name(EligibilityReason(k))
+        if k in EligibilityReason.__members__
+        else "ELIGIBILITY_REASON_UNSPECIFIED": v
+        for k, v in s["devices_by_eligibility"].items()
+    }
+    return op_pb.GetFleetSummaryResponse(
+        jobs_by_state=counts_by_state(s["jobs_by_state"]),
+        devices_by_eligibility=by_reason,
+        device_count=s["device_count"],
+        devices_online=s["devices_online"],
+        adapter_count=s["adapter_count"],
     )

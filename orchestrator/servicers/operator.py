@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from orchestrator.errors import OrchestratorError
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer
-from orchestrator.servicers.errors import log, rpc, status_for
+from orchestrator.servicers.errors import rpc
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
@@ -22,14 +21,14 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     """The operator-facing API; every call needs the operator token."""
 
     async def _operator(self, context: grpc.aio.ServicerContext) -> None:
-        self.orch.authenticate_operator(bearer(context))
+        self.orch.identity.authenticate_operator(bearer(context))
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.SubmitJobResponse:
         await self._operator(context)
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
         job, created = await self._run(
-            self.orch.submit_job,
+            self.orch.fleet.submit_job,
             request.request_id,
             request.device_id,
             convert.training_dict(request.training),
@@ -44,8 +43,8 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.SubmitCampaignResponse:
         await self._operator(context)
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        campaign, created = await self._run(
-            self.orch.submit_campaign,
+        campaign, counts, created = await self._run(
+            self.orch.fleet.submit_campaign,
             request.request_id,
             request.name,
             convert.selector(request.selector),
@@ -53,7 +52,6 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
             request.max_attempts,
             deadline,
         )
-        _, counts = await self._run(self.orch.get_campaign, campaign.campaign_id)
         return pb.SubmitCampaignResponse(campaign=convert.campaign_pb(campaign, counts), created=created)
 
     @rpc
@@ -61,53 +59,44 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCampaignResponse:
         await self._operator(context)
-        campaign, counts = await self._run(self.orch.get_campaign, request.campaign_id)
+        campaign, counts = await self._run(self.orch.queries.get_campaign, request.campaign_id)
         return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
 
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
         await self._operator(context)
-        return pb.CancelJobResponse(job=convert.job_pb(await self._run(self.orch.cancel_job, request.job_id)))
+        return pb.CancelJobResponse(job=convert.job_pb(await self._run(self.orch.fleet.cancel_job, request.job_id)))
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
         await self._operator(context)
-        return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.get_job, request.job_id)))
+        return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.queries.get_job, request.job_id)))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         await self._operator(context)
         flt = convert.job_filter(request.filter)
-        jobs, token = await self._run(self.orch.list_jobs, flt, request.page_size, request.page_token)
+        jobs, token = await self._run(self.orch.queries.list_jobs, flt, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[convert.job_pb(j) for j in jobs], next_page_token=token)
 
+    @rpc
     async def WatchJobs(
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
         """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
-        # A streaming method cannot use @rpc, so it maps errors the same way here: before, a
-        # store error (or a filter PostgreSQL refused) escaped as UNKNOWN.
-        try:
-            self.orch.authenticate_operator(bearer(context))
-            flt = convert.job_filter(request.filter)
-            cursor = await self._run(self.orch.watch_cursor)
-            if request.include_initial:
-                jobs, _ = await self._run(self.orch.list_jobs, flt, 1000, "")
-                for job in reversed(jobs):
-                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
-            while not context.done():
-                changed, cursor = await self._run(self.orch.jobs_changed_after, cursor, flt, 500)
-                for job in changed:
-                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
-                if not changed:
-                    await asyncio.sleep(WATCH_POLL_S)
-        except OrchestratorError as exc:
-            await context.abort(status_for(exc), str(exc))
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception:
-            log.exception("internal error in WatchJobs")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the orchestrator log")
+        await self._operator(context)
+        flt = convert.job_filter(request.filter)
+        cursor = await self._run(self.orch.queries.watch_cursor)
+        if request.include_initial:
+            jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
+            for job in reversed(jobs):
+                yield pb.WatchJobsResponse(job=convert.job_pb(job))
+        while not context.done():
+            changed, cursor = await self._run(self.orch.queries.jobs_changed_after, cursor, flt, 500)
+            for job in changed:
+                yield pb.WatchJobsResponse(job=convert.job_pb(job))
+            if not changed:
+                await asyncio.sleep(WATCH_POLL_S)
 
     @rpc
     async def ListDevices(
@@ -115,14 +104,16 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.ListDevicesResponse:
         await self._operator(context)
         devices, token = await self._run(
-            self.orch.list_devices, convert.selector(request.selector), request.page_size, request.page_token
+            self.orch.queries.list_devices, convert.selector(request.selector), request.page_size, request.page_token
         )
         return pb.ListDevicesResponse(devices=[convert.device_pb(d) for d in devices], next_page_token=token)
 
     @rpc
     async def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.aio.ServicerContext) -> pb.GetDeviceResponse:
         await self._operator(context)
-        return pb.GetDeviceResponse(device=convert.device_pb(await self._run(self.orch.get_device, request.device_id)))
+        return pb.GetDeviceResponse(
+            device=convert.device_pb(await self._run(self.orch.queries.get_device, request.device_id))
+        )
 
     @rpc
     async def ListAdapters(
@@ -130,7 +121,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.ListAdaptersResponse:
         await self._operator(context)
         adapters, token = await self._run(
-            self.orch.list_adapters, request.device_id, request.name, request.page_size, request.page_token
+            self.orch.queries.list_adapters, request.device_id, request.name, request.page_size, request.page_token
         )
         return pb.ListAdaptersResponse(adapters=[convert.adapter_pb(a) for a in adapters], next_page_token=token)
 
@@ -140,7 +131,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.GetAdapterResponse:
         await self._operator(context)
         return pb.GetAdapterResponse(
-            adapter=convert.adapter_pb(await self._run(self.orch.get_adapter, request.adapter_id))
+            adapter=convert.adapter_pb(await self._run(self.orch.queries.get_adapter, request.adapter_id))
         )
 
     @rpc
@@ -151,7 +142,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         selector = convert.selector(request.selector) if request.HasField("selector") else None
         devices = await self._run(
             functools.partial(
-                self.orch.activate_adapter,
+                self.orch.fleet.activate_adapter,
                 request.adapter_id,
                 name=request.adapter_name,
                 selector=selector,
@@ -167,7 +158,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.DeactivateAdapterResponse:
         await self._operator(context)
         selector = convert.selector(request.selector) if request.HasField("selector") else None
-        devices = await self._run(self.orch.deactivate_adapter, request.device_id, selector)
+        devices = await self._run(self.orch.fleet.deactivate_adapter, request.device_id, selector)
         return pb.DeactivateAdapterResponse(device_ids=devices)
 
     @rpc
@@ -176,7 +167,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.RollbackAdapterResponse:
         await self._operator(context)
         return pb.RollbackAdapterResponse(
-            desired_adapter_id=await self._run(self.orch.rollback_adapter, request.device_id)
+            desired_adapter_id=await self._run(self.orch.fleet.rollback_adapter, request.device_id)
         )
 
     @rpc
@@ -184,16 +175,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetFleetSummaryResponse:
         await self._operator(context)
-        s = await self._run(self.orch.fleet_summary)
-        return pb.GetFleetSummaryResponse(
-            jobs_by_state={"JOB_STATE_" + k: v for k, v in s["jobs_by_state"].items()},
-            devices_by_eligibility={
-                "ELIGIBILITY_REASON_" + (k or "UNSPECIFIED"): v for k, v in s["devices_by_eligibility"].items()
-            },
-            device_count=s["device_count"],
-            devices_online=s["devices_online"],
-            adapter_count=s["adapter_count"],
-        )
+        return convert.summary_pb(await self._run(self.orch.fleet.fleet_summary))
 
     @rpc
     async def CreateEnrollmentToken(
@@ -201,5 +183,5 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     ) -> pb.CreateEnrollmentTokenResponse:
         await self._operator(context)
         ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 86400.0
-        token, expires = await self._run(self.orch.create_enrollment_token, ttl, request.description)
+        token, expires = await self._run(self.orch.identity.create_enrollment_token, ttl, request.description)
         return pb.CreateEnrollmentTokenResponse(token=token, expires_at=convert.ts(expires))

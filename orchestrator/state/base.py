@@ -67,6 +67,10 @@ class Tx(abc.ABC):
     def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
         """Jobs matching the filter, newest first, with ids below before_job_id when given."""
 
+    def iter_jobs(self, flt: JobFilter) -> Iterator[JobRecord]:
+        """Every job matching the filter, newest first, paged inside this transaction."""
+        return every_row(lambda n, before: self.list_jobs(flt, n, before), _job_key)
+
     @abc.abstractmethod
     def watch_cursor(self) -> WatchCursor:
         """Where a watch starts: every change committed from now on sorts after it."""
@@ -130,6 +134,14 @@ class Tx(abc.ABC):
     def list_devices(self, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
         """Devices ordered by id, with ids above after_device_id when given."""
 
+    def iter_devices(self) -> Iterator[DeviceRecord]:
+        """Every device by id, paged inside this transaction."""
+        return every_row(self.list_devices, _device_key)
+
+    @abc.abstractmethod
+    def fleet_counts(self) -> tuple[int, int]:
+        """(enrolled devices, QUEUED jobs): what pace steering sizes intervals by."""
+
     @abc.abstractmethod
     def count_devices_by_reason(self, online_since: float) -> tuple[dict[str, int], int, int]:
         """(devices by eligibility reason, device count, devices seen since online_since)."""
@@ -173,22 +185,13 @@ class Tx(abc.ABC):
         """Forget an adapter version (garbage collection of superseded versions); idempotent."""
 
 
-T = TypeVar("T")
-
-
 class StateStore(abc.ABC):
     """A durable store of jobs, devices, campaigns and adapters."""
 
     url: str
-    # Whether run_inline is available: the store can run short transactions on an event loop
-    # without blocking it on I/O (SQLite: yes, its COMMIT goes to a thread; PostgreSQL: no,
-    # every statement is a network round trip).
-    inline = False
-
-    async def run_inline(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` (short transactions only) on the calling event loop; returns once its work
-        is durable. Only where `inline` is True; one event loop per store."""
-        raise NotImplementedError(f"{type(self).__name__} cannot run transactions inline")
+    # How many threads blocking calls into this store are worth: more only queue where the
+    # backend serialises writers anyway.
+    worker_threads = 8
 
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]:
@@ -203,13 +206,49 @@ class StateStore(abc.ABC):
     def close(self) -> None:
         """Release connections."""
 
-    def iter_all_jobs(self, flt: JobFilter, page: int = 500) -> Iterator[JobRecord]:
-        """Every job matching the filter, newest first (for tests and tools)."""
-        before = ""
-        while True:
-            with self.transaction() as tx:
-                batch = tx.list_jobs(flt, page, before)
-            yield from batch
-            if len(batch) < page:
-                return
-            before = batch[-1].job_id
+    def iter_all_jobs(self, flt: JobFilter) -> Iterator[JobRecord]:
+        """Every job matching the filter, newest first, a transaction per page (tools, tests)."""
+        return every_row(lambda n, before: self._page(lambda tx: tx.list_jobs(flt, n, before)), _job_key)
+
+    def iter_all_devices(self) -> Iterator[DeviceRecord]:
+        """Every device by id, a transaction per page."""
+        return every_row(lambda n, after: self._page(lambda tx: tx.list_devices(n, after)), _device_key)
+
+    def iter_all_adapters(self) -> Iterator[AdapterRecord]:
+        """Every adapter version, newest first, a transaction per page."""
+        return every_row(lambda n, before: self._page(lambda tx: tx.list_adapters("", "", n, before)), _adapter_key)
+
+    def _page(self, read: Callable[[Tx], list[T]]) -> list[T]:
+        with self.transaction() as tx:
+            return read(tx)
+
+
+T = TypeVar("T")
+PAGE = 1000
+
+
+def every_row(fetch: Callable[[int, str], list[T]], key: Callable[[T], str], page: int = PAGE) -> Iterator[T]:
+    """Every row of a keyset-paged listing, `page` rows at a time.
+
+    `fetch(limit, after)` returns up to `limit` rows that follow the row whose key is `after`
+    ("" for the first page), in the listing's order; `key(row)` is that row's key.
+    """
+    after = ""
+    while True:
+        batch = fetch(page, after)
+        yield from batch
+        if len(batch) < page:
+            return
+        after = key(batch[-1])
+
+
+def _job_key(job: JobRecord) -> str:
+    return job.job_id
+
+
+def _device_key(device: DeviceRecord) -> str:
+    return device.device_id
+
+
+def _adapter_key(adapter: AdapterRecord) -> str:
+    return adapter.adapter_id

@@ -316,6 +316,13 @@ class SqlTx(Tx):
         )
         return [_row_to_device(r) for r in rows]
 
+    def fleet_counts(self) -> tuple[int, int]:
+        row = self._q(
+            "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = ?) AS q",
+            [JobState.QUEUED.value],
+        )[0]
+        return int(row["d"]), int(row["q"])
+
     def count_devices_by_reason(self, online_since: float) -> tuple[dict[str, int], int, int]:
         rows = self._q(
             "SELECT eligibility_reason AS r, COUNT(*) AS n,"

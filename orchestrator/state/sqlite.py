@@ -142,7 +142,7 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = BUSY_TIMEOUT_MS / 1
 class SqliteStore(StateStore):
     """State in one SQLite file, shared by the threads of one process."""
 
-    inline = True
+    worker_threads = 16
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
         self.path = str(path)

@@ -130,7 +130,7 @@ def test_expired_lease_is_fenced(srv: ServerThread, clock: FakeClock, tmp_path: 
         metadata=md,
     )
     clock.advance(31)
-    assert srv.orch.reap() == 1
+    assert srv.orch.jobs.reap() == 1
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
     assert got.state == tpb.JOB_STATE_QUEUED and got.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED
     assert lease(srv, "phone-1", md) is None  # backoff
@@ -242,15 +242,15 @@ def test_paused_time_does_not_eat_the_deadline(srv: ServerThread, clock: FakeClo
             ),
             metadata=md,
         )
-        srv.orch.reap()
+        srv.orch.jobs.reap()
     srv.agent.ReportProgress(
         apb.ReportProgressRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, state=tpb.JOB_STATE_RUNNING), metadata=md
     )
-    srv.orch.reap()
+    srv.orch.jobs.reap()
     assert state_of(srv, job.job_id) == tpb.JOB_STATE_RUNNING
     clock.advance(101)
     srv.agent.Heartbeat(apb.HeartbeatRequest(device_id="phone-1"), metadata=md)
-    srv.orch.reap()
+    srv.orch.jobs.reap()
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
     assert got.state == tpb.JOB_STATE_FAILED and got.last_error_class == tpb.ERROR_CLASS_DEADLINE_EXCEEDED
     assert got.paused.seconds >= 199

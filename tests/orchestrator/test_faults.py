@@ -92,8 +92,14 @@ stub = agent_service_pb2_grpc.AgentServiceStub(grpc.insecure_channel(address))
 def say(**kw):
     print(json.dumps(kw), flush=True)
 
-wait = {"seconds": 30} if mode == "finish" else {}
-a = stub.LeaseJob(apb.LeaseJobRequest(device_id=device_id, wait=wait), metadata=md, timeout=60).assignment
+# "finish" polls until the job is requeued to it (its first holder's lease must expire first).
+give_up = time.monotonic() + (60 if mode == "finish" else 0)
+while True:
+    reply = stub.LeaseJob(apb.LeaseJobRequest(device_id=device_id), metadata=md, timeout=60)
+    if reply.HasField("assignment") or time.monotonic() > give_up:
+        break
+    time.sleep(0.3)
+a = reply.assignment
 say(event="leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch)
 if mode == "hold":
     while True:
@@ -171,7 +177,7 @@ def test_a_device_frozen_past_its_lease_loses_the_job(tmp_path: Path) -> None:
             holder.proc.send_signal(signal.SIGSTOP)
 
             def requeued() -> bool:
-                srv.orch.reap()  # the control loop's job, driven here so the test needs no Ray
+                srv.orch.jobs.reap()  # the control loop's job, driven here so the test needs no Ray
                 job = srv.operator.GetJob(opb.GetJobRequest(job_id=job_id), metadata=op_md()).job
                 return bool(job.state == tpb.JOB_STATE_QUEUED and job.last_error_class == tpb.ERROR_CLASS_LEASE_EXPIRED)
 

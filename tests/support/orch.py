@@ -64,7 +64,7 @@ class ServerThread:
 
     def _reap_loop(self) -> None:
         while not self._stop_reaper.wait(self.reap_every_s):
-            self.orch.reap()
+            self.orch.jobs.reap()
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

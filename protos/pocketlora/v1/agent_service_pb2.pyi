@@ -272,22 +272,16 @@ class LeaseJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
-    WAIT_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id; must match the credential."""
-    @_builtins.property
-    def wait(self) -> _duration_pb2.Duration:
-        """Wait up to this long for a job before replying empty (long poll); unset replies at once."""
-
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
-        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,417 @@
+"""The job lifecycle: where a job changes state once it is queued.
+
+    QUEUED --lease--> LEASED --device reports--> RUNNING <-> PAUSED --> UPLOADING
+    UPLOADING --complete (blob verified)--> SUCCEEDED
+    any leased state --fail / lease expiry (reap)--> QUEUED (backoff) | FAILED
+    unfinished --deadline (reap)--> FAILED
+
+Every method is one or two transactions, durable before it returns. Locks are taken job first,
+then device, in every use case that locks both, so replicas never deadlock on them. Reports
+carry the lease's fencing epoch: one carrying another epoch is refused, so a job that was
+re-leased is never completed by its old holder. The bookkeeping of each transition lives on
+JobRecord (domain.py); this module decides which transition applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
+from adapters_store.errors import AdapterFormatError
+from orchestrator import validation
+from orchestrator.config import OrchestratorConfig
+from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
+from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from orchestrator.identity import DeviceCall, Identity, require_device
+from orchestrator.pace import next_poll_after
+from orchestrator.placement import placement_problem
+from orchestrator.state.base import StateStore, Tx
+
+# (store, upload key, sha256, size) -> (sha256, size, blob key, manifest dict). Injected so the
+# Ray layer can run it as a task; the default runs it in the calling thread.
+Verifier = Callable[[BlobStore, str, str, int], tuple[str, int, str, dict[str, Any]]]
+
+# Fleet size and queue depth steer the pace; counting them on every poll would cost a scan.
+_FLEET_STATS_S = 5.0
+
+
+def local_verifier(store: BlobStore, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
+    """Read the uploaded blob back, check it, promote it to its content address."""
+    info, blob_key, manifest = verify_and_promote(store, key, sha256, size)
+    return info.sha256, info.size, blob_key, manifest.to_dict()
+
+
+@dataclass
+class HeartbeatInput:
+    """What a device reports in a heartbeat."""
+
+    power: dict[str, Any] = field(default_factory=dict)
+    eligible: bool = False
+    eligibility_reason: str = ""
+    eligibility_detail: str = ""
+    running_job_id: str = ""
+    running_epoch: int = 0
+    running_state: JobState | None = None
+    progress: Progress | None = None
+    active_adapter_id: str = ""
+    free_storage_bytes: int = 0
+
+
+@dataclass
+class HeartbeatResult:
+    """What the device should do next."""
+
+    cancel_job_ids: list[str]  # cancelled by an operator: discard the work
+    desired_adapter: AdapterRecord | None
+    lease_expires_at: float
+    next_poll_s: float
+    stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
+
+
+@dataclass
+class LeaseResult:
+    """At most one leased job, with its presigned URLs."""
+
+    job: JobRecord | None
+    upload_url: str
+    upload_url_expires_at: float
+    dataset_url: str
+    next_poll_s: float
+
+
+@dataclass
+class ProgressResult:
+    """The renewed lease and, with UPLOADING, a fresh upload URL."""
+
+    lease_expires_at: float
+    cancel_requested: bool
+    upload_url: str = ""
+    upload_url_expires_at: float = 0.0
+
+
+class FleetStats:
+    """Fleet size and queue depth for pace steering, re-counted at most every few seconds."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.devices = 0
+        self.queued = 0
+        self._at = float("-inf")
+
+    def read(self, tx: Tx) -> FleetStats:
+        """Refresh from the store when stale; returns self."""
+        now = self.clock()
+        if now - self._at >= _FLEET_STATS_S:
+            self.devices, self.queued = tx.fleet_counts()
+            self._at = now
+        return self
+
+
+class JobLifecycle:
+    """Device-side use cases of a job, and the control loop's reaper."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        blobs: BlobStore,
+        config: OrchestratorConfig,
+        identity: Identity,
+        clock: Callable[[], float],
+        verifier: Verifier = local_verifier,
+    ) -> None:
+        self.state = state
+        self.blobs = blobs
+        self.config = config
+        self.identity = identity
+        self.clock = clock
+        self.verifier = verifier
+        self.fleet = FleetStats(clock)
+
+    def pace(self, *, running: bool) -> float:
+        """When the device should call again (from the fleet counts last read)."""
+        return next_poll_after(
+            self.config.pace,
+            self.fleet.devices,
+            queue_depth=self.fleet.queued,
+            running=running,
+            lease_s=self.config.lease_s,
+        )
+
+    # ------------------------------------------------------------------ polls
+    def heartbeat(self, call: DeviceCall, hb: HeartbeatInput) -> HeartbeatResult:
+        """Record the device's state, renew its job's lease, tell it what to stop and activate.
+
+        A steady heartbeat is a read-only transaction: the device row is written only when a
+        reported field changed or last_seen is older than config.last_seen_write_s.
+        """
+        now = self.clock()
+        with self.state.transaction() as tx:
+            device = tx.get_device(call.device_id)
+            self.identity.check(call, device)
+            validate_heartbeat(hb)
+            device = require_device(device, call.device_id)
+            cancel, stale, lease_expires_at = self._renew_running(tx, device.device_id, hb, now)
+            record_device_report(tx, device, hb, now, self.config.last_seen_write_s)
+            desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
+            self.fleet.read(tx)
+        return HeartbeatResult(cancel, desired, lease_expires_at, self.pace(running=bool(hb.running_job_id)), stale)
+
+    def _renew_running(
+        self, tx: Tx, device_id: str, hb: HeartbeatInput, now: float
+    ) -> tuple[list[str], list[str], float]:
+        """The heartbeat's job part: (cancelled ids, stale ids, the renewed lease's expiry)."""
+        if not hb.running_job_id:
+            return [], [], 0.0
+        job = tx.get_job(hb.running_job_id, for_update=True)
+        if job is None or job.device_id != device_id:
+            return [], [hb.running_job_id], 0.0
+        if job.state == JobState.CANCELLED:
+            return [hb.running_job_id], [], 0.0
+        if not job.state.leased or job.lease_epoch != hb.running_epoch:
+            return [], [hb.running_job_id], 0.0
+        if hb.running_state is not None and hb.running_state != job.state:
+            job.move(hb.running_state, now, hb.eligibility_reason)
+        if hb.progress is not None:
+            job.progress = hb.progress
+        job.renew(now, self.config.lease_s)
+        tx.save_job(job)
+        return [], [], job.lease_expires_at
+
+    def lease(self, call: DeviceCall) -> LeaseResult:
+        """Hand the device its oldest due job that fits it, under a new lease epoch."""
+        now = self.clock()
+        with self.state.transaction() as tx:
+            # Read without a lock: placement only needs the capabilities, and a poll that finds
+            # nothing stays a read-only transaction.
+            device = tx.get_device(call.device_id)
+            self.identity.check(call, device)
+            device = require_device(device, call.device_id)
+            chosen = claim_fitting_job(tx, device, now)
+            if chosen is not None:
+                chosen.lease(now, self.config.lease_s)
+                tx.save_job(chosen)
+            if chosen is not None or now - device.last_seen >= self.config.last_seen_write_s:
+                # Only these two fields are written, so no re-read under a lock is needed.
+                values: dict[str, Any] = {"last_seen": now}
+                if chosen is not None:
+                    values["running_job_id"] = chosen.job_id
+                tx.update_device(device.device_id, values)
+            self.fleet.read(tx)
+        return self.lease_reply(chosen, now)
+
+    def lease_reply(self, job: JobRecord | None, now: float) -> LeaseResult:
+        """The reply for a lease decision: presigned URLs for a leased job, and the pace."""
+        if job is None:
+            return LeaseResult(None, "", 0.0, "", self.pace(running=False))
+        upload_url, upload_exp = self._upload_url(job, now)
+        shipped = job.training.get("dataset_object", "")
+        dataset_url = self.blobs.presign_get(shipped, int(self.config.lease_s)) if shipped else ""
+        return LeaseResult(job, upload_url, upload_exp, dataset_url, self.pace(running=True))
+
+    def _upload_url(self, job: JobRecord, now: float) -> tuple[str, float]:
+        # Scoped to this job's attempt key and no longer-lived than its lease.
+        ttl = int(min(self.config.upload_url_s, self.config.lease_s))
+        return self.blobs.presign_put(upload_key(job.job_id, job.attempt), ttl), now + ttl
+
+    # ------------------------------------------------------------------ reports
+    def report_progress(
+        self, call: DeviceCall, job_id: str, epoch: int, state: JobState, progress: Progress, pause_reason: str = ""
+    ) -> ProgressResult:
+        """Record progress or a RUNNING/PAUSED/UPLOADING change and renew the lease."""
+        now = self.clock()
+        with self.state.transaction() as tx:
+            self.identity.admit(call, tx)
+            if state not in (JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING):
+                raise InvalidArgument("state", f"must be RUNNING, PAUSED or UPLOADING, not {state.value}")
+            validation.object_id(job_id, "job_id")
+            job = tx.get_job(job_id, for_update=True)
+            if job is not None and job.state == JobState.CANCELLED and job.device_id == call.device_id:
+                return ProgressResult(0.0, cancel_requested=True)
+            job = own_job(job, call.device_id, job_id, epoch)
+            job.move(state, now, pause_reason)
+            job.progress = progress
+            job.renew(now, self.config.lease_s)
+            tx.save_job(job)
+        result = ProgressResult(job.lease_expires_at, cancel_requested=False)
+        if state == JobState.UPLOADING:
+            result.upload_url, result.upload_url_expires_at = self._upload_url(job, now)
+        return result
+
+    def complete(
+        self, call: DeviceCall, job_id: str, epoch: int, sha256: str, size: int, metrics: dict[str, float]
+    ) -> AdapterRecord:
+        """Verify the uploaded blob and register it as the next adapter version; SUCCEEDED.
+
+        The blob is read back and checked outside any transaction (it can take a while); the
+        lease is checked before and again after, so a job re-leased meanwhile is never completed
+        by its old holder.
+        """
+        with self.state.transaction() as tx:
+            self.identity.admit(call, tx)
+            validation.sha256_hex(sha256)
+            if size <= 0:
+                raise InvalidArgument("size_bytes", "must be positive")
+            attempt = self._own(tx, call.device_id, job_id, epoch).attempt
+        try:
+            sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
+        except (IntegrityError, AdapterFormatError) as exc:
+            # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest.
+            self.fail(call, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
+            raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
+        now = self.clock()
+        with self.state.transaction() as tx:
+            job = self._own(tx, call.device_id, job_id, epoch)
+            name = str(job.training.get("adapter_name", "adapter"))
+            adapter = AdapterRecord(
+                adapter_id=new_id("ad"),
+                name=name,
+                version=tx.latest_adapter_version(call.device_id, name) + 1,
+                device_id=call.device_id,
+                job_id=job_id,
+                attempt=attempt,
+                sha256=sha,
+                size_bytes=real_size,
+                base_model_id=str(manifest.get("base_model_id") or job.training.get("base_model_id", "")),
+                base_fingerprint=str(manifest.get("base_fingerprint", "")),
+                manifest={**manifest, "reported_metrics": metrics},
+                created_at=now,
+                blob_key=blob_key,
+            )
+            tx.insert_adapter(adapter)
+            job.succeed(adapter.adapter_id, now)
+            tx.save_job(job)
+            release_device(tx, call.device_id, job_id)
+        return adapter
+
+    def fail(self, call: DeviceCall, job_id: str, epoch: int, error: ErrorClass, message: str) -> tuple[bool, JobState]:
+        """Record a failed attempt: requeue with backoff when retryable and attempts remain."""
+        now = self.clock()
+        with self.state.transaction() as tx:
+            self.identity.admit(call, tx)
+            job = self._own(tx, call.device_id, job_id, epoch)
+            job.fail_attempt(error, validation.device_text(message, 500), now, self.config.retry)
+            tx.save_job(job)
+            release_device(tx, call.device_id, job_id)
+        return job.state == JobState.QUEUED, job.state
+
+    def adapter_download(self, call: DeviceCall, adapter_id: str) -> tuple[AdapterRecord, str, float]:
+        """A short-lived URL for one of the device's own adapters."""
+        with self.state.transaction() as tx:
+            self.identity.admit(call, tx)
+            validation.object_id(adapter_id, "adapter_id")
+            adapter = tx.get_adapter(adapter_id)
+        if adapter is None:
+            raise NotFound(f"adapter {adapter_id} not found")
+        if adapter.device_id != call.device_id:
+            raise PermissionDenied(f"adapter {adapter_id} belongs to another device")
+        ttl = int(self.config.download_url_s)
+        return adapter, self.blobs.presign_get(adapter.blob_key, ttl), self.clock() + ttl
+
+    def _own(self, tx: Tx, device_id: str, job_id: str, epoch: int) -> JobRecord:
+        validation.object_id(job_id, "job_id")
+        return own_job(tx.get_job(job_id, for_update=True), device_id, job_id, epoch)
+
+    # ------------------------------------------------------------------ control loop
+    def reap(self, limit: int = 500) -> int:
+        """Requeue (or fail) jobs whose lease expired; fail jobs past their deadline."""
+        now = self.clock()
+        with self.state.transaction() as tx:
+            jobs = tx.expired_jobs(now, limit)
+            for job in jobs:
+                if job.past_deadline(now):
+                    job.miss_deadline(now)
+                else:
+                    job.fail_attempt(
+                        ErrorClass.LEASE_EXPIRED, "the device stopped renewing its lease", now, self.config.retry
+                    )
+                tx.save_job(job)
+        return len(jobs)
+
+
+def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> JobRecord:
+    """The job (read for update), checked to be this device's and leased under this epoch."""
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    if job.device_id != device_id:
+        raise PermissionDenied(f"job {job_id} belongs to another device")
+    if job.state == JobState.CANCELLED:
+        raise FailedPrecondition(f"job {job_id} was cancelled")
+    if not job.state.leased or job.lease_epoch != epoch:
+        raise FailedPrecondition(
+            f"stale lease on job {job_id}: epoch {epoch} is not the current lease "
+            f"(epoch {job.lease_epoch}, state {job.state.value})"
+        )
+    return job
+
+
+def validate_heartbeat(hb: HeartbeatInput) -> None:
+    """Refuse malformed ids in a heartbeat; free text is kept, cleaned (validation.device_text)."""
+    if hb.running_job_id:
+        validation.object_id(hb.running_job_id, "running.job_id")
+    validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
+    hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
+
+
+def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:
+    """The device's oldest due job that fits it, locked; a job that does not fit stays QUEUED
+    and says why in its status_message.
+
+    The oldest job almost always fits: fetch (and, on PostgreSQL, lock) just that one, and look
+    further, up to 8 jobs, only when it does not.
+    """
+    seen: set[str] = set()
+    for limit in (1, 8):
+        batch = tx.claimable_jobs(device.device_id, now, limit=limit)
+        for job in batch:
+            if job.job_id in seen:
+                continue
+            seen.add(job.job_id)
+            problem = placement_problem(job, device)
+            if not problem:
+                return job
+            if job.status_message != problem:
+                job.status_message = problem
+                job.updated_at = now
+                tx.save_job(job)
+        if len(batch) < limit:
+            return None
+    return None
+
+
+def record_device_report(
+    tx: Tx, device: DeviceRecord, hb: HeartbeatInput, now: float, last_seen_write_s: float
+) -> None:
+    """Write the fields a heartbeat owns, only when one changed or last_seen is getting old.
+
+    Only those fields are written, so no lock or re-read is needed: an activation or re-enroll
+    writing other fields at once keeps its update. Free storage lives in the capabilities, which
+    enroll also writes, so that one is read-modify-written under the lock.
+    """
+    fields: dict[str, Any] = {
+        "power": hb.power,
+        "eligible": hb.eligible,
+        "eligibility_reason": hb.eligibility_reason,
+        "eligibility_detail": hb.eligibility_detail,
+        "active_adapter_id": hb.active_adapter_id,
+        "running_job_id": hb.running_job_id,
+    }
+    values = {k: v for k, v in fields.items() if getattr(device, k) != v}
+    storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")
+    if not values and not storage and now - device.last_seen < last_seen_write_s:
+        return
+    values["last_seen"] = now
+    if storage:
+        locked = tx.get_device(device.device_id, for_update=True) or device
+        values["capabilities"] = {**locked.capabilities, "free_storage_bytes": hb.free_storage_bytes}
+    tx.update_device(device.device_id, values)
+    for key, value in values.items():
+        setattr(device, key, value)
+
+
+def release_device(tx: Tx, device_id: str, job_id: str) -> None:
+    """Clear the device's running job once that job has ended."""
+    device = tx.get_device(device_id, for_update=True)
+    if device is not None and device.running_job_id == job_id:
+        tx.update_device(device_id, {"running_job_id": ""})

@@ -1,0 +1,127 @@
+"""What both ends of the wire share beyond the generated code.
+
+- The metadata key that names the calling device.
+- The enums domain code works with (job states, error classes, eligibility reasons). Each is a
+  StrEnum whose values are the proto enum's names without the enum's prefix
+  (`JobState.QUEUED` <-> `JOB_STATE_QUEUED` = 1), so they read well in logs, JSON and SQL.
+- One pair of helpers between those enums and the proto numbers (`to_pb` / `from_pb`) and one
+  between them and the proto names (`pb_name` / `from_pb_name`), each built once from the
+  generated descriptors: no caller builds an enum name by string prefixing.
+
+The orchestrator, the agent and the CLI all import these; nothing here imports torch or gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from protos.pocketlora.v1 import types_pb2 as tpb
+
+# Every device call carries this metadata next to `authorization: Bearer <credential>`.
+DEVICE_HEADER = "x-pocketlora-device"
+
+
+class JobState(enum.StrEnum):
+    """Lifecycle of a job."""
+
+    QUEUED = "QUEUED"
+    LEASED = "LEASED"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    UPLOADING = "UPLOADING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True for states a job never leaves."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def leased(self) -> bool:
+        """True while a device holds the job under a lease."""
+        return self in (JobState.LEASED, JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING)
+
+
+class ErrorClass(enum.StrEnum):
+    """Why an attempt failed."""
+
+    TRANSIENT = "TRANSIENT"
+    CRASHED = "CRASHED"
+    DATASET_INVALID = "DATASET_INVALID"
+    DOES_NOT_FIT = "DOES_NOT_FIT"
+    UNSUPPORTED = "UNSUPPORTED"
+    INVALID_SPEC = "INVALID_SPEC"
+    INCOMPATIBLE_BASE = "INCOMPATIBLE_BASE"
+    UPLOAD_FAILED = "UPLOAD_FAILED"
+    INTEGRITY = "INTEGRITY"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt could succeed: bad data or a device that cannot fit never will."""
+        return self in (
+            ErrorClass.TRANSIENT,
+            ErrorClass.CRASHED,
+            ErrorClass.UPLOAD_FAILED,
+            ErrorClass.INTEGRITY,
+            ErrorClass.LEASE_EXPIRED,
+        )
+
+
+class EligibilityReason(enum.StrEnum):
+    """Why a device's gate allows or refuses training."""
+
+    ELIGIBLE = "ELIGIBLE"
+    NOT_CHARGING = "NOT_CHARGING"
+    BATTERY_LOW = "BATTERY_LOW"
+    TOO_HOT = "TOO_HOT"
+    STORAGE_LOW = "STORAGE_LOW"
+    CPU_BUSY = "CPU_BUSY"
+    SENSOR_UNKNOWN = "SENSOR_UNKNOWN"
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+# Domain enum -> (its proto enum wrapper, the proto names' prefix).
+_PROTO = {
+    JobState: (tpb.JobState, "JOB_STATE_"),
+    ErrorClass: (tpb.ErrorClass, "ERROR_CLASS_"),
+    EligibilityReason: (tpb.EligibilityReason, "ELIGIBILITY_REASON_"),
+}
+_TO_PB: dict[enum.StrEnum, int] = {}
+_FROM_PB: dict[tuple[type[enum.StrEnum], int], enum.StrEnum] = {}
+_FROM_NAME: dict[tuple[type[enum.StrEnum], str], enum.StrEnum] = {}
+for _cls, (_wrapper, _prefix) in _PROTO.items():
+    for _member in _cls:
+        _number = _wrapper.Value(_prefix + _member.value)
+        _TO_PB[_member] = _number
+        _FROM_PB[(_cls, _number)] = _member
+        _FROM_NAME[(_cls, _prefix + _member.value)] = _member
+        _FROM_NAME[(_cls, _member.value)] = _member
+    # Every proto value but UNSPECIFIED must have a domain member (tests/test_wire.py checks it).
+
+
+def to_pb(member: enum.StrEnum | None) -> int:
+    """The proto number of a domain enum member (0, UNSPECIFIED, for None)."""
+    return 0 if member is None else _TO_PB[member]
+
+
+def from_pb(cls: type[E], number: int) -> E | None:
+    """The domain member for a proto number; None for UNSPECIFIED or a number this build does
+    not know (callers decide whether that is an error and name the field)."""
+    return _FROM_PB.get((cls, number))  # type: ignore[return-value]
+
+
+def pb_name(member: enum.StrEnum) -> str:
+    """The proto name of a member, as map keys in replies use it (`JOB_STATE_QUEUED`)."""
+    return _PROTO[type(member)][1] + member.value
+
+
+def from_pb_name(cls: type[E], name: str) -> E | None:
+    """The member for a proto name or its short form (`JOB_STATE_QUEUED` or `queued`); None when
+    neither names one."""
+    return _FROM_NAME.get((cls, name.strip().upper()))  # type: ignore[return-value]
