@@ -13,23 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import FailedPrecondition
-from protos.wire import ErrorClass, JobState
-
-__all__ = [
-    "DEVICE_TRANSITIONS",
-    "AdapterRecord",
-    "CampaignRecord",
-    "DeviceRecord",
-    "DeviceSelector",
-    "ErrorClass",
-    "JobFilter",
-    "JobRecord",
-    "JobState",
-    "Progress",
-    "RetryPolicy",
-    "new_id",
-]
-
+from protos.wire import ErrorClass as ErrorClass
+from protos.wire import JobState as JobState
 
 # Transitions a device may report while it holds the lease (the orchestrator itself also moves
 # jobs to QUEUED on expiry/retry, to FAILED, SUCCEEDED and CANCELLED).

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out
+from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out, parse_kv
 
 
 def _secret_file(path: Path, env: str) -> str:
@@ -123,9 +123,8 @@ def agent_run(
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
-    from pocketlora.cli import _kv
 
-    labels = _kv(label, "--label")
+    labels = parse_kv(label, "--label")
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pocketlora.cli_common import reason_name, state_name
 from pocketlora.client import OperatorClient
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
@@ -58,10 +59,6 @@ def write_trace(path: Path, hot_at: float, hot_for: float) -> None:
         t += 1.0
         battery = min(100.0, battery + 0.05)
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
-def _state(value: int) -> str:
-    return tpb.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
 def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, trace_speed: float = 1.0) -> None:
@@ -152,7 +149,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         final = _follow(client, job.job_id, agent)
         if final.state != tpb.JOB_STATE_SUCCEEDED:
             raise RuntimeError(
-                f"job ended {_state(final.state)}: {final.last_error or final.status_message}; see {work_dir / 'agent.log'}"
+                f"job ended {state_name(final.state)}: {final.last_error or final.status_message}; see {work_dir / 'agent.log'}"
             )
         adapter = client.call("GetAdapter", op.GetAdapterRequest(adapter_id=final.adapter_id)).adapter
         console.print(
@@ -234,7 +231,7 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                 # training child has finished its optimizer step and checkpointed.
                 dev = client.call("GetDevice", op.GetDeviceRequest(device_id=DEVICE_ID)).device
                 if dev.eligibility_reason != last_reason:
-                    reason = tpb.EligibilityReason.Name(dev.eligibility_reason).removeprefix("ELIGIBILITY_REASON_")
+                    reason = reason_name(dev.eligibility_reason)
                     colour = "green" if dev.eligible else "yellow"
                     bar.console.print(
                         f"[{time.monotonic() - t0:6.1f}s] device gate: [{colour}]{reason}[/] ({dev.eligibility_detail})"
@@ -250,7 +247,7 @@ def _follow(client: OperatorClient, job_id: str, agent: subprocess.Popen[Any]) -
                         detail = f" ({j.status_message}; checkpoint at step {j.progress.step})"
                     elif j.state == tpb.JOB_STATE_RUNNING and last_state == tpb.JOB_STATE_PAUSED:
                         detail = " (cooled down: resuming from the checkpoint)"
-                    bar.console.print(f"[{time.monotonic() - t0:6.1f}s] job {_state(j.state)}{detail}")
+                    bar.console.print(f"[{time.monotonic() - t0:6.1f}s] job {state_name(j.state)}{detail}")
                     last_state = j.state
                 if j.progress.total_steps:
                     bar.update(
