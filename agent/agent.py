@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from adapters_store import download_from_url, upload_to_url
 from adapters_store.errors import StoreError, TransferError
 from adapters_store.fingerprint import model_fingerprint
-from agent.client import DeviceClient, detect_capabilities
+from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
@@ -36,25 +34,15 @@ from agent.jobs import (
 )
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
+from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import types_pb2 as tpb
+from protos.wire import EligibilityReason, ErrorClass, JobState
 
 log = logging.getLogger("pocketlora.agent")
 
-# Statuses that say "not now" rather than "no": an unreachable orchestrator, or one shedding a
-# burst (a fleet enrolling at once; gRPC's core drops calls past its backlog as CANCELLED, or
-# RESOURCE_EXHAUSTED past its hard limit). Enrollment waits these out with backoff.
-_TRANSIENT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-    }
-)
-
-_STATE_PB = {"RUNNING": tpb.JOB_STATE_RUNNING, "PAUSED": tpb.JOB_STATE_PAUSED, "UPLOADING": tpb.JOB_STATE_UPLOADING}
+# The states a device reports for the job it holds.
+_REPORTED = (JobState.RUNNING, JobState.PAUSED, JobState.UPLOADING)
 
 
 @dataclass
@@ -113,7 +101,7 @@ class Agent:
         self._events_lock = threading.Lock()
         if self.job is not None:
             # Restarted mid-job: resume from the checkpoint once the gate allows.
-            self.job.state = "PAUSED"
+            self.job.state = JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
 
     # ------------------------------------------------------------------ plumbing
@@ -144,23 +132,23 @@ class Agent:
             try:
                 self.client.enroll(self.cfg.enrollment_token, caps)
                 break
-            except grpc.RpcError as exc:
-                if exc.code() not in _TRANSIENT:
-                    raise EnrollmentError(
-                        f"enrollment refused by {self.cfg.orchestrator}: {exc.code().name}: {exc.details()}"
-                    ) from None
+            except Transient as exc:
                 log.warning(
                     "orchestrator %s unreachable or busy (%s: %s); retrying in %.0f s",
                     self.cfg.orchestrator,
-                    exc.code().name,
-                    exc.details(),
+                    exc.code.name,
+                    exc.details,
                     delay,
                 )
-                if stop is not None and stop.wait(delay):
-                    return
-                if stop is None:
-                    time.sleep(delay)
-                delay = min(delay * 2, 60.0)
+            except CallError as exc:
+                raise EnrollmentError(
+                    f"enrollment refused by {self.cfg.orchestrator}: {exc.code.name}: {exc.details}"
+                ) from None
+            if stop is not None and stop.wait(delay):
+                return
+            if stop is None:
+                time.sleep(delay)
+            delay = min(delay * 2, 60.0)
         self._emit("enrolled", device_id=self.cfg.device_id)
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -171,14 +159,14 @@ class Agent:
             while not stop.is_set():
                 try:
                     self.tick()
-                except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        # The orchestrator no longer knows this credential (e.g. its state was
-                        # reset): enroll again with the token, or stop if there is none.
-                        log.warning("credential refused; enrolling again")
-                        self.enroll(stop, force=True)
-                        continue
-                    log.warning("orchestrator call failed: %s %s", exc.code(), exc.details())
+                except Refused:
+                    # The orchestrator no longer knows this credential (e.g. its state was
+                    # reset): enroll again with the token, or stop if there is none.
+                    log.warning("credential refused; enrolling again")
+                    self.enroll(stop, force=True)
+                    continue
+                except CallError as exc:
+                    log.warning("orchestrator call failed: %s", exc)
                     self.next_heartbeat = time.monotonic() + 2.0
                 except Exception:
                     # A daemon on someone's phone must outlive its own bugs: log, back off, go on.
@@ -245,27 +233,18 @@ class Agent:
             tokens_seen=int(p.get("tokens_seen", 0)),
         )
 
-    def _report(self, state: str, pause_reason: int = 0) -> pb.ReportProgressResponse | None:
+    def _report(
+        self, state: JobState, pause_reason: EligibilityReason | None = None
+    ) -> pb.ReportProgressResponse | None:
         """Report state/progress; on a stale lease or cancellation, drop the job."""
         assert self.job is not None
-        req = pb.ReportProgressRequest(
-            job_id=self.job.job_id,
-            lease_epoch=self.job.lease_epoch,
-            state=_STATE_PB[state],
-            progress=self._progress_pb(),
-            pause_reason=pause_reason,  # type: ignore[arg-type]
-        )
         try:
-            reply: pb.ReportProgressResponse = self.client.call("ReportProgress", req)
-        except grpc.RpcError as exc:
-            if exc.code() in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
-                self._abandon(f"orchestrator refused the report: {exc.details()}", keep_folder=True)
-                return None
-            raise
+            reply = self.client.report_progress(
+                self.job.job_id, self.job.lease_epoch, state, self._progress_pb(), pause_reason
+            )
+        except Gone as exc:
+            self._abandon(f"orchestrator refused the report: {exc.details}", keep_folder=True)
+            return None
         self.last_progress_report = time.monotonic()
         if reply.cancel_requested:
             self._abandon("cancelled by an operator", keep_folder=False)
@@ -283,7 +262,7 @@ class Agent:
         self.next_lease = time.monotonic() + 1.0
 
     def _lease(self) -> None:
-        reply: pb.LeaseJobResponse = self.client.call("LeaseJob", pb.LeaseJobRequest(device_id=self.cfg.device_id))
+        reply = self.client.lease_job()
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_lease = time.monotonic() + max(wait, 0.5)
         if not reply.HasField("assignment"):
@@ -297,7 +276,7 @@ class Agent:
             a.lease_epoch,
             a.attempt,
             training,
-            state="LEASED",
+            state=JobState.LEASED,
             upload_url=a.upload_url,
             dataset_url=a.dataset_url,
         )
@@ -314,7 +293,7 @@ class Agent:
         try:
             if self.job.training.get("base_model_id") != self.cfg.base_model_id:
                 raise JobSetupError(
-                    "INCOMPATIBLE_BASE",
+                    ErrorClass.INCOMPATIBLE_BASE,
                     f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
                 )
             if self.job.training.get("dataset_object"):
@@ -333,18 +312,18 @@ class Agent:
         self.proc.clear_pause()
         self.proc.start()
         self.pausing = False
-        if self._report("RUNNING") is not None:
+        if self._report(JobState.RUNNING) is not None:
             self._emit("training", job_id=self.job.job_id)
 
     def _drive_job(self, elig: Eligibility) -> None:
         assert self.job is not None
-        if self.job.state == "PAUSED" and self.proc is None:
+        if self.job.state == JobState.PAUSED and self.proc is None:
             if elig.eligible:
                 self._emit("resuming", job_id=self.job.job_id)
                 self._start_training()
             return
         if self.proc is None:
-            if self.job.state == "LEASED":
+            if self.job.state == JobState.LEASED:
                 self._start_training()
             return
         outcome = self.proc.poll()
@@ -358,7 +337,7 @@ class Agent:
                     "pausing", job_id=self.job.job_id, reason=elig.reason.value, detail=elig.detail, t=requested_at
                 )
             elif time.monotonic() - self.last_progress_report >= self.cfg.progress_every_s:
-                self._report(self.job.state if self.job.state in _STATE_PB else "RUNNING")
+                self._report(self.job.state if self.job.state in _REPORTED else JobState.RUNNING)
             return
         self._drain_events()
         self._finish_run(outcome, elig)
@@ -368,18 +347,19 @@ class Agent:
         self.proc = None
         self.pausing = False
         if outcome.kind == "paused":
-            reason = tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value) if not elig.eligible else 0
-            if self._report("PAUSED", reason) is not None:
+            reason = None if elig.eligible else elig.reason
+            if self._report(JobState.PAUSED, reason) is not None:
                 self.job.save(self.cfg.work_dir)
                 self._emit("paused", job_id=self.job.job_id, step=self.job.progress.get("step", 0))
         elif outcome.kind == "done":
             self._upload_and_complete()
         else:
-            self._fail(outcome.error_class or "CRASHED", outcome.message or f"training exited with {outcome.exit_code}")
+            error = outcome.error_class or ErrorClass.CRASHED
+            self._fail(error, outcome.message or f"training exited with {outcome.exit_code}")
 
     def _upload_and_complete(self) -> None:
         assert self.job is not None
-        reply = self._report("UPLOADING")
+        reply = self._report(JobState.UPLOADING)
         if reply is None:
             return
         job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
@@ -387,27 +367,18 @@ class Agent:
             blob, info = pack_output(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id)
             upload_to_url(reply.upload_url or self.job.upload_url, blob)
         except (StoreError, OSError, KeyError, ValueError) as exc:
-            self._fail("UPLOAD_FAILED", f"upload failed: {exc}")
+            self._fail(ErrorClass.UPLOAD_FAILED, f"upload failed: {exc}")
             return
         self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
         metrics = {
             "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
             "steps": float(self.job.progress.get("step", 0)),
         }
-        req = pb.CompleteJobRequest(
-            job_id=self.job.job_id,
-            lease_epoch=self.job.lease_epoch,
-            sha256=info.sha256,
-            size_bytes=info.size,
-            metrics=metrics,
-        )
         try:
-            done: pb.CompleteJobResponse = self.client.call("CompleteJob", req)
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                self._abandon(f"completion refused: {exc.details()}", keep_folder=False)
-                return
-            raise
+            done = self.client.complete_job(self.job.job_id, self.job.lease_epoch, info.sha256, info.size, metrics)
+        except Gone as exc:
+            self._abandon(f"completion refused: {exc.details}", keep_folder=False)
+            return
         self._emit(
             "completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version
         )
@@ -415,23 +386,12 @@ class Agent:
         self.job = None
         self.next_lease = time.monotonic() + 1.0
 
-    def _fail(self, error_class: str, message: str) -> None:
+    def _fail(self, error: ErrorClass, message: str) -> None:
         assert self.job is not None
-        code = (
-            tpb.ErrorClass.Value("ERROR_CLASS_" + error_class)
-            if "ERROR_CLASS_" + error_class in tpb.ErrorClass.keys()
-            else tpb.ERROR_CLASS_CRASHED
-        )
-        req = pb.FailJobRequest(
-            job_id=self.job.job_id, lease_epoch=self.job.lease_epoch, error_class=code, message=message[:500]
-        )
         retry = False
-        try:
-            retry = self.client.call("FailJob", req).will_retry
-        except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                raise
-        self._emit("failed", job_id=self.job.job_id, error_class=error_class, message=message, will_retry=retry)
+        with contextlib.suppress(Gone):  # the job moved on without us: nothing left to report
+            retry = self.client.fail_job(self.job.job_id, self.job.lease_epoch, error, message).will_retry
+        self._emit("failed", job_id=self.job.job_id, error_class=error.value, message=message, will_retry=retry)
         # Keep the folder when the job will come back: the retry resumes from its checkpoint.
         LocalJob.forget(self.cfg.work_dir, self.job.job_id, keep_folder=retry)
         self.job = None
@@ -452,21 +412,21 @@ class Agent:
             device_id=self.cfg.device_id,
             power=power,
             eligible=elig.eligible,
-            eligibility_reason=tpb.EligibilityReason.Value("ELIGIBILITY_REASON_" + elig.reason.value),
+            eligibility_reason=wire.to_pb(elig.reason),  # type: ignore[arg-type]
             eligibility_detail=elig.detail,
             active_adapter_id=self.active_adapter_id,
             free_storage_bytes=r.free_storage_bytes or 0,
         )
-        if self.job is not None and self.job.state in _STATE_PB:
+        if self.job is not None and self.job.state in _REPORTED:
             req.running.CopyFrom(
                 pb.RunningJob(
                     job_id=self.job.job_id,
                     lease_epoch=self.job.lease_epoch,
-                    state=_STATE_PB[self.job.state],
+                    state=wire.to_pb(self.job.state),  # type: ignore[arg-type]
                     progress=self._progress_pb(),
                 )
             )
-        reply: pb.HeartbeatResponse = self.client.call("Heartbeat", req)
+        reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
@@ -497,9 +457,7 @@ class Agent:
         adapters_dir = self.cfg.work_dir / "adapters"
         target = adapters_dir / ref.adapter_id
         if not self.runtime.has(ref.adapter_id):
-            got: pb.GetAdapterDownloadUrlResponse = self.client.call(
-                "GetAdapterDownloadUrl", pb.GetAdapterDownloadUrlRequest(adapter_id=ref.adapter_id)
-            )
+            got = self.client.adapter_download_url(ref.adapter_id)
             from adapters_store import unpack_adapter
 
             blob = adapters_dir / f"{ref.adapter_id}.safetensors"

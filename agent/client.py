@@ -1,21 +1,82 @@
-"""The device's gRPC client: enrollment, a persisted credential, and authenticated calls."""
+"""The device's gRPC client: enrollment, a persisted credential, and one typed method per RPC.
+
+Every failed call raises one of a small error tree, mapped once from the status code:
+
+    CallError                 a call failed (code and details kept for the log)
+    ├── Transient             not now: unreachable, shedding load, timed out; try again later
+    ├── Gone                  what the call is about is not this device's any more: the job was
+    │                         re-leased, cancelled or never existed, the adapter is not ours
+    ├── Refused               the orchestrator does not know this credential (enroll again)
+    └── Invalid               the request was malformed, or the server failed on it: a bug on
+                              one side, not a reason to retry the same call
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 import psutil
 
+from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import agent_service_pb2_grpc as pb_grpc
 from protos.pocketlora.v1 import types_pb2 as tpb
+from protos.wire import DEVICE_HEADER, EligibilityReason, ErrorClass, JobState
 
-DEVICE_HEADER = "x-pocketlora-device"
+R = TypeVar("R")
+
+
+class CallError(Exception):
+    """An AgentService call failed."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class Transient(CallError):
+    """Not now: the orchestrator is unreachable, busy or slow."""
+
+
+class Gone(CallError):
+    """The job or adapter the call names is no longer this device's."""
+
+
+class Refused(CallError):
+    """The orchestrator does not accept this device's credential or enrollment token."""
+
+
+class Invalid(CallError):
+    """The request was malformed or the server failed on it."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[CallError]] = {
+    # "Not now": unreachable, or shedding a burst (gRPC's core drops calls past its backlog as
+    # CANCELLED, RESOURCE_EXHAUSTED past its hard limit).
+    grpc.StatusCode.UNAVAILABLE: Transient,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Transient,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Transient,
+    grpc.StatusCode.CANCELLED: Transient,
+    grpc.StatusCode.ABORTED: Transient,
+    grpc.StatusCode.FAILED_PRECONDITION: Gone,
+    grpc.StatusCode.NOT_FOUND: Gone,
+    grpc.StatusCode.PERMISSION_DENIED: Gone,
+    grpc.StatusCode.UNAUTHENTICATED: Refused,
+}
+
+
+def map_error(method: str, exc: grpc.RpcError) -> CallError:
+    """The error-tree member for a failed call (Invalid for every code not listed above)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+    return _ERRORS.get(code, Invalid)(method, code, details)
 
 
 def detect_capabilities(
@@ -65,12 +126,25 @@ class DeviceClient:
         """True once a credential is held."""
         return bool(self._credential)
 
+    def _invoke(self, reply: type[R], fn: Callable[..., Any], request: Any, metadata: tuple[tuple[str, str], ...]) -> R:
+        """One unary call; a failure raises the error-tree member of its status code."""
+        try:
+            answer = fn(request, metadata=metadata, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise map_error(type(request).__name__.removesuffix("Request"), exc) from None
+        return cast(R, answer)
+
+    def _call(self, reply: type[R], fn: Callable[..., Any], request: Any) -> R:
+        metadata = (("authorization", f"Bearer {self._credential}"), (DEVICE_HEADER, self.device_id))
+        return self._invoke(reply, fn, request, metadata)
+
     def enroll(self, enrollment_token: str, capabilities: tpb.Capabilities) -> None:
         """Enroll (or re-enroll) and persist the credential, readable by this user only."""
-        reply = self.stub.Enroll(
+        reply = self._invoke(
+            pb.EnrollResponse,
+            self.stub.Enroll,
             pb.EnrollRequest(device_id=self.device_id, capabilities=capabilities),
-            metadata=(("authorization", f"Bearer {enrollment_token}"),),
-            timeout=self.timeout_s,
+            (("authorization", f"Bearer {enrollment_token}"),),
         )
         self._credential = reply.device_credential
         tmp = self._cred_path.with_suffix(".tmp")
@@ -79,10 +153,55 @@ class DeviceClient:
             json.dump({"device_id": self.device_id, "credential": self._credential}, f)
         os.replace(tmp, self._cred_path)
 
-    def call(self, method: str, request: Any) -> Any:
-        """One authenticated unary call."""
-        metadata = (("authorization", f"Bearer {self._credential}"), (DEVICE_HEADER, self.device_id))
-        return getattr(self.stub, method)(request, metadata=metadata, timeout=self.timeout_s)
+    def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """Report the device's state; learn cancellations and the desired adapter."""
+        return self._call(pb.HeartbeatResponse, self.stub.Heartbeat, request)
+
+    def lease_job(self) -> pb.LeaseJobResponse:
+        """Ask for a job."""
+        return self._call(pb.LeaseJobResponse, self.stub.LeaseJob, pb.LeaseJobRequest(device_id=self.device_id))
+
+    def report_progress(
+        self,
+        job_id: str,
+        epoch: int,
+        state: JobState,
+        progress: tpb.JobProgress,
+        pause_reason: EligibilityReason | None = None,
+    ) -> pb.ReportProgressResponse:
+        """Report a job's state and progress; renews its lease."""
+        request = pb.ReportProgressRequest(
+            job_id=job_id,
+            lease_epoch=epoch,
+            state=wire.to_pb(state),  # type: ignore[arg-type]
+            progress=progress,
+            pause_reason=wire.to_pb(pause_reason),  # type: ignore[arg-type]
+        )
+        return self._call(pb.ReportProgressResponse, self.stub.ReportProgress, request)
+
+    def complete_job(
+        self, job_id: str, epoch: int, sha256: str, size: int, metrics: dict[str, float]
+    ) -> pb.CompleteJobResponse:
+        """Hand in the uploaded adapter for verification."""
+        request = pb.CompleteJobRequest(
+            job_id=job_id, lease_epoch=epoch, sha256=sha256, size_bytes=size, metrics=metrics
+        )
+        return self._call(pb.CompleteJobResponse, self.stub.CompleteJob, request)
+
+    def fail_job(self, job_id: str, epoch: int, error: ErrorClass, message: str) -> pb.FailJobResponse:
+        """Report a failed attempt."""
+        request = pb.FailJobRequest(
+            job_id=job_id,
+            lease_epoch=epoch,
+            error_class=wire.to_pb(error),  # type: ignore[arg-type]
+            message=message[:500],
+        )
+        return self._call(pb.FailJobResponse, self.stub.FailJob, request)
+
+    def adapter_download_url(self, adapter_id: str) -> pb.GetAdapterDownloadUrlResponse:
+        """A short-lived URL for one of this device's adapters."""
+        request = pb.GetAdapterDownloadUrlRequest(adapter_id=adapter_id)
+        return self._call(pb.GetAdapterDownloadUrlResponse, self.stub.GetAdapterDownloadUrl, request)
 
     def close(self) -> None:
         """Close the channel."""

@@ -36,11 +36,11 @@ import json
 import math
 import tomllib
 from dataclasses import dataclass, fields, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from agent.sensors import SensorReading
+from protos.wire import EligibilityReason
 
 _NO_BATTERY_CHOICES = ("external_power", "deny")
 _UNKNOWN_CHOICES = ("allow", "deny")
@@ -131,16 +131,8 @@ class GatePolicy:
         return replace(self, **overrides)
 
 
-class Reason(StrEnum):
-    """Why the gate decided as it did; values equal the proto's ELIGIBILITY_REASON_* suffixes."""
-
-    ELIGIBLE = "ELIGIBLE"
-    NOT_CHARGING = "NOT_CHARGING"
-    BATTERY_LOW = "BATTERY_LOW"
-    TOO_HOT = "TOO_HOT"
-    STORAGE_LOW = "STORAGE_LOW"
-    CPU_BUSY = "CPU_BUSY"
-    SENSOR_UNKNOWN = "SENSOR_UNKNOWN"
+# The gate's reasons are the wire's eligibility reasons.
+Reason = EligibilityReason
 
 
 @dataclass(frozen=True)

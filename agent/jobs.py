@@ -17,6 +17,7 @@ from typing import Any
 
 from adapters_store import AdapterManifest, BlobInfo, pack_adapter
 from agent.training.spec import TrainingSpec
+from protos.wire import ErrorClass, JobState
 
 _QUANT = {"QUANTIZATION_NONE": "none"}
 _FALLBACK = {"FOUR_BIT_FALLBACK_FAIL": "fail"}
@@ -26,7 +27,7 @@ _CKPT = {"GRADIENT_CHECKPOINTING_ON": "on", "GRADIENT_CHECKPOINTING_OFF": "off"}
 class JobSetupError(Exception):
     """The job cannot start here; error_class says why (sent to the orchestrator)."""
 
-    def __init__(self, error_class: str, message: str) -> None:
+    def __init__(self, error_class: ErrorClass, message: str) -> None:
         super().__init__(message)
         self.error_class = error_class
 
@@ -39,7 +40,7 @@ class LocalJob:
     lease_epoch: int
     attempt: int
     training: dict[str, Any]
-    state: str = "RUNNING"  # RUNNING | PAUSED | UPLOADING (the device's view)
+    state: JobState = JobState.RUNNING  # LEASED, then RUNNING | PAUSED | UPLOADING (the device's view)
     upload_url: str = ""
     dataset_url: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
@@ -60,9 +61,11 @@ class LocalJob:
     def load(work_dir: Path) -> LocalJob | None:
         """The persisted current job, if any."""
         try:
-            return LocalJob(**json.loads((work_dir / "current_job.json").read_text()))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            job = LocalJob(**json.loads((work_dir / "current_job.json").read_text()))
+            job.state = JobState(job.state)
+        except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError):
             return None
+        return job
 
     @staticmethod
     def forget(work_dir: Path, job_id: str, *, keep_folder: bool = False) -> None:
@@ -75,11 +78,11 @@ class LocalJob:
 def resolve_dataset(datasets_dir: Path, name: str) -> Path:
     """The local file a job's dataset name refers to (the data never leaves the device)."""
     if "/" in name or name.startswith("."):
-        raise JobSetupError("DATASET_INVALID", f"dataset name {name!r} must be a plain name")
+        raise JobSetupError(ErrorClass.DATASET_INVALID, f"dataset name {name!r} must be a plain name")
     for candidate in (datasets_dir / name, datasets_dir / f"{name}.jsonl"):
         if candidate.is_file():
             return candidate
-    raise JobSetupError("DATASET_INVALID", f"dataset {name!r} not found in {datasets_dir}")
+    raise JobSetupError(ErrorClass.DATASET_INVALID, f"dataset {name!r} not found in {datasets_dir}")
 
 
 def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
@@ -91,16 +94,18 @@ def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
     if path.is_file():
         return path  # fetched by an earlier run of this job (the download verified it)
     if not job.dataset_url:
-        raise JobSetupError("TRANSIENT", "the shipped dataset's download URL is missing; retry with a new lease")
+        raise JobSetupError(
+            ErrorClass.TRANSIENT, "the shipped dataset's download URL is missing; retry with a new lease"
+        )
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
         download_from_url(
             job.dataset_url, path, expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:")
         )
     except IntegrityError as exc:
-        raise JobSetupError("DATASET_INVALID", f"shipped dataset failed its check: {exc}") from exc
+        raise JobSetupError(ErrorClass.DATASET_INVALID, f"shipped dataset failed its check: {exc}") from exc
     except StoreError as exc:
-        raise JobSetupError("TRANSIENT", f"shipped dataset download failed: {exc}") from exc
+        raise JobSetupError(ErrorClass.TRANSIENT, f"shipped dataset download failed: {exc}") from exc
     return path
 
 
@@ -143,7 +148,7 @@ def training_spec(
     try:
         return TrainingSpec(**kw)
     except ValueError as exc:
-        raise JobSetupError("INVALID_SPEC", str(exc)) from exc
+        raise JobSetupError(ErrorClass.INVALID_SPEC, str(exc)) from exc
 
 
 def pack_output(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str) -> tuple[Path, BlobInfo]:

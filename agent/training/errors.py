@@ -14,39 +14,41 @@ answer. Torch-free, so the idle agent can import it.
 
 from __future__ import annotations
 
+from protos.wire import ErrorClass
+
 
 class TrainingError(Exception):
     """Base of every error a training job reports."""
 
-    error_class = "CRASHED"
+    error_class = ErrorClass.CRASHED
     retryable = True
 
 
 class SpecError(TrainingError, ValueError):
     """A TrainingSpec field has a bad value (the message names the field and the value)."""
 
-    error_class = "INVALID_SPEC"
+    error_class = ErrorClass.INVALID_SPEC
     retryable = False
 
 
 class DatasetError(TrainingError, ValueError):
     """The dataset file is malformed (the message names the file and the 1-based line)."""
 
-    error_class = "DATASET_INVALID"
+    error_class = ErrorClass.DATASET_INVALID
     retryable = False
 
 
 class DoesNotFit(TrainingError):
     """No memory plan fits the budget (the message gives the estimate and the budget)."""
 
-    error_class = "DOES_NOT_FIT"
+    error_class = ErrorClass.DOES_NOT_FIT
     retryable = False
 
 
 class Unsupported(TrainingError):
     """The device or the base model cannot run this job as specified."""
 
-    error_class = "UNSUPPORTED"
+    error_class = ErrorClass.UNSUPPORTED
     retryable = False
 
 
@@ -57,7 +59,7 @@ class Unsupported4Bit(Unsupported):
 class IncompatibleBase(TrainingError):
     """The base model does not match the job (target modules missing, checkpoint for another base)."""
 
-    error_class = "INCOMPATIBLE_BASE"
+    error_class = ErrorClass.INCOMPATIBLE_BASE
     retryable = False
 
 

@@ -22,6 +22,7 @@ from typing import IO, Any, Literal
 
 from agent.training.errors import EXIT_DONE, EXIT_PAUSED
 from agent.training.spec import TrainingSpec
+from protos.wire import ErrorClass
 
 log = logging.getLogger(__name__)
 # The repository root, so `-m agent.training.worker` resolves whatever the agent's cwd is.
@@ -36,7 +37,7 @@ class Outcome:
     """How a worker run ended."""
 
     kind: Literal["done", "paused", "failed"]
-    error_class: str | None
+    error_class: ErrorClass | None
     message: str | None
     adapter_dir: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -187,7 +188,8 @@ class TrainingProcess:
             return Outcome("paused", None, None, None, {"step": last["paused"].get("step")}, code)
         if code > 0 and "error" in last:
             err = last["error"]
-            return Outcome("failed", str(err.get("error_class")), str(err.get("message")), None, {}, code)
+            error = ErrorClass.__members__.get(str(err.get("error_class")), ErrorClass.CRASHED)
+            return Outcome("failed", error, str(err.get("message")), None, {}, code)
         if code < 0:
             try:
                 why = f"worker killed by {signal.Signals(-code).name}"
@@ -196,4 +198,4 @@ class TrainingProcess:
         else:
             why = f"worker exited with code {code} without a final event"
         tail = self.stderr_tail(5)
-        return Outcome("failed", "CRASHED", f"{why}: {tail}" if tail else why, None, {}, code)
+        return Outcome("failed", ErrorClass.CRASHED, f"{why}: {tail}" if tail else why, None, {}, code)

@@ -44,6 +44,7 @@ from agent.training.errors import (
     EXIT_PAUSED,
     TrainingError,
 )
+from protos.wire import ErrorClass
 
 log = logging.getLogger("agent.training.worker")
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     emit = Emitter(_event_stream())
     if len(args) != 1:
-        emit({"event": "error", "error_class": "INVALID_SPEC", "message": "usage: worker JOB_DIR"})
+        emit({"event": "error", "error_class": ErrorClass.INVALID_SPEC, "message": "usage: worker JOB_DIR"})
         return EXIT_NON_RETRYABLE
     job_dir = Path(args[0])
     pause = PauseRequest(job_dir)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # everything unexpected is a crash, reported, never re-raised
         traceback.print_exc(file=sys.stderr)
         message = f"{type(exc).__name__}: {exc}"
-        emit({"event": "error", "error_class": "CRASHED", "message": message})
+        emit({"event": "error", "error_class": ErrorClass.CRASHED, "message": message})
         return EXIT_CRASH
     return EXIT_PAUSED if outcome == "paused" else EXIT_DONE
 
