@@ -77,7 +77,7 @@ class Identity:
         if not self.vouched(call):
             if device is None or not hmac.compare_digest(device.credential_hash, hash_secret(call.credential)):
                 raise Unauthenticated(f"unknown device or wrong credential for {call.device_id!r}")
-            self._remember(call.device_id, device.credential_hash)
+            self.remember(call.device_id, device.credential_hash)
         if call.claimed and call.claimed != call.device_id:
             raise PermissionDenied(f"credential is for {call.device_id!r}, request names {call.claimed!r}")
 
@@ -90,7 +90,8 @@ class Identity:
         with self.state.transaction() as tx:
             self.admit(call, tx)
 
-    def _remember(self, device_id: str, credential_hash: str) -> None:
+    def remember(self, device_id: str, credential_hash: str) -> None:
+        """Cache a credential hash just checked against the store."""
         if not self.config.credential_cache_s:
             return
         if len(self._credentials) >= _CACHE_MAX:
@@ -135,7 +136,7 @@ class Identity:
             device.labels = labels
             device.last_seen = now
             tx.upsert_device(device)
-        self._remember(device_id, device.credential_hash)
+        self.remember(device_id, device.credential_hash)
         return credential
 
 

@@ -100,13 +100,18 @@ class FleetStats:
         self.queued = 0
         self._at = float("-inf")
 
-    def read(self, tx: Tx) -> FleetStats:
-        """Refresh from the store when stale; returns self."""
-        now = self.clock()
-        if now - self._at >= _FLEET_STATS_S:
-            self.devices, self.queued = tx.fleet_counts()
-            self._at = now
-        return self
+    def due(self) -> bool:
+        """True when the counts are old enough to read again."""
+        return self.clock() - self._at >= _FLEET_STATS_S
+
+    def update(self, devices: int, queued: int) -> None:
+        """Take freshly read counts."""
+        self.devices, self.queued, self._at = devices, queued, self.clock()
+
+    def read(self, tx: Tx) -> None:
+        """Refresh from the store when stale."""
+        if self.due():
+            self.update(*tx.fleet_counts())
 
 
 class JobLifecycle:

@@ -8,7 +8,7 @@ given and returns a runner. Servicers and the server only ever see a `PollRunner
 - SQLite: on the event loop, inside the open group-commit batch; only the COMMIT goes to a
   thread (`SqliteStore.run_inline`), since a thread hop costs more CPU than the poll's SQL.
 - PostgreSQL: one server-side function call per poll on an async connection
-  (`state/pg_polls.py`), so a poll is one round trip and no thread.
+  (`state/pg_functions.py`), so a poll is one round trip and no thread.
 - Anything else: the domain call on the executor's threads.
 Whatever the path, the reply is sent only once what the poll wrote is durable, and the
 semantics are those of lifecycle.JobLifecycle (tests/orchestrator/test_polls.py runs the same
@@ -19,11 +19,21 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from concurrent.futures import Executor
+from typing import Any
 
-from orchestrator.identity import DeviceCall
-from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from orchestrator.domain import Progress
+from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
+from orchestrator.identity import DeviceCall, hash_secret, require_device
+from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
 from orchestrator.state.base import StateStore
+from orchestrator.state.pg_functions import ILLEGAL_TRANSITION
+from orchestrator.state.postgres import PostgresStore
+from orchestrator.state.sql import progress_json, row_to_adapter, row_to_job
 from orchestrator.state.sqlite import SqliteStore
 
 
@@ -70,8 +80,143 @@ class InlinePolls(PollRunner):
         return await self.store.run_inline(self.jobs.lease, call)
 
 
+# ---------------------------------------------------------------------------- PostgreSQL
+# Through the generic path a lease or heartbeat is BEGIN, a device read, a job read or claim,
+# the writes and COMMIT: six round trips, each blocking a thread. Here each poll is one
+# statement, `SELECT * FROM pocketlora_lease(...)` or `pocketlora_heartbeat(...)`
+# (state/pg_functions.py), run in autocommit on a small pool of async connections driven by the
+# server's event loop: one round trip, no thread hop, durable when the statement returns. What
+# the functions cannot decide alone goes to the generic path on a thread: a request naming
+# another device, a job that may not fit the device (placement records why), a malformed
+# heartbeat from a caller not yet authenticated.
+
+_EMPTY_PROGRESS = progress_json(Progress())
+_LEASE = "SELECT outcome, job_json FROM pocketlora_lease(%s, %s, %s, %s, %s, %s)"
+_HEARTBEAT = (
+    "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_FLEET = "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED') AS q"
+# Connections per replica: polls are single short statements, so a few keep the database busy.
+POOL_SIZE = 4
+
+
+class PgPolls(PollRunner):
+    """Polls as single statements on async connections; the rest through the generic path."""
+
+    def __init__(self, jobs: JobLifecycle, store: PostgresStore, executor: Executor) -> None:
+        self.jobs = jobs
+        self.identity = jobs.identity
+        self.config = jobs.config
+        self.clock = jobs.clock
+        self.fallback = ThreadPolls(jobs, executor)
+        self._url = store.url
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._opening: asyncio.Lock | None = None
+
+    async def _conn_pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None:
+            self._opening = self._opening or asyncio.Lock()
+            async with self._opening:
+                if self._pool is None:
+                    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                        self._url, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=False
+                    )
+                    await pool.open(wait=True)
+                    self._pool = pool
+        return self._pool
+
+    async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
+        pool = await self._conn_pool()
+        async with pool.connection() as conn:
+            try:
+                cur = await conn.execute(sql, params)
+            except psycopg.Error as exc:
+                if exc.sqlstate == ILLEGAL_TRANSITION:
+                    raise FailedPrecondition(exc.diag.message_primary or "illegal transition") from None
+                raise
+            row = await cur.fetchone()
+        assert row is not None  # both functions return exactly one row
+        return tuple(row)
+
+    def _cred_hash(self, call: DeviceCall) -> str | None:
+        """None when the cache vouches for the caller; else the hash the function checks."""
+        if not call.device_id or not call.credential:
+            raise Unauthenticated("device id and credential metadata are required")
+        return None if self.identity.vouched(call) else hash_secret(call.credential)
+
+    def _admitted(self, call: DeviceCall, cred_hash: str | None, outcome: str) -> None:
+        """Raise for the function's refusals; remember a credential it accepted."""
+        if outcome == "unauthenticated":
+            raise Unauthenticated(f"unknown device or wrong credential for {call.device_id!r}")
+        if outcome == "no_device":
+            require_device(None, call.device_id)
+        if cred_hash is not None:
+            self.identity.remember(call.device_id, cred_hash)
+
+    async def _fleet(self) -> None:
+        if self.jobs.fleet.due():
+            devices, queued = await self._one(_FLEET, ())
+            self.jobs.fleet.update(int(devices), int(queued))
+
+    async def lease(self, call: DeviceCall) -> LeaseResult:
+        if call.claimed and call.claimed != call.device_id:
+            return await self.fallback.lease(call)
+        cred_hash = self._cred_hash(call)
+        now = self.clock()
+        params = (call.device_id, cred_hash, now, self.config.lease_s, self.config.last_seen_write_s, _EMPTY_PROGRESS)
+        outcome, job_json = await self._one(_LEASE, params)
+        self._admitted(call, cred_hash, outcome)
+        if outcome == "slow":
+            return await self.fallback.lease(call)
+        await self._fleet()
+        return self.jobs.lease_reply(row_to_job(json.loads(job_json)) if job_json else None, now)
+
+    async def heartbeat(self, call: DeviceCall, hb: HeartbeatInput) -> HeartbeatResult:
+        if call.claimed and call.claimed != call.device_id:
+            return await self.fallback.heartbeat(call, hb)
+        cred_hash = self._cred_hash(call)
+        try:
+            validate_heartbeat(hb)
+        except InvalidArgument:
+            return await self.fallback.heartbeat(call, hb)  # authenticates, then refuses
+        now = self.clock()
+        params = (
+            call.device_id,
+            cred_hash,
+            now,
+            self.config.lease_s,
+            self.config.last_seen_write_s,
+            hb.running_job_id,
+            hb.running_epoch,
+            hb.running_state.value if hb.running_state is not None else None,
+            progress_json(hb.progress) if hb.progress is not None else None,
+            hb.eligibility_reason,
+            json.dumps(hb.power, sort_keys=True),
+            hb.eligible,
+            hb.eligibility_reason,
+            hb.eligibility_detail,
+            hb.active_adapter_id,
+            hb.free_storage_bytes,
+        )
+        outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
+        self._admitted(call, cred_hash, outcome)
+        await self._fleet()
+        desired = row_to_adapter(json.loads(adapter_json)) if adapter_json else None
+        cancel = [hb.running_job_id] if outcome == "cancel" else []
+        stale = [hb.running_job_id] if outcome == "stale" else []
+        return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
 def open_poll_runner(state: StateStore, jobs: JobLifecycle, executor: Executor) -> PollRunner:
     """The fastest runner for this store."""
     if isinstance(state, SqliteStore):
         return InlinePolls(jobs, state)
+    if isinstance(state, PostgresStore):
+        return PgPolls(jobs, state, executor)
     return ThreadPolls(jobs, executor)

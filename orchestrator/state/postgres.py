@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from orchestrator.state.base import StateStore, Tx
-from orchestrator.state.schema import LATEST, MIGRATIONS
+from orchestrator.state.schema import LATEST, MIGRATIONS, PostgresOnly
 from orchestrator.state.sql import Dialect, SqlTx
 
 # Serialises migrations across replicas starting at once (an arbitrary, fixed advisory-lock key).
@@ -73,7 +73,10 @@ class PostgresStore(StateStore):
             current = int(row["v"] or 0) if row else 0
             for version in range(current + 1, (target or LATEST) + 1):
                 for stmt in MIGRATIONS[version - 1]:
-                    cur.execute(stmt.format(bigint="BIGINT", float="DOUBLE PRECISION"))
+                    if isinstance(stmt, PostgresOnly):
+                        cur.execute(stmt.sql)
+                    else:
+                        cur.execute(stmt.format(bigint="BIGINT", float="DOUBLE PRECISION"))
                 cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
         return max(current, target or LATEST)
 

@@ -1,12 +1,25 @@
 """Schema migrations, shared by SQLite and PostgreSQL (dialect differences are substituted).
 
 Each entry upgrades the schema by one version. Never edit a released entry: append a new one.
-`{bigint}`, `{float}` and `{serial}` are filled in per dialect.
+`{bigint}` and `{float}` are filled in per dialect. A `PostgresOnly` statement runs verbatim on
+PostgreSQL and is skipped elsewhere (server-side functions).
 """
 
 from __future__ import annotations
 
-MIGRATIONS: list[list[str]] = [
+from dataclasses import dataclass
+
+from orchestrator.state import pg_functions
+
+
+@dataclass(frozen=True)
+class PostgresOnly:
+    """A statement only PostgreSQL runs, verbatim (no placeholders are filled in)."""
+
+    sql: str
+
+
+MIGRATIONS: list[list[str | PostgresOnly]] = [
     # 1: the first schema.
     [
         """CREATE TABLE devices (
@@ -95,6 +108,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ADD COLUMN change_xid {bigint} NOT NULL DEFAULT 0",
         "CREATE INDEX jobs_change_xid ON jobs (change_xid, job_id)",
     ],
+    # 3: device polls in one round trip on PostgreSQL (orchestrator/state/pg_functions.py).
+    [PostgresOnly(pg_functions.LEASE_V1), PostgresOnly(pg_functions.HEARTBEAT_V1)],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -49,12 +49,18 @@ def _job_to_row(job: JobRecord) -> dict[str, Any]:
     row = {name: getattr(job, name) for name in _JOB_FIELDS}
     row["state"] = job.state.value
     row["training"] = json.dumps(job.training, sort_keys=True)
-    row["progress"] = json.dumps(vars(job.progress))
+    row["progress"] = progress_json(job.progress)
     row["request_id"] = job.request_id or None  # NULLs never clash in the unique index
     return row
 
 
-def _row_to_job(row: dict[str, Any]) -> JobRecord:
+def progress_json(progress: Progress) -> str:
+    """A job's progress as its column holds it."""
+    return json.dumps(vars(progress))
+
+
+def row_to_job(row: dict[str, Any]) -> JobRecord:
+    """A jobs row (from a cursor or row_to_json) as the record."""
     row = dict(row)
     row.pop("change_xid", None)  # the watch cursor's, not the job's
     row["state"] = JobState(row["state"])
@@ -86,7 +92,8 @@ def _adapter_to_row(adapter: AdapterRecord) -> dict[str, Any]:
     return row
 
 
-def _row_to_adapter(row: dict[str, Any]) -> AdapterRecord:
+def row_to_adapter(row: dict[str, Any]) -> AdapterRecord:
+    """An adapters row (from a cursor or row_to_json) as the record."""
     row = dict(row)
     row["manifest"] = json.loads(row["manifest"])
     return AdapterRecord(**row)
@@ -180,11 +187,11 @@ class SqlTx(Tx):
 
     def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         rows = self._q(f"SELECT * FROM jobs WHERE job_id = ?{self._lock(for_update)}", [job_id])
-        return _row_to_job(rows[0]) if rows else None
+        return row_to_job(rows[0]) if rows else None
 
     def get_job_by_request(self, request_id: str) -> JobRecord | None:
         rows = self._q("SELECT * FROM jobs WHERE request_id = ?", [request_id])
-        return _row_to_job(rows[0]) if rows else None
+        return row_to_job(rows[0]) if rows else None
 
     def save_job(self, job: JobRecord) -> None:
         row = _job_to_row(job)
@@ -200,7 +207,7 @@ class SqlTx(Tx):
             f" ORDER BY created_at, job_id LIMIT ?{self.d.for_update}{self.d.skip_locked}",
             [device_id, JobState.QUEUED.value, now, limit],
         )
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def expired_jobs(self, now: float, limit: int) -> list[JobRecord]:
         held = ", ".join("?" for _ in _HELD)
@@ -211,7 +218,7 @@ class SqlTx(Tx):
             f" ORDER BY lease_expires_at LIMIT ?{self.d.for_update}{self.d.skip_locked}",
             [*_HELD, now, *_OPEN, now, JobState.PAUSED.value, limit],
         )
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
         where, params = self._filter_sql(flt)
@@ -219,7 +226,7 @@ class SqlTx(Tx):
             where += " AND job_id < ?"
             params.append(before_job_id)
         rows = self._q(f"SELECT * FROM jobs WHERE {where} ORDER BY job_id DESC LIMIT ?", [*params, limit])
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def watch_cursor(self) -> WatchCursor:
         if self.d.xid_horizon:
@@ -244,7 +251,7 @@ class SqlTx(Tx):
                 [key, *params, limit],
             )
             after = (int(rows[-1]["change_seq"]), "") if rows else cursor
-        return [_row_to_job(r) for r in rows], after
+        return [row_to_job(r) for r in rows], after
 
     def max_change_seq(self) -> int:
         return int(self._q("SELECT COALESCE(MAX(change_seq), 0) AS s FROM jobs")[0]["s"])
@@ -349,7 +356,7 @@ class SqlTx(Tx):
 
     def get_adapter(self, adapter_id: str) -> AdapterRecord | None:
         rows = self._q("SELECT * FROM adapters WHERE adapter_id = ?", [adapter_id])
-        return _row_to_adapter(rows[0]) if rows else None
+        return row_to_adapter(rows[0]) if rows else None
 
     def latest_adapter_version(self, device_id: str, name: str) -> int:
         rows = self._q("SELECT MAX(version) AS v FROM adapters WHERE device_id = ? AND name = ?", [device_id, name])
@@ -368,7 +375,7 @@ class SqlTx(Tx):
             f"SELECT * FROM adapters WHERE {' AND '.join(where)} ORDER BY adapter_id DESC LIMIT ?",
             [*params, limit],
         )
-        return [_row_to_adapter(r) for r in rows]
+        return [row_to_adapter(r) for r in rows]
 
     def adapter_count(self) -> int:
         return int(self._q("SELECT COUNT(*) AS n FROM adapters")[0]["n"])

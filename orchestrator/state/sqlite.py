@@ -385,7 +385,8 @@ class SqliteStore(StateStore):
                 current = int(row["v"] or 0)
                 for version in range(current + 1, (target or LATEST) + 1):
                     for stmt in MIGRATIONS[version - 1]:
-                        self._conn.execute(stmt.format(bigint="INTEGER", float="REAL"))
+                        if isinstance(stmt, str):
+                            self._conn.execute(stmt.format(bigint="INTEGER", float="REAL"))
                     self._conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
             except BaseException:
                 self._conn.execute("ROLLBACK")

@@ -30,8 +30,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def srv(tmp_path: Path, clock: FakeClock) -> Iterator[ServerThread]:
-    with ServerThread(tmp_path, clock=clock, lease_s=30.0, retry_base_s=10.0) as s:
+def srv(tmp_path: Path, clock: FakeClock, state_url: str) -> Iterator[ServerThread]:
+    """A real server on each backend: on PostgreSQL the polls run as server-side functions."""
+    with ServerThread(tmp_path, db_url=state_url, clock=clock, lease_s=30.0, retry_base_s=10.0) as s:
         yield s
 
 
