@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import subprocess
 import threading
 import time
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_store import download_from_url, upload_to_url
-from adapters_store.errors import StoreError, TransferError
+from adapters_store import upload_to_url
+from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
+from agent.adapters import AdapterSwitcher
 from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
@@ -93,16 +93,25 @@ class Agent:
         self.last_progress_report = 0.0
         self.eligibility: Eligibility | None = None
         self.reading: SensorReading | None = None
-        self.runtime: Any = None  # agent.inference.RuntimeHost, started on first use
-        self.active_adapter_id = ""
-        # Adapters this device refused (bad base, bad bytes): not fetched again on every heartbeat.
-        self.refused: set[str] = set()
+        self.adapters = AdapterSwitcher(
+            self.client,
+            config.work_dir,
+            config.base_model_dir,
+            self.base_fingerprint,
+            self._emit,
+            torch_threads=config.torch_threads,
+        )
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
             # Restarted mid-job: resume from the checkpoint once the gate allows.
             self.job.state = JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
+
+    @property
+    def runtime(self) -> Any:
+        """The inference runtime child (None until the first adapter switch)."""
+        return self.adapters.runtime
 
     # ------------------------------------------------------------------ plumbing
     def _emit(self, kind: str, **data: Any) -> None:
@@ -180,8 +189,7 @@ class Agent:
     def shutdown(self) -> None:
         """Stop children: training checkpoints and exits (it resumes on the next start)."""
         self._stop_training(checkpoint=True)
-        if self.runtime is not None:
-            self.runtime.close()
+        self.adapters.close()
         self.client.close()
 
     def _stop_training(self, *, checkpoint: bool) -> None:
@@ -414,7 +422,7 @@ class Agent:
             eligible=elig.eligible,
             eligibility_reason=wire.to_pb(elig.reason),  # type: ignore[arg-type]
             eligibility_detail=elig.detail,
-            active_adapter_id=self.active_adapter_id,
+            active_adapter_id=self.adapters.active_adapter_id,
             free_storage_bytes=r.free_storage_bytes or 0,
         )
         if self.job is not None and self.job.state in _REPORTED:
@@ -435,66 +443,5 @@ class Agent:
             # The lease expired or moved on: the job may come back here, and then it resumes
             # from the checkpoint kept in its folder (as on a refused ReportProgress).
             self._abandon("no longer leased to this device", keep_folder=True)
-        desired = reply.desired_adapter.adapter_id if reply.HasField("desired_adapter") else ""
-        if desired != self.active_adapter_id and desired not in self.refused and self.cfg.serve_adapters:
-            self._switch_adapter(reply.desired_adapter if desired else None)
-
-    def _switch_adapter(self, ref: pb.AdapterRef | None) -> None:
-        """Download, verify, load and activate the desired adapter (or go back to the base)."""
-        from agent.inference import RuntimeHost, RuntimeHostError
-
-        if self.runtime is None:
-            self.runtime = RuntimeHost(self.cfg.base_model_dir, torch_threads=self.cfg.torch_threads)
-        if ref is None:
-            self.runtime.activate(None)
-            previous, self.active_adapter_id = self.active_adapter_id, ""
-            self._emit("adapter_active", adapter_id="")
-            self._unload(previous)
-            return
-        if ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
-            self._refuse(ref.adapter_id, "base fingerprint differs from this device's base model")
-            return
-        adapters_dir = self.cfg.work_dir / "adapters"
-        target = adapters_dir / ref.adapter_id
-        if not self.runtime.has(ref.adapter_id):
-            got = self.client.adapter_download_url(ref.adapter_id)
-            from adapters_store import unpack_adapter
-
-            blob = adapters_dir / f"{ref.adapter_id}.safetensors"
-            adapters_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
-                unpack_adapter(blob, target)
-            except TransferError as exc:
-                self._emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried
-                return
-            except StoreError as exc:  # bad bytes or not an adapter: never load it
-                self._refuse(ref.adapter_id, str(exc))
-                return
-            finally:
-                blob.unlink(missing_ok=True)
-            try:
-                self.runtime.load(ref.adapter_id, target)
-            except RuntimeHostError as exc:
-                self._refuse(ref.adapter_id, str(exc))
-                return
-        self.runtime.activate(ref.adapter_id)
-        previous, self.active_adapter_id = self.active_adapter_id, ref.adapter_id
-        self._emit("adapter_active", adapter_id=ref.adapter_id, name=ref.name, version=ref.version)
-        self._unload(previous)
-
-    def _unload(self, adapter_id: str) -> None:
-        """Free the adapter that was active before (requests pinned to it finish first)."""
-        from agent.inference import RuntimeHostError
-
-        if not adapter_id or self.runtime is None:
-            return
-        try:
-            self.runtime.unload(adapter_id)
-        except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
-            log.info("unload of %s: %s", adapter_id, exc)
-        shutil.rmtree(self.cfg.work_dir / "adapters" / adapter_id, ignore_errors=True)
-
-    def _refuse(self, adapter_id: str, reason: str) -> None:
-        self.refused.add(adapter_id)
-        self._emit("adapter_refused", adapter_id=adapter_id, reason=reason)
+        if self.cfg.serve_adapters:
+            self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from orchestrator.domain import Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
@@ -97,8 +98,62 @@ _HEARTBEAT = (
     "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _FLEET = "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED') AS q"
-# Connections per replica: polls are single short statements, so a few keep the database busy.
-POOL_SIZE = 4
+# Connections per replica. Each poll that writes waits for its commit's WAL flush; PostgreSQL
+# flushes the commits of every backend waiting at that moment together, so more connections in
+# flight mean more polls per flush.
+POOL_SIZE = 16
+
+
+def _drop(conn: psycopg.AsyncConnection[Any] | None) -> psycopg.AsyncConnection[Any] | None:
+    """Close a connection that cannot be reused (synchronously: this may run while cancelled);
+    returns None, its replacement in the idle queue (the next taker reconnects)."""
+    if conn is not None:
+        conn.pgconn.finish()
+    return None
+
+
+class AsyncConnections:
+    """A fixed set of autocommit async connections, opened on first use in the running loop.
+
+    Leaner than a general pool (no health checks, no resizing): a poll takes an idle
+    connection, runs one statement, and gives it back; a connection that broke is replaced by
+    the next caller that gets it.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        self.url = url
+        self.size = size
+        self._idle: asyncio.Queue[psycopg.AsyncConnection[Any] | None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """An idle connection for one statement."""
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.size):
+                self._idle.put_nowait(None)  # opened by whoever takes it first
+        conn = await self._idle.get()
+        try:
+            if conn is None or conn.closed:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            yield conn
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):  # the connection broke
+                conn = _drop(conn)
+            raise
+        except BaseException:
+            # Cancelled mid-statement (the client went away): the protocol state is unknown.
+            conn = _drop(conn)
+            raise
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        while self._idle is not None and not self._idle.empty():
+            conn = self._idle.get_nowait()
+            if conn is not None:
+                await conn.close()
 
 
 class PgPolls(PollRunner):
@@ -110,25 +165,10 @@ class PgPolls(PollRunner):
         self.config = jobs.config
         self.clock = jobs.clock
         self.fallback = ThreadPolls(jobs, executor)
-        self._url = store.url
-        self._pool: AsyncConnectionPool[Any] | None = None
-        self._opening: asyncio.Lock | None = None
-
-    async def _conn_pool(self) -> AsyncConnectionPool[Any]:
-        if self._pool is None:
-            self._opening = self._opening or asyncio.Lock()
-            async with self._opening:
-                if self._pool is None:
-                    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                        self._url, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=False
-                    )
-                    await pool.open(wait=True)
-                    self._pool = pool
-        return self._pool
+        self._conns = AsyncConnections(store.url, POOL_SIZE)
 
     async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
-        pool = await self._conn_pool()
-        async with pool.connection() as conn:
+        async with self._conns.connection() as conn:
             try:
                 cur = await conn.execute(sql, params)
             except psycopg.Error as exc:
@@ -208,9 +248,7 @@ class PgPolls(PollRunner):
         return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._conns.close()
 
 
 def open_poll_runner(state: StateStore, jobs: JobLifecycle, executor: Executor) -> PollRunner:

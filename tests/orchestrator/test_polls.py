@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from adapters_store import FileBlobStore
@@ -20,7 +21,7 @@ from orchestrator.domain import AdapterRecord, JobFilter, JobState, Progress
 from orchestrator.errors import FailedPrecondition, NotFound, Unauthenticated
 from orchestrator.identity import DeviceCall
 from orchestrator.lifecycle import HeartbeatInput
-from orchestrator.polls import InlinePolls, PgPolls, PollRunner, ThreadPolls
+from orchestrator.polls import POOL_SIZE, InlinePolls, PgPolls, PollRunner, ThreadPolls
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
 from orchestrator.state.postgres import PostgresStore
@@ -256,3 +257,26 @@ def test_concurrent_leases_never_hand_out_a_job_twice(world: World) -> None:
     assert sorted(got) == sorted(jobs)
     leased = list(world.orch.state.iter_all_jobs(JobFilter(states=(JobState.LEASED,))))
     assert {j.job_id for j in leased} == jobs and all(j.lease_epoch == 1 for j in leased)
+
+
+def test_function_polls_recover_from_connections_the_database_dropped(world: World) -> None:
+    if not isinstance(world.runner, PgPolls):
+        pytest.skip("only the PostgreSQL runner holds connections of its own")
+    call = world.enroll()
+    world.submit()
+    world.lease(call)  # opens a connection
+    with world.orch.state.transaction() as tx:
+        tx.cur.execute(  # type: ignore[attr-defined]
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    failures = 0
+    for _ in range(POOL_SIZE + 2):
+        try:
+            world.heartbeat(call, eligible=True)
+        except psycopg.OperationalError:
+            failures += 1
+
+    assert 1 <= failures <= POOL_SIZE  # each dropped connection fails one poll, then is replaced
+    assert world.heartbeat(call, eligible=True).stale_job_ids == []
