@@ -27,11 +27,10 @@ class OrchestratorConfig:
     last_seen_write_s: float = 5.0
     pace: PacePolicy = field(default_factory=PacePolicy)
     # Least memory a training job on each known base model needs on a device (NF4, gradient
-    # checkpointing, a small micro-batch: about the smallest plan the device's planner reaches).
-    # Jobs are not leased to devices whose budget is below it. The training worker's measured
-    # peak RSS for SmolLM2-135M at NF4 + checkpointing, micro-batch 2 x 64 tokens, is ~845 MiB
-    # (docs/benchmarks.md); unknown bases are not checked here (the device's own planner
-    # refuses with DOES_NOT_FIT).
+    # checkpointing, a small micro-batch: about the smallest plan the device's planner reaches;
+    # docs/benchmarks.md has the measured peaks). Jobs are not leased to devices whose budget is
+    # below it; unknown bases are not checked here (the device's own planner refuses with
+    # DOES_NOT_FIT).
     base_model_min_bytes: dict[str, int] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": 800 * 2**20})
     # Bootstrap enrollment token (e.g. from POCKETLORA_ENROLLMENT_TOKEN); empty means none.
     enrollment_token: str = ""

@@ -35,8 +35,7 @@ _OPTIONS = [
     # grpc.aio asks the core for one call per method at a time, so a burst (a fleet enrolling
     # or reconnecting at once) waits in the core's backlog; past 1,000 pending calls the core
     # drops them at random (random early detection) and the devices see CANCELLED, past 3,000
-    # all of them. 2,000 agents enrolling at once lost ~170 calls that way (fleet_sim). A fleet
-    # burst should queue and drain, so the limits are raised.
+    # all of them. A fleet burst should queue and drain, so the limits are raised.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
 ]

@@ -13,7 +13,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # C0/C1 control characters: never meaningful in a key or a name, and PostgreSQL refuses NUL in
-# TEXT outright (a NUL reaching SQL was an INTERNAL error before these checks).
+# TEXT outright (so a NUL must be refused as a bad argument before it reaches SQL).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100

@@ -1,6 +1,6 @@
 """A real PostgreSQL server for tests, on a loopback port and a private socket folder.
 
-initdb refuses to run as root, so as root the server runs as the `postgres` user (PLATFORM.md).
+initdb refuses to run as root, so as root the server runs as the `postgres` user (docs/platform.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A real S3 server for tests: SeaweedFS `weed mini` on loopback ports, telemetry off.
 
-Flags follow PLATFORM.md. Each run gets its own data dir and freshly generated credentials, so a
+Flags as in docs/platform.md. Each run gets its own data dir and freshly generated credentials, so a
 leftover server or a leaked key from another run can never answer for this one.
 """
 

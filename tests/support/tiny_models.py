@@ -2,7 +2,7 @@
 
 No hub is reachable, so tests build their models here. Every linear layer's output size is a
 multiple of 32: bitsandbytes' CPU repack asserts "N must be divisible by block_n" otherwise
-(PLATFORM.md).
+(docs/platform.md).
 """
 
 from __future__ import annotations
