@@ -32,11 +32,10 @@ from agent.jobs import (
     resolve_dataset,
     training_spec,
 )
+from agent.reports import heartbeat_request, progress_pb
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
-from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
-from protos.pocketlora.v1 import types_pb2 as tpb
 from protos.wire import EligibilityReason, ErrorClass, JobState
 
 log = logging.getLogger("pocketlora.agent")
@@ -63,6 +62,8 @@ class AgentConfig:
     torch_threads: int = 0
     # Run the inference runtime (a child process) so desired adapters are loaded and activated.
     serve_adapters: bool = True
+    # Rotate the device credential once it is this old (0: never).
+    rotate_credential_after_s: float = 30 * 86400
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -220,6 +221,9 @@ class Agent:
             self._lease()
         if time.monotonic() >= self.next_heartbeat:
             self._heartbeat()
+        if self.cfg.rotate_credential_after_s and self.client.credential_age_s >= self.cfg.rotate_credential_after_s:
+            self.client.rotate_credential()
+            self._emit("credential_rotated")
 
     def _drain_events(self) -> None:
         with self._events_lock:
@@ -231,16 +235,6 @@ class Agent:
             elif ev.get("event") in ("plan", "checkpoint", "resumed"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
 
-    def _progress_pb(self) -> tpb.JobProgress:
-        p = self.job.progress if self.job else {}
-        return tpb.JobProgress(
-            step=int(p.get("step", 0)),
-            total_steps=int(p.get("total_steps", 0)),
-            epoch=int(p.get("epoch", 0)),
-            loss=float(p.get("loss", 0.0) or 0.0),
-            tokens_seen=int(p.get("tokens_seen", 0)),
-        )
-
     def _report(
         self, state: JobState, pause_reason: EligibilityReason | None = None
     ) -> pb.ReportProgressResponse | None:
@@ -248,7 +242,7 @@ class Agent:
         assert self.job is not None
         try:
             reply = self.client.report_progress(
-                self.job.job_id, self.job.lease_epoch, state, self._progress_pb(), pause_reason
+                self.job.job_id, self.job.lease_epoch, state, progress_pb(self.job.progress), pause_reason
             )
         except Gone as exc:
             self._abandon(f"orchestrator refused the report: {exc.details}", keep_folder=True)
@@ -407,33 +401,11 @@ class Agent:
 
     # ------------------------------------------------------------------ heartbeat and adapters
     def _heartbeat(self) -> None:
-        r, elig = self.reading, self.eligibility
-        assert r is not None and elig is not None
-        power = tpb.PowerState(has_battery=bool(r.has_battery))
-        if r.charging is not None:
-            power.charging = r.charging
-        if r.battery_pct is not None:
-            power.battery_pct = r.battery_pct
-        if r.temperature_c is not None:
-            power.temperature_c = r.temperature_c
-        req = pb.HeartbeatRequest(
-            device_id=self.cfg.device_id,
-            power=power,
-            eligible=elig.eligible,
-            eligibility_reason=wire.to_pb(elig.reason),  # type: ignore[arg-type]
-            eligibility_detail=elig.detail,
-            active_adapter_id=self.adapters.active_adapter_id,
-            free_storage_bytes=r.free_storage_bytes or 0,
+        assert self.reading is not None and self.eligibility is not None
+        running = self.job if self.job is not None and self.job.state in _REPORTED else None
+        req = heartbeat_request(
+            self.cfg.device_id, self.reading, self.eligibility, self.adapters.active_adapter_id, running
         )
-        if self.job is not None and self.job.state in _REPORTED:
-            req.running.CopyFrom(
-                pb.RunningJob(
-                    job_id=self.job.job_id,
-                    lease_epoch=self.job.lease_epoch,
-                    state=wire.to_pb(self.job.state),  # type: ignore[arg-type]
-                    progress=self._progress_pb(),
-                )
-            )
         reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)

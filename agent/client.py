@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -146,12 +147,33 @@ class DeviceClient:
             pb.EnrollRequest(device_id=self.device_id, capabilities=capabilities),
             (("authorization", f"Bearer {enrollment_token}"),),
         )
-        self._credential = reply.device_credential
+        self._save(reply.device_credential)
+
+    def rotate_credential(self) -> None:
+        """Replace the credential with a new one. Crash-safe: the orchestrator accepts the old
+        one until the new one is first used, and the new one is written (atomically) before it
+        is used, so a crash at any point leaves this device with a credential that works."""
+        reply = self._call(pb.RotateCredentialResponse, self.stub.RotateCredential, pb.RotateCredentialRequest())
+        self._save(reply.device_credential)
+
+    @property
+    def credential_age_s(self) -> float:
+        """Seconds since the credential was written (0 when none is held)."""
+        try:
+            return max(time.time() - self._cred_path.stat().st_mtime, 0.0)
+        except FileNotFoundError:
+            return 0.0
+
+    def _save(self, credential: str) -> None:
+        """Persist the credential (readable by this user only, replaced atomically), then use it."""
         tmp = self._cred_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"device_id": self.device_id, "credential": self._credential}, f)
+            json.dump({"device_id": self.device_id, "credential": credential}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self._cred_path)
+        self._credential = credential
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         """Report the device's state; learn cancellations and the desired adapter."""

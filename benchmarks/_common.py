@@ -132,7 +132,7 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
             reap_every = float(value)
         else:
             config[key] = float(value)
-    cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+    cfg = OrchestratorConfig(bootstrap_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
     store = FileBlobStore(Path(tmp) / "blobs", url_secret=secrets.token_bytes(32))
     orch = Orchestrator(open_state(db_url), store, cfg)
 

@@ -34,8 +34,9 @@ class OrchestratorConfig:
     base_model_min_bytes: dict[str, int] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": 800 * 2**20})
     # Bootstrap enrollment token (e.g. from POCKETLORA_ENROLLMENT_TOKEN); empty means none.
     enrollment_token: str = ""
-    # Operator token; operator calls need it.
-    operator_token: str = ""
+    # Bootstrap operator token (e.g. from POCKETLORA_OPERATOR_TOKEN): registered as the token of
+    # an admin named `admin` when no admin exists yet, never after; empty disables it.
+    bootstrap_token: str = ""
 
     @property
     def retry(self) -> RetryPolicy:
@@ -49,5 +50,3 @@ class OrchestratorConfig:
         for name in ("credential_cache_s", "last_seen_write_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not self.operator_token:
-            raise ValueError("operator_token is required")

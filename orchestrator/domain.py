@@ -15,6 +15,7 @@ from typing import Any
 from orchestrator.errors import FailedPrecondition
 from protos.wire import ErrorClass as ErrorClass
 from protos.wire import JobState as JobState
+from protos.wire import Role as Role
 
 # Transitions a device may report while it holds the lease (the orchestrator itself also moves
 # jobs to QUEUED on expiry/retry, to FAILED, SUCCEEDED and CANCELLED).
@@ -204,6 +205,13 @@ class DeviceRecord:
     last_seen: float = 0.0
     enrolled_at: float = 0.0
     running_job_id: str = ""
+    # What the device says about itself at enrollment; kept apart from `labels`, which operators
+    # (or the enrollment token) set and selectors target.
+    reported_labels: dict[str, str] = field(default_factory=dict)
+    # A rotated credential not used yet: both it and credential_hash are accepted until the
+    # device's first call with it, so a device that crashed mid-rotation keeps its old one.
+    next_credential_hash: str = ""
+    revoked_at: float = 0.0
 
 
 @dataclass
@@ -278,3 +286,68 @@ class DeviceSelector:
             and (not self.base_model_id or caps.get("base_model_id") == self.base_model_id)
             and (not self.device_ids or device.device_id in self.device_ids)
         )
+
+
+@dataclass
+class OperatorRecord:
+    """A named operator identity."""
+
+    name: str
+    role: Role
+    created_at: float
+    created_by: str = ""
+
+
+@dataclass
+class OperatorTokenRecord:
+    """A bearer token of an operator, stored as its sha256; its role may be below the operator's."""
+
+    token_id: str
+    token_hash: str
+    operator: str
+    role: Role
+    description: str
+    created_at: float
+    expires_at: float  # 0: never
+    revoked_at: float = 0.0
+
+
+@dataclass
+class EnrollmentTokenRecord:
+    """A token devices enroll with, stored as its sha256."""
+
+    token_id: str
+    token_hash: str
+    description: str
+    created_at: float
+    expires_at: float
+    max_devices: int = 0  # 0: any number; 1: single use
+    uses: int = 0
+    revoked_at: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)  # fixed on every device enrolled with it
+    created_by: str = ""
+
+
+@dataclass
+class AuditEvent:
+    """One mutating call: who, when, what, on what, and how it ended."""
+
+    event_id: str
+    at: float
+    actor: str
+    actor_kind: str  # operator | device | bootstrap
+    action: str  # the RPC's name
+    target: str
+    result: str  # OK or the status code's name
+    detail: str = ""
+
+
+@dataclass
+class AuditFilter:
+    """Filters for listing audit events; empty fields match everything."""
+
+    actor: str = ""
+    action: str = ""
+    target: str = ""
+    since: float = 0.0
+    until: float = 0.0

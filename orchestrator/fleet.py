@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from orchestrator import activation, validation
+from orchestrator import activation, audit, validation
+from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import CampaignRecord, DeviceSelector, JobRecord, new_id
 from orchestrator.errors import FailedPrecondition, InvalidArgument, found
@@ -29,7 +30,13 @@ class FleetOps:
 
     # ------------------------------------------------------------------ work
     def submit_job(
-        self, request_id: str, device_id: str, training: dict[str, Any], max_attempts: int, deadline: float
+        self,
+        actor: Actor,
+        request_id: str,
+        device_id: str,
+        training: dict[str, Any],
+        max_attempts: int,
+        deadline: float,
     ) -> tuple[JobRecord, bool]:
         """Queue a job for one device; a repeated request_id returns the first job."""
         validation.device_id(device_id)
@@ -41,10 +48,12 @@ class FleetOps:
             found(tx.get_device(device_id), "device", device_id)
             job = self._new_job(device_id, training, max_attempts, deadline, now, request_id=request_id)
             tx.insert_job(job)
+            audit.record(tx, now, actor, "SubmitJob", job.job_id, detail=f"device {device_id}")
         return job, True
 
     def submit_campaign(
         self,
+        actor: Actor,
         request_id: str,
         name: str,
         selector: DeviceSelector,
@@ -69,6 +78,7 @@ class FleetOps:
             tx.insert_jobs(jobs)
             campaign.job_count = len(jobs)
             tx.insert_campaign(campaign)
+            audit.record(tx, now, actor, "SubmitCampaign", campaign.campaign_id, detail=f"{len(jobs)} jobs")
             counts = tx.count_jobs_by_state(campaign.campaign_id)
         return campaign, counts, True
 
@@ -109,7 +119,7 @@ class FleetOps:
             job.max_attempts = max_attempts
         return job
 
-    def cancel_job(self, job_id: str) -> JobRecord:
+    def cancel_job(self, actor: Actor, job_id: str) -> JobRecord:
         """Cancel a job that has not ended; its device learns it on the next heartbeat."""
         validation.object_id(job_id, "job_id")
         with self.state.transaction() as tx:
@@ -118,11 +128,13 @@ class FleetOps:
                 raise FailedPrecondition(f"job {job_id} already ended ({job.state.value})")
             job.cancel(self.clock())
             tx.save_job(job)
+            audit.record(tx, job.updated_at, actor, "CancelJob", job_id)
         return job
 
     # ------------------------------------------------------------------ adapters
     def activate_adapter(
         self,
+        actor: Actor,
         adapter_id: str = "",
         *,
         name: str = "",
@@ -144,12 +156,18 @@ class FleetOps:
             validation.object_id(campaign_id, "campaign_id")
         with self.state.transaction() as tx:
             if adapter_id:
-                return activation.activate_one(tx, adapter_id)
-            if name:
-                return activation.activate_by_name(tx, name, selector or DeviceSelector())
-            return activation.activate_canary(tx, campaign_id, canary_percent)
+                changed = activation.activate_one(tx, adapter_id)
+            elif name:
+                changed = activation.activate_by_name(tx, name, selector or DeviceSelector())
+            else:
+                changed = activation.activate_canary(tx, campaign_id, canary_percent)
+            target = adapter_id or name or campaign_id
+            audit.record(tx, self.clock(), actor, "ActivateAdapter", target, detail=f"{len(changed)} devices")
+        return changed
 
-    def deactivate_adapter(self, device_id: str = "", selector: DeviceSelector | None = None) -> list[str]:
+    def deactivate_adapter(
+        self, actor: Actor, device_id: str = "", selector: DeviceSelector | None = None
+    ) -> list[str]:
         """Send one device, or every device matching a selector, back to its base model."""
         if bool(device_id) == (selector is not None):
             raise InvalidArgument("device_id", "set exactly one of device_id and selector")
@@ -160,13 +178,18 @@ class FleetOps:
                 devices = [found(tx.get_device(device_id, for_update=True), "device", device_id)]
             else:
                 devices = activation.matching_devices(tx, selector)
-            return activation.deactivate(tx, devices)
+            changed = activation.deactivate(tx, devices)
+            target = device_id or "selector"
+            audit.record(tx, self.clock(), actor, "DeactivateAdapter", target, detail=f"{len(changed)} devices")
+        return changed
 
-    def rollback_adapter(self, device_id: str) -> str:
+    def rollback_adapter(self, actor: Actor, device_id: str) -> str:
         """Make the previously desired adapter (or the base) desired again."""
         validation.device_id(device_id)
         with self.state.transaction() as tx:
-            return activation.rollback(tx, device_id)
+            previous = activation.rollback(tx, device_id)
+            audit.record(tx, self.clock(), actor, "RollbackAdapter", device_id, detail=previous or "base")
+        return previous
 
     # ------------------------------------------------------------------ summary
     def fleet_summary(self, online_window_s: float = 120.0) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class JobLifecycle:
         now = self.clock()
         with self.state.transaction() as tx:
             device = tx.get_device(call.device_id)
-            self.identity.check(call, device)
+            self.identity.check(call, device, tx)
             validate_heartbeat(hb)
             device = require_device(device, call.device_id)
             cancel, stale, lease_expires_at = self._renew_running(tx, device.device_id, hb, now)
@@ -191,7 +191,7 @@ class JobLifecycle:
             # Read without a lock: placement only needs the capabilities, and a poll that finds
             # nothing stays a read-only transaction.
             device = tx.get_device(call.device_id)
-            self.identity.check(call, device)
+            self.identity.check(call, device, tx)
             device = require_device(device, call.device_id)
             chosen = claim_fitting_job(tx, device, now)
             if chosen is not None:

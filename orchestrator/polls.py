@@ -92,11 +92,22 @@ class InlinePolls(PollRunner):
 # heartbeat from a caller not yet authenticated.
 
 _EMPTY_PROGRESS = progress_json(Progress())
-_LEASE = "SELECT outcome, job_json FROM pocketlora_lease(%s, %s, %s, %s, %s, %s)"
+# Outcomes the Python path decides: a job that may not fit (placement records why), and a
+# credential the function does not know (wrong, revoked, or a rotated one on its first use,
+# which the Python path promotes).
+_GENERIC = ("slow", "unauthenticated")
+# Parameters are typed in the statement so that a NULL or a large number never leaves
+# PostgreSQL guessing which function is meant.
+_LEASE = (
+    "SELECT outcome, job_json FROM pocketlora_lease(%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text)"
+)
 _HEARTBEAT = (
     "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
-    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
+    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint)"
 )
+# Proto epochs are uint64; the column is signed 64-bit.
+_INT64_MAX = 2**63 - 1
 _FLEET = "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED') AS q"
 # Connections per replica. Each poll that writes waits for its commit's WAL flush; PostgreSQL
 # flushes the commits of every backend waiting at that moment together, so more connections in
@@ -187,8 +198,6 @@ class PgPolls(PollRunner):
 
     def _admitted(self, call: DeviceCall, cred_hash: str | None, outcome: str) -> None:
         """Raise for the function's refusals; remember a credential it accepted."""
-        if outcome == "unauthenticated":
-            raise Unauthenticated(f"unknown device or wrong credential for {call.device_id!r}")
         if outcome == "no_device":
             require_device(None, call.device_id)
         if cred_hash is not None:
@@ -206,9 +215,9 @@ class PgPolls(PollRunner):
         now = self.clock()
         params = (call.device_id, cred_hash, now, self.config.lease_s, self.config.last_seen_write_s, _EMPTY_PROGRESS)
         outcome, job_json = await self._one(_LEASE, params)
-        self._admitted(call, cred_hash, outcome)
-        if outcome == "slow":
+        if outcome in _GENERIC:
             return await self.fallback.lease(call)
+        self._admitted(call, cred_hash, outcome)
         await self._fleet()
         return self.jobs.lease_reply(row_to_job(json.loads(job_json)) if job_json else None, now)
 
@@ -228,7 +237,7 @@ class PgPolls(PollRunner):
             self.config.lease_s,
             self.config.last_seen_write_s,
             hb.running_job_id,
-            hb.running_epoch,
+            hb.running_epoch if hb.running_epoch <= _INT64_MAX else -1,  # no lease has that epoch
             hb.running_state.value if hb.running_state is not None else None,
             progress_json(hb.progress) if hb.progress is not None else None,
             hb.eligibility_reason,
@@ -240,6 +249,8 @@ class PgPolls(PollRunner):
             hb.free_storage_bytes,
         )
         outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
+        if outcome in _GENERIC:
+            return await self.fallback.heartbeat(call, hb)
         self._admitted(call, cred_hash, outcome)
         await self._fleet()
         desired = row_to_adapter(json.loads(adapter_json)) if adapter_json else None

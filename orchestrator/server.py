@@ -16,12 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from adapters_store import open_store
 from orchestrator.config import OrchestratorConfig
 from orchestrator.lifecycle import Verifier, local_verifier
+from orchestrator.operators import BOOTSTRAP_ADMIN
 from orchestrator.polls import PollRunner, open_poll_runner
 from orchestrator.service import Orchestrator
+from orchestrator.servicers.admin import AdminServicer
 from orchestrator.servicers.agent import AgentServicer
 from orchestrator.servicers.operator import OperatorServicer
 from orchestrator.state import open_state
-from protos.pocketlora.v1 import agent_service_pb2, operator_service_pb2
+from protos.pocketlora.v1 import admin_service_pb2, agent_service_pb2, operator_service_pb2
+from protos.pocketlora.v1 import admin_service_pb2_grpc as admin_grpc
 from protos.pocketlora.v1 import agent_service_pb2_grpc as agent_grpc
 from protos.pocketlora.v1 import operator_service_pb2_grpc as operator_grpc
 
@@ -78,15 +81,19 @@ async def start_server(
     if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
         log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
     executor = ThreadPoolExecutor(max_workers=threads or orch.state.worker_threads, thread_name_prefix="orch")
+    if orch.operators.ensure_bootstrap_admin():
+        log.info("registered the bootstrap token as the first admin's (operator %r)", BOOTSTRAP_ADMIN)
     polls = open_poll_runner(orch.state, orch.jobs, executor)
     server = grpc.aio.server(options=_OPTIONS, interceptors=list(interceptors))
     agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, polls, executor), server)
     operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor), server)
+    admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(orch, polls, executor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
         operator_service_pb2.DESCRIPTOR.services_by_name["OperatorService"].full_name,
+        admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         reflection.SERVICE_NAME,
         health.SERVICE_NAME,
     )
@@ -95,7 +102,7 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
-    for name in ("", *names[:2]):
+    for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, orch, polls, executor)
 

@@ -1,6 +1,8 @@
 """The orchestrator's domain, composed: one object per role over shared stores and settings.
 
-    identity  (identity.py)   who is calling: operator tokens, device enrollment and credentials
+    identity  (identity.py)   devices: enrollment, credentials, rotation, revocation, labels
+    operators (operators.py)  operators: roles, tokens, the bootstrap admin
+    audit     (audit.py)      the audit log of every mutating call
     jobs      (lifecycle.py)  a job's life once queued: lease, heartbeat, reports, completion, reaping
     fleet     (fleet.py)      operator changes: submissions, campaigns, cancellation, activation
     queries   (queries.py)    operator reads and watches
@@ -15,10 +17,12 @@ import time
 from collections.abc import Callable
 
 from adapters_store import BlobStore
+from orchestrator.audit import AuditLog
 from orchestrator.config import OrchestratorConfig
 from orchestrator.fleet import FleetOps
 from orchestrator.identity import Identity
 from orchestrator.lifecycle import JobLifecycle, Verifier, local_verifier
+from orchestrator.operators import Operators
 from orchestrator.queries import Queries
 from orchestrator.state.base import StateStore
 
@@ -40,6 +44,8 @@ class Orchestrator:
         self.config = config
         self.clock = clock
         self.identity = Identity(state, config, clock)
+        self.operators = Operators(state, config, clock)
+        self.audit = AuditLog(state, clock)
         self.jobs = JobLifecycle(state, blobs, config, self.identity, clock, verifier)
         self.fleet = FleetOps(state, config, clock)
         self.queries = Queries(state, clock)

@@ -26,9 +26,11 @@ app = typer.Typer(
 orchestrator_app = typer.Typer(help="Run the orchestrator.", no_args_is_help=True)
 agent_app = typer.Typer(help="Run a device agent.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit, follow and cancel training jobs.", no_args_is_help=True)
-device_app = typer.Typer(help="Inspect enrolled devices.", no_args_is_help=True)
+device_app = typer.Typer(help="Inspect devices; label, reset, revoke or delete them (admin).", no_args_is_help=True)
 adapter_app = typer.Typer(help="Inspect and activate adapters.", no_args_is_help=True)
-token_app = typer.Typer(help="Issue enrollment tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Enrollment tokens for devices (admin).", no_args_is_help=True)
+operator_app = typer.Typer(help="Operators and their tokens (admin).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log of every change (admin).", no_args_is_help=True)
 for sub, name in (
     (orchestrator_app, "orchestrator"),
     (agent_app, "agent"),
@@ -36,6 +38,8 @@ for sub, name in (
     (device_app, "device"),
     (adapter_app, "adapter"),
     (token_app, "token"),
+    (operator_app, "operator"),
+    (audit_app, "audit"),
 ):
     app.add_typer(sub, name=name)
 

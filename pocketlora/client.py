@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from protos.pocketlora.v1 import admin_service_pb2_grpc as admin_grpc
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import operator_service_pb2_grpc as op_grpc
 
@@ -37,7 +38,7 @@ def describe_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
 
 
 class OperatorClient:
-    """OperatorService with the operator token attached to every call."""
+    """OperatorService and AdminService with the operator token attached to every call."""
 
     def __init__(self, address: str, token: str, *, timeout_s: float = 15.0) -> None:
         self.address = address
@@ -45,11 +46,13 @@ class OperatorClient:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.channel = grpc.insecure_channel(address)
         self.stub = op_grpc.OperatorServiceStub(self.channel)
+        self.admin_stub = admin_grpc.AdminServiceStub(self.channel)
 
     def call(self, method: str, request: Any, *, timeout_s: float | None = None) -> Any:
         """Invoke one unary RPC by name; failures become ClientError."""
         try:
-            return getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+            stub = self.stub if hasattr(self.stub, method) else self.admin_stub
+            return getattr(stub, method)(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
             raise describe_rpc_error(exc, self.address) from None
 

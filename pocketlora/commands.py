@@ -53,6 +53,14 @@ def serve(
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
+    bootstrap: Annotated[
+        bool,
+        typer.Option(
+            "--bootstrap/--no-bootstrap",
+            help="Register the bootstrap operator token (POCKETLORA_OPERATOR_TOKEN, else STATE_DIR/operator-token)"
+            " as the first admin's when no admin exists yet.",
+        ),
+    ] = True,
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
@@ -62,10 +70,10 @@ def serve(
     _check_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN")
+    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
     os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
-    config = OrchestratorConfig(lease_s=lease_s, operator_token=operator_token, enrollment_token=enrollment_token)
+    config = OrchestratorConfig(lease_s=lease_s, bootstrap_token=operator_token, enrollment_token=enrollment_token)
     # Fail fast on bad URLs, with the field named, before Ray starts.
     try:
         from adapters_store import open_store
@@ -83,7 +91,9 @@ def serve(
     out.print(
         f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
     )
-    out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
+    if bootstrap:
+        out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
+    out.print(f"enrollment token in {state_dir / 'enrollment-token'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

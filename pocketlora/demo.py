@@ -93,7 +93,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
         init_ray(tmp_root=ray_tmp)
         config = OrchestratorConfig(
-            lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
+            lease_s=30.0, bootstrap_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
         )
         frontends, control, ports = start_orchestrator(db_url, store_url, config)
     address = f"127.0.0.1:{ports[0]}"

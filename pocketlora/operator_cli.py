@@ -1,5 +1,5 @@
-"""Operator commands: devices, adapters (activation, rollback, garbage collection), enrollment
-tokens and the fleet summary.
+"""Operator commands: devices, adapters (activation, rollback, garbage collection) and the fleet
+summary.
 
 Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -29,7 +29,6 @@ from pocketlora.cli_common import (
     print_json,
     reason_name,
     show,
-    token_app,
 )
 from pocketlora.client import DEFAULT_ADDRESS
 from protos.pocketlora.v1 import operator_service_pb2 as op
@@ -228,28 +227,6 @@ def adapter_gc(
     out.print(f"{verb} {len(report.deleted_keys)} blob(s) and {len(report.pruned_adapters)} superseded version(s)")
     for key in report.deleted_keys:
         out.print(f"  {key}")
-
-
-@token_app.command("create")
-def token_create(
-    ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 366)] = 24.0,
-    description: Annotated[str, typer.Option()] = "",
-    address: Address = DEFAULT_ADDRESS,
-    token: Token = "",
-    as_json: AsJson = False,
-) -> None:
-    """Issue an enrollment token for devices."""
-    from google.protobuf.duration_pb2 import Duration
-
-    with client(address, token) as c:
-        reply = c.call(
-            "CreateEnrollmentToken",
-            op.CreateEnrollmentTokenRequest(ttl=Duration(seconds=int(ttl_hours * 3600)), description=description),
-        )
-    if as_json:
-        print_json(dump(reply))
-    else:
-        print(reply.token)
 
 
 @app.command("summary")

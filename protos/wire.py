@@ -1,7 +1,8 @@
 """What both ends of the wire share beyond the generated code.
 
 - The metadata key that names the calling device.
-- The enums domain code works with (job states, error classes, eligibility reasons). Each is a
+- The enums domain code works with (job states, error classes, eligibility reasons, operator
+  roles). Each is a
   StrEnum whose values are the proto enum's names without the enum's prefix
   (`JobState.QUEUED` <-> `JOB_STATE_QUEUED` = 1), so they read well in logs, JSON and SQL.
 - One pair of helpers between those enums and the proto numbers (`to_pb` / `from_pb`) and one
@@ -16,6 +17,7 @@ from __future__ import annotations
 import enum
 from typing import TypeVar
 
+from protos.pocketlora.v1 import admin_service_pb2 as admin_pb
 from protos.pocketlora.v1 import types_pb2 as tpb
 
 # Every device call carries this metadata next to `authorization: Bearer <credential>`.
@@ -84,6 +86,19 @@ class EligibilityReason(enum.StrEnum):
     SENSOR_UNKNOWN = "SENSOR_UNKNOWN"
 
 
+class Role(enum.StrEnum):
+    """What an operator may do; each role includes the ones before it."""
+
+    VIEWER = "VIEWER"  # read and watch
+    OPERATOR = "OPERATOR"  # submit, cancel, activate, roll back, campaigns
+    ADMIN = "ADMIN"  # tokens, devices, operators, the audit log
+
+    def allows(self, needed: Role) -> bool:
+        """True when this role includes `needed`."""
+        order = list(Role)
+        return order.index(self) >= order.index(needed)
+
+
 E = TypeVar("E", bound=enum.StrEnum)
 
 # Domain enum -> (its proto enum wrapper, the proto names' prefix).
@@ -91,6 +106,7 @@ _PROTO = {
     JobState: (tpb.JobState, "JOB_STATE_"),
     ErrorClass: (tpb.ErrorClass, "ERROR_CLASS_"),
     EligibilityReason: (tpb.EligibilityReason, "ELIGIBILITY_REASON_"),
+    Role: (admin_pb.Role, "ROLE_"),
 }
 _TO_PB: dict[enum.StrEnum, int] = {}
 _FROM_PB: dict[tuple[type[enum.StrEnum], int], enum.StrEnum] = {}

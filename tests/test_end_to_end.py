@@ -48,7 +48,7 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
     # Short: Ray's unix socket paths must fit in 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
-    config = OrchestratorConfig(lease_s=20.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
+    config = OrchestratorConfig(lease_s=20.0, bootstrap_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
     frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
     try:
         yield f"127.0.0.1:{ports[0]}", store_url

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import grpc
 
-from orchestrator.errors import InvalidArgument
+from orchestrator.audit import Actor
+from orchestrator.errors import InvalidArgument, PermissionDenied
 from orchestrator.identity import DeviceCall
 from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.servicers import convert
@@ -42,8 +43,20 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     @rpc
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         caps = convert.capabilities_dict(request.capabilities)
-        credential = await self._run(self.orch.identity.enroll, bearer(context), request.device_id, caps)
+        try:
+            credential = await self._run(self.orch.identity.enroll, bearer(context), request.device_id, caps)
+        except PermissionDenied as exc:  # an attempt on an enrolled id: the audit log keeps it
+            actor = Actor("device", request.device_id[:128])
+            await self._run(self.orch.audit.refused, actor, "Enroll", request.device_id[:128], exc)
+            raise
         return pb.EnrollResponse(device_credential=credential, next_poll_after=convert.duration(1.0))
+
+    @rpc
+    async def RotateCredential(
+        self, request: pb.RotateCredentialRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RotateCredentialResponse:
+        credential = await self._run(self.orch.identity.rotate_credential, _caller(context))
+        return pb.RotateCredentialResponse(device_credential=credential)
 
     @rpc
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
@@ -149,7 +162,7 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_reason=convert.reason_name(request.eligibility_reason),
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
-        free_storage_bytes=request.free_storage_bytes,
+        free_storage_bytes=min(request.free_storage_bytes, 2**63 - 1),  # stored as a signed 64-bit number
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:

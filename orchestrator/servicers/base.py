@@ -1,4 +1,5 @@
-"""What every servicer shares: the domain, the poll runner, blocking calls off the loop, metadata."""
+"""What every servicer shares: the domain, the poll runner, blocking calls off the loop, metadata,
+and for operator-facing services the principal of each call."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from orchestrator.errors import OrchestratorError, PermissionDenied
+from orchestrator.operators import Principal
 from orchestrator.polls import PollRunner
 from orchestrator.service import Orchestrator
+from orchestrator.servicers.roles import REQUIRED_ROLE
+from protos.wire import Role
 
 T = TypeVar("T")
 
@@ -40,3 +45,32 @@ class ServicerBase:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # Store calls block (SQL, S3): run them off the event loop so other RPCs keep flowing.
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+class OperatorServicerBase(ServicerBase):
+    """Authentication, authorization and auditing of operator calls, for every operator-facing
+    service: each method asks for its principal by its own name (roles.REQUIRED_ROLE) and makes
+    changes through `_change`, which audits a refused change."""
+
+    async def _principal(self, context: grpc.aio.ServicerContext, action: str) -> Principal:
+        token = bearer(context)
+        operators = self.orch.operators
+        principal = operators.cached(token)
+        if principal is None:
+            principal = await self._run(operators.authenticate, token)
+        needed = REQUIRED_ROLE[action]
+        try:
+            operators.authorize(principal, needed, action)
+        except PermissionDenied as exc:
+            if needed != Role.VIEWER:
+                await self._run(self.orch.audit.refused, principal.actor, action, "", exc)
+            raise
+        return principal
+
+    async def _change(self, principal: Principal, action: str, target: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a mutating domain call as the principal; a refusal is appended to the audit log."""
+        try:
+            return await self._run(fn, principal.actor, *args)
+        except OrchestratorError as exc:
+            await self._run(self.orch.audit.refused, principal.actor, action, target, exc)
+            raise

@@ -179,7 +179,7 @@ def power_dict(power: pb.PowerState) -> dict[str, Any]:
 def device_pb(device: DeviceRecord) -> pb.Device:
     """A stored device as the API shows it."""
     caps = {k: v for k, v in device.capabilities.items() if k != "labels"}
-    cap_pb = pb.Capabilities(labels=device.labels, **caps)
+    cap_pb = pb.Capabilities(labels=device.reported_labels, **caps)
     power = pb.PowerState(has_battery=bool(device.power.get("has_battery")))
     for name in ("charging", "battery_pct", "temperature_c"):
         if name in device.power:
@@ -197,6 +197,9 @@ def device_pb(device: DeviceRecord) -> pb.Device:
         last_seen=ts(device.last_seen),
         enrolled_at=ts(device.enrolled_at),
         running_job_id=device.running_job_id,
+        reported_labels=device.reported_labels,
+        revoked_at=ts(device.revoked_at),
+        labels=device.labels,
     )
 
 

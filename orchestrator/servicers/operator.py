@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from orchestrator.servicers import convert
-from orchestrator.servicers.base import ServicerBase, bearer
+from orchestrator.servicers.base import OperatorServicerBase
 from orchestrator.servicers.errors import rpc
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
@@ -17,17 +17,17 @@ from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 WATCH_POLL_S = 0.25
 
 
-class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
-    """The operator-facing API; every call needs the operator token."""
-
-    async def _operator(self, context: grpc.aio.ServicerContext) -> None:
-        self.orch.identity.authenticate_operator(bearer(context))
+class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
+    """The operator-facing API; every call needs an operator token whose role allows it."""
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.SubmitJobResponse:
-        await self._operator(context)
+        who = await self._principal(context, "SubmitJob")
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        job, created = await self._run(
+        job, created = await self._change(
+            who,
+            "SubmitJob",
+            request.device_id,
             self.orch.fleet.submit_job,
             request.request_id,
             request.device_id,
@@ -41,9 +41,12 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def SubmitCampaign(
         self, request: pb.SubmitCampaignRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCampaignResponse:
-        await self._operator(context)
+        who = await self._principal(context, "SubmitCampaign")
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        campaign, counts, created = await self._run(
+        campaign, counts, created = await self._change(
+            who,
+            "SubmitCampaign",
+            request.name,
             self.orch.fleet.submit_campaign,
             request.request_id,
             request.name,
@@ -58,23 +61,24 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def GetCampaign(
         self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCampaignResponse:
-        await self._operator(context)
+        await self._principal(context, "GetCampaign")
         campaign, counts = await self._run(self.orch.queries.get_campaign, request.campaign_id)
         return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
 
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
-        await self._operator(context)
-        return pb.CancelJobResponse(job=convert.job_pb(await self._run(self.orch.fleet.cancel_job, request.job_id)))
+        who = await self._principal(context, "CancelJob")
+        job = await self._change(who, "CancelJob", request.job_id, self.orch.fleet.cancel_job, request.job_id)
+        return pb.CancelJobResponse(job=convert.job_pb(job))
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
-        await self._operator(context)
+        await self._principal(context, "GetJob")
         return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.queries.get_job, request.job_id)))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
-        await self._operator(context)
+        await self._principal(context, "ListJobs")
         flt = convert.job_filter(request.filter)
         jobs, token = await self._run(self.orch.queries.list_jobs, flt, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[convert.job_pb(j) for j in jobs], next_page_token=token)
@@ -84,7 +88,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
         """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
-        await self._operator(context)
+        await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
         cursor = await self._run(self.orch.queries.watch_cursor)
         if request.include_initial:
@@ -102,7 +106,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def ListDevices(
         self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDevicesResponse:
-        await self._operator(context)
+        await self._principal(context, "ListDevices")
         devices, token = await self._run(
             self.orch.queries.list_devices, convert.selector(request.selector), request.page_size, request.page_token
         )
@@ -110,7 +114,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
 
     @rpc
     async def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.aio.ServicerContext) -> pb.GetDeviceResponse:
-        await self._operator(context)
+        await self._principal(context, "GetDevice")
         return pb.GetDeviceResponse(
             device=convert.device_pb(await self._run(self.orch.queries.get_device, request.device_id))
         )
@@ -119,7 +123,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        await self._operator(context)
+        await self._principal(context, "ListAdapters")
         adapters, token = await self._run(
             self.orch.queries.list_adapters, request.device_id, request.name, request.page_size, request.page_token
         )
@@ -129,7 +133,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAdapterResponse:
-        await self._operator(context)
+        await self._principal(context, "GetAdapter")
         return pb.GetAdapterResponse(
             adapter=convert.adapter_pb(await self._run(self.orch.queries.get_adapter, request.adapter_id))
         )
@@ -138,50 +142,64 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def ActivateAdapter(
         self, request: pb.ActivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ActivateAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "ActivateAdapter")
         selector = convert.selector(request.selector) if request.HasField("selector") else None
-        devices = await self._run(
-            functools.partial(
-                self.orch.fleet.activate_adapter,
-                request.adapter_id,
-                name=request.adapter_name,
-                selector=selector,
-                campaign_id=request.campaign_id,
-                canary_percent=request.canary_percent,
-            )
+        target = request.adapter_id or request.adapter_name or request.campaign_id
+        activate = functools.partial(
+            self.orch.fleet.activate_adapter,
+            name=request.adapter_name,
+            selector=selector,
+            campaign_id=request.campaign_id,
+            canary_percent=request.canary_percent,
         )
+        devices = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
         return pb.ActivateAdapterResponse(device_ids=devices)
 
     @rpc
     async def DeactivateAdapter(
         self, request: pb.DeactivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeactivateAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "DeactivateAdapter")
         selector = convert.selector(request.selector) if request.HasField("selector") else None
-        devices = await self._run(self.orch.fleet.deactivate_adapter, request.device_id, selector)
+        devices = await self._change(
+            who, "DeactivateAdapter", request.device_id, self.orch.fleet.deactivate_adapter, request.device_id, selector
+        )
         return pb.DeactivateAdapterResponse(device_ids=devices)
 
     @rpc
     async def RollbackAdapter(
         self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RollbackAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "RollbackAdapter")
         return pb.RollbackAdapterResponse(
-            desired_adapter_id=await self._run(self.orch.fleet.rollback_adapter, request.device_id)
+            desired_adapter_id=await self._change(
+                who, "RollbackAdapter", request.device_id, self.orch.fleet.rollback_adapter, request.device_id
+            )
         )
 
     @rpc
     async def GetFleetSummary(
         self, request: pb.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetFleetSummaryResponse:
-        await self._operator(context)
+        await self._principal(context, "GetFleetSummary")
         return convert.summary_pb(await self._run(self.orch.fleet.fleet_summary))
 
     @rpc
     async def CreateEnrollmentToken(
         self, request: pb.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateEnrollmentTokenResponse:
-        await self._operator(context)
+        who = await self._principal(context, "CreateEnrollmentToken")
         ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 86400.0
-        token, expires = await self._run(self.orch.identity.create_enrollment_token, ttl, request.description)
-        return pb.CreateEnrollmentTokenResponse(token=token, expires_at=convert.ts(expires))
+        token, record = await self._change(
+            who,
+            "CreateEnrollmentToken",
+            request.description,
+            self.orch.identity.create_enrollment_token,
+            ttl,
+            request.description,
+            request.max_devices,
+            dict(request.labels),
+        )
+        return pb.CreateEnrollmentTokenResponse(
+            token=token, expires_at=convert.ts(record.expires_at), token_id=record.token_id
+        )

@@ -16,10 +16,15 @@ from typing import Any, TypeVar
 
 from orchestrator.domain import (
     AdapterRecord,
+    AuditEvent,
+    AuditFilter,
     CampaignRecord,
     DeviceRecord,
+    EnrollmentTokenRecord,
     JobFilter,
     JobRecord,
+    OperatorRecord,
+    OperatorTokenRecord,
 )
 
 # Where a watch stands: (a backend-defined order key, the last job id at that key).
@@ -146,14 +151,64 @@ class Tx(abc.ABC):
     def count_devices_by_reason(self, online_since: float) -> tuple[dict[str, int], int, int]:
         """(devices by eligibility reason, device count, devices seen since online_since)."""
 
+    @abc.abstractmethod
+    def delete_device(self, device_id: str) -> bool:
+        """Forget a device; False when there was none."""
+
     # --- enrollment tokens ---
     @abc.abstractmethod
-    def add_enrollment_token(self, token_hash: str, expires_at: float, description: str) -> None:
-        """Store a hashed enrollment token."""
+    def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:
+        """Store a new enrollment token (hashed); AlreadyExists on a taken id or hash."""
 
     @abc.abstractmethod
-    def enrollment_token_expiry(self, token_hash: str) -> float | None:
-        """The token's expiry, or None when unknown."""
+    def get_enrollment_token(self, token_hash: str, *, for_update: bool = False) -> EnrollmentTokenRecord | None:
+        """The enrollment token with this hash, or None."""
+
+    @abc.abstractmethod
+    def list_enrollment_tokens(self, limit: int, after_token_id: str = "") -> list[EnrollmentTokenRecord]:
+        """Enrollment tokens ordered by id."""
+
+    @abc.abstractmethod
+    def update_enrollment_token(self, token_id: str, values: dict[str, Any]) -> bool:
+        """Set named fields (uses, revoked_at) of a token; False when there is none."""
+
+    # --- operators ---
+    @abc.abstractmethod
+    def insert_operator(self, operator: OperatorRecord) -> None:
+        """Store a new operator; AlreadyExists on a taken name."""
+
+    @abc.abstractmethod
+    def get_operator(self, name: str) -> OperatorRecord | None:
+        """The operator, or None."""
+
+    @abc.abstractmethod
+    def list_operators(self) -> list[OperatorRecord]:
+        """Every operator, by name (operators are few)."""
+
+    @abc.abstractmethod
+    def insert_operator_token(self, token: OperatorTokenRecord) -> None:
+        """Store a new operator token (hashed); AlreadyExists on a taken id or hash."""
+
+    @abc.abstractmethod
+    def get_operator_token(self, token_hash: str) -> OperatorTokenRecord | None:
+        """The operator token with this hash, or None."""
+
+    @abc.abstractmethod
+    def list_operator_tokens(self, operator: str, limit: int, after_token_id: str = "") -> list[OperatorTokenRecord]:
+        """Tokens (of one operator when given), ordered by id."""
+
+    @abc.abstractmethod
+    def revoke_operator_token(self, token_id: str, at: float) -> bool:
+        """Mark a token revoked; False when there is none."""
+
+    # --- audit ---
+    @abc.abstractmethod
+    def append_audit(self, event: AuditEvent) -> None:
+        """Append an audit event (in the transaction of the change it records)."""
+
+    @abc.abstractmethod
+    def list_audit(self, flt: AuditFilter, limit: int, before_event_id: str = "") -> list[AuditEvent]:
+        """Audit events matching the filter, newest first."""
 
     # --- adapters ---
     @abc.abstractmethod

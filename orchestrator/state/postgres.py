@@ -12,7 +12,8 @@ from psycopg.rows import dict_row
 
 from orchestrator.state.base import StateStore, Tx
 from orchestrator.state.schema import LATEST, MIGRATIONS, PostgresOnly
-from orchestrator.state.sql import Dialect, SqlTx
+from orchestrator.state.sql import SqlTx
+from orchestrator.state.sql_base import Dialect
 
 # Serialises migrations across replicas starting at once (an arbitrary, fixed advisory-lock key).
 _MIGRATION_LOCK = 0x706F636B6C6F7261

@@ -110,6 +110,52 @@ MIGRATIONS: list[list[str | PostgresOnly]] = [
     ],
     # 3: device polls in one round trip on PostgreSQL (orchestrator/state/pg_functions.py).
     [PostgresOnly(pg_functions.LEASE_V1), PostgresOnly(pg_functions.HEARTBEAT_V1)],
+    # 4: operators with roles and revocable tokens, richer enrollment tokens, device labels set
+    # by operators apart from what devices report, credential rotation and revocation, the
+    # audit log. Existing device labels stay operator labels (they were all that selectors saw).
+    [
+        """CREATE TABLE operators (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,
+            created_at {float} NOT NULL,
+            created_by TEXT NOT NULL
+        )""",
+        """CREATE TABLE operator_tokens (
+            token_id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            operator TEXT NOT NULL,
+            role TEXT NOT NULL,
+            description TEXT NOT NULL,
+            created_at {float} NOT NULL,
+            expires_at {float} NOT NULL,
+            revoked_at {float} NOT NULL
+        )""",
+        "CREATE INDEX operator_tokens_operator ON operator_tokens (operator, token_id)",
+        "ALTER TABLE enrollment_tokens ADD COLUMN token_id TEXT",
+        "UPDATE enrollment_tokens SET token_id = 'enr-' || substr(token_hash, 1, 24) WHERE token_id IS NULL",
+        "CREATE UNIQUE INDEX enrollment_tokens_id ON enrollment_tokens (token_id)",
+        "ALTER TABLE enrollment_tokens ADD COLUMN created_at {float} NOT NULL DEFAULT 0",
+        "ALTER TABLE enrollment_tokens ADD COLUMN max_devices INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE enrollment_tokens ADD COLUMN uses INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE enrollment_tokens ADD COLUMN revoked_at {float} NOT NULL DEFAULT 0",
+        "ALTER TABLE enrollment_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}'",
+        "ALTER TABLE enrollment_tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN reported_labels TEXT NOT NULL DEFAULT '{{}}'",
+        "ALTER TABLE devices ADD COLUMN next_credential_hash TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE devices ADD COLUMN revoked_at {float} NOT NULL DEFAULT 0",
+        """CREATE TABLE audit_events (
+            event_id TEXT PRIMARY KEY,
+            at {float} NOT NULL,
+            actor TEXT NOT NULL,
+            actor_kind TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            result TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_events_actor ON audit_events (actor, event_id)",
+        "CREATE INDEX audit_events_target ON audit_events (target, event_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

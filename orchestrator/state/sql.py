@@ -17,25 +17,11 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import AlreadyExists
 from orchestrator.state.base import Tx, WatchCursor
+from orchestrator.state.sql_access import AccessSql
 
-_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history"}
+_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels"}
 _HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
 _OPEN = [*_HELD, JobState.QUEUED.value]
-
-
-class Dialect:
-    """What differs between SQL backends."""
-
-    placeholder = "?"
-    for_update = ""  # SQLite locks the whole database for the transaction instead
-    skip_locked = ""
-    # change_seq must grow with every write; PostgreSQL uses a sequence shared by replicas.
-    next_change_seq = "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM jobs)"
-    # Watches follow (change_xid, job_id) below the oldest running transaction where commits can
-    # land out of change_seq order (PostgreSQL); otherwise change_seq.
-    change_xid = ""  # the expression for the writing transaction's id, when watches use it
-    xid_horizon = ""  # the oldest transaction id still running
-    unique_errors: tuple[type[BaseException], ...] = ()
 
 
 # Shallow field copies: dataclasses.asdict deep-copies every nested dict and list, and that
@@ -106,28 +92,9 @@ def _row_to_campaign(row: dict[str, Any]) -> CampaignRecord:
     return CampaignRecord(**row)
 
 
-class SqlTx(Tx):
-    """The contract over a DB-API cursor whose rows are dicts."""
-
-    def __init__(self, cursor: Any, dialect: Dialect) -> None:
-        self.cur = cursor
-        self.d = dialect
-
-    # --- helpers ---
-    def _q(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        self.cur.execute(sql.replace("?", self.d.placeholder), params)
-        return list(self.cur.fetchall()) if self.cur.description else []
-
-    def _insert(self, table: str, row: dict[str, Any], what: str) -> None:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        try:
-            self._q(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
-        except self.d.unique_errors as exc:
-            raise AlreadyExists(f"{what} already exists") from exc
-
-    def _lock(self, for_update: bool) -> str:
-        return self.d.for_update if for_update else ""
+class SqlTx(AccessSql, Tx):
+    """The contract over a DB-API cursor whose rows are dicts (access control and audit rows in
+    sql_access.py)."""
 
     @staticmethod
     def _filter_sql(flt: JobFilter) -> tuple[str, list[Any]]:
@@ -340,14 +307,9 @@ class SqlTx(Tx):
         by_reason = {(r["r"] or "UNSPECIFIED"): int(r["n"]) for r in rows}
         return by_reason, sum(by_reason.values()), sum(int(r["online"] or 0) for r in rows)
 
-    # --- enrollment tokens ---
-    def add_enrollment_token(self, token_hash: str, expires_at: float, description: str) -> None:
-        row = {"token_hash": token_hash, "expires_at": expires_at, "description": description}
-        self._insert("enrollment_tokens", row, "enrollment token")
-
-    def enrollment_token_expiry(self, token_hash: str) -> float | None:
-        rows = self._q("SELECT expires_at FROM enrollment_tokens WHERE token_hash = ?", [token_hash])
-        return float(rows[0]["expires_at"]) if rows else None
+    def delete_device(self, device_id: str) -> bool:
+        self._q("DELETE FROM devices WHERE device_id = ?", [device_id])
+        return bool(self.cur.rowcount)
 
     # --- adapters ---
     def insert_adapter(self, adapter: AdapterRecord) -> None:

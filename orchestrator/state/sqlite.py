@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 
 from orchestrator.state.base import StateStore, Tx
 from orchestrator.state.schema import LATEST, MIGRATIONS
-from orchestrator.state.sql import Dialect, SqlTx
+from orchestrator.state.sql import SqlTx
+from orchestrator.state.sql_base import Dialect
 
 # A batch is committed at the latest once it holds this many transactions, even with callers
 # still queued (the queue is bounded by the threads calling in, but a cap keeps latency bounded).

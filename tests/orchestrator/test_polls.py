@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from adapters_store import FileBlobStore
+from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, JobFilter, JobState, Progress
 from orchestrator.errors import FailedPrecondition, NotFound, Unauthenticated
@@ -30,6 +31,7 @@ from tests.support.orch import FakeClock
 
 TRAINING = {"adapter_name": "persona", "base_model_id": "tiny", "dataset": "notes"}
 CAPS = {"base_model_id": "tiny", "supports_4bit": True, "ram_bytes": 8 * 2**30}
+ADMIN = Actor("operator", "admin")
 
 
 class World:
@@ -47,7 +49,7 @@ class World:
         return DeviceCall(device_id, credential)
 
     def submit(self, device_id: str = "phone-1", **training: Any) -> str:
-        job, _ = self.orch.fleet.submit_job("", device_id, {**TRAINING, **training}, 0, 0.0)
+        job, _ = self.orch.fleet.submit_job(ADMIN, "", device_id, {**TRAINING, **training}, 0, 0.0)
         self.clock.advance(0.001)  # distinct created_at: the oldest job is well defined
         return job.job_id
 
@@ -70,7 +72,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     else:
         url = f"sqlite:///{tmp_path / 'state.db'}"
     clock = FakeClock()
-    config = OrchestratorConfig(operator_token="op", enrollment_token="enroll-token", lease_s=30.0)
+    config = OrchestratorConfig(bootstrap_token="op", enrollment_token="enroll-token", lease_s=30.0)
     # A credential cache would let a later call skip the check under test: read the store always.
     config.credential_cache_s = 0
     orch = Orchestrator(open_state(url), FileBlobStore(tmp_path / "blobs", url_secret=b"k" * 32), config, clock=clock)
@@ -191,7 +193,7 @@ def test_cancelled_and_stale_jobs_are_named_in_the_reply(world: World) -> None:
     call = world.enroll()
     cancelled, stale = world.submit(), world.submit()
     first = world.lease(call).job
-    world.orch.fleet.cancel_job(cancelled)
+    world.orch.fleet.cancel_job(ADMIN, cancelled)
     second = world.lease(call).job
 
     assert first.job_id == cancelled and second.job_id == stale

@@ -17,7 +17,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.server import RunningServer, start_server
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
-from protos.pocketlora.v1 import agent_service_pb2_grpc, operator_service_pb2_grpc
+from protos.pocketlora.v1 import admin_service_pb2_grpc, agent_service_pb2_grpc, operator_service_pb2_grpc
 
 OPERATOR_TOKEN = "operator-test-token"
 ENROLL_TOKEN = "enroll-test-token"
@@ -50,7 +50,7 @@ class ServerThread:
         **config: Any,
     ) -> None:
         self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
-        cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+        cfg = OrchestratorConfig(**{"bootstrap_token": OPERATOR_TOKEN, "enrollment_token": ENROLL_TOKEN, **config})
         kw = {"clock": clock} if clock else {}
         self.orch = Orchestrator(open_state(db_url or f"sqlite:///{tmp / 'state.db'}"), self.store, cfg, **kw)
         self.loop = asyncio.new_event_loop()
@@ -75,6 +75,7 @@ class ServerThread:
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
+        self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
         if self.reap_every_s:
             self._reaper.start()
         return self

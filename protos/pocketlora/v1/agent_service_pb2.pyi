@@ -650,3 +650,42 @@ class GetAdapterDownloadUrlResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAdapterDownloadUrlResponse: _TypeAlias = GetAdapterDownloadUrlResponse  # noqa: Y015
+
+@_typing.final
+class RotateCredentialRequest(_message.Message):
+    """RotateCredentialRequest asks for a new credential (authenticated with the current one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCredentialRequest: _TypeAlias = RotateCredentialRequest  # noqa: Y015
+
+@_typing.final
+class RotateCredentialResponse(_message.Message):
+    """RotateCredentialResponse returns the new credential once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_CREDENTIAL_FIELD_NUMBER: _builtins.int
+    device_credential: _builtins.str
+    """The new credential; both it and the current one are accepted until its first use."""
+    def __init__(
+        self,
+        *,
+        device_credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_credential", b"device_credential"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCredentialResponse: _TypeAlias = RotateCredentialResponse  # noqa: Y015

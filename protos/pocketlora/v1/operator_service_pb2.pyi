@@ -963,27 +963,57 @@ Global___GetFleetSummaryResponse: _TypeAlias = GetFleetSummaryResponse  # noqa: 
 
 @_typing.final
 class CreateEnrollmentTokenRequest(_message.Message):
-    """CreateEnrollmentTokenRequest asks for an enrollment token."""
+    """CreateEnrollmentTokenRequest asks for an enrollment token (admin role)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TTL_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    MAX_DEVICES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     description: _builtins.str
     """A note on what the token is for."""
+    max_devices: _builtins.int
+    """How many devices may enroll with it: 0 means any number, 1 a single-use token."""
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the token stays valid; unset means 24 hours."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels fixed on every device that enrolls with it (selectors target them)."""
 
     def __init__(
         self,
         *,
         ttl: _duration_pb2.Duration | None = ...,
         description: _builtins.str = ...,
+        max_devices: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "max_devices", b"max_devices", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -997,8 +1027,11 @@ class CreateEnrollmentTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The token; stored hashed by the server."""
+    token_id: _builtins.str
+    """The token's id, for listing and revoking it."""
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When it expires."""
@@ -1008,10 +1041,11 @@ class CreateEnrollmentTokenResponse(_message.Message):
         *,
         token: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        token_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

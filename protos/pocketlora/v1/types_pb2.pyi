@@ -306,7 +306,10 @@ class Capabilities(_message.Message):
     """Memory the agent may use for training, in bytes; 0 means derive it from ram_bytes."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Operator-visible labels used by campaign selectors, e.g. {"region": "eu", "tier": "beta"}."""
+        """Labels the device reports about itself, e.g. {"model": "pixel-9"}. Kept as the device's
+        reported labels and never used to select it: selectors target the labels admins set or the
+        enrollment token fixes.
+        """
 
     def __init__(
         self,
@@ -662,6 +665,46 @@ class Device(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ReportedLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     POWER_FIELD_NUMBER: _builtins.int
@@ -673,6 +716,9 @@ class Device(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _builtins.int
     ENROLLED_AT_FIELD_NUMBER: _builtins.int
     RUNNING_JOB_ID_FIELD_NUMBER: _builtins.int
+    REPORTED_LABELS_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id."""
     eligible: _builtins.bool
@@ -703,6 +749,20 @@ class Device(_message.Message):
     def enrolled_at(self) -> _timestamp_pb2.Timestamp:
         """When it enrolled."""
 
+    @_builtins.property
+    def reported_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels the device reported about itself at enrollment (also in capabilities.labels); never
+        used to select devices.
+        """
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When an admin revoked the device; unset while it is not revoked."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels set by admins or fixed by the enrollment token; selectors target these."""
+
     def __init__(
         self,
         *,
@@ -717,10 +777,13 @@ class Device(_message.Message):
         last_seen: _timestamp_pb2.Timestamp | None = ...,
         enrolled_at: _timestamp_pb2.Timestamp | None = ...,
         running_job_id: _builtins.str = ...,
+        reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen", "power", b"power"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen", "power", b"power", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen", "power", b"power", "running_job_id", b"running_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen", b"last_seen", "power", b"power", "reported_labels", b"reported_labels", "revoked_at", b"revoked_at", "running_job_id", b"running_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -837,7 +900,7 @@ class DeviceSelector(_message.Message):
     """Only devices with this base model."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels the device must carry with these values."""
+        """Labels (set by admins or fixed by the enrollment token) the device must carry with these values."""
 
     @_builtins.property
     def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
