@@ -8,6 +8,17 @@ from orchestrator.domain import RetryPolicy
 from orchestrator.pace import PacePolicy
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one caller may cost (orchestrator/limits.py enforces them)."""
+
+    unverified_per_s: float = 200.0  # per peer address
+    unverified_burst: int = 2_000
+    calls_per_device: int = 4  # in flight at once
+    watch_streams: int = 10_000  # in all, on one replica
+    watch_streams_per_operator: int = 100
+
+
 @dataclass
 class OrchestratorConfig:
     """Tunables of leases, retries and URLs."""
@@ -26,6 +37,7 @@ class OrchestratorConfig:
     # last_seen may lag by this much, and polls stay read-only transactions. 0 writes every poll.
     last_seen_write_s: float = 5.0
     pace: PacePolicy = field(default_factory=PacePolicy)
+    limits: Limits = field(default_factory=Limits)
     # Least memory a training job on each known base model needs on a device (NF4, gradient
     # checkpointing, a small micro-batch: about the smallest plan the device's planner reaches;
     # docs/benchmarks.md has the measured peaks). Jobs are not leased to devices whose budget is

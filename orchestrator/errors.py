@@ -46,6 +46,10 @@ class PermissionDenied(OrchestratorError):
     """The caller may not do this."""
 
 
+class ResourceExhausted(OrchestratorError):
+    """The caller is over one of its limits; it may retry later."""
+
+
 T = TypeVar("T")
 
 

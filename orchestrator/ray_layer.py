@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import OrchestratorConfig
+from orchestrator.config import Limits, OrchestratorConfig
 from orchestrator.pace import PacePolicy
 
 log = logging.getLogger("pocketlora.orchestrator")
@@ -81,6 +81,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, tmp_roo
 def _config_from(d: dict[str, Any]) -> OrchestratorConfig:
     d = dict(d)
     d["pace"] = PacePolicy(**d.get("pace", {}))
+    d["limits"] = Limits(**d.get("limits", {}))
     return OrchestratorConfig(**d)
 
 

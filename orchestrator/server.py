@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from adapters_store import open_store
 from orchestrator.config import OrchestratorConfig
 from orchestrator.lifecycle import Verifier, local_verifier
+from orchestrator.limits import Gatekeeper, LimitsInterceptor
 from orchestrator.operators import BOOTSTRAP_ADMIN
 from orchestrator.polls import PollRunner, open_poll_runner
 from orchestrator.service import Orchestrator
@@ -41,6 +42,15 @@ _OPTIONS = [
     # all of them. A fleet burst should queue and drain, so the limits are raised.
     ("grpc.server.max_pending_requests", 20_000),
     ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # Connections: ping idle ones so dead peers are noticed, close ones idle for long, and make
+    # every client reconnect now and then so that load spreads over replicas added later.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_connection_idle_ms", 10 * 60_000),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60_000),
 ]
 
 
@@ -84,10 +94,11 @@ async def start_server(
     if orch.operators.ensure_bootstrap_admin():
         log.info("registered the bootstrap token as the first admin's (operator %r)", BOOTSTRAP_ADMIN)
     polls = open_poll_runner(orch.state, orch.jobs, executor)
-    server = grpc.aio.server(options=_OPTIONS, interceptors=list(interceptors))
-    agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, polls, executor), server)
-    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor), server)
-    admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(orch, polls, executor), server)
+    gate = Gatekeeper(orch.config.limits, orch.identity, orch.operators)
+    server = grpc.aio.server(options=_OPTIONS, interceptors=[LimitsInterceptor(gate), *interceptors])
+    agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, polls, executor, gate), server)
+    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor, gate), server)
+    admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(orch, polls, executor, gate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (

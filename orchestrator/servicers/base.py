@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from orchestrator.errors import OrchestratorError, PermissionDenied
+from orchestrator.limits import Gatekeeper
 from orchestrator.operators import Principal
 from orchestrator.polls import PollRunner
 from orchestrator.service import Orchestrator
@@ -37,10 +38,11 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
 class ServicerBase:
     """Holds the domain, the poll runner and the executor blocking domain calls run on."""
 
-    def __init__(self, orch: Orchestrator, polls: PollRunner, executor: Executor) -> None:
+    def __init__(self, orch: Orchestrator, polls: PollRunner, executor: Executor, gate: Gatekeeper) -> None:
         self.orch = orch
         self.polls = polls
         self.executor = executor
+        self.gate = gate
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # Store calls block (SQL, S3): run them off the event loop so other RPCs keep flowing.

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from orchestrator.domain import JobFilter
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import OperatorServicerBase
 from orchestrator.servicers.errors import rpc
@@ -88,8 +89,15 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
         """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
-        await self._principal(context, "WatchJobs")
+        principal = await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
+        with self.gate.watch(principal.name):
+            async for change in self._watch(request, flt, context):
+                yield change
+
+    async def _watch(
+        self, request: pb.WatchJobsRequest, flt: JobFilter, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobsResponse]:
         cursor = await self._run(self.orch.queries.watch_cursor)
         if request.include_initial:
             jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
