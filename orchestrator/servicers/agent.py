@@ -89,6 +89,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
                     upload_url=result.upload_url,
                     upload_url_expires_at=convert.ts(result.upload_url_expires_at),
                     dataset_url=result.dataset_url,
+                    upload_fields=result.upload_fields,
                 )
             )
         return reply
@@ -113,6 +114,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             cancel_requested=result.cancel_requested,
             upload_url=result.upload_url,
             upload_url_expires_at=convert.ts(result.upload_url_expires_at),
+            upload_fields=result.upload_fields,
         )
 
     @rpc
