@@ -87,8 +87,9 @@ class _FormBody:
             f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; filename="adapter.safetensors"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
-        self._parts: list[BinaryIO | bytes] = [head, f, f"\r\n--{self.boundary}--\r\n".encode()]
-        self.length = len(head) + size + len(self._parts[2])  # type: ignore[arg-type]
+        tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._parts: list[BinaryIO | bytes] = [head, f, tail]
+        self.length = len(head) + size + len(tail)
 
     def read(self, n: int = -1) -> bytes:
         while self._parts:
