@@ -26,21 +26,25 @@ _ENDPOINT = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]
 _S3_PARAMS = frozenset({"endpoint", "secure", "region"})
 
 
-def open_store(url: str, *, env: Mapping[str, str] | None = None) -> BlobStore:
-    """Return the blob store a URL names; StoreConfigError (one line) if it is unusable."""
+def open_store(url: str, *, env: Mapping[str, str] | None = None, create: bool = True) -> BlobStore:
+    """Return the blob store a URL names; StoreConfigError (one line) if it is unusable.
+
+    create=False opens a store that must exist already (its root or bucket): one that is not
+    there raises StoreUnavailable instead of being made empty.
+    """
     env = os.environ if env is None else env
     parts = urlsplit(url)
     if parts.scheme == "file":
-        return _open_file(url, parts.netloc, parts.path, parts.query, env)
+        return _open_file(url, parts.netloc, parts.path, parts.query, env, create)
     if parts.scheme == "s3":
-        return _open_s3(parts.netloc, parts.path, parts.query, env)
+        return _open_s3(parts.netloc, parts.path, parts.query, env, create)
     shown = parts.scheme or "(none)"
     raise StoreConfigError(
         f"store URL: unknown scheme {shown!r} (use file:///abs/path or s3://bucket?endpoint=host:port)"
     )
 
 
-def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, str]) -> BlobStore:
+def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
     from adapters_store.fs import FileBlobStore
 
     if netloc not in ("", "localhost") or not path.startswith("/"):
@@ -57,10 +61,10 @@ def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, s
             raise StoreConfigError("POCKETLORA_URL_SECRET must be at least 16 bytes (32 hex digits)")
     else:
         secret = _PROCESS_SECRET
-    return FileBlobStore(Path(path), url_secret=secret)
+    return FileBlobStore(Path(path), url_secret=secret, create=create)
 
 
-def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> BlobStore:
+def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
     from adapters_store.s3 import S3BlobStore
 
     bucket = netloc
@@ -105,4 +109,5 @@ def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> Blob
         secret_key=secret,
         secure=secure_s in ("true", "1"),
         region=region,
+        create=create,
     )

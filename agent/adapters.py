@@ -5,7 +5,9 @@ active one, the switcher downloads it through a presigned URL, checks its sha256
 unpacks it (safetensors only), asks the runtime child to load it and then activates it; the base
 model stays resident, and the adapter that was active before is unloaded once requests pinned
 to it finish. An adapter that cannot be used here (another base, bad bytes, a load failure) is
-refused and remembered with its reason, so it is not fetched again on every heartbeat.
+refused and remembered with its reason, so it is not fetched again on every heartbeat. So is
+an adapter whose id is not a well-formed id: it never becomes a file name here, and the download
+is capped at the store's blob limit whatever size the reply announces.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 from adapters_store import download_from_url
 from adapters_store.errors import StoreError, TransferError
 from agent.client import DeviceClient
+from agent.jobs import id_path
 from protos.pocketlora.v1 import agent_service_pb2 as pb
+from protos.wire import is_id
 
 log = logging.getLogger("pocketlora.agent")
 
@@ -54,6 +58,9 @@ class AdapterSwitcher:
         desired = ref.adapter_id if ref is not None else ""
         if desired == self.active_adapter_id or desired in self.refused:
             return
+        if desired and not is_id(desired):
+            self._refuse(desired, "not a valid adapter id")
+            return
         if self.runtime is None:
             from agent.inference import RuntimeHost
 
@@ -70,12 +77,13 @@ class AdapterSwitcher:
         from adapters_store import unpack_adapter
         from agent.inference import RuntimeHostError
 
+        folder = id_path(self.dir, ref.adapter_id, "adapter id")
         got = self.client.adapter_download_url(ref.adapter_id)
-        blob = self.dir / f"{ref.adapter_id}.safetensors"
+        blob = folder.with_name(f"{ref.adapter_id}.safetensors")
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
-            unpack_adapter(blob, self.dir / ref.adapter_id)
+            unpack_adapter(blob, folder)
         except TransferError as exc:
             self.emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried
             return False
@@ -85,7 +93,7 @@ class AdapterSwitcher:
         finally:
             blob.unlink(missing_ok=True)
         try:
-            self.runtime.load(ref.adapter_id, self.dir / ref.adapter_id)
+            self.runtime.load(ref.adapter_id, folder)
         except RuntimeHostError as exc:
             self._refuse(ref.adapter_id, str(exc))
             return False
@@ -107,7 +115,7 @@ class AdapterSwitcher:
             self.runtime.unload(adapter_id)
         except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
             log.info("unload of %s: %s", adapter_id, exc)
-        shutil.rmtree(self.dir / adapter_id, ignore_errors=True)
+        shutil.rmtree(id_path(self.dir, adapter_id, "adapter id"), ignore_errors=True)
 
     def _refuse(self, adapter_id: str, reason: str) -> None:
         self.refused[adapter_id] = reason

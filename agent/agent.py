@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_store import upload_to_url
 from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
+from agent import handin
 from agent.adapters import AdapterSwitcher
-from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
+from agent.client import CallError, DeviceClient, Gone, Invalid, Refused, Transient, detect_capabilities
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
     LocalJob,
+    UntrustedId,
     fetch_shipped_dataset,
-    pack_output,
+    public_message,
     resolve_dataset,
     training_spec,
 )
@@ -91,6 +92,7 @@ class Agent:
         self.pausing = False
         self.next_heartbeat = 0.0
         self.next_lease = 0.0
+        self.completion = handin.Completion()
         self.last_progress_report = 0.0
         self.eligibility: Eligibility | None = None
         self.reading: SensorReading | None = None
@@ -105,8 +107,9 @@ class Agent:
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
-            # Restarted mid-job: resume from the checkpoint once the gate allows.
-            self.job.state = JobState.PAUSED
+            # Restarted mid-job: resume from the checkpoint once the gate allows, or, when the
+            # adapter was already uploaded, ask again for it to be completed.
+            self.job.state = JobState.UPLOADING if self.job.uploaded_sha256 else JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
 
     @property
@@ -270,22 +273,14 @@ class Agent:
         if not reply.HasField("assignment"):
             return
         a = reply.assignment
-        from google.protobuf import json_format
-
-        training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
-        self.job = LocalJob(
-            a.job_id,
-            a.lease_epoch,
-            a.attempt,
-            training,
-            state=JobState.LEASED,
-            upload_url=a.upload_url,
-            dataset_url=a.dataset_url,
-        )
+        try:
+            self.job = LocalJob.from_assignment(a)
+        except UntrustedId as exc:  # its id would name a folder: never used
+            self._emit("assignment_refused", reason=str(exc))
+            return
         self.job.save(self.cfg.work_dir)
-        self._emit(
-            "leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name")
-        )
+        adapter = self.job.training.get("adapter_name")
+        self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=adapter)
         self._start_training()
 
     def _start_training(self) -> None:
@@ -319,6 +314,10 @@ class Agent:
 
     def _drive_job(self, elig: Eligibility) -> None:
         assert self.job is not None
+        if self.job.uploaded_sha256:
+            if self.completion.due():
+                self._complete()
+            return
         if self.job.state == JobState.PAUSED and self.proc is None:
             if elig.eligible:
                 self._emit("resuming", job_id=self.job.job_id)
@@ -366,31 +365,41 @@ class Agent:
             return
         job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
         try:
-            blob, info = pack_output(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id)
-            upload_to_url(reply.upload_url or self.job.upload_url, blob)
+            handin.upload(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id, reply)
         except (StoreError, OSError, KeyError, ValueError) as exc:
             self._fail(ErrorClass.UPLOAD_FAILED, f"upload failed: {exc}")
             return
-        self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
-        metrics = {
-            "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
-            "steps": float(self.job.progress.get("step", 0)),
-        }
+        self.job.save(self.cfg.work_dir)
+        self._emit("uploaded", job_id=self.job.job_id, sha256=self.job.uploaded_sha256, size=self.job.uploaded_size)
+        self.completion.reset()
+        self._complete()
+
+    def _complete(self) -> None:
+        """CompleteJob for the uploaded adapter; "not now" is retried (handin.Completion)."""
+        assert self.job is not None
         try:
-            done = self.client.complete_job(self.job.job_id, self.job.lease_epoch, info.sha256, info.size, metrics)
+            done = self.completion.call(self.client, self.job)
         except Gone as exc:
             self._abandon(f"completion refused: {exc.details}", keep_folder=False)
             return
-        self._emit(
-            "completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version
-        )
-        LocalJob.forget(self.cfg.work_dir, self.job.job_id)
+        except Invalid as exc:
+            self._fail(ErrorClass.UPLOAD_FAILED, f"completion refused: {exc.details}")
+            return
+        job_id = self.job.job_id
+        if done is None:
+            self._emit(
+                "complete_retry", job_id=job_id, reason=self.completion.last_reason, retry_in_s=self.completion.delay
+            )
+            return
+        self._emit("completed", job_id=job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version)
+        LocalJob.forget(self.cfg.work_dir, job_id)
         self.job = None
         self.next_lease = time.monotonic() + 1.0
 
     def _fail(self, error: ErrorClass, message: str) -> None:
         assert self.job is not None
         retry = False
+        message = public_message(message)  # no local paths or tracebacks leave the device
         with contextlib.suppress(Gone):  # the job moved on without us: nothing left to report
             retry = self.client.fail_job(self.job.job_id, self.job.lease_epoch, error, message).will_retry
         self._emit("failed", job_id=self.job.job_id, error_class=error.value, message=message, will_retry=retry)

@@ -6,15 +6,23 @@ OrchestratorError
 ├── AlreadyExists        a conflicting create
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
-└── PermissionDenied     a valid caller acting on what is not theirs
+├── PermissionDenied     a valid caller acting on what is not theirs
+├── ResourceExhausted    the caller is over one of its limits (retry later)
+└── Unavailable          a dependency (the adapter store, the verification task) is down:
+                         nothing was decided, the caller should retry the same call later
+
+Every error pickles to the same class and fields (PortableError), so it crosses Ray task and
+actor boundaries intact.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+from adapters_store.errors import PortableError
 
-class OrchestratorError(Exception):
+
+class OrchestratorError(PortableError):
     """Base of every error the orchestrator reports to a caller."""
 
 
@@ -48,6 +56,10 @@ class PermissionDenied(OrchestratorError):
 
 class ResourceExhausted(OrchestratorError):
     """The caller is over one of its limits; it may retry later."""
+
+
+class Unavailable(OrchestratorError):
+    """Something the call needs is down for now; the same call may succeed later."""
 
 
 T = TypeVar("T")

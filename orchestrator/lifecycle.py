@@ -14,16 +14,16 @@ JobRecord (domain.py); this module decides which transition applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
-from adapters_store.errors import AdapterFormatError
+from adapters_store import BlobStore, IntegrityError, UploadTarget, upload_key, verify_and_promote
+from adapters_store.errors import AdapterFormatError, StoreUnavailable
 from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
-from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from orchestrator.identity import DeviceCall, Identity, require_device
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
@@ -79,6 +79,7 @@ class LeaseResult:
     upload_url_expires_at: float
     dataset_url: str
     next_poll_s: float
+    upload_fields: Mapping[str, str] = field(default_factory=dict)  # a POST form when set
 
 
 @dataclass
@@ -89,6 +90,7 @@ class ProgressResult:
     cancel_requested: bool
     upload_url: str = ""
     upload_url_expires_at: float = 0.0
+    upload_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class FleetStats:
@@ -210,15 +212,16 @@ class JobLifecycle:
         """The reply for a lease decision: presigned URLs for a leased job, and the pace."""
         if job is None:
             return LeaseResult(None, "", 0.0, "", self.pace(running=False))
-        upload_url, upload_exp = self._upload_url(job, now)
+        upload, upload_exp = self._upload_target(job, now)
         shipped = job.training.get("dataset_object", "")
         dataset_url = self.blobs.presign_get(shipped, int(self.config.lease_s)) if shipped else ""
-        return LeaseResult(job, upload_url, upload_exp, dataset_url, self.pace(running=True))
+        return LeaseResult(job, upload.url, upload_exp, dataset_url, self.pace(running=True), upload.fields)
 
-    def _upload_url(self, job: JobRecord, now: float) -> tuple[str, float]:
-        # Scoped to this job's attempt key and no longer-lived than its lease.
+    def _upload_target(self, job: JobRecord, now: float) -> tuple[UploadTarget, float]:
+        # Scoped to this job's attempt key, capped in size, and no longer-lived than its lease.
         ttl = int(min(self.config.upload_url_s, self.config.lease_s))
-        return self.blobs.presign_put(upload_key(job.job_id, job.attempt), ttl), now + ttl
+        target = self.blobs.presign_upload(upload_key(job.job_id, job.attempt), ttl, self.config.max_adapter_bytes)
+        return target, now + ttl
 
     # ------------------------------------------------------------------ reports
     def report_progress(
@@ -241,7 +244,8 @@ class JobLifecycle:
             tx.save_job(job)
         result = ProgressResult(job.lease_expires_at, cancel_requested=False)
         if state == JobState.UPLOADING:
-            result.upload_url, result.upload_url_expires_at = self._upload_url(job, now)
+            upload, result.upload_url_expires_at = self._upload_target(job, now)
+            result.upload_url, result.upload_fields = upload.url, upload.fields
         return result
 
     def complete(
@@ -251,23 +255,36 @@ class JobLifecycle:
 
         The blob is read back and checked outside any transaction (it can take a while); the
         lease is checked before and again after, so a job re-leased meanwhile is never completed
-        by its old holder.
+        by its old holder. Idempotent: a retry of a completion that already succeeded (same
+        lease, same sha256 and size) returns the same adapter. A store outage answers
+        Unavailable and changes nothing, so the device can retry the same call.
         """
         with self.state.transaction() as tx:
             self.identity.admit(call, tx)
             validation.sha256_hex(sha256)
-            if size <= 0:
-                raise InvalidArgument("size_bytes", "must be positive")
-            attempt = self._own(tx, call.device_id, job_id, epoch).attempt
+            if not 0 < size <= self.config.max_adapter_bytes:
+                raise InvalidArgument("size_bytes", f"must be between 1 and {self.config.max_adapter_bytes}")
+            validation.object_id(job_id, "job_id")
+            job = tx.get_job(job_id)
+            done = completed_before(tx, job, call.device_id, epoch, sha256, size)
+            if done is not None:
+                return done
+            attempt = own_job(job, call.device_id, job_id, epoch).attempt
         try:
             sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
         except (IntegrityError, AdapterFormatError) as exc:
             # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest.
             self.fail(call, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
             raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the adapter store is unavailable ({exc}); the upload is kept, retry") from exc
         now = self.clock()
         with self.state.transaction() as tx:
-            job = self._own(tx, call.device_id, job_id, epoch)
+            job = tx.get_job(job_id, for_update=True)
+            done = completed_before(tx, job, call.device_id, epoch, sha, real_size)
+            if done is not None:  # a concurrent retry recorded it first
+                return done
+            job = own_job(job, call.device_id, job_id, epoch)
             name = str(job.training.get("adapter_name", "adapter"))
             adapter = AdapterRecord(
                 adapter_id=new_id("ad"),
@@ -349,6 +366,16 @@ def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> J
             f"(epoch {job.lease_epoch}, state {job.state.value})"
         )
     return job
+
+
+def completed_before(
+    tx: Tx, job: JobRecord | None, device_id: str, epoch: int, sha256: str, size: int
+) -> AdapterRecord | None:
+    """The adapter an earlier CompleteJob of this very lease registered for these bytes, if any."""
+    if job is None or (job.state, job.device_id, job.lease_epoch) != (JobState.SUCCEEDED, device_id, epoch):
+        return None
+    adapter = tx.get_adapter(job.adapter_id) if job.adapter_id else None
+    return adapter if adapter is not None and (adapter.sha256, adapter.size_bytes) == (sha256, size) else None
 
 
 def validate_heartbeat(hb: HeartbeatInput) -> None:

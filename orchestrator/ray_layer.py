@@ -7,7 +7,9 @@ actors with one factory each (Ray Serve's controller pattern):
   (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports.
 - ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
   it after a crash, and it holds no state of its own (everything is in the state store).
-- verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end.
+- verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end;
+  its errors come back as the domain errors they were (`unwrap_ray_errors`), never as Ray's
+  traceback-carrying wrappers.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.config import Limits, OrchestratorConfig
+from orchestrator.errors import Unavailable
 from orchestrator.pace import PacePolicy
 
 log = logging.getLogger("pocketlora.orchestrator")
+T = TypeVar("T")
 CONTROL_ACTOR_NAME = "pocketlora-control"
 NAMESPACE = "pocketlora"
 
@@ -89,11 +94,35 @@ def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str,
     from adapters_store import open_store
     from orchestrator.lifecycle import local_verifier
 
-    store = open_store(store_url)
+    # The front end created the store; one that is not there now is an outage, not an empty store.
+    store = open_store(store_url, create=False)
     try:
         return local_verifier(store, key, sha256, size)
     finally:
         store.close()
+
+
+def unwrap_ray_errors(fn: Callable[[], T], what: str) -> T:
+    """Run fn (a ray.get) and raise what the task raised, not Ray's wrapper of it.
+
+    Ray wraps a task's exception in a RayTaskError whose text is a coloured traceback with the
+    worker's PID and file paths; callers match on the domain error, and replies must never
+    carry that text. The wrapped error (every domain error pickles intact) is re-raised as it
+    was; a task that could not run at all (its worker died, the cluster is gone) is Unavailable.
+    """
+    import ray.exceptions
+
+    try:
+        return fn()
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        log.warning("%s task failed inside Ray: %s", what, type(cause).__name__)
+        raise Unavailable(f"{what} could not run; retry") from None
+    except ray.exceptions.RayError as exc:
+        log.warning("%s task could not run: %s", what, type(exc).__name__)
+        raise Unavailable(f"{what} could not run; retry") from None
 
 
 class FrontendActor:
@@ -114,7 +143,7 @@ class FrontendActor:
 
         def ray_verifier(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
             # Runs on an executor thread of this actor; ray.get blocks only that thread.
-            return ray.get(verify.remote(store_url, key, sha256, size))
+            return unwrap_ray_errors(lambda: ray.get(verify.remote(store_url, key, sha256, size)), "verification")
 
         orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
         self.running = await start_server(orch, self.listen)

@@ -6,11 +6,10 @@ import re
 from typing import Any
 
 from orchestrator.errors import InvalidArgument
+from protos.wire import ID_PATTERN as _ID_RE
+from protos.wire import NAME_PATTERN as _NAME_RE
+from protos.wire import is_name as is_name  # one grammar for both ends of the wire
 
-# fullmatch, not match with "$": "$" also matches before a trailing newline, so "phone-1\n"
-# passed as an id and named a different row than "phone-1".
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # C0/C1 control characters: never meaningful in a key or a name, and PostgreSQL refuses NUL in
 # TEXT outright (so a NUL must be refused as a bad argument before it reaches SQL).
@@ -78,11 +77,6 @@ def labels(value: dict[str, str], field: str) -> dict[str, str]:
             raise InvalidArgument(field, f"key {key[:64]!r} must be 1-64 letters, digits, '.', '_', '-'")
         text(item, f"{field}[{key}]", 256)
     return value
-
-
-def is_name(value: str) -> bool:
-    """True for a name (adapter, dataset, module): 1-64 letters, digits, '.', '_', '-'."""
-    return _NAME_RE.fullmatch(value) is not None
 
 
 def name(value: str, field: str) -> str:

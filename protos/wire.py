@@ -1,6 +1,10 @@
 """What both ends of the wire share beyond the generated code.
 
 - The metadata key that names the calling device.
+- The id and name grammar: the orchestrator refuses requests that break it, and the agent
+  refuses replies that do, because ids become file names on the device (a job's folder, an
+  adapter's download) and a server or a man in the middle must not steer those outside the
+  agent's work directory.
 - The enums domain code works with (job states, error classes, eligibility reasons, operator
   roles). Each is a
   StrEnum whose values are the proto enum's names without the enum's prefix
@@ -15,6 +19,7 @@ The orchestrator, the agent and the CLI all import these; nothing here imports t
 from __future__ import annotations
 
 import enum
+import re
 from typing import TypeVar
 
 from protos.pocketlora.v1 import admin_service_pb2 as admin_pb
@@ -22,6 +27,23 @@ from protos.pocketlora.v1 import types_pb2 as tpb
 
 # Every device call carries this metadata next to `authorization: Bearer <credential>`.
 DEVICE_HEADER = "x-pocketlora-device"
+
+# Ids (devices, jobs, adapters, campaigns): 1-128 letters, digits, '.', '_', '-', starting with a
+# letter or digit, so '.', '..', '/', NUL and an empty string can never be one. Use fullmatch:
+# "$" also matches before a trailing newline.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Names (adapters, datasets, label keys, modules): the same alphabet, 1-64 characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_id(value: object) -> bool:
+    """True for a well-formed id (safe as one path segment)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def is_name(value: object) -> bool:
+    """True for a well-formed name (safe as one path segment)."""
+    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
 
 
 class JobState(enum.StrEnum):

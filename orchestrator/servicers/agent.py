@@ -89,6 +89,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
                     upload_url=result.upload_url,
                     upload_url_expires_at=convert.ts(result.upload_url_expires_at),
                     dataset_url=result.dataset_url,
+                    upload_fields=result.upload_fields,
                 )
             )
         return reply
@@ -113,6 +114,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             cancel_requested=result.cancel_requested,
             upload_url=result.upload_url,
             upload_url_expires_at=convert.ts(result.upload_url_expires_at),
+            upload_fields=result.upload_fields,
         )
 
     @rpc
@@ -162,7 +164,7 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_reason=convert.reason_name(request.eligibility_reason),
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
-        free_storage_bytes=min(request.free_storage_bytes, 2**63 - 1),  # stored as a signed 64-bit number
+        free_storage_bytes=convert.byte_count(request.free_storage_bytes),
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:

@@ -150,11 +150,20 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
+# Byte counts arrive as uint64 and are stored (and compared in SQL) as signed 64-bit integers.
+_MAX_BYTES = 2**63 - 1
+
+
+def byte_count(value: int) -> int:
+    """A device-reported byte count as the stores hold it: at most 2**63 - 1 (8 EiB)."""
+    return min(value, _MAX_BYTES)
+
+
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
     return {
-        "ram_bytes": caps.ram_bytes,
-        "free_storage_bytes": caps.free_storage_bytes,
+        "ram_bytes": byte_count(caps.ram_bytes),
+        "free_storage_bytes": byte_count(caps.free_storage_bytes),
         "cpu": caps.cpu[:200],
         "cpu_count": caps.cpu_count,
         "accelerator": caps.accelerator[:200],
@@ -162,7 +171,7 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "platform": caps.platform[:100],
         "base_model_id": caps.base_model_id[:200],
         "base_fingerprint": caps.base_fingerprint[:100],
-        "memory_budget_bytes": caps.memory_budget_bytes,
+        "memory_budget_bytes": byte_count(caps.memory_budget_bytes),
         "labels": dict(caps.labels),
     }
 

@@ -11,6 +11,7 @@ from adapters_store import (
     S3BlobStore,
     StoreConfigError,
     StoreError,
+    StoreUnavailable,
     open_store,
 )
 from tests.adapters_store.conftest import new_bucket
@@ -123,3 +124,24 @@ def test_s3_unreachable_endpoint_fails_fast() -> None:
     with pytest.raises(StoreError, match="unreachable"):
         # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
         S3BlobStore("bucket", "127.0.0.1:9", "ak", "sk")
+
+
+def test_a_store_that_must_exist_but_is_not_there_is_an_outage(tmp_path: Path) -> None:
+    """A verification task opens the store with create=False: an unmounted file store root must
+    not be replaced by an empty one that answers "missing" for every upload."""
+    with pytest.raises(StoreUnavailable, match="not there"):
+        open_store(f"file://{tmp_path}/unmounted", env={}, create=False)
+    assert not (tmp_path / "unmounted").exists()
+    open_store(f"file://{tmp_path}/store", env={}).close()
+    open_store(f"file://{tmp_path}/store", env={}, create=False).close()
+    with pytest.raises(StoreUnavailable):
+        S3BlobStore("bucket", "127.0.0.1:9", "ak", "sk")  # nobody answers: an outage too
+
+
+@pytest.mark.s3
+def test_a_bucket_that_must_exist_but_is_not_there_is_an_outage(seaweed: SeaweedServer) -> None:
+    bucket = new_bucket()
+    with pytest.raises(StoreUnavailable, match="not there"):
+        S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, create=False)
+    S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key).close()
+    S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, create=False).close()

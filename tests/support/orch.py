@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from adapters_store import AdapterManifest, BlobInfo, FileBlobStore, pack_adapter
+from adapters_store import AdapterManifest, BlobInfo, BlobStore, FileBlobStore, pack_adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import RunningServer, start_server
 from orchestrator.service import Orchestrator
@@ -47,9 +47,10 @@ class ServerThread:
         clock: Any = None,
         reap_every_s: float = 0.0,
         interceptors: Any = (),
+        store: BlobStore | None = None,
         **config: Any,
     ) -> None:
-        self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
+        self.store = store or FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(**{"bootstrap_token": OPERATOR_TOKEN, "enrollment_token": ENROLL_TOKEN, **config})
         kw = {"clock": clock} if clock else {}
         self.orch = Orchestrator(open_state(db_url or f"sqlite:///{tmp / 'state.db'}"), self.store, cfg, **kw)

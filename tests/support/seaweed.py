@@ -74,6 +74,7 @@ class SeaweedServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+        self._cmd: list[str] = []
         self.s3_port = 0
 
     @property
@@ -125,14 +126,29 @@ class SeaweedServer:
             f"-s3.localSocket={d / 's3.sock'}",
         ]
         self._log = d / "weed.log"
-        with open(self._log, "wb") as log:
-            self._proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._cmd = cmd
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
+        assert self._log is not None and self._cmd
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._cmd, cwd=self._log.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def outage(self) -> None:
+        """Stop the server but keep its data and ports, as an S3 outage would (see `recover`)."""
+        self._terminate()
+
+    def recover(self) -> None:
+        """Start the server again after `outage`, on the same ports with the same data."""
+        self._launch()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -161,6 +177,12 @@ class SeaweedServer:
 
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL it after 10 s, and remove its data dir."""
+        self._terminate()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -170,9 +192,6 @@ class SeaweedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     def __enter__(self) -> SeaweedServer:
         return self.start()

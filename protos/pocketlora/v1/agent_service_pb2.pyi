@@ -293,6 +293,26 @@ class Assignment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UploadFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
@@ -301,6 +321,7 @@ class Assignment(_message.Message):
     UPLOAD_URL_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DATASET_URL_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     attempt: _builtins.int
@@ -308,7 +329,10 @@ class Assignment(_message.Message):
     lease_epoch: _builtins.int
     """Fencing epoch to send with every report on this job."""
     upload_url: _builtins.str
-    """Presigned URL to PUT the adapter blob to, or empty when the store issues it later."""
+    """Presigned URL to upload the adapter blob to, or empty when the store issues it later. With
+    upload_fields empty, PUT the blob's bytes to it; otherwise POST a multipart/form-data body
+    to it carrying upload_fields, then the blob as the field "file" (an S3 POST policy).
+    """
     dataset_url: _builtins.str
     """Presigned URL to GET an operator-shipped dataset, or empty."""
     @_builtins.property
@@ -323,6 +347,12 @@ class Assignment(_message.Message):
     def upload_url_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When upload_url stops working."""
 
+    @_builtins.property
+    def upload_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Form fields of a POST upload (the policy, its signature, the key); empty for a PUT. The
+        store refuses a blob larger than the orchestrator's adapter size limit.
+        """
+
     def __init__(
         self,
         *,
@@ -334,10 +364,11 @@ class Assignment(_message.Message):
         upload_url: _builtins.str = ...,
         upload_url_expires_at: _timestamp_pb2.Timestamp | None = ...,
         dataset_url: _builtins.str = ...,
+        upload_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "training", b"training", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "dataset_url", b"dataset_url", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "training", b"training", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "dataset_url", b"dataset_url", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "training", b"training", "upload_fields", b"upload_fields", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,14 +450,35 @@ class ReportProgressResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UploadFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELDS_FIELD_NUMBER: _builtins.int
     cancel_requested: _builtins.bool
     """True when an operator cancelled the job: the device must stop."""
     upload_url: _builtins.str
-    """A fresh upload URL (with UPLOADING)."""
+    """A fresh upload URL (with UPLOADING), used as Assignment.upload_url is."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """New lease expiry."""
@@ -435,6 +487,10 @@ class ReportProgressResponse(_message.Message):
     def upload_url_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When upload_url stops working."""
 
+    @_builtins.property
+    def upload_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Form fields of a POST upload to upload_url; empty for a PUT."""
+
     def __init__(
         self,
         *,
@@ -442,10 +498,11 @@ class ReportProgressResponse(_message.Message):
         cancel_requested: _builtins.bool = ...,
         upload_url: _builtins.str = ...,
         upload_url_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        upload_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "lease_expires_at", b"lease_expires_at", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "lease_expires_at", b"lease_expires_at", "upload_fields", b"upload_fields", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
