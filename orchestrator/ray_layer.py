@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator.config import Limits, OrchestratorConfig
 from orchestrator.pace import PacePolicy
+from pocketlora.tls import TlsConfig
 
 log = logging.getLogger("pocketlora.orchestrator")
 CONTROL_ACTOR_NAME = "pocketlora-control"
@@ -99,8 +100,18 @@ def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str,
 class FrontendActor:
     """One gRPC front end; becomes a Ray actor through `frontend_actor()`."""
 
-    def __init__(self, db_url: str, store_url: str, config: dict[str, Any], listen: str) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        store_url: str,
+        config: dict[str, Any],
+        listen: str,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+    ) -> None:
         self.db_url, self.store_url, self.config, self.listen = db_url, store_url, config, listen
+        # PEM bytes read once by the caller: a replica on another node needs no files there.
+        self.tls, self.insecure = tls, insecure
         self.running: Any = None
 
     async def start(self) -> int:
@@ -117,7 +128,7 @@ class FrontendActor:
             return ray.get(verify.remote(store_url, key, sha256, size))
 
         orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
-        self.running = await start_server(orch, self.listen)
+        self.running = await start_server(orch, self.listen, tls=self.tls, insecure=self.insecure)
         return int(self.running.port)
 
     async def stop(self) -> None:
@@ -164,9 +175,17 @@ class ControlLoopActor:
 
 
 def start_orchestrator(
-    db_url: str, store_url: str, config: OrchestratorConfig, *, listen: str = "127.0.0.1:0", replicas: int = 1
+    db_url: str,
+    store_url: str,
+    config: OrchestratorConfig,
+    *,
+    listen: str = "127.0.0.1:0",
+    replicas: int = 1,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
 ) -> tuple[list[Any], Any, list[int]]:
-    """Start the control loop and `replicas` front ends; returns (front ends, control actor, ports)."""
+    """Start the control loop and `replicas` front ends (each serving TLS when `tls` is given);
+    returns (front ends, control actor, ports)."""
     import ray
 
     cfg = asdict(config)
@@ -179,7 +198,7 @@ def start_orchestrator(
     frontends, ports = [], []
     for i in range(replicas):
         # Port 0 gives each replica its own port; a fixed port is shared through SO_REUSEPORT.
-        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}")
+        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}", tls, insecure)
         bound = ray.get(actor.start.remote())
         frontends.append(actor)
         ports.append(bound)
