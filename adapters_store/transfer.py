@@ -4,6 +4,8 @@ Works against both the file store's embedded server and S3 presigned URLs. Only
 Content-Length and Content-Type are sent with a PUT: S3 presigned URLs sign just the host, and
 SeaweedFS/MinIO accept these two unsigned headers (other x-amz-* headers would need signing).
 Error messages show the URL without its query string: the query holds the signature.
+https URLs are verified against the system's roots, or against `ssl_context` when the store
+uses a private CA (hostnames are always checked).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ipaddress
 import os
 import re
 import secrets
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -33,16 +36,29 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-def _opener(url: str) -> urllib.request.OpenerDirector:
+def _opener(url: str, ssl_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
     host = urlsplit(url).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
+    handlers: list[urllib.request.BaseHandler] = []
+    if ssl_context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
     # Loopback traffic must never be sent to an HTTP(S)_PROXY from the environment.
     if loopback:
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _failure(method: str, shown: str, exc: urllib.error.URLError | OSError) -> TransferError:
+    """One line for a transfer that never got an answer; a certificate problem says so."""
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return TransferError(
+            0, f"{method} {shown} failed: the server's certificate is not trusted ({reason.verify_message})"
+        )
+    return TransferError(0, f"{method} {shown} failed: {type(reason).__name__}")
 
 
 def _check_scheme(url: str) -> None:
@@ -65,7 +81,7 @@ def _http_error(method: str, url: str, exc: urllib.error.HTTPError) -> TransferE
     return TransferError(exc.code, f"{method} {redact(url)} refused: {detail}")
 
 
-def upload_to_url(url: str, path: Path, timeout_s: float = 60) -> None:
+def upload_to_url(url: str, path: Path, timeout_s: float = 60, *, ssl_context: ssl.SSLContext | None = None) -> None:
     """PUT a file to a presigned URL, streaming it; TransferError on any non-2xx answer."""
     _check_scheme(url)
     path = Path(path)
@@ -78,13 +94,12 @@ def upload_to_url(url: str, path: Path, timeout_s: float = 60) -> None:
             headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
         )
         try:
-            with _opener(url).open(request, timeout=timeout_s) as response:
+            with _opener(url, ssl_context).open(request, timeout=timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             raise _http_error("PUT", url, exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TransferError(0, f"PUT {redact(url)} failed: {type(reason).__name__}") from None
+            raise _failure("PUT", redact(url), exc) from None
 
 
 def download_from_url(
@@ -93,6 +108,8 @@ def download_from_url(
     expected_sha256: str | None = None,
     expected_size: int | None = None,
     timeout_s: float = 60,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> BlobInfo:
     """GET a presigned URL into dest (atomically), checking size/sha256 when given."""
     _check_scheme(url)
@@ -106,7 +123,7 @@ def download_from_url(
     shown = redact(url)
     try:
         try:
-            with _opener(url).open(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+            with _opener(url, ssl_context).open(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
                 while limit is None or size < limit:
                     want = _CHUNK if limit is None else min(_CHUNK, limit - size)
                     chunk = response.read(want)
@@ -118,8 +135,7 @@ def download_from_url(
         except urllib.error.HTTPError as exc:
             raise _http_error("GET", url, exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TransferError(0, f"GET {shown} failed: {type(reason).__name__}") from None
+            raise _failure("GET", shown, exc) from None
         if expected_size is not None and size != expected_size:
             raise IntegrityError(shown, "size_mismatch", f"expected {expected_size} bytes")
         digest = h.hexdigest()

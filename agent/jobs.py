@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,9 @@ def resolve_dataset(datasets_dir: Path, name: str) -> Path:
     raise JobSetupError(ErrorClass.DATASET_INVALID, f"dataset {name!r} not found in {datasets_dir}")
 
 
-def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
-    """Download an operator-shipped dataset once into the job folder, checking its sha256."""
+def fetch_shipped_dataset(job: LocalJob, job_dir: Path, *, ssl_context: ssl.SSLContext | None = None) -> Path:
+    """Download an operator-shipped dataset once into the job folder, checking its sha256
+    (`ssl_context`: how https URLs are verified, None for the system's roots)."""
     from adapters_store import download_from_url
     from adapters_store.errors import IntegrityError, StoreError
 
@@ -100,7 +102,10 @@ def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
         download_from_url(
-            job.dataset_url, path, expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:")
+            job.dataset_url,
+            path,
+            expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:"),
+            ssl_context=ssl_context,
         )
     except IntegrityError as exc:
         raise JobSetupError(ErrorClass.DATASET_INVALID, f"shipped dataset failed its check: {exc}") from exc
