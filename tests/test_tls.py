@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
+import subprocess
 from pathlib import Path
 
+import grpc
 import pytest
 
 from pocketlora.tls import (
@@ -19,7 +22,9 @@ from pocketlora.tls import (
     load_server_tls,
     load_tls,
 )
+from protos.pocketlora.v1 import agent_service_pb2 as apb
 from tests.support.certs import Issued, TestCA
+from tests.support.orch import ENROLL_TOKEN, ServerThread, dev_md, op_md
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +156,19 @@ def test_failure_sentences_point_at_the_flag_to_fix() -> None:
     assert "may serve TLS only" in (describe_failure(closed, None) or "")
     assert "--tls-cert" in (describe_failure(closed, with_ca) or "")
     assert describe_failure("failed to connect to all addresses; Connection refused", None) is None
+
+
+def test_the_make_tls_script_makes_what_a_mutual_tls_deployment_needs(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", root / "scripts/make_tls.sh", tmp_path, "orchestrator", "edge-box-1"], check=True)
+    assert (tmp_path / "edge-box-1.key").stat().st_mode & 0o077 == 0
+    tls = load_server_tls(tmp_path / "server.crt", tmp_path / "server.key", tmp_path / "ca.crt")
+    device_tls = load_tls(ca=tmp_path / "ca.crt", cert=tmp_path / "edge-box-1.crt", key=tmp_path / "edge-box-1.key")
+    with ServerThread(tmp_path / "orch", tls=tls, client_tls=device_tls) as srv:
+        reply = srv.agent.Enroll(apb.EnrollRequest(device_id="edge-box-1"), metadata=op_md(ENROLL_TOKEN))
+        srv.agent.Heartbeat(apb.HeartbeatRequest(eligible=True), metadata=dev_md("edge-box-1", reply.device_credential))
+        with pytest.raises(grpc.RpcError) as info:
+            srv.agent.Enroll(apb.EnrollRequest(device_id="edge-box-2"), metadata=op_md(ENROLL_TOKEN))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
