@@ -9,6 +9,7 @@ secret key.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,16 @@ _AUTH = frozenset({"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"
 _OUTAGE = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerBusy"})
 
 
+def _untrusted(exc: BaseException) -> bool:
+    """True when urllib3 gave up because the endpoint's certificate did not verify."""
+    reason = getattr(exc, "reason", None)  # MaxRetryError -> SSLError -> SSLCertVerificationError
+    while reason is not None:
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return True
+        reason = reason.args[0] if reason.args and isinstance(reason.args[0], BaseException) else None
+    return False
+
+
 def _map_error(exc: Exception, what: str, key: str | None = None) -> NoReturn:
     """Raise the store error for a minio/urllib3 failure during `what` (chained)."""
     if isinstance(exc, S3Error):
@@ -46,14 +57,31 @@ def _map_error(exc: Exception, what: str, key: str | None = None) -> NoReturn:
         raise StoreError(f"S3 error during {what}: {exc.code}: {exc.message}") from exc
     if isinstance(exc, ServerError):  # a 5xx without an S3 error body
         raise StoreUnavailable(f"S3 failed during {what}: HTTP {exc.status_code}") from exc
+    if _untrusted(exc):
+        raise StoreError(
+            f"S3 endpoint's certificate is not trusted during {what} (name its CA in the store URL: ca=/path/ca.pem)"
+        ) from exc
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         raise StoreUnavailable(f"S3 endpoint unreachable during {what}: {type(exc).__name__}") from exc
     raise StoreError(f"S3 client error during {what}: {exc}") from exc
 
 
+def ca_context(ca_file: Path) -> ssl.SSLContext:
+    """An https client context that trusts only the CA in `ca_file` (read once), hostnames checked."""
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except FileNotFoundError:
+        raise StoreConfigError(f"S3 CA file {ca_file}: no such file") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise StoreConfigError(
+            f"S3 CA file {ca_file}: not a usable PEM CA certificate ({type(exc).__name__})"
+        ) from None
+
+
 class S3BlobStore(BlobStore):
     """Blob store in one S3 bucket (created if missing, unless create is False: then a missing
-    bucket is StoreUnavailable)."""
+    bucket is StoreUnavailable). With `secure`, https verified against the system's roots, or only
+    against `ca_file` when the endpoint has a private CA."""
 
     def __init__(
         self,
@@ -64,9 +92,12 @@ class S3BlobStore(BlobStore):
         secure: bool = False,
         region: str = "us-east-1",
         create: bool = True,
+        ca_file: Path | None = None,
     ) -> None:
         if not access_key or not secret_key:
             raise StoreConfigError("S3 access key and secret key are both required")
+        if ca_file is not None and not secure:
+            raise StoreConfigError("an S3 CA file applies to https only (set secure)")
         self.bucket = bucket
         self.endpoint = endpoint
         self.secure = secure
@@ -76,6 +107,7 @@ class S3BlobStore(BlobStore):
             timeout=urllib3.Timeout(connect=5.0, read=60.0),
             retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
             maxsize=8,
+            ssl_context=ca_context(ca_file) if ca_file is not None else None,
         )
         try:
             self._client = Minio(

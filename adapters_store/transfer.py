@@ -5,7 +5,8 @@ multipart form POST to S3 carrying a presigned POST policy (which pins the key a
 size). Only Content-Length and Content-Type are sent with a PUT: S3 presigned URLs sign just
 the host, and SeaweedFS/MinIO accept these two unsigned headers. Downloads are capped in size
 whatever the server announces. Error messages show the URL without its query string: the query
-holds the signature.
+holds the signature. https URLs are verified against the system's roots, or against
+`ssl_context` when the store uses a private CA (hostnames are always checked).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ipaddress
 import os
 import re
 import secrets
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -39,16 +41,29 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-def _opener(url: str) -> urllib.request.OpenerDirector:
+def _opener(url: str, ssl_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
     host = urlsplit(url).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
+    handlers: list[urllib.request.BaseHandler] = []
+    if ssl_context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
     # Loopback traffic must never be sent to an HTTP(S)_PROXY from the environment.
     if loopback:
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
+def _failure(method: str, shown: str, exc: urllib.error.URLError | OSError) -> TransferError:
+    """One line for a transfer that never got an answer; a certificate problem says so."""
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return TransferError(
+            0, f"{method} {shown} failed: the server's certificate is not trusted ({reason.verify_message})"
+        )
+    return TransferError(0, f"{method} {shown} failed: {type(reason).__name__}")
 
 
 def _check_scheme(url: str) -> None:
@@ -110,7 +125,14 @@ class _FormBody:
         return b""
 
 
-def upload_to_url(url: str, path: Path, timeout_s: float = 60, fields: Mapping[str, str] | None = None) -> None:
+def upload_to_url(
+    url: str,
+    path: Path,
+    timeout_s: float = 60,
+    fields: Mapping[str, str] | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """Upload a file, streaming it; TransferError on any non-2xx answer.
 
     With `fields` (an S3 presigned POST policy) it is a multipart form POST to url, the fields
@@ -131,13 +153,12 @@ def upload_to_url(url: str, path: Path, timeout_s: float = 60, fields: Mapping[s
             }
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with _opener(url).open(request, timeout=timeout_s) as response:
+            with _opener(url, ssl_context).open(request, timeout=timeout_s) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             raise _http_error(method, url, exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TransferError(0, f"{method} {redact(url)} failed: {type(reason).__name__}") from None
+            raise _failure(method, redact(url), exc) from None
 
 
 def download_from_url(
@@ -147,6 +168,8 @@ def download_from_url(
     expected_size: int | None = None,
     timeout_s: float = 60,
     max_bytes: int = MAX_BLOB_BYTES,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> BlobInfo:
     """GET a presigned URL into dest (atomically), checking size/sha256 when given.
 
@@ -166,7 +189,7 @@ def download_from_url(
     size = 0
     try:
         try:
-            with _opener(url).open(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+            with _opener(url, ssl_context).open(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
                 announced = response.headers.get("Content-Length", "")
                 if announced.isdigit() and int(announced) > max_bytes:
                     raise IntegrityError(shown, "too_large", f"{announced} bytes, the limit is {max_bytes}")
@@ -180,8 +203,7 @@ def download_from_url(
         except urllib.error.HTTPError as exc:
             raise _http_error("GET", url, exc) from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TransferError(0, f"GET {shown} failed: {type(reason).__name__}") from None
+            raise _failure("GET", shown, exc) from None
         if size > max_bytes:
             raise IntegrityError(shown, "too_large", f"more than {max_bytes} bytes")
         if expected_size is not None and size != expected_size:

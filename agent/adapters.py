@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ class AdapterSwitcher:
         emit: Emit,
         *,
         torch_threads: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
+        self.ssl_context = ssl_context  # for https presigned URLs (None: the system's roots)
         self.dir = work_dir / "adapters"
         self.base_model_dir = base_model_dir
         self.base_fingerprint = base_fingerprint
@@ -82,7 +85,9 @@ class AdapterSwitcher:
         blob = folder.with_name(f"{ref.adapter_id}.safetensors")
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
+            download_from_url(
+                got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes, ssl_context=self.ssl_context
+            )
             unpack_adapter(blob, folder)
         except TransferError as exc:
             self.emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried

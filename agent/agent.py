@@ -36,6 +36,7 @@ from agent.jobs import (
 from agent.reports import heartbeat_request, progress_pb
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
+from pocketlora.tls import TlsConfig
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.wire import EligibilityReason, ErrorClass, JobState
 
@@ -65,6 +66,8 @@ class AgentConfig:
     serve_adapters: bool = True
     # Rotate the device credential once it is this old (0: never).
     rotate_credential_after_s: float = 30 * 86400
+    tls: TlsConfig | None = None  # to the orchestrator (None: plaintext)
+    store_tls: TlsConfig | None = None  # the CA presigned-URL transfers trust (None: the system's roots)
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -85,7 +88,8 @@ class Agent:
         self.gate = gate
         self.listener = listener
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir)
+        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir, tls=config.tls)
+        self.transfer_ssl = config.store_tls.ssl_context() if config.store_tls is not None else None
         self.base_fingerprint = model_fingerprint(config.base_model_dir)
         self.job: LocalJob | None = LocalJob.load(config.work_dir)
         self.proc: TrainingProcess | None = None
@@ -103,6 +107,7 @@ class Agent:
             self.base_fingerprint,
             self._emit,
             torch_threads=config.torch_threads,
+            ssl_context=self.transfer_ssl,
         )
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
@@ -294,7 +299,7 @@ class Agent:
                     f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
                 )
             if self.job.training.get("dataset_object"):
-                dataset = fetch_shipped_dataset(self.job, job_dir)
+                dataset = fetch_shipped_dataset(self.job, job_dir, ssl_context=self.transfer_ssl)
             else:
                 dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
             spec = training_spec(
@@ -365,7 +370,9 @@ class Agent:
             return
         job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
         try:
-            handin.upload(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id, reply)
+            handin.upload(
+                self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id, reply, ssl_context=self.transfer_ssl
+            )
         except (StoreError, OSError, KeyError, ValueError) as exc:
             self._fail(ErrorClass.UPLOAD_FAILED, f"upload failed: {exc}")
             return

@@ -11,6 +11,7 @@ so a retry after a lost reply returns the adapter the first call registered.
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from protos.pocketlora.v1 import agent_service_pb2 as pb
 RETRY_MAX_S = 60.0
 
 
-def upload(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str, reply: pb.ReportProgressResponse) -> None:
+def upload(
+    job: LocalJob,
+    job_dir: Path,
+    device_id: str,
+    base_model_id: str,
+    reply: pb.ReportProgressResponse,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """Pack the job's adapter and upload it; records its sha256/size on the job (the caller saves).
 
     Raises StoreError (refused or failed transfer), OSError, KeyError or ValueError (no usable
@@ -32,7 +40,7 @@ def upload(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str, rep
         (reply.upload_url, dict(reply.upload_fields)) if reply.upload_url else (job.upload_url, job.upload_fields)
     )
     blob, info = pack_output(job, job_dir, device_id, base_model_id)
-    upload_to_url(url, blob, fields=fields)
+    upload_to_url(url, blob, fields=fields, ssl_context=ssl_context)
     job.uploaded_sha256, job.uploaded_size = info.sha256, info.size
 
 

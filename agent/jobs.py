@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,9 @@ def resolve_dataset(datasets_dir: Path, name: str) -> Path:
     raise JobSetupError(ErrorClass.DATASET_INVALID, f"dataset {name!r} not found on this device")
 
 
-def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
-    """Download an operator-shipped dataset once into the job folder, checking its sha256."""
+def fetch_shipped_dataset(job: LocalJob, job_dir: Path, *, ssl_context: ssl.SSLContext | None = None) -> Path:
+    """Download an operator-shipped dataset once into the job folder, checking its sha256
+    (`ssl_context`: how https URLs are verified, None for the system's roots)."""
     from adapters_store import download_from_url
     from adapters_store.errors import IntegrityError, StoreError
     from adapters_store.limits import MAX_DATASET_BYTES
@@ -159,6 +161,7 @@ def fetch_shipped_dataset(job: LocalJob, job_dir: Path) -> Path:
             path,
             expected_sha256=str(job.training.get("dataset_sha256", "")).removeprefix("sha256:"),
             max_bytes=MAX_DATASET_BYTES,
+            ssl_context=ssl_context,
         )
     except IntegrityError as exc:
         raise JobSetupError(ErrorClass.DATASET_INVALID, f"shipped dataset failed its check: {exc}") from exc

@@ -29,7 +29,7 @@ import psycopg
 
 from orchestrator.domain import Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
-from orchestrator.identity import DeviceCall, hash_secret, require_device
+from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
 from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
 from orchestrator.state.base import StateStore
 from orchestrator.state.pg_functions import ILLEGAL_TRANSITION
@@ -194,6 +194,7 @@ class PgPolls(PollRunner):
         """None when the cache vouches for the caller; else the hash the function checks."""
         if not call.device_id or not call.credential:
             raise Unauthenticated("device id and credential metadata are required")
+        check_certificate(call.device_id, call.certified)
         return None if self.identity.vouched(call) else hash_secret(call.credential)
 
     def _admitted(self, call: DeviceCall, cred_hash: str | None, outcome: str) -> None:

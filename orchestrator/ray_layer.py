@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from orchestrator.config import Limits, OrchestratorConfig
 from orchestrator.errors import Unavailable
 from orchestrator.pace import PacePolicy
+from pocketlora.tls import TlsConfig
 
 log = logging.getLogger("pocketlora.orchestrator")
 T = TypeVar("T")
@@ -128,8 +129,18 @@ def unwrap_ray_errors(fn: Callable[[], T], what: str) -> T:
 class FrontendActor:
     """One gRPC front end; becomes a Ray actor through `frontend_actor()`."""
 
-    def __init__(self, db_url: str, store_url: str, config: dict[str, Any], listen: str) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        store_url: str,
+        config: dict[str, Any],
+        listen: str,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+    ) -> None:
         self.db_url, self.store_url, self.config, self.listen = db_url, store_url, config, listen
+        # PEM bytes read once by the caller: a replica on another node needs no files there.
+        self.tls, self.insecure = tls, insecure
         self.running: Any = None
 
     async def start(self) -> int:
@@ -146,7 +157,7 @@ class FrontendActor:
             return unwrap_ray_errors(lambda: ray.get(verify.remote(store_url, key, sha256, size)), "verification")
 
         orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
-        self.running = await start_server(orch, self.listen)
+        self.running = await start_server(orch, self.listen, tls=self.tls, insecure=self.insecure)
         return int(self.running.port)
 
     async def stop(self) -> None:
@@ -193,9 +204,17 @@ class ControlLoopActor:
 
 
 def start_orchestrator(
-    db_url: str, store_url: str, config: OrchestratorConfig, *, listen: str = "127.0.0.1:0", replicas: int = 1
+    db_url: str,
+    store_url: str,
+    config: OrchestratorConfig,
+    *,
+    listen: str = "127.0.0.1:0",
+    replicas: int = 1,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
 ) -> tuple[list[Any], Any, list[int]]:
-    """Start the control loop and `replicas` front ends; returns (front ends, control actor, ports)."""
+    """Start the control loop and `replicas` front ends (each serving TLS when `tls` is given);
+    returns (front ends, control actor, ports)."""
     import ray
 
     cfg = asdict(config)
@@ -208,7 +227,7 @@ def start_orchestrator(
     frontends, ports = [], []
     for i in range(replicas):
         # Port 0 gives each replica its own port; a fixed port is shared through SO_REUSEPORT.
-        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}")
+        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}", tls, insecure)
         bound = ray.get(actor.start.remote())
         frontends.append(actor)
         ports.append(bound)

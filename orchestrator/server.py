@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from orchestrator.servicers.admin import AdminServicer
 from orchestrator.servicers.agent import AgentServicer
 from orchestrator.servicers.operator import OperatorServicer
 from orchestrator.state import open_state
+from pocketlora.tls import TlsConfig, check_listen
 from protos.pocketlora.v1 import admin_service_pb2, agent_service_pb2, operator_service_pb2
 from protos.pocketlora.v1 import admin_service_pb2_grpc as admin_grpc
 from protos.pocketlora.v1 import agent_service_pb2_grpc as agent_grpc
@@ -84,12 +84,14 @@ async def start_server(
     *,
     threads: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
 ) -> RunningServer:
     """Start AgentService, OperatorService, health and reflection on `listen`; returns the bound
-    port. `interceptors` wrap every call (metrics, tracing, load shedding)."""
-    host = listen.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
-        log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
+    port. `interceptors` wrap every call (metrics, tracing, load shedding). With `tls` the port
+    serves TLS only (and requires client certificates when `tls.ca` is set); plaintext beyond
+    loopback is refused unless `insecure` (TlsConfigError)."""
+    check_listen(listen, tls, insecure)
     executor = ThreadPoolExecutor(max_workers=threads or orch.state.worker_threads, thread_name_prefix="orch")
     if orch.operators.ensure_bootstrap_admin():
         log.info("registered the bootstrap token as the first admin's (operator %r)", BOOTSTRAP_ADMIN)
@@ -109,7 +111,7 @@ async def start_server(
         health.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

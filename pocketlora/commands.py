@@ -12,7 +12,20 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out, parse_kv
+from pocketlora.cli_common import (
+    DEFAULT_STATE_DIR,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    UserError,
+    agent_app,
+    app,
+    client_tls,
+    err,
+    orchestrator_app,
+    out,
+    parse_kv,
+)
 
 
 def _secret_file(path: Path, env: str) -> str:
@@ -61,14 +74,39 @@ def serve(
             " as the first admin's when no admin exists yet.",
         ),
     ] = True,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.", show_default=False)
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-ca",
+            help="Require client certificates signed by this CA (mutual TLS); a device's must name its id.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plaintext gRPC on a non-loopback --listen address.")
+    ] = False,
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
     from orchestrator.errors import InvalidArgument
     from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
+        check_listen(listen, tls, insecure)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if insecure and tls is None:
+        err.print(f"[bold red]INSECURE:[/] plaintext gRPC on {listen}: tokens and credentials travel in clear")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
     operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
@@ -86,10 +124,14 @@ def serve(
     except Exception as exc:
         raise UserError(f"cannot open stores: {exc}") from None
     init_ray(ray_address or None)
-    frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
+    frontends, control, ports = start_orchestrator(
+        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure
+    )
     host = listen.rpartition(":")[0]
+    security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
     out.print(
-        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
+        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} "
+        f"({security}; db {db.split('@')[-1]}, {replicas} replica(s))"
     )
     if bootstrap:
         out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
@@ -128,13 +170,31 @@ def agent_run(
     min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    store_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificate (PEM) for https presigned URLs when the store's CA is private (default: --tls-ca).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
+    from pocketlora.tls import TlsConfig, TlsConfigError, is_loopback, load_tls
 
     labels = parse_kv(label, "--label")
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    try:
+        store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if store_tls is None and tls is not None and tls.ca is not None:
+        store_tls = TlsConfig(ca=tls.ca)
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
@@ -149,6 +209,10 @@ def agent_run(
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if tls is None and not is_loopback(orchestrator.rpartition(":")[0]):
+        logging.getLogger("pocketlora.agent").warning(
+            "plaintext gRPC to %s: the device credential travels in clear (pass --tls-ca)", orchestrator
+        )
     cfg = AgentConfig(
         orchestrator=orchestrator,
         device_id=device_id,
@@ -160,6 +224,8 @@ def agent_run(
         labels=labels,
         memory_budget_mb=memory_budget_mb,
         torch_threads=torch_threads,
+        tls=tls,
+        store_tls=store_tls,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     inherited = {
-        k: v for k, v in os.environ.items() if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR") and not k.startswith("POCKETLORA_TLS_")
     }
     full_env = {**inherited, "COLUMNS": "200", **(env or {})}
     return subprocess.run(

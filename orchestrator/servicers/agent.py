@@ -1,9 +1,10 @@
 """AgentService: device calls. Each method converts, calls one domain method, converts back.
 
 Who the caller is travels as a DeviceCall (the device id in metadata, the bearer credential, the
-device id the request names); the domain checks it in the transaction it opens anyway. A request
-that fails conversion is refused only after its caller is authenticated, so a stranger learns
-nothing about what a valid request looks like.
+device id the request names, the device ids its verified client certificate names); the domain
+checks it in the transaction it opens anyway. A request that fails conversion is refused only
+after its caller is authenticated, so a stranger learns nothing about what a valid request looks
+like.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer, metadata_value
 from orchestrator.servicers.errors import rpc
+from pocketlora.tls import certified_names
 from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import agent_service_pb2_grpc as pb_grpc
@@ -44,8 +46,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         caps = convert.capabilities_dict(request.capabilities)
         try:
-            credential = await self._run(self.orch.identity.enroll, bearer(context), request.device_id, caps)
-        except PermissionDenied as exc:  # an attempt on an enrolled id: the audit log keeps it
+            credential = await self._run(
+                self.orch.identity.enroll, bearer(context), request.device_id, caps, _certified(context)
+            )
+        except PermissionDenied as exc:  # an enrolled id, or another device's certificate: audited
             actor = Actor("device", request.device_id[:128])
             await self._run(self.orch.audit.refused, actor, "Enroll", request.device_id[:128], exc)
             raise
@@ -152,8 +156,13 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         )
 
 
+def _certified(context: grpc.aio.ServicerContext) -> tuple[str, ...] | None:
+    """The device ids the caller's verified client certificate names (None: no certificate)."""
+    return certified_names(context.auth_context())
+
+
 def _caller(context: grpc.aio.ServicerContext, claimed: str = "") -> DeviceCall:
-    return DeviceCall(metadata_value(context, DEVICE_HEADER), bearer(context), claimed)
+    return DeviceCall(metadata_value(context, DEVICE_HEADER), bearer(context), claimed, _certified(context))
 
 
 def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:

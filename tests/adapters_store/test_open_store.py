@@ -32,6 +32,10 @@ from tests.support.seaweed import SeaweedServer
         ("s3://bucket?endpoint=h:1&colour=blue", "unknown S3 parameter(s) colour"),
         ("s3://bucket?endpoint=h:1&secure=maybe", "secure must be true or false"),
         ("s3://bucket/some/path?endpoint=h:1", "takes no path"),
+        ("s3://bucket?endpoint=h:1&ca=ca.pem", "ca must be an absolute path"),
+        ("s3://bucket?endpoint=h:1&ca=/etc/ca.pem&secure=false", "ca applies to https only"),
+        ("s3://bucket?endpoint=h:1&ca=/nonexistent/ca.pem", "S3 CA file /nonexistent/ca.pem: no such file"),
+        ("s3://bucket?endpoint=h:1&ca=/dev/null", "S3 CA file /dev/null: not a usable PEM CA certificate"),
     ],
 )
 def test_bad_urls(url: str, message: str) -> None:

@@ -19,7 +19,7 @@ from adapters_store import FileBlobStore
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, JobFilter, JobState, Progress
-from orchestrator.errors import FailedPrecondition, NotFound, Unauthenticated
+from orchestrator.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from orchestrator.identity import DeviceCall
 from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.polls import POOL_SIZE, InlinePolls, PgPolls, PollRunner, ThreadPolls
@@ -123,6 +123,23 @@ def test_a_wrong_credential_or_unknown_device_is_refused_and_nothing_changes(wor
 
     assert world.job(job_id).state == JobState.QUEUED
     assert world.job(job_id).lease_epoch == 0
+
+
+def test_a_client_certificate_for_another_device_is_refused_and_nothing_changes(world: World) -> None:
+    call = world.enroll()
+    job_id = world.submit()
+    stolen = DeviceCall(call.device_id, call.credential, certified=("phone-2",))
+
+    with pytest.raises(PermissionDenied, match="certificate is for 'phone-2'"):
+        world.lease(stolen)
+    with pytest.raises(PermissionDenied):
+        world.heartbeat(stolen, running_job_id=job_id, running_epoch=1)
+    with pytest.raises(PermissionDenied):
+        world.lease(DeviceCall(call.device_id, call.credential, certified=()))
+
+    assert world.job(job_id).state == JobState.QUEUED
+    bound = DeviceCall(call.device_id, call.credential, certified=("phone-1", "phone-1-alias"))
+    assert world.lease(bound).job.job_id == job_id
 
 
 def test_a_job_that_does_not_fit_waits_and_says_why(world: World) -> None:

@@ -10,13 +10,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
-
 from adapters_store import AdapterManifest, BlobInfo, BlobStore, FileBlobStore, pack_adapter
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import RunningServer, start_server
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
+from pocketlora.tls import TlsConfig, open_channel
 from protos.pocketlora.v1 import admin_service_pb2_grpc, agent_service_pb2_grpc, operator_service_pb2_grpc
 
 OPERATOR_TOKEN = "operator-test-token"
@@ -48,6 +47,8 @@ class ServerThread:
         reap_every_s: float = 0.0,
         interceptors: Any = (),
         store: BlobStore | None = None,
+        tls: TlsConfig | None = None,
+        client_tls: TlsConfig | None = None,
         **config: Any,
     ) -> None:
         self.store = store or FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
@@ -58,6 +59,8 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
         self.interceptors = list(interceptors)
+        # The server's TLS, and what the test's own channel (self.agent, self.operator) presents.
+        self.tls, self.client_tls = tls, client_tls
         # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
@@ -70,10 +73,10 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         self.thread.start()
         self.running = asyncio.run_coroutine_threadsafe(
-            start_server(self.orch, interceptors=self.interceptors), self.loop
+            start_server(self.orch, interceptors=self.interceptors, tls=self.tls), self.loop
         ).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = open_channel(self.address, self.client_tls)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
         self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)

