@@ -6,7 +6,9 @@ OrchestratorError
 ├── AlreadyExists        a conflicting create
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
-└── PermissionDenied     a valid caller acting on what is not theirs
+├── PermissionDenied     a valid caller acting on what is not theirs
+├── ResourceExhausted    the caller is over one of its limits (a watch that fell behind, too many calls)
+└── Unavailable          not now: the server is stopping
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class PermissionDenied(OrchestratorError):
 
 class ResourceExhausted(OrchestratorError):
     """The caller is over one of its limits; it may retry later."""
+
+
+class Unavailable(OrchestratorError):
+    """The server cannot serve this now (it is stopping); try again, maybe elsewhere."""
 
 
 T = TypeVar("T")

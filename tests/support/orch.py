@@ -47,6 +47,7 @@ class ServerThread:
         clock: Any = None,
         reap_every_s: float = 0.0,
         interceptors: Any = (),
+        http: bool = False,
         **config: Any,
     ) -> None:
         self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
@@ -57,6 +58,8 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
         self.interceptors = list(interceptors)
+        self.http = http
+        self.http_url = ""
         # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
@@ -69,9 +72,12 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         self.thread.start()
         self.running = asyncio.run_coroutine_threadsafe(
-            start_server(self.orch, interceptors=self.interceptors), self.loop
+            start_server(self.orch, interceptors=self.interceptors, http_listen="127.0.0.1:0" if self.http else ""),
+            self.loop,
         ).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
+        if self.http:
+            self.http_url = f"http://127.0.0.1:{self.running.http_port}"
         self.channel = grpc.insecure_channel(self.address)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
