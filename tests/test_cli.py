@@ -219,14 +219,13 @@ class Lines:
             assert ok, f"{needle!r} x{times} not printed: {self.lines}"
 
 
-def _drive_job(server: ServerThread, job_id: str, device: str, printed: Lines, prefix: str) -> None:
+def _drive_job(server: ServerThread, job_id: str, device: str, credential: str, printed: Lines, prefix: str) -> None:
     """Lease the job as its device would, report progress, pause, resume, then fail it for good,
     each change once the watch has printed the one before (a watch sees a job's latest state)."""
     from protos.pocketlora.v1 import types_pb2 as tpb
     from tests.support.orch import dev_md
 
-    credential = server.agent.Enroll(apb.EnrollRequest(device_id=device), metadata=op_md(ENROLL_TOKEN))
-    md = dev_md(device, credential.device_credential)
+    md = dev_md(device, credential)
     printed.wait(f"{prefix}QUEUED")
     a = server.agent.LeaseJob(apb.LeaseJobRequest(device_id=device), metadata=md).assignment
     assert a.job_id == job_id
@@ -261,14 +260,14 @@ def test_job_watch_follows_a_job_to_its_end(server: ServerThread, as_json: bool)
     env = {**os.environ, "POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
     env["COLUMNS"] = "200"
     device = f"watched-{as_json}".lower()
-    server.agent.Enroll(apb.EnrollRequest(device_id=device), metadata=op_md(ENROLL_TOKEN))
+    enrolled = server.agent.Enroll(apb.EnrollRequest(device_id=device), metadata=op_md(ENROLL_TOKEN))
     sub = cli("job", "submit", "--device-id", device, "--dataset", "notes", "--json", env=env)
     job_id = json.loads(sub.stdout)["job"]["job_id"]
     cmd = [sys.executable, "-m", "pocketlora", "job", "watch", job_id, *(["--json"] if as_json else [])]
     watch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         printed = Lines(watch)
-        _drive_job(server, job_id, device, printed, "JOB_STATE_" if as_json else "")
+        _drive_job(server, job_id, device, enrolled.device_credential, printed, "JOB_STATE_" if as_json else "")
         watch.wait(timeout=60)
         printed.wait("FAILED")
     finally:
