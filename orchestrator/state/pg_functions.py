@@ -177,7 +177,7 @@ $fn$
 """
 
 
-# Migration 4: the polls also write what dashboards read (state/history.py keeps the same rules
+# Migration 5: the polls also write what dashboards read (state/history.py keeps the same rules
 # for every other path): a job_events row when a job's state changes (at most 1000 per job), a
 # job_progress row when the step enters a new one of 500 buckets of the attempt's planned steps
 # (history.POINTS), and the adapters a device reports refusing. Progress is read from the JSON
