@@ -24,6 +24,7 @@ from adapters_store.errors import StoreError, TransferError
 from agent.client import DeviceClient
 from agent.jobs import id_path
 from protos.pocketlora.v1 import agent_service_pb2 as pb
+from protos.pocketlora.v1 import types_pb2 as tpb
 from protos.wire import is_id
 
 log = logging.getLogger("pocketlora.agent")
@@ -121,6 +122,10 @@ class AdapterSwitcher:
         except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
             log.info("unload of %s: %s", adapter_id, exc)
         shutil.rmtree(id_path(self.dir, adapter_id, "adapter id"), ignore_errors=True)
+
+    def refusals(self) -> list[tpb.AdapterRefusal]:
+        """The adapters this device refused and why (the last 16), as heartbeats report them."""
+        return [tpb.AdapterRefusal(adapter_id=k, reason=v[:300]) for k, v in list(self.refused.items())[-16:]]
 
     def _refuse(self, adapter_id: str, reason: str) -> None:
         self.refused[adapter_id] = reason

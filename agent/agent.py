@@ -422,6 +422,7 @@ class Agent:
         req = heartbeat_request(
             self.cfg.device_id, self.reading, self.eligibility, self.adapters.active_adapter_id, running
         )
+        req.adapter_refusals.extend(self.adapters.refusals())  # why a desired adapter is not active
         reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)

@@ -212,6 +212,8 @@ class DeviceRecord:
     # device's first call with it, so a device that crashed mid-rotation keeps its old one.
     next_credential_hash: str = ""
     revoked_at: float = 0.0
+    # Adapters the device refused to load (adapter id -> why), as it last reported them.
+    adapter_refusals: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -231,6 +233,29 @@ class AdapterRecord:
     manifest: dict[str, Any]
     created_at: float
     blob_key: str
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One recorded state change of a job."""
+
+    at: float
+    state: JobState
+    attempt: int
+    message: str = ""
+    error_class: str = ""
+
+
+@dataclass(frozen=True)
+class ProgressPoint:
+    """One recorded progress report of an attempt (the loss curve's points)."""
+
+    at: float
+    attempt: int
+    step: int
+    total_steps: int
+    loss: float | None
+    tokens_seen: int
 
 
 @dataclass

@@ -7,9 +7,11 @@ OrchestratorError
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
 ├── PermissionDenied     a valid caller acting on what is not theirs
-├── ResourceExhausted    the caller is over one of its limits (retry later)
-└── Unavailable          a dependency (the adapter store, the verification task) is down:
-                         nothing was decided, the caller should retry the same call later
+├── ResourceExhausted    the caller is over one of its limits (too many calls, a watch that
+│                        fell behind): retry later
+└── Unavailable          a dependency (the adapter store, the verification task) is down, or
+                         the server is stopping: nothing was decided, the caller should retry
+                         the same call later (maybe elsewhere)
 
 Every error pickles to the same class and fields (PortableError), so it crosses Ray task and
 actor boundaries intact.
@@ -59,7 +61,8 @@ class ResourceExhausted(OrchestratorError):
 
 
 class Unavailable(OrchestratorError):
-    """Something the call needs is down for now; the same call may succeed later."""
+    """Something the call needs is down for now, or the server is stopping; the same call may
+    succeed later, maybe on another replica."""
 
 
 T = TypeVar("T")

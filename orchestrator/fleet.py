@@ -19,6 +19,10 @@ from orchestrator.domain import CampaignRecord, DeviceSelector, JobRecord, new_i
 from orchestrator.errors import FailedPrecondition, InvalidArgument, found
 from orchestrator.state.base import StateStore
 
+# A device seen within this window counts as online (its polls come every few seconds to a minute).
+ONLINE_WINDOW_S = 120.0
+THROUGHPUT_MINUTES = 30
+
 
 class FleetOps:
     """Operator use cases that change the fleet's work or adapters."""
@@ -192,16 +196,29 @@ class FleetOps:
         return previous
 
     # ------------------------------------------------------------------ summary
-    def fleet_summary(self, online_window_s: float = 120.0) -> dict[str, Any]:
-        """Jobs by state, devices by eligibility reason, counts."""
+    def fleet_summary(self, online_window_s: float = ONLINE_WINDOW_S) -> dict[str, Any]:
+        """Jobs by state, devices by eligibility reason and by adapter convergence, queue depth by
+        base model, jobs ended per minute over THROUGHPUT_MINUTES: what dashboards and the
+        Prometheus gauges show (the same numbers, from this one read)."""
+        now = self.clock()
+        first_minute = int(now // 60) - THROUGHPUT_MINUTES + 1
         with self.state.transaction() as tx:
             jobs = tx.count_jobs_by_state()
-            by_reason, total, online = tx.count_devices_by_reason(self.clock() - online_window_s)
+            by_reason, total, online = tx.count_devices_by_reason(now - online_window_s)
             adapters = tx.adapter_count()
+            sync = tx.adapter_sync_counts(now - online_window_s)
+            queued = tx.queued_by_base_model()
+            finished = tx.finished_per_minute(first_minute * 60.0)
         return {
             "jobs_by_state": jobs,
             "devices_by_eligibility": by_reason,
             "device_count": total,
             "devices_online": online,
             "adapter_count": adapters,
+            "devices_by_adapter_sync": sync,
+            "queued_by_base_model": queued,
+            "finished_per_minute": [
+                (minute * 60.0, *finished.get(minute, (0, 0)))
+                for minute in range(first_minute, first_minute + THROUGHPUT_MINUTES)
+            ],
         }

@@ -20,6 +20,7 @@ from typing import Any
 
 from adapters_store import BlobStore, IntegrityError, UploadTarget, upload_key, verify_and_promote
 from adapters_store.errors import AdapterFormatError, StoreUnavailable
+from orchestrator import metrics as telemetry  # `metrics` is also CompleteJob's reported metrics
 from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
@@ -57,6 +58,7 @@ class HeartbeatInput:
     progress: Progress | None = None
     active_adapter_id: str = ""
     free_storage_bytes: int = 0
+    adapter_refusals: dict[str, str] = field(default_factory=dict)  # adapter id -> why it was refused
 
 
 @dataclass
@@ -177,6 +179,7 @@ class JobLifecycle:
         if job.state == JobState.CANCELLED:
             return [hb.running_job_id], [], 0.0
         if not job.state.leased or job.lease_epoch != hb.running_epoch:
+            telemetry.fenced_report("heartbeat")
             return [], [hb.running_job_id], 0.0
         if hb.running_state is not None and hb.running_state != job.state:
             job.move(hb.running_state, now, hb.eligibility_reason)
@@ -220,7 +223,8 @@ class JobLifecycle:
     def _upload_target(self, job: JobRecord, now: float) -> tuple[UploadTarget, float]:
         # Scoped to this job's attempt key, capped in size, and no longer-lived than its lease.
         ttl = int(min(self.config.upload_url_s, self.config.lease_s))
-        target = self.blobs.presign_upload(upload_key(job.job_id, job.attempt), ttl, self.config.max_adapter_bytes)
+        with telemetry.blob_operation("presign_put"):
+            target = self.blobs.presign_upload(upload_key(job.job_id, job.attempt), ttl, self.config.max_adapter_bytes)
         return target, now + ttl
 
     # ------------------------------------------------------------------ reports
@@ -271,8 +275,12 @@ class JobLifecycle:
                 return done
             attempt = own_job(job, call.device_id, job_id, epoch).attempt
         try:
-            sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
+            with telemetry.blob_operation("verify"):
+                sha, real_size, blob_key, manifest = self.verifier(
+                    self.blobs, upload_key(job_id, attempt), sha256, size
+                )
         except (IntegrityError, AdapterFormatError) as exc:
+            telemetry.verification(exc.reason if isinstance(exc, IntegrityError) else "format")
             # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest.
             self.fail(call, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
             raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
@@ -302,6 +310,7 @@ class JobLifecycle:
                 blob_key=blob_key,
             )
             tx.insert_adapter(adapter)
+            telemetry.verification("ok")
             job.succeed(adapter.adapter_id, now)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
@@ -316,6 +325,7 @@ class JobLifecycle:
             job.fail_attempt(error, validation.device_text(message, 500), now, self.config.retry)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
+        telemetry.attempt_failed(error.value, requeued=job.state == JobState.QUEUED)
         return job.state == JobState.QUEUED, job.state
 
     def adapter_download(self, call: DeviceCall, adapter_id: str) -> tuple[AdapterRecord, str, float]:
@@ -329,7 +339,9 @@ class JobLifecycle:
         if adapter.device_id != call.device_id:
             raise PermissionDenied(f"adapter {adapter_id} belongs to another device")
         ttl = int(self.config.download_url_s)
-        return adapter, self.blobs.presign_get(adapter.blob_key, ttl), self.clock() + ttl
+        with telemetry.blob_operation("presign_get"):
+            url = self.blobs.presign_get(adapter.blob_key, ttl)
+        return adapter, url, self.clock() + ttl
 
     def _own(self, tx: Tx, device_id: str, job_id: str, epoch: int) -> JobRecord:
         validation.object_id(job_id, "job_id")
@@ -349,6 +361,12 @@ class JobLifecycle:
                         ErrorClass.LEASE_EXPIRED, "the device stopped renewing its lease", now, self.config.retry
                     )
                 tx.save_job(job)
+        for job in jobs:  # counted once committed
+            if job.last_error_class == ErrorClass.DEADLINE_EXCEEDED.value:
+                telemetry.deadline_missed()
+            else:
+                telemetry.lease_expired()
+                telemetry.attempt_failed(ErrorClass.LEASE_EXPIRED.value, requeued=job.state == JobState.QUEUED)
         return len(jobs)
 
 
@@ -361,6 +379,7 @@ def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> J
     if job.state == JobState.CANCELLED:
         raise FailedPrecondition(f"job {job_id} was cancelled")
     if not job.state.leased or job.lease_epoch != epoch:
+        telemetry.fenced_report("report")
         raise FailedPrecondition(
             f"stale lease on job {job_id}: epoch {epoch} is not the current lease "
             f"(epoch {job.lease_epoch}, state {job.state.value})"
@@ -384,6 +403,9 @@ def validate_heartbeat(hb: HeartbeatInput) -> None:
         validation.object_id(hb.running_job_id, "running.job_id")
     validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
     hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
+    for adapter_id in hb.adapter_refusals:
+        validation.object_id(adapter_id, "adapter_refusals.adapter_id")
+    hb.adapter_refusals = {k: validation.device_text(v, 300) for k, v in list(hb.adapter_refusals.items())[:16]}
 
 
 def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:
@@ -428,6 +450,7 @@ def record_device_report(
         "eligibility_detail": hb.eligibility_detail,
         "active_adapter_id": hb.active_adapter_id,
         "running_job_id": hb.running_job_id,
+        "adapter_refusals": hb.adapter_refusals,
     }
     values = {k: v for k, v in fields.items() if getattr(device, k) != v}
     storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")

@@ -27,7 +27,8 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.domain import Progress
+from orchestrator import metrics
+from orchestrator.domain import JobState, Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
 from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
@@ -104,7 +105,7 @@ _LEASE = (
 _HEARTBEAT = (
     "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
     "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
-    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint)"
+    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint, %s::text)"
 )
 # Proto epochs are uint64; the column is signed 64-bit.
 _INT64_MAX = 2**63 - 1
@@ -219,6 +220,8 @@ class PgPolls(PollRunner):
         if outcome in _GENERIC:
             return await self.fallback.lease(call)
         self._admitted(call, cred_hash, outcome)
+        if outcome == "leased":
+            metrics.transition(JobState.LEASED.value)
         await self._fleet()
         return self.jobs.lease_reply(row_to_job(json.loads(job_json)) if job_json else None, now)
 
@@ -247,7 +250,8 @@ class PgPolls(PollRunner):
             hb.eligibility_reason,
             hb.eligibility_detail,
             hb.active_adapter_id,
-            hb.free_storage_bytes,
+            min(hb.free_storage_bytes, _INT64_MAX),
+            json.dumps(hb.adapter_refusals, sort_keys=True),
         )
         outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
         if outcome in _GENERIC:
@@ -257,6 +261,8 @@ class PgPolls(PollRunner):
         desired = row_to_adapter(json.loads(adapter_json)) if adapter_json else None
         cancel = [hb.running_job_id] if outcome == "cancel" else []
         stale = [hb.running_job_id] if outcome == "stale" else []
+        if stale:
+            metrics.fenced_report("heartbeat")
         return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
 
     async def close(self) -> None:

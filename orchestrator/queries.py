@@ -11,7 +11,16 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from orchestrator import validation
-from orchestrator.domain import AdapterRecord, CampaignRecord, DeviceRecord, DeviceSelector, JobFilter, JobRecord
+from orchestrator.domain import (
+    AdapterRecord,
+    CampaignRecord,
+    DeviceRecord,
+    DeviceSelector,
+    JobEvent,
+    JobFilter,
+    JobRecord,
+    ProgressPoint,
+)
 from orchestrator.errors import InvalidArgument, found
 from orchestrator.state.base import StateStore, WatchCursor
 
@@ -39,6 +48,14 @@ class Queries:
         with self.state.transaction() as tx:
             jobs = tx.list_jobs(flt, size + 1, page_token)
         return _page(jobs, size, lambda j: j.job_id)
+
+    def job_history(self, job_id: str) -> tuple[JobRecord, list[JobEvent], list[ProgressPoint]]:
+        """The job, its state changes and its recorded progress points, oldest first."""
+        validation.object_id(job_id, "job_id")
+        with self.state.transaction() as tx:
+            job = found(tx.get_job(job_id), "job", job_id)
+            events, points = tx.job_history(job_id)
+        return job, events, points
 
     def watch_cursor(self) -> WatchCursor:
         """Where a watch starts: every change committed from now on comes after it."""
@@ -99,6 +116,17 @@ class Queries:
         with self.state.transaction() as tx:
             campaign = found(tx.get_campaign(campaign_id), "campaign", campaign_id)
             return campaign, tx.count_jobs_by_state(campaign_id)
+
+    def list_campaigns(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[tuple[CampaignRecord, dict[str, int]]], str]:
+        """A page of campaigns, newest first, each with its jobs counted by state."""
+        size = validation.page_size(page_size)
+        validation.optional_object_id(page_token, "page_token")
+        with self.state.transaction() as tx:
+            campaigns = tx.list_campaigns(size + 1, page_token)
+            page, token = _page(campaigns, size, lambda c: c.campaign_id)
+            return [(c, tx.count_jobs_by_state(c.campaign_id)) for c in page], token
 
 
 def check_filter(flt: JobFilter) -> None:

@@ -4,7 +4,9 @@ Plain classes hold the logic (orchestrator.service.Orchestrator); this module tu
 actors with one factory each (Ray Serve's controller pattern):
 
 - FrontendActor: one gRPC front end (async actor); `--replicas N` starts N of them on one port
-  (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports.
+  (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports. With an HTTP
+  listener, replica i serves it on the HTTP port + i (each replica is its own Prometheus
+  target), and replica 0's /metrics adds the control loop's counters (lease expiries...).
 - ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
   it after a crash, and it holds no state of its own (everything is in the state store).
 - verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end;
@@ -137,10 +139,13 @@ class FrontendActor:
         listen: str,
         tls: TlsConfig | None = None,
         insecure: bool = False,
+        http_listen: str = "",
+        replica: int = 0,
     ) -> None:
         self.db_url, self.store_url, self.config, self.listen = db_url, store_url, config, listen
         # PEM bytes read once by the caller: a replica on another node needs no files there.
         self.tls, self.insecure = tls, insecure
+        self.http_listen, self.replica = http_listen, replica
         self.running: Any = None
 
     async def start(self) -> int:
@@ -157,8 +162,15 @@ class FrontendActor:
             return unwrap_ray_errors(lambda: ray.get(verify.remote(store_url, key, sha256, size)), "verification")
 
         orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
-        self.running = await start_server(orch, self.listen, tls=self.tls, insecure=self.insecure)
+        remote = _control_loop_metrics if self.replica == 0 else None
+        self.running = await start_server(
+            orch, self.listen, tls=self.tls, insecure=self.insecure, http_listen=self.http_listen, remote_metrics=remote
+        )
         return int(self.running.port)
+
+    async def http_port(self) -> int:
+        """The HTTP listener's port (0 without one)."""
+        return int(self.running.http_port) if self.running is not None else 0
 
     async def stop(self) -> None:
         """Stop serving."""
@@ -202,6 +214,24 @@ class ControlLoopActor:
         """How much the loop has done."""
         return {"ticks": self.ticks, "reaped": self.reaped}
 
+    async def metrics_snapshot(self) -> list[Any]:
+        """This process's domain metrics (lease expiries, deadlines...), for a front end's /metrics."""
+        from orchestrator import metrics
+
+        return metrics.snapshot()
+
+
+def _control_loop_metrics() -> list[Any]:
+    """The control loop's domain metrics; none when it cannot be reached now (a scrape must not fail)."""
+    import ray
+
+    try:
+        control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+        return list(ray.get(control.metrics_snapshot.remote(), timeout=2.0))
+    except Exception:
+        log.warning("control loop metrics unavailable for this scrape")
+        return []
+
 
 def start_orchestrator(
     db_url: str,
@@ -212,9 +242,11 @@ def start_orchestrator(
     replicas: int = 1,
     tls: TlsConfig | None = None,
     insecure: bool = False,
+    http_listen: str = "",
 ) -> tuple[list[Any], Any, list[int]]:
     """Start the control loop and `replicas` front ends (each serving TLS when `tls` is given);
-    returns (front ends, control actor, ports)."""
+    returns (front ends, control actor, ports). With `http_listen`, replica i serves HTTP on its
+    port + i (port 0: each picks a free one)."""
     import ray
 
     cfg = asdict(config)
@@ -227,12 +259,23 @@ def start_orchestrator(
     frontends, ports = [], []
     for i in range(replicas):
         # Port 0 gives each replica its own port; a fixed port is shared through SO_REUSEPORT.
-        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}", tls, insecure)
+        http = ""
+        if http_listen:
+            http_host, http_port = http_listen.rsplit(":", 1)
+            http = f"{http_host}:{int(http_port) + i if int(http_port) else 0}"
+        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}", tls, insecure, http, i)
         bound = ray.get(actor.start.remote())
         frontends.append(actor)
         ports.append(bound)
         log.info("front end %d serving on %s:%d", i, host, bound)
     return frontends, control, ports
+
+
+def http_ports(frontends: list[Any]) -> list[int]:
+    """Each front end's HTTP port (0 for one without a listener)."""
+    import ray
+
+    return [int(p) for p in ray.get([actor.http_port.remote() for actor in frontends])]
 
 
 def stop_orchestrator(frontends: list[Any], control: Any) -> None:

@@ -1,6 +1,6 @@
 """The `pocketlora` command line: `pocketlora --help` lists every command.
 
-The commands live by role (job_cli.py: jobs; operator_cli.py: devices, adapters, tokens, the
+The commands live by role (job_cli.py: jobs; watch_cli.py: job watch; operator_cli.py: devices, adapters, tokens, the
 summary; admin_cli.py: operators, tokens, device identities, the audit log; commands.py:
 servers, the agent, inference and the demo) and register themselves on the shared groups of
 cli_common.py when imported here.
@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-from pocketlora import admin_cli, commands, job_cli, operator_cli
+from pocketlora import admin_cli, commands, job_cli, operator_cli, watch_cli
 from pocketlora.cli_common import UserError, app, err
 from pocketlora.client import ClientError
 
-COMMAND_MODULES = (admin_cli, commands, job_cli, operator_cli)
+COMMAND_MODULES = (admin_cli, commands, job_cli, operator_cli, watch_cli)
 
 
 def main() -> None:

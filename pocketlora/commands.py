@@ -42,10 +42,10 @@ def _secret_file(path: Path, env: str) -> str:
     return value
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, flag: str = "--listen") -> None:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
+        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
 @orchestrator_app.command("serve")
@@ -64,6 +64,12 @@ def serve(
         str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
     ] = "",
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for /metrics, the JSON API and the web console (default: off); replica i uses PORT+i."
+        ),
+    ] = "",
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
     bootstrap: Annotated[
@@ -95,10 +101,12 @@ def serve(
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
     from orchestrator.errors import InvalidArgument
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
     from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
+    if http_listen:
+        _check_listen(http_listen, "--http-listen")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
@@ -125,7 +133,7 @@ def serve(
         raise UserError(f"cannot open stores: {exc}") from None
     init_ray(ray_address or None)
     frontends, control, ports = start_orchestrator(
-        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure
+        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure, http_listen=http_listen
     )
     host = listen.rpartition(":")[0]
     security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
@@ -133,6 +141,10 @@ def serve(
         f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} "
         f"({security}; db {db.split('@')[-1]}, {replicas} replica(s))"
     )
+    if http_listen:
+        http_host = http_listen.rpartition(":")[0]
+        for port in http_ports(frontends):
+            out.print(f"web console on http://{http_host}:{port}/ (operator token required), metrics on /metrics")
     if bootstrap:
         out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
     out.print(f"enrollment token in {state_dir / 'enrollment-token'}")
@@ -180,6 +192,9 @@ def agent_run(
             show_default=False,
         ),
     ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option(help="Serve Prometheus metrics on this loopback HOST:PORT (default: off).")
+    ] = "",
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
@@ -195,6 +210,17 @@ def agent_run(
         raise UserError(str(exc)) from None
     if store_tls is None and tls is not None and tls.ca is not None:
         store_tls = TlsConfig(ca=tls.ca)
+    observed = None
+    if metrics_listen:  # prometheus_client is imported only then: an idle agent stays light
+        from agent.metrics import AgentMetrics, check_loopback
+
+        observed = AgentMetrics()
+        try:
+            check_loopback(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                str(exc).removeprefix("--metrics-listen "), param_hint="--metrics-listen"
+            ) from None
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
@@ -231,7 +257,12 @@ def agent_run(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        Agent(cfg, source, Gate(policy)).run(stop)
+        agent = Agent(cfg, source, Gate(policy), listener=observed.on_event if observed else None)
+        if observed is not None:
+            observed.agent = agent
+            observed.serve(metrics_listen)
+            out.print(f"agent metrics on http://{metrics_listen}/metrics")
+        agent.run(stop)
     except EnrollmentError as exc:
         raise UserError(str(exc)) from None
 

@@ -1,12 +1,11 @@
-"""Job commands: submit (with a dataset on the device or shipped through the store), list, get,
-cancel and watch.
+"""Job commands: submit (with a dataset on the device or shipped through the store), list, get
+and cancel (watch is in watch_cli.py).
 
 Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -195,30 +194,3 @@ def job_cancel(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "
     """Cancel a job; a training device stops on its next heartbeat."""
     job = call(address, token, "CancelJob", op.CancelJobRequest(job_id=job_id)).job
     show(job, as_json, f"job {job.job_id} is {state_name(job.state)}")
-
-
-@job_app.command("watch")
-def job_watch(
-    job_id: Annotated[str, typer.Argument(help="Stop when this job ends (default: watch every job).")] = "",
-    device_id: Annotated[str, typer.Option("--device-id")] = "",
-    address: Address = DEFAULT_ADDRESS,
-    token: Token = "",
-    as_json: AsJson = False,
-) -> None:
-    """Stream job changes as they happen."""
-    with client(address, token) as c:
-        if job_id:
-            c.call("GetJob", op.GetJobRequest(job_id=job_id))  # NOT_FOUND early, as one line
-        for change in c.watch(op.WatchJobsRequest(filter=tpb.JobFilter(device_id=device_id), include_initial=True)):
-            j = change.job
-            if job_id and j.job_id != job_id:
-                continue
-            if as_json:
-                print(json.dumps(dump(j)), flush=True)
-            else:
-                p = j.progress
-                out.print(
-                    f"{j.job_id} {state_name(j.state):<10} step {p.step}/{p.total_steps} loss {p.loss:.3f} {j.status_message}"
-                )
-            if job_id and j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
-                return

@@ -174,6 +174,7 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
         free_storage_bytes=convert.byte_count(request.free_storage_bytes),
+        adapter_refusals={r.adapter_id: r.reason for r in request.adapter_refusals},
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:

@@ -16,10 +16,12 @@ from orchestrator.domain import (
     DeviceRecord,
     DeviceSelector,
     ErrorClass,
+    JobEvent,
     JobFilter,
     JobRecord,
     JobState,
     Progress,
+    ProgressPoint,
 )
 from orchestrator.errors import InvalidArgument
 from protos import wire
@@ -209,6 +211,7 @@ def device_pb(device: DeviceRecord) -> pb.Device:
         reported_labels=device.reported_labels,
         revoked_at=ts(device.revoked_at),
         labels=device.labels,
+        adapter_refusals=[pb.AdapterRefusal(adapter_id=k, reason=v) for k, v in device.adapter_refusals.items()],
     )
 
 
@@ -288,6 +291,37 @@ def job_filter(f: pb.JobFilter) -> JobFilter:
     )
 
 
+def history_pb(history: tuple[JobRecord, list[JobEvent], list[ProgressPoint]]) -> op_pb.GetJobHistoryResponse:
+    """A job's recorded history; its creation is the first event."""
+    job, events, points = history
+    created = pb.JobEvent(at=ts(job.created_at), state=wire.to_pb(JobState.QUEUED), message="submitted")  # type: ignore[arg-type]
+    return op_pb.GetJobHistoryResponse(
+        events=[created, *(event_pb(e) for e in events)],
+        points=[
+            pb.ProgressPoint(
+                at=ts(p.at),
+                attempt=p.attempt,
+                step=min(p.step, 2**32 - 1),
+                total_steps=min(p.total_steps, 2**32 - 1),
+                loss=p.loss if p.loss is not None else float("nan"),
+                tokens_seen=p.tokens_seen,
+            )
+            for p in points
+        ],
+    )
+
+
+def event_pb(e: JobEvent) -> pb.JobEvent:
+    """One state change."""
+    return pb.JobEvent(
+        at=ts(e.at),
+        state=wire.to_pb(e.state),  # type: ignore[arg-type]
+        attempt=e.attempt,
+        message=e.message,
+        error_class=wire.to_pb(ErrorClass(e.error_class)) if e.error_class else 0,  # type: ignore[arg-type]
+    )
+
+
 def summary_pb(s: dict[str, Any]) -> op_pb.GetFleetSummaryResponse:
     """The fleet summary as the API shows it, counts keyed by the proto's enum names."""
     by_reason = {
@@ -302,4 +336,10 @@ def summary_pb(s: dict[str, Any]) -> op_pb.GetFleetSummaryResponse:
         device_count=s["device_count"],
         devices_online=s["devices_online"],
         adapter_count=s["adapter_count"],
+        queued_by_base_model=s["queued_by_base_model"],
+        devices_by_adapter_sync=s["devices_by_adapter_sync"],
+        finished_per_minute=[
+            op_pb.MinuteCount(minute=ts(minute), succeeded=ok, failed=bad)
+            for minute, ok, bad in s["finished_per_minute"]
+        ],
     )

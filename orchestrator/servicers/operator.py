@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 import grpc
 
-from orchestrator.domain import JobFilter
+from orchestrator.feed import ChangeFeed
+from orchestrator.limits import Gatekeeper
+from orchestrator.polls import PollRunner
+from orchestrator.service import Orchestrator
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import OperatorServicerBase
 from orchestrator.servicers.errors import rpc
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
-WATCH_POLL_S = 0.25
-
 
 class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
     """The operator-facing API; every call needs an operator token whose role allows it."""
+
+    def __init__(
+        self, orch: Orchestrator, polls: PollRunner, executor: Executor, gate: Gatekeeper, feed: ChangeFeed
+    ) -> None:
+        super().__init__(orch, polls, executor, gate)
+        self.feed = feed
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.SubmitJobResponse:
@@ -67,6 +74,16 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
         return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
 
     @rpc
+    async def ListCampaigns(
+        self, request: pb.ListCampaignsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCampaignsResponse:
+        await self._principal(context, "ListCampaigns")
+        campaigns, token = await self._run(self.orch.queries.list_campaigns, request.page_size, request.page_token)
+        return pb.ListCampaignsResponse(
+            campaigns=[convert.campaign_pb(c, counts) for c, counts in campaigns], next_page_token=token
+        )
+
+    @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
         who = await self._principal(context, "CancelJob")
         job = await self._change(who, "CancelJob", request.job_id, self.orch.fleet.cancel_job, request.job_id)
@@ -76,6 +93,13 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
         await self._principal(context, "GetJob")
         return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.queries.get_job, request.job_id)))
+
+    @rpc
+    async def GetJobHistory(
+        self, request: pb.GetJobHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobHistoryResponse:
+        await self._principal(context, "GetJobHistory")
+        return convert.history_pb(await self._run(self.orch.queries.job_history, request.job_id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
@@ -88,27 +112,17 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
     async def WatchJobs(
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
-        """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
+        """Stream job changes from the process's change feed (which sees every replica's writes)."""
         principal = await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
         with self.gate.watch(principal.name):
-            async for change in self._watch(request, flt, context):
-                yield change
-
-    async def _watch(
-        self, request: pb.WatchJobsRequest, flt: JobFilter, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchJobsResponse]:
-        cursor = await self._run(self.orch.queries.watch_cursor)
-        if request.include_initial:
-            jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
-            for job in reversed(jobs):
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-        while not context.done():
-            changed, cursor = await self._run(self.orch.queries.jobs_changed_after, cursor, flt, 500)
-            for job in changed:
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-            if not changed:
-                await asyncio.sleep(WATCH_POLL_S)
+            async with self.feed.subscribe(flt) as changes:
+                if request.include_initial:
+                    jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
+                    for job in reversed(jobs):
+                        yield pb.WatchJobsResponse(job=convert.job_pb(job))
+                async for job in changes:
+                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
 
     @rpc
     async def ListDevices(

@@ -21,10 +21,12 @@ from orchestrator.domain import (
     CampaignRecord,
     DeviceRecord,
     EnrollmentTokenRecord,
+    JobEvent,
     JobFilter,
     JobRecord,
     OperatorRecord,
     OperatorTokenRecord,
+    ProgressPoint,
 )
 
 # Where a watch stands: (a backend-defined order key, the last job id at that key).
@@ -99,6 +101,27 @@ class Tx(abc.ABC):
     def count_jobs_by_state(self, campaign_id: str = "") -> dict[str, int]:
         """Number of jobs in each state (of one campaign when given)."""
 
+    # --- history (written by save_job in the same transaction) and dashboard aggregates ---
+    @abc.abstractmethod
+    def job_history(self, job_id: str) -> tuple[list[JobEvent], list[ProgressPoint]]:
+        """The job's recorded state changes (oldest first) and progress points (by attempt, step).
+
+        save_job records an event whenever a job's state or attempt differs from what this
+        transaction read, and a progress point whenever its step enters a new bucket of the
+        attempt (a bounded sample: state/history.py)."""
+
+    @abc.abstractmethod
+    def finished_per_minute(self, since: float) -> dict[int, tuple[int, int]]:
+        """Jobs that ended since `since`, per minute (UNIX seconds // 60): (succeeded, failed or cancelled)."""
+
+    @abc.abstractmethod
+    def queued_by_base_model(self) -> dict[str, int]:
+        """QUEUED jobs by the base model they need (the largest few; the rest under "other")."""
+
+    @abc.abstractmethod
+    def adapter_sync_counts(self, online_since: float) -> dict[str, int]:
+        """Devices by adapter convergence: CONVERGED, REFUSED, OFFLINE or PENDING."""
+
     # --- campaigns ---
     @abc.abstractmethod
     def insert_campaign(self, campaign: CampaignRecord) -> None:
@@ -111,6 +134,10 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
         """Return the campaign submitted with this idempotency key, or None."""
+
+    @abc.abstractmethod
+    def list_campaigns(self, limit: int, before_campaign_id: str = "") -> list[CampaignRecord]:
+        """Campaigns newest first, with ids below before_campaign_id when given."""
 
     # --- devices ---
     @abc.abstractmethod

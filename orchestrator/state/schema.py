@@ -156,6 +156,39 @@ MIGRATIONS: list[list[str | PostgresOnly]] = [
         "CREATE INDEX audit_events_actor ON audit_events (actor, event_id)",
         "CREATE INDEX audit_events_target ON audit_events (target, event_id)",
     ],
+    # 5: what dashboards show. Each job's state changes (its timeline, and jobs ended per
+    # minute) and a bounded sample of its progress reports (the loss curve), written in the
+    # transaction that saves the job (state/history.py); and why a device refused adapters.
+    [
+        """CREATE TABLE job_events (
+            job_id TEXT NOT NULL,
+            at {float} NOT NULL,
+            state TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            message TEXT NOT NULL,
+            error_class TEXT NOT NULL
+        )""",
+        "CREATE INDEX job_events_job ON job_events (job_id, at)",
+        "CREATE INDEX job_events_at ON job_events (at, state)",
+        """CREATE TABLE job_progress (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step {bigint} NOT NULL,
+            total_steps {bigint} NOT NULL,
+            loss {float},
+            tokens_seen {bigint} NOT NULL,
+            at {float} NOT NULL,
+            PRIMARY KEY (job_id, attempt, step)
+        )""",
+        "ALTER TABLE devices ADD COLUMN adapter_refusals TEXT NOT NULL DEFAULT '{{}}'",
+        # The PostgreSQL polls write the same history (and take the refusals).
+        PostgresOnly(pg_functions.JOB_EVENT_V1),
+        PostgresOnly(pg_functions.PROGRESS_BUCKET_V1),
+        PostgresOnly(pg_functions.PROGRESS_POINT_V1),
+        PostgresOnly(pg_functions.LEASE_V2),
+        PostgresOnly(pg_functions.DROP_HEARTBEAT_V1),
+        PostgresOnly(pg_functions.HEARTBEAT_V2),
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -17,9 +17,11 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import AlreadyExists
 from orchestrator.state.base import Tx, WatchCursor
+from orchestrator.state.history import HistoryTx
 from orchestrator.state.sql_access import AccessSql
+from orchestrator.state.sql_base import Dialect
 
-_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels"}
+_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels", "adapter_refusals"}
 _HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
 _OPEN = [*_HELD, JobState.QUEUED.value]
 
@@ -92,9 +94,13 @@ def _row_to_campaign(row: dict[str, Any]) -> CampaignRecord:
     return CampaignRecord(**row)
 
 
-class SqlTx(AccessSql, Tx):
+class SqlTx(HistoryTx, AccessSql, Tx):
     """The contract over a DB-API cursor whose rows are dicts (access control and audit rows in
-    sql_access.py)."""
+    sql_access.py, job history and dashboard aggregates in history.py)."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        super().__init__(cursor, dialect)
+        self._seen = {}  # jobs read in this transaction: what a save changed (history.py)
 
     @staticmethod
     def _filter_sql(flt: JobFilter) -> tuple[str, list[Any]]:
@@ -152,13 +158,16 @@ class SqlTx(AccessSql, Tx):
         except self.d.unique_errors as exc:
             raise AlreadyExists(f"one of {len(jobs)} jobs already exists") from exc
 
+    def _jobs(self, rows: list[dict[str, Any]]) -> list[JobRecord]:
+        return [self._remember(row_to_job(r)) for r in rows]
+
     def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         rows = self._q(f"SELECT * FROM jobs WHERE job_id = ?{self._lock(for_update)}", [job_id])
-        return row_to_job(rows[0]) if rows else None
+        return self._jobs(rows)[0] if rows else None
 
     def get_job_by_request(self, request_id: str) -> JobRecord | None:
         rows = self._q("SELECT * FROM jobs WHERE request_id = ?", [request_id])
-        return row_to_job(rows[0]) if rows else None
+        return self._jobs(rows)[0] if rows else None
 
     def save_job(self, job: JobRecord) -> None:
         row = _job_to_row(job)
@@ -167,6 +176,7 @@ class SqlTx(AccessSql, Tx):
         names, exprs = self._change_cols()
         sets = ", ".join([*(f"{c} = ?" for c in row), *(f"{n} = {e}" for n, e in zip(names, exprs, strict=True))])
         self._q(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*row.values(), job.job_id])
+        self._record(job)
 
     def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
         rows = self._q(
@@ -174,7 +184,7 @@ class SqlTx(AccessSql, Tx):
             f" ORDER BY created_at, job_id LIMIT ?{self.d.for_update}{self.d.skip_locked}",
             [device_id, JobState.QUEUED.value, now, limit],
         )
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def expired_jobs(self, now: float, limit: int) -> list[JobRecord]:
         held = ", ".join("?" for _ in _HELD)
@@ -185,7 +195,7 @@ class SqlTx(AccessSql, Tx):
             f" ORDER BY lease_expires_at LIMIT ?{self.d.for_update}{self.d.skip_locked}",
             [*_HELD, now, *_OPEN, now, JobState.PAUSED.value, limit],
         )
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
         where, params = self._filter_sql(flt)
@@ -193,7 +203,7 @@ class SqlTx(AccessSql, Tx):
             where += " AND job_id < ?"
             params.append(before_job_id)
         rows = self._q(f"SELECT * FROM jobs WHERE {where} ORDER BY job_id DESC LIMIT ?", [*params, limit])
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def watch_cursor(self) -> WatchCursor:
         if self.d.xid_horizon:
@@ -242,6 +252,11 @@ class SqlTx(AccessSql, Tx):
     def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
         rows = self._q("SELECT * FROM campaigns WHERE request_id = ?", [request_id])
         return _row_to_campaign(rows[0]) if rows else None
+
+    def list_campaigns(self, limit: int, before_campaign_id: str = "") -> list[CampaignRecord]:
+        where, params = ("WHERE campaign_id < ?", [before_campaign_id]) if before_campaign_id else ("", [])
+        rows = self._q(f"SELECT * FROM campaigns {where} ORDER BY campaign_id DESC LIMIT ?", [*params, limit])
+        return [_row_to_campaign(r) for r in rows]
 
     # --- devices ---
     def upsert_device(self, device: DeviceRecord) -> None:

@@ -299,3 +299,32 @@ def test_function_polls_recover_from_connections_the_database_dropped(world: Wor
 
     assert 1 <= failures <= POOL_SIZE  # each dropped connection fails one poll, then is replaced
     assert world.heartbeat(call, eligible=True).stale_job_ids == []
+
+
+def test_polls_record_the_history_and_refusals_dashboards_read(world: World) -> None:
+    """Every runner writes the same job history (state changes, bounded progress points) and
+    stores the adapters a device refused, as the Python reference does."""
+    call = world.enroll()
+    job_id = world.submit()
+    epoch = world.lease(call).job.lease_epoch
+    running = {"running_job_id": job_id, "running_epoch": epoch}
+    for step, loss in ((1, 2.0), (1, 2.0), (2, float("nan")), (3, 1.25)):
+        world.clock.advance(1)
+        world.heartbeat(
+            call, **running, running_state=JobState.RUNNING, progress=Progress(step=step, total_steps=4, loss=loss)
+        )
+    world.heartbeat(
+        call, **running, running_state=JobState.PAUSED, eligibility_reason="TOO_HOT", progress=Progress(3, 4, 0, 1.25)
+    )
+    world.heartbeat(call, adapter_refusals={"ad-0001": "base fingerprint differs"})
+    _job, events, points = world.orch.queries.job_history(job_id)
+    assert [(e.state, e.attempt) for e in events] == [
+        (JobState.LEASED, 1),
+        (JobState.RUNNING, 1),
+        (JobState.PAUSED, 1),
+    ]
+    assert "TOO_HOT" in events[-1].message
+    assert [(p.step, p.total_steps, p.loss) for p in points] == [(1, 4, 2.0), (2, 4, None), (3, 4, 1.25)]
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {"ad-0001": "base fingerprint differs"}
+    world.heartbeat(call)  # the device no longer reports refusals (it restarted): they are gone
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {}

@@ -49,6 +49,7 @@ class ServerThread:
         store: BlobStore | None = None,
         tls: TlsConfig | None = None,
         client_tls: TlsConfig | None = None,
+        http: bool = False,
         **config: Any,
     ) -> None:
         self.store = store or FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
@@ -61,6 +62,8 @@ class ServerThread:
         self.interceptors = list(interceptors)
         # The server's TLS, and what the test's own channel (self.agent, self.operator) presents.
         self.tls, self.client_tls = tls, client_tls
+        self.http = http
+        self.http_url = ""
         # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
@@ -73,9 +76,17 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         self.thread.start()
         self.running = asyncio.run_coroutine_threadsafe(
-            start_server(self.orch, interceptors=self.interceptors, tls=self.tls), self.loop
+            start_server(
+                self.orch,
+                interceptors=self.interceptors,
+                tls=self.tls,
+                http_listen="127.0.0.1:0" if self.http else "",
+            ),
+            self.loop,
         ).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
+        if self.http:
+            self.http_url = f"http://127.0.0.1:{self.running.http_port}"
         self.channel = open_channel(self.address, self.client_tls)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)

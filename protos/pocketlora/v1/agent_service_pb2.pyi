@@ -133,6 +133,7 @@ class HeartbeatRequest(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     ACTIVE_ADAPTER_ID_FIELD_NUMBER: _builtins.int
     FREE_STORAGE_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPTER_REFUSALS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id; must match the credential."""
     eligible: _builtins.bool
@@ -153,6 +154,10 @@ class HeartbeatRequest(_message.Message):
     def running(self) -> Global___RunningJob:
         """The job being run, if any."""
 
+    @_builtins.property
+    def adapter_refusals(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AdapterRefusal]:
+        """Adapters this device refused to load and why (at most 16 are kept)."""
+
     def __init__(
         self,
         *,
@@ -164,10 +169,11 @@ class HeartbeatRequest(_message.Message):
         running: Global___RunningJob | None = ...,
         active_adapter_id: _builtins.str = ...,
         free_storage_bytes: _builtins.int = ...,
+        adapter_refusals: _abc.Iterable[_types_pb2.AdapterRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["power", b"power", "running", b"running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "free_storage_bytes", b"free_storage_bytes", "power", b"power", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "adapter_refusals", b"adapter_refusals", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "free_storage_bytes", b"free_storage_bytes", "power", b"power", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

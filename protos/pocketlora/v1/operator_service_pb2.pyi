@@ -285,6 +285,60 @@ class GetCampaignResponse(_message.Message):
 Global___GetCampaignResponse: _TypeAlias = GetCampaignResponse  # noqa: Y015
 
 @_typing.final
+class ListCampaignsRequest(_message.Message):
+    """ListCampaignsRequest asks for a page of campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Page size; 0 means the default (100), at most 1000."""
+    page_token: _builtins.str
+    """Token from the previous page's reply."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """ListCampaignsResponse is one page of campaigns, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last one."""
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """The campaigns, each with its jobs counted by state."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015
+
+@_typing.final
 class CancelJobRequest(_message.Message):
     """CancelJobRequest names a job."""
 
@@ -375,6 +429,60 @@ class GetJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
+
+@_typing.final
+class GetJobHistoryRequest(_message.Message):
+    """GetJobHistoryRequest names a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobHistoryRequest: _TypeAlias = GetJobHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetJobHistoryResponse(_message.Message):
+    """GetJobHistoryResponse is what happened to a job, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.JobEvent]:
+        """Every state change (at most 1000 per job are recorded)."""
+
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ProgressPoint]:
+        """Progress reports kept for the loss curve: about 500 per attempt at most, spread evenly
+        over the attempt's planned steps.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_types_pb2.JobEvent] | None = ...,
+        points: _abc.Iterable[_types_pb2.ProgressPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobHistoryResponse: _TypeAlias = GetJobHistoryResponse  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
@@ -925,11 +1033,54 @@ class GetFleetSummaryResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class QueuedByBaseModelEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class DevicesByAdapterSyncEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOBS_BY_STATE_FIELD_NUMBER: _builtins.int
     DEVICES_BY_ELIGIBILITY_FIELD_NUMBER: _builtins.int
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
     DEVICES_ONLINE_FIELD_NUMBER: _builtins.int
     ADAPTER_COUNT_FIELD_NUMBER: _builtins.int
+    QUEUED_BY_BASE_MODEL_FIELD_NUMBER: _builtins.int
+    DEVICES_BY_ADAPTER_SYNC_FIELD_NUMBER: _builtins.int
+    FINISHED_PER_MINUTE_FIELD_NUMBER: _builtins.int
     device_count: _builtins.int
     """Enrolled devices."""
     devices_online: _builtins.int
@@ -944,6 +1095,20 @@ class GetFleetSummaryResponse(_message.Message):
     def devices_by_eligibility(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Devices by eligibility reason name."""
 
+    @_builtins.property
+    def queued_by_base_model(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Queued jobs by the base model they need (the 20 largest; the rest under "other")."""
+
+    @_builtins.property
+    def devices_by_adapter_sync(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Devices by whether they run the adapter operators want: CONVERGED, PENDING (online, not
+        loaded yet), REFUSED (the device refused it) or OFFLINE (not seen recently).
+        """
+
+    @_builtins.property
+    def finished_per_minute(self) -> _containers.RepeatedCompositeFieldContainer[Global___MinuteCount]:
+        """Jobs that ended per minute over the last 30 minutes, oldest first."""
+
     def __init__(
         self,
         *,
@@ -952,14 +1117,49 @@ class GetFleetSummaryResponse(_message.Message):
         device_count: _builtins.int = ...,
         devices_online: _builtins.int = ...,
         adapter_count: _builtins.int = ...,
+        queued_by_base_model: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        devices_by_adapter_sync: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        finished_per_minute: _abc.Iterable[Global___MinuteCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_count", b"adapter_count", "device_count", b"device_count", "devices_by_eligibility", b"devices_by_eligibility", "devices_online", b"devices_online", "jobs_by_state", b"jobs_by_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_count", b"adapter_count", "device_count", b"device_count", "devices_by_adapter_sync", b"devices_by_adapter_sync", "devices_by_eligibility", b"devices_by_eligibility", "devices_online", b"devices_online", "finished_per_minute", b"finished_per_minute", "jobs_by_state", b"jobs_by_state", "queued_by_base_model", b"queued_by_base_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFleetSummaryResponse: _TypeAlias = GetFleetSummaryResponse  # noqa: Y015
+
+@_typing.final
+class MinuteCount(_message.Message):
+    """MinuteCount counts jobs that ended within one minute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINUTE_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    succeeded: _builtins.int
+    """Jobs that succeeded in it."""
+    failed: _builtins.int
+    """Jobs that failed or were cancelled in it."""
+    @_builtins.property
+    def minute(self) -> _timestamp_pb2.Timestamp:
+        """Start of the minute."""
+
+    def __init__(
+        self,
+        *,
+        minute: _timestamp_pb2.Timestamp | None = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["minute", b"minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "minute", b"minute", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MinuteCount: _TypeAlias = MinuteCount  # noqa: Y015
 
 @_typing.final
 class CreateEnrollmentTokenRequest(_message.Message):

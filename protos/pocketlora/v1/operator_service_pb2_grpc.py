@@ -50,6 +50,11 @@ class OperatorServiceStub:
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetCampaignRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetCampaignResponse.FromString,
                 _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ListCampaigns',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/pocketlora.v1.OperatorService/CancelJob',
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelJobRequest.SerializeToString,
@@ -59,6 +64,11 @@ class OperatorServiceStub:
                 '/pocketlora.v1.OperatorService/GetJob',
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.GetJobHistory = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/GetJobHistory',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/pocketlora.v1.OperatorService/ListJobs',
@@ -142,6 +152,13 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCampaigns(self, request, context):
+        """ListCampaigns returns campaigns, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelJob(self, request, context):
         """CancelJob cancels a job; a running device learns it on its next heartbeat.
         """
@@ -151,6 +168,13 @@ class OperatorServiceServicer:
 
     def GetJob(self, request, context):
         """GetJob returns one job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobHistory(self, request, context):
+        """GetJobHistory returns a job's state changes and its recorded progress points.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,6 +275,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetCampaignRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetCampaignResponse.SerializeToString,
             ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.SerializeToString,
+            ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelJobRequest.FromString,
@@ -260,6 +289,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'GetJobHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobHistory,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -410,6 +444,33 @@ class OperatorService:
             _registered_method=True)
 
     @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ListCampaigns',
+            pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CancelJob(request,
             target,
             options=(),
@@ -453,6 +514,33 @@ class OperatorService:
             '/pocketlora.v1.OperatorService/GetJob',
             pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.SerializeToString,
             pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/GetJobHistory',
+            pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

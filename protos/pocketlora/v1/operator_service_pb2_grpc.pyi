@@ -42,10 +42,14 @@ class OperatorServiceStub:
     """SubmitCampaign queues one job per device matching a selector; idempotent on request_id."""
     GetCampaign: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetCampaignRequest, _operator_service_pb2.GetCampaignResponse]
     """GetCampaign returns a campaign and its jobs counted by state."""
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListCampaignsRequest, _operator_service_pb2.ListCampaignsResponse]
+    """ListCampaigns returns campaigns, newest first, a page at a time."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.CancelJobRequest, _operator_service_pb2.CancelJobResponse]
     """CancelJob cancels a job; a running device learns it on its next heartbeat."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobRequest, _operator_service_pb2.GetJobResponse]
     """GetJob returns one job."""
+    GetJobHistory: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobHistoryRequest, _operator_service_pb2.GetJobHistoryResponse]
+    """GetJobHistory returns a job's state changes and its recorded progress points."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListJobsRequest, _operator_service_pb2.ListJobsResponse]
     """ListJobs returns jobs matching a filter, newest first, a page at a time."""
     WatchJobs: _grpc.UnaryStreamMultiCallable[_operator_service_pb2.WatchJobsRequest, _operator_service_pb2.WatchJobsResponse]
@@ -80,10 +84,14 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """SubmitCampaign queues one job per device matching a selector; idempotent on request_id."""
     GetCampaign: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetCampaignRequest, _operator_service_pb2.GetCampaignResponse]  # type: ignore[assignment]
     """GetCampaign returns a campaign and its jobs counted by state."""
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListCampaignsRequest, _operator_service_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """ListCampaigns returns campaigns, newest first, a page at a time."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.CancelJobRequest, _operator_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """CancelJob cancels a job; a running device learns it on its next heartbeat."""
     GetJob: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobRequest, _operator_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns one job."""
+    GetJobHistory: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobHistoryRequest, _operator_service_pb2.GetJobHistoryResponse]  # type: ignore[assignment]
+    """GetJobHistory returns a job's state changes and its recorded progress points."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListJobsRequest, _operator_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs returns jobs matching a filter, newest first, a page at a time."""
     WatchJobs: _aio.UnaryStreamMultiCallable[_operator_service_pb2.WatchJobsRequest, _operator_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
@@ -135,6 +143,14 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """GetCampaign returns a campaign and its jobs counted by state."""
 
     @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _operator_service_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ListCampaignsResponse, _abc.Awaitable[_operator_service_pb2.ListCampaignsResponse]]:
+        """ListCampaigns returns campaigns, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
     def CancelJob(
         self,
         request: _operator_service_pb2.CancelJobRequest,
@@ -149,6 +165,14 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_service_pb2.GetJobResponse, _abc.Awaitable[_operator_service_pb2.GetJobResponse]]:
         """GetJob returns one job."""
+
+    @_abc_1.abstractmethod
+    def GetJobHistory(
+        self,
+        request: _operator_service_pb2.GetJobHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.GetJobHistoryResponse, _abc.Awaitable[_operator_service_pb2.GetJobHistoryResponse]]:
+        """GetJobHistory returns a job's state changes and its recorded progress points."""
 
     @_abc_1.abstractmethod
     def ListJobs(

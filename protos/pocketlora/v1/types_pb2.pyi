@@ -719,6 +719,7 @@ class Device(_message.Message):
     REPORTED_LABELS_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ADAPTER_REFUSALS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id."""
     eligible: _builtins.bool
@@ -763,6 +764,12 @@ class Device(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels set by admins or fixed by the enrollment token; selectors target these."""
 
+    @_builtins.property
+    def adapter_refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRefusal]:
+        """Adapters the device refused to load, with why; explains a desired adapter that never
+        becomes active.
+        """
+
     def __init__(
         self,
         *,
@@ -780,14 +787,125 @@ class Device(_message.Message):
         reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        adapter_refusals: _abc.Iterable[Global___AdapterRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen", "power", b"power", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen", b"last_seen", "power", b"power", "reported_labels", b"reported_labels", "revoked_at", b"revoked_at", "running_job_id", b"running_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "adapter_refusals", b"adapter_refusals", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen", b"last_seen", "power", b"power", "reported_labels", b"reported_labels", "revoked_at", b"revoked_at", "running_job_id", b"running_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class AdapterRefusal(_message.Message):
+    """AdapterRefusal is an adapter a device would not load, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    adapter_id: _builtins.str
+    """The refused adapter's id."""
+    reason: _builtins.str
+    """Why the device refused it (wrong base model, bad bytes, failed to load)."""
+    def __init__(
+        self,
+        *,
+        adapter_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterRefusal: _TypeAlias = AdapterRefusal  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    """JobEvent is one state change of a job, as recorded when it happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    state: Global___JobState.ValueType
+    """The state entered."""
+    attempt: _builtins.int
+    """The attempt the job was on."""
+    message: _builtins.str
+    """Why, where the state has a reason: a pause's gate reason, a retry, an error."""
+    error_class: Global___ErrorClass.ValueType
+    """The error class of the attempt that ended, when it ended in an error."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When the job entered the state."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___JobState.ValueType = ...,
+        attempt: _builtins.int = ...,
+        message: _builtins.str = ...,
+        error_class: Global___ErrorClass.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error_class", b"error_class", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ProgressPoint(_message.Message):
+    """ProgressPoint is one recorded progress report of an attempt (a bounded sample per attempt)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    TOKENS_SEEN_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt it belongs to."""
+    step: _builtins.int
+    """Optimizer steps done."""
+    total_steps: _builtins.int
+    """Optimizer steps planned."""
+    loss: _builtins.float
+    """Training loss at that step."""
+    tokens_seen: _builtins.int
+    """Tokens processed so far."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it was reported."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        tokens_seen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "loss", b"loss", "step", b"step", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressPoint: _TypeAlias = ProgressPoint  # noqa: Y015
 
 @_typing.final
 class Adapter(_message.Message):
