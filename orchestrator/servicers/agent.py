@@ -19,6 +19,7 @@ from orchestrator.identity import DeviceCall
 from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer, metadata_value
+from orchestrator.servicers.convert_fleet import policy_pb
 from orchestrator.servicers.errors import rpc
 from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
@@ -68,7 +69,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             stale_job_ids=result.stale_job_ids,
             next_poll_after=convert.duration(result.next_poll_s),
             lease_expires_at=convert.ts(result.lease_expires_at),
+            gate_policy_names=result.gate_policy_names,
         )
+        if result.gate_policy:
+            reply.gate_policy.CopyFrom(policy_pb(result.gate_policy))
         if result.desired_adapter is not None:
             reply.desired_adapter.CopyFrom(convert.adapter_ref(result.desired_adapter))
         return reply
@@ -163,6 +167,7 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
         free_storage_bytes=min(request.free_storage_bytes, 2**63 - 1),  # stored as a signed 64-bit number
+        adapter_refusals={r.adapter_id: r.reason for r in request.adapter_refusals},
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:
