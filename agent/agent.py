@@ -23,10 +23,12 @@ from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
 from agent.adapters import AdapterSwitcher
 from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
+from agent.fleet_gate import FleetGate, fleet_fields
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
     LocalJob,
+    eval_figures,
     fetch_shipped_dataset,
     pack_output,
     resolve_dataset,
@@ -64,6 +66,8 @@ class AgentConfig:
     serve_adapters: bool = True
     # Rotate the device credential once it is this old (0: never).
     rotate_credential_after_s: float = 30 * 86400
+    # The fleet's gate policy may only tighten the local one, never loosen it.
+    local_veto: bool = False
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -102,6 +106,7 @@ class Agent:
             self._emit,
             torch_threads=config.torch_threads,
         )
+        self.fleet_gate = FleetGate(gate, veto=config.local_veto)
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
@@ -232,7 +237,7 @@ class Agent:
             if ev.get("event") == "progress" and self.job is not None:
                 self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
                 self._emit("progress", job_id=self.job.job_id, **self.job.progress)
-            elif ev.get("event") in ("plan", "checkpoint", "resumed"):
+            elif ev.get("event") in ("plan", "checkpoint", "resumed", "evaluated"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
 
     def _report(
@@ -375,6 +380,7 @@ class Agent:
         metrics = {
             "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
             "steps": float(self.job.progress.get("step", 0)),
+            **eval_figures(job_dir),
         }
         try:
             done = self.client.complete_job(self.job.job_id, self.job.lease_epoch, info.sha256, info.size, metrics)
@@ -404,11 +410,20 @@ class Agent:
         assert self.reading is not None and self.eligibility is not None
         running = self.job if self.job is not None and self.job.state in _REPORTED else None
         req = heartbeat_request(
-            self.cfg.device_id, self.reading, self.eligibility, self.adapters.active_adapter_id, running
+            self.cfg.device_id,
+            self.reading,
+            self.eligibility,
+            self.adapters.active_adapter_id,
+            running,
+            self.adapters.refused,
         )
         reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        fleet = fleet_fields(reply.gate_policy if reply.HasField("gate_policy") else None)
+        changed = self.fleet_gate.apply(fleet, list(reply.gate_policy_names))
+        if changed:
+            self._emit("gate_policy", detail=changed, **fleet)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled by an operator", keep_folder=False)
         elif self.job is not None and self.job.job_id in reply.stale_job_ids:
@@ -416,4 +431,7 @@ class Agent:
             # from the checkpoint kept in its folder (as on a refused ReportProgress).
             self._abandon("no longer leased to this device", keep_folder=True)
         if self.cfg.serve_adapters:
+            refused = len(self.adapters.refused)
             self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)
+            if len(self.adapters.refused) != refused:
+                self.next_heartbeat = 0.0  # tell the orchestrator now: a rollout may be waiting on it
