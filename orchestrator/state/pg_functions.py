@@ -5,7 +5,7 @@ what SQLite and every other path run); tests/orchestrator/test_polls.py runs the
 through both and compares the outcomes. A change to lease or heartbeat semantics changes both,
 in a new migration (`CREATE OR REPLACE FUNCTION`): released entries are never edited.
 
-Versions: V1 (migration 3); V2 (migration 4): the lease skips jobs of a PAUSED campaign, and the
+Versions: V1 (migration 3); V2 (migration 5): the lease skips jobs of a PAUSED campaign, and the
 heartbeat also records the device's adapter refusals and returns the device's labels and
 capabilities (the gate policies that match it are merged in Python).
 
@@ -201,7 +201,7 @@ LEASE_V2 = _patched(
     ),
 )
 
-# The argument list changes, so migration 4 drops V1 first (CREATE OR REPLACE would add an overload).
+# The argument list changes, so migration 5 drops V1 first (CREATE OR REPLACE would add an overload).
 DROP_HEARTBEAT_V1 = (
     "DROP FUNCTION pocketlora_heartbeat(TEXT, TEXT, DOUBLE PRECISION, DOUBLE PRECISION, DOUBLE PRECISION, TEXT,"
     " BIGINT, TEXT, TEXT, TEXT, TEXT, BOOLEAN, TEXT, TEXT, TEXT, BIGINT)"
