@@ -4,10 +4,12 @@ The orchestrator names the desired adapter in every heartbeat reply. When it dif
 active one, the switcher downloads it through a presigned URL, checks its sha256 and size,
 unpacks it (safetensors only), asks the runtime child to load it and then activates it; the base
 model stays resident, and the adapter that was active before is unloaded once requests pinned
-to it finish. An adapter that cannot be used here (another base, bad bytes, a load failure) is
-refused and remembered with its reason, so it is not fetched again on every heartbeat. So is
-an adapter whose id is not a well-formed id: it never becomes a file name here, and the download
-is capped at the store's blob limit whatever size the reply announces.
+to it finish. An adapter that cannot be used here (another base, bad bytes, a load or activation
+failure, a runtime child that will not start) is refused and remembered with its reason, so it
+is not fetched again on every heartbeat; the agent reports its most recent refusals in every
+heartbeat, for operators and for rollouts, which halt on them. So is an adapter whose id is not
+a well-formed id: it never becomes a file name here, and the download is capped at the store's
+blob limit whatever size the reply announces.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from adapters_store.errors import StoreError, TransferError
 from agent.client import DeviceClient
 from agent.jobs import id_path
 from protos.pocketlora.v1 import agent_service_pb2 as pb
-from protos.pocketlora.v1 import types_pb2 as tpb
 from protos.wire import is_id
 
 log = logging.getLogger("pocketlora.agent")
 
 Emit = Callable[..., None]
+# Refusals kept (and reported in heartbeats): the most recent ones.
+REFUSALS_KEPT = 16
 
 
 class AdapterSwitcher:
@@ -66,9 +69,15 @@ class AdapterSwitcher:
             self._refuse(desired, "not a valid adapter id")
             return
         if self.runtime is None:
-            from agent.inference import RuntimeHost
+            from agent.inference import RuntimeHost, RuntimeHostError
 
-            self.runtime = RuntimeHost(self.base_model_dir, torch_threads=self.torch_threads)
+            if ref is None:  # nothing was loaded: the base is what runs
+                return
+            try:
+                self.runtime = RuntimeHost(self.base_model_dir, torch_threads=self.torch_threads)
+            except (RuntimeHostError, OSError) as exc:
+                self._refuse(ref.adapter_id, f"the inference runtime did not start: {exc}")
+                return
         if ref is None:
             self._activate("")
         elif ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
@@ -101,12 +110,20 @@ class AdapterSwitcher:
         try:
             self.runtime.load(ref.adapter_id, folder)
         except RuntimeHostError as exc:
-            self._refuse(ref.adapter_id, str(exc))
+            self._refuse(ref.adapter_id, f"load failed: {exc}")
             return False
         return True
 
     def _activate(self, adapter_id: str, **about: Any) -> None:
-        self.runtime.activate(adapter_id or None)
+        from agent.inference import RuntimeHostError
+
+        try:
+            self.runtime.activate(adapter_id or None)
+        except RuntimeHostError as exc:
+            if not adapter_id:
+                raise  # the base always activates; a runtime that cannot is a bug to see
+            self._refuse(adapter_id, f"activation failed: {exc}")
+            return
         previous, self.active_adapter_id = self.active_adapter_id, adapter_id
         self.emit("adapter_active", adapter_id=adapter_id, **about)
         self._unload(previous)
@@ -123,12 +140,10 @@ class AdapterSwitcher:
             log.info("unload of %s: %s", adapter_id, exc)
         shutil.rmtree(id_path(self.dir, adapter_id, "adapter id"), ignore_errors=True)
 
-    def refusals(self) -> list[tpb.AdapterRefusal]:
-        """The adapters this device refused and why (the last 16), as heartbeats report them."""
-        return [tpb.AdapterRefusal(adapter_id=k, reason=v[:300]) for k, v in list(self.refused.items())[-16:]]
-
     def _refuse(self, adapter_id: str, reason: str) -> None:
-        self.refused[adapter_id] = reason
+        self.refused[adapter_id] = reason[:300]
+        while len(self.refused) > REFUSALS_KEPT:
+            del self.refused[next(iter(self.refused))]
         self.emit("adapter_refused", adapter_id=adapter_id, reason=reason)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from adapters_store.fingerprint import model_fingerprint
 from agent import handin
 from agent.adapters import AdapterSwitcher
 from agent.client import CallError, DeviceClient, Gone, Invalid, Refused, Transient, detect_capabilities
+from agent.fleet_gate import FleetGate, fleet_fields
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
@@ -68,6 +69,8 @@ class AgentConfig:
     rotate_credential_after_s: float = 30 * 86400
     tls: TlsConfig | None = None  # to the orchestrator (None: plaintext)
     store_tls: TlsConfig | None = None  # the CA presigned-URL transfers trust (None: the system's roots)
+    # The fleet's gate policy may only tighten the local one, never loosen it.
+    local_veto: bool = False
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -109,6 +112,7 @@ class Agent:
             torch_threads=config.torch_threads,
             ssl_context=self.transfer_ssl,
         )
+        self.fleet_gate = FleetGate(gate, veto=config.local_veto)
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
@@ -240,7 +244,7 @@ class Agent:
             if ev.get("event") == "progress" and self.job is not None:
                 self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
                 self._emit("progress", job_id=self.job.job_id, **self.job.progress)
-            elif ev.get("event") in ("plan", "checkpoint", "resumed"):
+            elif ev.get("event") in ("plan", "checkpoint", "resumed", "evaluated"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
 
     def _report(
@@ -385,7 +389,7 @@ class Agent:
         """CompleteJob for the uploaded adapter; "not now" is retried (handin.Completion)."""
         assert self.job is not None
         try:
-            done = self.completion.call(self.client, self.job)
+            done = self.completion.call(self.client, self.job, LocalJob.folder(self.cfg.work_dir, self.job.job_id))
         except Gone as exc:
             self._abandon(f"completion refused: {exc.details}", keep_folder=False)
             return
@@ -420,12 +424,20 @@ class Agent:
         assert self.reading is not None and self.eligibility is not None
         running = self.job if self.job is not None and self.job.state in _REPORTED else None
         req = heartbeat_request(
-            self.cfg.device_id, self.reading, self.eligibility, self.adapters.active_adapter_id, running
+            self.cfg.device_id,
+            self.reading,
+            self.eligibility,
+            self.adapters.active_adapter_id,
+            running,
+            self.adapters.refused,
         )
-        req.adapter_refusals.extend(self.adapters.refusals())  # why a desired adapter is not active
         reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        fleet = fleet_fields(reply.gate_policy if reply.HasField("gate_policy") else None)
+        changed = self.fleet_gate.apply(fleet, list(reply.gate_policy_names))
+        if changed:
+            self._emit("gate_policy", detail=changed, **fleet)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled by an operator", keep_folder=False)
         elif self.job is not None and self.job.job_id in reply.stale_job_ids:
@@ -433,4 +445,7 @@ class Agent:
             # from the checkpoint kept in its folder (as on a refused ReportProgress).
             self._abandon("no longer leased to this device", keep_folder=True)
         if self.cfg.serve_adapters:
+            refused = len(self.adapters.refused)
             self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)
+            if len(self.adapters.refused) != refused:
+                self.next_heartbeat = 0.0  # tell the orchestrator now: a rollout may be waiting on it

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from adapters_store import upload_to_url
 from agent.client import DeviceClient, Transient
-from agent.jobs import LocalJob, pack_output
+from agent.jobs import LocalJob, eval_figures, pack_output
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 
 RETRY_MAX_S = 60.0
@@ -60,14 +60,16 @@ class Completion:
         """Whether the next try may go out now."""
         return time.monotonic() >= self.next_at
 
-    def call(self, client: DeviceClient, job: LocalJob) -> pb.CompleteJobResponse | None:
+    def call(self, client: DeviceClient, job: LocalJob, job_dir: Path) -> pb.CompleteJobResponse | None:
         """The orchestrator's answer, or None when it said "not now" (try again once due).
 
+        The reported metrics carry the held-out evaluation the worker wrote in job_dir, if any.
         Gone (the lease moved on) and Invalid (refused as malformed) propagate to the caller.
         """
         metrics = {
             "final_loss": float(job.progress.get("loss", 0.0) or 0.0),
             "steps": float(job.progress.get("step", 0)),
+            **eval_figures(job_dir),
         }
         try:
             return client.complete_job(job.job_id, job.lease_epoch, job.uploaded_sha256, job.uploaded_size, metrics)

@@ -195,6 +195,8 @@ def training_spec(
         kw["dropout"] = float(lora["dropout"])
     if lora.get("target_modules"):
         kw["target_modules"] = list(lora["target_modules"])
+    if t.get("eval_share"):
+        kw["eval_share"] = float(t["eval_share"])
     for api, ours, cast in (
         ("learning_rate", "learning_rate", float),
         ("effective_batch", "effective_batch", int),
@@ -212,6 +214,15 @@ def training_spec(
         raise JobSetupError(ErrorClass.INVALID_SPEC, str(exc)) from exc
 
 
+def eval_figures(job_dir: Path) -> dict[str, float]:
+    """The held-out figures the worker wrote next to the adapter (none when it held none out)."""
+    try:
+        trained = json.loads((job_dir / "output" / "training_manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: float(v) for k, v in (trained.get("eval") or {}).items() if isinstance(v, int | float)}
+
+
 def pack_output(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str) -> tuple[Path, BlobInfo]:
     """Pack the trained adapter and its lineage manifest into the one blob that is uploaded."""
     out = job_dir / "output"
@@ -225,6 +236,7 @@ def pack_output(job: LocalJob, job_dir: Path, device_id: str, base_model_id: str
         "steps": trained.get("steps"),
         "duration_s": trained.get("duration_s"),
         "peak_rss_bytes": trained.get("peak_rss_bytes"),
+        **(trained.get("eval") or {}),  # eval_loss_base, eval_loss_adapter, eval_examples
     }
     manifest = AdapterManifest(
         adapter_name=str(job.training.get("adapter_name", "adapter")),

@@ -144,8 +144,8 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         while not stop.is_set():
             if reap_every:
-                # The control loop's reaper, as ControlLoopActor runs it (here without Ray).
-                await loop.run_in_executor(None, orch.jobs.reap)
+                # The control loop's passes, as ControlLoopActor runs them (here without Ray).
+                await loop.run_in_executor(None, orch.control_tick)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), reap_every or 3600)
         await running.stop(0.5)

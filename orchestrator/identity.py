@@ -159,6 +159,7 @@ class Identity:
             device = device or DeviceRecord(device_id=device_id, credential_hash="", enrolled_at=now)
             device.credential_hash, device.next_credential_hash = hash_secret(credential), ""
             device.capabilities, device.reported_labels, device.last_seen = caps, reported, now
+            device.profile_at = now  # what campaign selectors match changed: campaigns look again
             if token is not None:
                 device.labels = {**device.labels, **token.labels}
             tx.upsert_device(device)
@@ -238,7 +239,9 @@ class Identity:
         """Replace the labels selectors target."""
         validation.device_id(device_id)
         labels = validation.labels(dict(labels), "labels")
-        return self._administer(actor, "SetDeviceLabels", device_id, {"labels": labels}, detail=str(sorted(labels)))
+        # profile_at: the device may match campaign selectors it did not before; they look again.
+        values = {"labels": labels, "profile_at": self.clock()}
+        return self._administer(actor, "SetDeviceLabels", device_id, values, detail=str(sorted(labels)))
 
     def reset_device(self, actor: Actor, device_id: str) -> DeviceRecord:
         """Drop the device's credential (and a revocation): it may enroll again with a token."""

@@ -25,6 +25,7 @@ from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
 from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from orchestrator.gate_policies import GatePolicies
 from orchestrator.identity import DeviceCall, Identity, require_device
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
@@ -36,6 +37,9 @@ Verifier = Callable[[BlobStore, str, str, int], tuple[str, int, str, dict[str, A
 
 # Fleet size and queue depth steer the pace; counting them on every poll would cost a scan.
 _FLEET_STATS_S = 5.0
+# Refusals a heartbeat may carry (the agent reports its most recent ones).
+MAX_REFUSALS = 32
+_INT64_MAX = 2**63 - 1
 
 
 def local_verifier(store: BlobStore, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
@@ -58,7 +62,7 @@ class HeartbeatInput:
     progress: Progress | None = None
     active_adapter_id: str = ""
     free_storage_bytes: int = 0
-    adapter_refusals: dict[str, str] = field(default_factory=dict)  # adapter id -> why it was refused
+    adapter_refusals: dict[str, str] = field(default_factory=dict)  # adapter id -> why
 
 
 @dataclass
@@ -70,6 +74,8 @@ class HeartbeatResult:
     lease_expires_at: float
     next_poll_s: float
     stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
+    gate_policy: dict[str, Any] = field(default_factory=dict)  # the fleet's thresholds for it
+    gate_policy_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -129,6 +135,7 @@ class JobLifecycle:
         identity: Identity,
         clock: Callable[[], float],
         verifier: Verifier = local_verifier,
+        policies: GatePolicies | None = None,
     ) -> None:
         self.state = state
         self.blobs = blobs
@@ -136,6 +143,7 @@ class JobLifecycle:
         self.identity = identity
         self.clock = clock
         self.verifier = verifier
+        self.policies = policies or GatePolicies(state, config, clock)
         self.fleet = FleetStats(clock)
 
     def pace(self, *, running: bool) -> float:
@@ -164,8 +172,10 @@ class JobLifecycle:
             cancel, stale, lease_expires_at = self._renew_running(tx, device.device_id, hb, now)
             record_device_report(tx, device, hb, now, self.config.last_seen_write_s)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
+            policy, names = self.policies.for_device(tx, device)
             self.fleet.read(tx)
-        return HeartbeatResult(cancel, desired, lease_expires_at, self.pace(running=bool(hb.running_job_id)), stale)
+        pace = self.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, lease_expires_at, pace, stale, policy, names)
 
     def _renew_running(
         self, tx: Tx, device_id: str, hb: HeartbeatInput, now: float
@@ -403,9 +413,15 @@ def validate_heartbeat(hb: HeartbeatInput) -> None:
         validation.object_id(hb.running_job_id, "running.job_id")
     validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
     hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
+    # Reports are kept, not refused: a uint64 past what the store's signed 64-bit columns hold
+    # is no real storage size or epoch, and means the same capped (an epoch that never matches).
+    hb.free_storage_bytes = min(hb.free_storage_bytes, _INT64_MAX)
+    hb.running_epoch = min(hb.running_epoch, _INT64_MAX)
+    if len(hb.adapter_refusals) > MAX_REFUSALS:
+        raise InvalidArgument("adapter_refusals", f"{len(hb.adapter_refusals)} entries, above {MAX_REFUSALS}")
     for adapter_id in hb.adapter_refusals:
         validation.object_id(adapter_id, "adapter_refusals.adapter_id")
-    hb.adapter_refusals = {k: validation.device_text(v, 300) for k, v in list(hb.adapter_refusals.items())[:16]}
+    hb.adapter_refusals = {k: validation.device_text(v, 300) for k, v in hb.adapter_refusals.items()}
 
 
 def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:

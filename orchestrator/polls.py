@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 from orchestrator import metrics
-from orchestrator.domain import JobState, Progress
+from orchestrator.domain import DeviceRecord, JobState, Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
 from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
@@ -103,7 +103,7 @@ _LEASE = (
     "SELECT outcome, job_json FROM pocketlora_lease(%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text)"
 )
 _HEARTBEAT = (
-    "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
+    "SELECT outcome, lease_expires_at, adapter_json, device_labels, device_caps FROM pocketlora_heartbeat("
     "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
     " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint, %s::text)"
 )
@@ -177,6 +177,7 @@ class PgPolls(PollRunner):
         self.config = jobs.config
         self.clock = jobs.clock
         self.fallback = ThreadPolls(jobs, executor)
+        self.executor = executor
         self._conns = AsyncConnections(store.url, POOL_SIZE)
 
     async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -253,7 +254,7 @@ class PgPolls(PollRunner):
             min(hb.free_storage_bytes, _INT64_MAX),
             json.dumps(hb.adapter_refusals, sort_keys=True),
         )
-        outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
+        outcome, expires, adapter_json, labels, caps = await self._one(_HEARTBEAT, params)
         if outcome in _GENERIC:
             return await self.fallback.heartbeat(call, hb)
         self._admitted(call, cred_hash, outcome)
@@ -263,7 +264,18 @@ class PgPolls(PollRunner):
         stale = [hb.running_job_id] if outcome == "stale" else []
         if stale:
             metrics.fenced_report("heartbeat")
-        return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
+        policy, names = await self._gate_policy(call.device_id, labels, caps)
+        pace = self.jobs.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, float(expires), pace, stale, policy, names)
+
+    async def _gate_policy(self, device_id: str, labels: str, caps: str) -> tuple[dict[str, Any], list[str]]:
+        """The fleet's gate policy for the device (policies re-read on a thread when stale)."""
+        policies = self.jobs.policies
+        if policies.stale():
+            await asyncio.get_running_loop().run_in_executor(self.executor, policies.refresh)
+        if not policies.any():
+            return {}, []
+        return policies.match(DeviceRecord(device_id, "", json.loads(caps), json.loads(labels)))
 
     async def close(self) -> None:
         await self._conns.close()

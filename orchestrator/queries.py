@@ -1,4 +1,5 @@
-"""Read-only views for operators and dashboards: jobs, devices, adapters, campaigns, watches.
+"""Read-only views for operators and dashboards: jobs, devices, adapters, watches (campaigns and
+rollouts are read through campaigns.py and rollouts.py).
 
 Lists are keyset-paged: the page token is the last id of the previous page (jobs and adapters
 newest first, devices by id). A watch follows the store's cursor over committed job changes, so
@@ -13,7 +14,6 @@ from typing import TypeVar
 from orchestrator import validation
 from orchestrator.domain import (
     AdapterRecord,
-    CampaignRecord,
     DeviceRecord,
     DeviceSelector,
     JobEvent,
@@ -109,24 +109,6 @@ class Queries:
         with self.state.transaction() as tx:
             adapters = tx.list_adapters(device_id, name, size + 1, page_token)
         return _page(adapters, size, lambda a: a.adapter_id)
-
-    def get_campaign(self, campaign_id: str) -> tuple[CampaignRecord, dict[str, int]]:
-        """The campaign and its jobs counted by state."""
-        validation.object_id(campaign_id, "campaign_id")
-        with self.state.transaction() as tx:
-            campaign = found(tx.get_campaign(campaign_id), "campaign", campaign_id)
-            return campaign, tx.count_jobs_by_state(campaign_id)
-
-    def list_campaigns(
-        self, page_size: int, page_token: str
-    ) -> tuple[list[tuple[CampaignRecord, dict[str, int]]], str]:
-        """A page of campaigns, newest first, each with its jobs counted by state."""
-        size = validation.page_size(page_size)
-        validation.optional_object_id(page_token, "page_token")
-        with self.state.transaction() as tx:
-            campaigns = tx.list_campaigns(size + 1, page_token)
-            page, token = _page(campaigns, size, lambda c: c.campaign_id)
-            return [(c, tx.count_jobs_by_state(c.campaign_id)) for c in page], token
 
 
 def check_filter(flt: JobFilter) -> None:

@@ -7,8 +7,9 @@ actors with one factory each (Ray Serve's controller pattern):
   (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports. With an HTTP
   listener, replica i serves it on the HTTP port + i (each replica is its own Prometheus
   target), and replica 0's /metrics adds the control loop's counters (lease expiries...).
-- ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
-  it after a crash, and it holds no state of its own (everything is in the state store).
+- ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines, campaign
+  fan-out, rollout steps: Orchestrator.control_tick); Ray restarts it after a crash, and it holds
+  no state of its own (everything is in the state store).
 - verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end;
   its errors come back as the domain errors they were (`unwrap_ray_errors`), never as Ray's
   traceback-carrying wrappers.
@@ -189,18 +190,23 @@ class ControlLoopActor:
         self.orch = build_orchestrator(db_url, store_url, _config_from(config))
         self.interval = self.orch.config.reap_interval_s
         self.reaped = 0
+        self.campaign_jobs = 0
+        self.rollout_changes = 0
         self.ticks = 0
         self._stopping: asyncio.Event | None = None
 
     async def run(self) -> None:
-        """Reap expired leases and deadlines until stop() is called."""
+        """Run the control loop's passes until stop() is called."""
         loop = asyncio.get_running_loop()
         self._stopping = self._stopping or asyncio.Event()
         while not self._stopping.is_set():
             try:
-                self.reaped += await loop.run_in_executor(None, self.orch.jobs.reap)
+                done = await loop.run_in_executor(None, self.orch.control_tick)
+                self.reaped += done.reaped
+                self.campaign_jobs += done.campaign_jobs
+                self.rollout_changes += done.rollout_changes
             except Exception:  # keep the loop alive through a passing store error
-                log.exception("reaper tick failed")
+                log.exception("control loop tick failed")
             self.ticks += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
@@ -212,7 +218,12 @@ class ControlLoopActor:
 
     async def stats(self) -> dict[str, int]:
         """How much the loop has done."""
-        return {"ticks": self.ticks, "reaped": self.reaped}
+        return {
+            "ticks": self.ticks,
+            "reaped": self.reaped,
+            "campaign_jobs": self.campaign_jobs,
+            "rollout_changes": self.rollout_changes,
+        }
 
     async def metrics_snapshot(self) -> list[Any]:
         """This process's domain metrics (lease expiries, deadlines...), for a front end's /metrics."""

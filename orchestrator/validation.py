@@ -134,6 +134,9 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
     for mod in lora.get("target_modules", []):
         if not _NAME_RE.fullmatch(mod):
             raise InvalidArgument(f"{field}.lora.target_modules", f"{mod[:64]!r} is not a module name")
+    share = float(spec.get("eval_share", 0))
+    if not 0 <= share <= 0.5:
+        raise InvalidArgument(f"{field}.eval_share", f"{share} is outside 0-0.5")
     lr = float(spec.get("learning_rate", 0))
     if not 0 <= lr < 1:
         raise InvalidArgument(f"{field}.learning_rate", f"{lr} is outside [0, 1)")

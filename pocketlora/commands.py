@@ -180,6 +180,14 @@ def agent_run(
     temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
     temp_low: Annotated[float | None, typer.Option(help="Resume below this temperature (°C).")] = None,
     min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
+    local_veto: Annotated[
+        bool,
+        typer.Option(
+            "--local-veto",
+            help="The fleet's gate policy may tighten these thresholds but never loosen them "
+            "(without it they are defaults the fleet's operators may override).",
+        ),
+    ] = False,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
     tls_ca: TlsCa = None,
@@ -252,6 +260,7 @@ def agent_run(
         torch_threads=torch_threads,
         tls=tls,
         store_tls=store_tls,
+        local_veto=local_veto,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

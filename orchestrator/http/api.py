@@ -43,6 +43,7 @@ from orchestrator.limits import Gatekeeper
 from orchestrator.operators import Principal
 from orchestrator.service import Orchestrator
 from orchestrator.servicers import convert
+from orchestrator.servicers import convert_fleet as cf
 from orchestrator.servicers.base import change_as, principal_for
 from orchestrator.servicers.errors import status_for
 from protos.pocketlora.v1 import operator_service_pb2 as pb
@@ -145,15 +146,13 @@ class Api:
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
         q = await self._query(request, "ListCampaigns", *PAGING)
-        campaigns, token = await self.run(self.orch.queries.list_campaigns, *q.page())
-        return reply(
-            pb.ListCampaignsResponse(campaigns=[convert.campaign_pb(c, n) for c, n in campaigns], next_page_token=token)
-        )
+        views, token = await self.run(self.orch.campaigns.list_campaigns, (), *q.page())
+        return reply(pb.ListCampaignsResponse(campaigns=[cf.campaign_pb(v) for v in views], next_page_token=token))
 
     async def get_campaign(self, request: web.Request) -> web.Response:
         await self._query(request, "GetCampaign")
-        campaign, counts = await self.run(self.orch.queries.get_campaign, request.match_info["campaign_id"])
-        return reply(pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts)))
+        view = await self.run(self.orch.campaigns.get, request.match_info["campaign_id"])
+        return reply(pb.GetCampaignResponse(campaign=cf.campaign_pb(view)))
 
     # ------------------------------------------------------------------ writes
     async def _write(self, request: web.Request, action: str, target: str, fn: Any, *args: Any) -> Any:

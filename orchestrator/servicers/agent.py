@@ -20,6 +20,7 @@ from orchestrator.identity import DeviceCall
 from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer, metadata_value
+from orchestrator.servicers.convert_fleet import policy_pb
 from orchestrator.servicers.errors import rpc
 from pocketlora.tls import certified_names
 from protos import wire
@@ -72,7 +73,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             stale_job_ids=result.stale_job_ids,
             next_poll_after=convert.duration(result.next_poll_s),
             lease_expires_at=convert.ts(result.lease_expires_at),
+            gate_policy_names=result.gate_policy_names,
         )
+        if result.gate_policy:
+            reply.gate_policy.CopyFrom(policy_pb(result.gate_policy))
         if result.desired_adapter is not None:
             reply.desired_adapter.CopyFrom(convert.adapter_ref(result.desired_adapter))
         return reply

@@ -12,7 +12,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator.domain import (
     AdapterRecord,
-    CampaignRecord,
     DeviceRecord,
     DeviceSelector,
     ErrorClass,
@@ -243,18 +242,6 @@ def adapter_ref(a: AdapterRecord) -> agent_pb.AdapterRef:
         base_fingerprint=a.base_fingerprint,
         name=a.name,
         version=a.version,
-    )
-
-
-def campaign_pb(c: CampaignRecord, counts: dict[str, int]) -> op_pb.Campaign:
-    """A campaign with its jobs counted by state."""
-    return op_pb.Campaign(
-        campaign_id=c.campaign_id,
-        name=c.name,
-        job_count=c.job_count,
-        jobs_by_state=counts_by_state(counts),
-        created_at=ts(c.created_at),
-        selector=selector_pb(c.selector),
     )
 
 

@@ -1,4 +1,5 @@
-"""OperatorService: operator and dashboard calls over the domain service."""
+"""OperatorService: operator and dashboard calls over the domain service (campaigns, rollouts and
+gate policies in fleet_rpcs.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from orchestrator.limits import Gatekeeper
 from orchestrator.polls import PollRunner
 from orchestrator.service import Orchestrator
 from orchestrator.servicers import convert
-from orchestrator.servicers.base import OperatorServicerBase
+from orchestrator.servicers import convert_fleet as cf
 from orchestrator.servicers.errors import rpc
+from orchestrator.servicers.fleet_rpcs import FleetRpcs
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
 
-class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
+class OperatorServicer(FleetRpcs, pb_grpc.OperatorServiceServicer):
     """The operator-facing API; every call needs an operator token whose role allows it."""
 
     def __init__(
@@ -44,44 +46,6 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
             deadline,
         )
         return pb.SubmitJobResponse(job=convert.job_pb(job), created=created)
-
-    @rpc
-    async def SubmitCampaign(
-        self, request: pb.SubmitCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SubmitCampaignResponse:
-        who = await self._principal(context, "SubmitCampaign")
-        deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        campaign, counts, created = await self._change(
-            who,
-            "SubmitCampaign",
-            request.name,
-            self.orch.fleet.submit_campaign,
-            request.request_id,
-            request.name,
-            convert.selector(request.selector),
-            convert.training_dict(request.training),
-            request.max_attempts,
-            deadline,
-        )
-        return pb.SubmitCampaignResponse(campaign=convert.campaign_pb(campaign, counts), created=created)
-
-    @rpc
-    async def GetCampaign(
-        self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetCampaignResponse:
-        await self._principal(context, "GetCampaign")
-        campaign, counts = await self._run(self.orch.queries.get_campaign, request.campaign_id)
-        return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
-
-    @rpc
-    async def ListCampaigns(
-        self, request: pb.ListCampaignsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListCampaignsResponse:
-        await self._principal(context, "ListCampaigns")
-        campaigns, token = await self._run(self.orch.queries.list_campaigns, request.page_size, request.page_token)
-        return pb.ListCampaignsResponse(
-            campaigns=[convert.campaign_pb(c, counts) for c, counts in campaigns], next_page_token=token
-        )
 
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
@@ -173,9 +137,10 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
             selector=selector,
             campaign_id=request.campaign_id,
             canary_percent=request.canary_percent,
+            eval_gate=cf.eval_gate(request.eval_gate, request.HasField("eval_gate")),
         )
-        devices = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
-        return pb.ActivateAdapterResponse(device_ids=devices)
+        done = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
+        return cf.activation_pb(done)
 
     @rpc
     async def DeactivateAdapter(

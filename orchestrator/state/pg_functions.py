@@ -5,14 +5,19 @@ what SQLite and every other path run); tests/orchestrator/test_polls.py runs the
 through both and compares the outcomes. A change to lease or heartbeat semantics changes both,
 in a new migration (`CREATE OR REPLACE FUNCTION`): released entries are never edited.
 
+Versions: V1 (migration 3); V2 (migration 5): the lease skips jobs of a PAUSED campaign, and the
+heartbeat also records the device's adapter refusals and returns the device's labels and
+capabilities (the gate policies that match it are merged in Python).
+
     pocketlora_lease(device, credential hash or NULL, now, lease_s, last_seen_write_s, empty progress)
         -> (outcome, job JSON)
        outcome: 'leased' | 'none' | 'slow' (the oldest due job may not fit: the caller runs the
        full placement in Python) | 'unauthenticated' | 'no_device'
     pocketlora_heartbeat(device, credential hash or NULL, now, lease_s, last_seen_write_s,
                          running job, epoch, state, progress JSON, pause reason,
-                         power JSON, eligible, reason, detail, active adapter, free storage)
-        -> (outcome, lease_expires_at, desired adapter JSON)
+                         power JSON, eligible, reason, detail, active adapter, free storage
+                         [, refusals JSON])
+        -> (outcome, lease_expires_at, desired adapter JSON [, labels JSON, capabilities JSON])
        outcome: 'ok' | 'cancel' | 'stale' | 'unauthenticated' | 'no_device'; an illegal
        transition raises SQLSTATE PLF01 with the message FailedPrecondition carries.
 
@@ -284,5 +289,42 @@ HEARTBEAT_V2 = _edit(
         "                capabilities = COALESCE(new_caps, capabilities),\n"
         "                adapter_refusals = CASE WHEN d.adapter_refusals <> p_refusals THEN p_refusals"
         " ELSE adapter_refusals END,",
+    ),
+)
+
+# Migration 6: leases skip the jobs of paused campaigns, and the heartbeat also returns the
+# device's labels and capabilities (what the fleet's gate policies select on). The return type
+# changes, so V2 is dropped first (CREATE OR REPLACE cannot change it).
+LEASE_V3 = _edit(
+    LEASE_V2,
+    (
+        "WHERE device_id = p_device AND state = 'QUEUED' AND not_before <= p_now\n",
+        "WHERE device_id = p_device AND state = 'QUEUED' AND not_before <= p_now\n"
+        "            AND (campaign_id = '' OR campaign_id NOT IN\n"
+        "                 (SELECT campaign_id FROM campaigns WHERE state = 'PAUSED'))\n",
+    ),
+)
+
+DROP_HEARTBEAT_V2 = DROP_HEARTBEAT_V1.removesuffix(")") + ", TEXT)"
+
+HEARTBEAT_V3 = _edit(
+    HEARTBEAT_V2,
+    (
+        "RETURNS TABLE (outcome TEXT, lease_expires_at DOUBLE PRECISION, adapter_json TEXT)",
+        "RETURNS TABLE (outcome TEXT, lease_expires_at DOUBLE PRECISION, adapter_json TEXT, device_labels TEXT,\n"
+        "    device_caps TEXT)",
+    ),
+    (
+        "THEN 'no_device' ELSE 'unauthenticated' END,\n            0::DOUBLE PRECISION, NULL::TEXT;",
+        "THEN 'no_device' ELSE 'unauthenticated' END,\n            0::DOUBLE PRECISION, NULL::TEXT, NULL::TEXT, NULL::TEXT;",
+    ),
+    (
+        "RETURN QUERY SELECT 'unauthenticated'::TEXT, 0::DOUBLE PRECISION, NULL::TEXT;",
+        "RETURN QUERY SELECT 'unauthenticated'::TEXT, 0::DOUBLE PRECISION, NULL::TEXT, NULL::TEXT, NULL::TEXT;",
+    ),
+    (
+        "(SELECT row_to_json(a)::TEXT FROM adapters a WHERE a.adapter_id = d.desired_adapter_id);",
+        "(SELECT row_to_json(a)::TEXT FROM adapters a WHERE a.adapter_id = d.desired_adapter_id),\n"
+        "        d.labels, COALESCE(new_caps, d.capabilities);",
     ),
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.domain import (
     AdapterRecord,
-    CampaignRecord,
+    CampaignState,
     DeviceRecord,
     JobFilter,
     JobRecord,
@@ -20,6 +20,7 @@ from orchestrator.state.base import Tx, WatchCursor
 from orchestrator.state.history import HistoryTx
 from orchestrator.state.sql_access import AccessSql
 from orchestrator.state.sql_base import Dialect
+from orchestrator.state.sql_fleet import FleetSql
 
 _JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels", "adapter_refusals"}
 _HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
@@ -87,16 +88,14 @@ def row_to_adapter(row: dict[str, Any]) -> AdapterRecord:
     return AdapterRecord(**row)
 
 
-def _row_to_campaign(row: dict[str, Any]) -> CampaignRecord:
-    row = dict(row)
-    row["selector"] = json.loads(row["selector"])
-    row["request_id"] = row["request_id"] or ""
-    return CampaignRecord(**row)
+def _in(values: list[Any]) -> str:
+    return ", ".join("?" for _ in values)
 
 
-class SqlTx(HistoryTx, AccessSql, Tx):
+class SqlTx(HistoryTx, AccessSql, FleetSql, Tx):
     """The contract over a DB-API cursor whose rows are dicts (access control and audit rows in
-    sql_access.py, job history and dashboard aggregates in history.py)."""
+    sql_access.py, job history and dashboard aggregates in history.py; campaigns, rollouts and
+    gate policies in sql_fleet.py)."""
 
     def __init__(self, cursor: Any, dialect: Dialect) -> None:
         super().__init__(cursor, dialect)
@@ -138,6 +137,28 @@ class SqlTx(HistoryTx, AccessSql, Tx):
             self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks})", list(row.values()))
         except self.d.unique_errors as exc:
             raise AlreadyExists(f"job {job.job_id} (request {job.request_id!r}) already exists") from exc
+
+    def insert_campaign_job(self, job: JobRecord) -> bool:
+        row = _job_to_row(job)
+        del row["change_seq"]
+        names, exprs = self._change_cols()
+        cols = ", ".join([*row, *names])
+        marks = ", ".join(["?"] * len(row) + exprs)
+        # Without a conflict target: the partial unique index (campaign_id, device_id) is the one
+        # that can clash, and both dialects skip any unique clash this way.
+        self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", list(row.values()))
+        return bool(self.cur.rowcount)
+
+    def campaign_devices(self, campaign_id: str, device_ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(device_ids), 500):
+            chunk = device_ids[i : i + 500]
+            rows = self._q(
+                f"SELECT device_id FROM jobs WHERE campaign_id = ? AND device_id IN ({_in(chunk)})",
+                [campaign_id, *chunk],
+            )
+            out.update(r["device_id"] for r in rows)
+        return out
 
     def insert_jobs(self, jobs: list[JobRecord]) -> None:
         # One prepared statement, many rows: a 10,000-device campaign is one round of executemany
@@ -181,8 +202,9 @@ class SqlTx(HistoryTx, AccessSql, Tx):
     def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
         rows = self._q(
             "SELECT * FROM jobs WHERE device_id = ? AND state = ? AND not_before <= ?"
+            " AND (campaign_id = '' OR campaign_id NOT IN (SELECT campaign_id FROM campaigns WHERE state = ?))"
             f" ORDER BY created_at, job_id LIMIT ?{self.d.for_update}{self.d.skip_locked}",
-            [device_id, JobState.QUEUED.value, now, limit],
+            [device_id, JobState.QUEUED.value, now, CampaignState.PAUSED.value, limit],
         )
         return self._jobs(rows)
 
@@ -238,26 +260,6 @@ class SqlTx(HistoryTx, AccessSql, Tx):
         rows = self._q(f"SELECT state, COUNT(*) AS n FROM jobs {where} GROUP BY state", params)
         return {r["state"]: int(r["n"]) for r in rows}
 
-    # --- campaigns ---
-    def insert_campaign(self, campaign: CampaignRecord) -> None:
-        row = asdict(campaign)
-        row["selector"] = json.dumps(campaign.selector, sort_keys=True)
-        row["request_id"] = campaign.request_id or None
-        self._insert("campaigns", row, f"campaign (request {campaign.request_id!r})")
-
-    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
-        rows = self._q("SELECT * FROM campaigns WHERE campaign_id = ?", [campaign_id])
-        return _row_to_campaign(rows[0]) if rows else None
-
-    def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
-        rows = self._q("SELECT * FROM campaigns WHERE request_id = ?", [request_id])
-        return _row_to_campaign(rows[0]) if rows else None
-
-    def list_campaigns(self, limit: int, before_campaign_id: str = "") -> list[CampaignRecord]:
-        where, params = ("WHERE campaign_id < ?", [before_campaign_id]) if before_campaign_id else ("", [])
-        rows = self._q(f"SELECT * FROM campaigns {where} ORDER BY campaign_id DESC LIMIT ?", [*params, limit])
-        return [_row_to_campaign(r) for r in rows]
-
     # --- devices ---
     def upsert_device(self, device: DeviceRecord) -> None:
         row = _device_to_row(device)
@@ -304,6 +306,22 @@ class SqlTx(HistoryTx, AccessSql, Tx):
             [after_device_id, limit],
         )
         return [_row_to_device(r) for r in rows]
+
+    def list_devices_changed(self, since: float, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
+        rows = self._q(
+            "SELECT * FROM devices WHERE profile_at >= ? AND device_id > ? ORDER BY device_id LIMIT ?",
+            [since, after_device_id, limit],
+        )
+        return [_row_to_device(r) for r in rows]
+
+    def get_devices(self, device_ids: list[str]) -> list[DeviceRecord]:
+        out: list[DeviceRecord] = []
+        for i in range(0, len(device_ids), 500):
+            chunk = device_ids[i : i + 500]
+            out += [
+                _row_to_device(r) for r in self._q(f"SELECT * FROM devices WHERE device_id IN ({_in(chunk)})", chunk)
+            ]
+        return out
 
     def fleet_counts(self) -> tuple[int, int]:
         row = self._q(
@@ -362,3 +380,12 @@ class SqlTx(HistoryTx, AccessSql, Tx):
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._q("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
+
+    def get_adapters(self, adapter_ids: list[str]) -> list[AdapterRecord]:
+        out: list[AdapterRecord] = []
+        for i in range(0, len(adapter_ids), 500):
+            chunk = adapter_ids[i : i + 500]
+            out += [
+                row_to_adapter(r) for r in self._q(f"SELECT * FROM adapters WHERE adapter_id IN ({_in(chunk)})", chunk)
+            ]
+        return out

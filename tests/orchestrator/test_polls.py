@@ -328,3 +328,46 @@ def test_polls_record_the_history_and_refusals_dashboards_read(world: World) -> 
     assert world.orch.queries.get_device("phone-1").adapter_refusals == {"ad-0001": "base fingerprint differs"}
     world.heartbeat(call)  # the device no longer reports refusals (it restarted): they are gone
     assert world.orch.queries.get_device("phone-1").adapter_refusals == {}
+
+
+def test_a_paused_campaign_hands_out_no_lease(world: World) -> None:
+    from orchestrator.domain import DeviceSelector
+
+    call = world.enroll()
+    view, _ = world.orch.campaigns.create(ADMIN, "", "c", DeviceSelector(), TRAINING, 0, 0.0)
+    world.orch.campaigns.pause(ADMIN, view.campaign.campaign_id)
+    single = world.submit()
+
+    assert world.lease(call).job.job_id == single  # only the job outside the paused campaign
+    assert world.lease(call).job is None
+    world.orch.campaigns.resume(ADMIN, view.campaign.campaign_id)
+    assert world.lease(call).job.campaign_id == view.campaign.campaign_id
+
+
+def test_heartbeats_record_refusals_and_carry_the_fleet_gate_policy(world: World) -> None:
+    from orchestrator.domain import DeviceSelector
+
+    call = world.enroll()
+    world.orch.identity.set_device_labels(ADMIN, "phone-1", {"tier": "beta"})
+    world.orch.policies.set(ADMIN, "beta", DeviceSelector(labels={"tier": "beta"}), {"min_battery_pct": 80.0}, 1)
+    world.orch.policies.set(ADMIN, "ga", DeviceSelector(labels={"tier": "ga"}), {"min_battery_pct": 20.0}, 2)
+
+    got = world.heartbeat(call, eligible=True, adapter_refusals={"ad-9": "load failed: bad shapes"})
+
+    assert (got.gate_policy, got.gate_policy_names) == ({"min_battery_pct": 80.0}, ["beta"])
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {"ad-9": "load failed: bad shapes"}
+    world.orch.policies.delete(ADMIN, "beta")
+    got = world.heartbeat(call, eligible=True)
+    assert (got.gate_policy, got.gate_policy_names) == ({}, [])
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {}
+
+
+def test_uint64_extremes_in_a_heartbeat_are_kept_capped_on_every_runner(world: World) -> None:
+    call = world.enroll()
+    job_id = world.submit()
+    world.lease(call)
+
+    got = world.heartbeat(call, free_storage_bytes=2**64 - 1, running_job_id=job_id, running_epoch=2**64 - 1)
+
+    assert got.stale_job_ids == [job_id]  # no real epoch is that large
+    assert world.orch.queries.get_device("phone-1").capabilities["free_storage_bytes"] == 2**63 - 1

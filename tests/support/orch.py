@@ -64,14 +64,15 @@ class ServerThread:
         self.tls, self.client_tls = tls, client_tls
         self.http = http
         self.http_url = ""
-        # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
+        # The control loop's passes (ControlLoopActor under Ray): leases expire, campaigns fan out,
+        # rollouts move on.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
 
     def _reap_loop(self) -> None:
         while not self._stop_reaper.wait(self.reap_every_s):
-            self.orch.jobs.reap()
+            self.orch.control_tick()
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -118,8 +119,11 @@ def dev_md(device_id: str, credential: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {credential}"), ("x-pocketlora-device", device_id))
 
 
-def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, seed: int = 0) -> tuple[Path, BlobInfo]:
-    """A small but well-formed adapter blob (random LoRA tensors, a peft config, a manifest)."""
+def fake_adapter_blob(
+    tmp: Path, *, device_id: str, job_id: str, attempt: int, seed: int = 0, metrics: dict[str, Any] | None = None
+) -> tuple[Path, BlobInfo]:
+    """A small but well-formed adapter blob (random LoRA tensors, a peft config, a manifest with
+    these metrics, e.g. held-out eval figures)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -144,7 +148,7 @@ def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, s
         alpha=8.0,
         target_modules=["q_proj"],
         dataset_sha256="cd" * 32,
-        metrics={"final_loss": 1.0},
+        metrics={"final_loss": 1.0, **(metrics or {})},
         training={},
         device_id=device_id,
         job_id=job_id,

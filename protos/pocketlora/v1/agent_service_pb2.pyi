@@ -156,7 +156,7 @@ class HeartbeatRequest(_message.Message):
 
     @_builtins.property
     def adapter_refusals(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AdapterRefusal]:
-        """Adapters this device refused to load and why (at most 16 are kept)."""
+        """Adapters the device refuses to run (failed check, load failure, runtime crash), with why."""
 
     def __init__(
         self,
@@ -232,6 +232,8 @@ class HeartbeatResponse(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     NEXT_POLL_AFTER_FIELD_NUMBER: _builtins.int
     STALE_JOB_IDS_FIELD_NUMBER: _builtins.int
+    GATE_POLICY_FIELD_NUMBER: _builtins.int
+    GATE_POLICY_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cancel_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Jobs an operator cancelled: stop them and discard their work."""
@@ -254,6 +256,14 @@ class HeartbeatResponse(_message.Message):
         but keep their checkpoints, since a job that comes back to this device resumes from them.
         """
 
+    @_builtins.property
+    def gate_policy(self) -> _types_pb2.GatePolicy:
+        """Gate thresholds the fleet's operators set for this device; unset means the device's own."""
+
+    @_builtins.property
+    def gate_policy_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the operator policies merged into gate_policy, lowest priority first."""
+
     def __init__(
         self,
         *,
@@ -262,10 +272,12 @@ class HeartbeatResponse(_message.Message):
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         next_poll_after: _duration_pb2.Duration | None = ...,
         stale_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        gate_policy: _types_pb2.GatePolicy | None = ...,
+        gate_policy_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_adapter", b"desired_adapter", "gate_policy", b"gate_policy", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after", "stale_job_ids", b"stale_job_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "gate_policy", b"gate_policy", "gate_policy_names", b"gate_policy_names", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after", "stale_job_ids", b"stale_job_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
