@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
     ENROLL_TOKEN,
+    ONE_PEER_FLEET,
     OPERATOR_TOKEN,
     ROOT,
     start_server_process,
@@ -335,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="pocketlora-fleet-"))
     db_url = args.db or f"sqlite:///{tmp / 'state.db'}"
-    server, address = start_server_process(db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5)
+    server, address = start_server_process(
+        db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5, **ONE_PEER_FLEET
+    )
     procs: list[subprocess.Popen[str]] = []
     result: dict[str, Any] = {"agents": agents, "jobs": jobs, "db": db_url.split("?")[0].split(":")[0]}
     try:
