@@ -53,6 +53,14 @@ def _jobs_table(jobs: list[Any]) -> Table:
 
 
 # ---------------------------------------------------------------------- jobs
+_MIXED_PRECISION = {
+    "auto": tpb.MIXED_PRECISION_UNSPECIFIED,
+    "fp32": tpb.MIXED_PRECISION_FP32,
+    "bf16": tpb.MIXED_PRECISION_BF16,
+    "fp16": tpb.MIXED_PRECISION_FP16,
+}
+
+
 @job_app.command("submit")
 def job_submit(
     device_id: Annotated[str, typer.Option("--device-id", help="Device that trains the adapter.")],
@@ -82,11 +90,18 @@ def job_submit(
     learning_rate: Annotated[
         float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")
     ] = 0.0,
-    epochs: Annotated[int, typer.Option(min=0, help="Passes over the data (0: 1).")] = 0,
+    epochs: Annotated[int, typer.Option(min=0, help="Passes over the data (0: 3).")] = 0,
     max_steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from epochs).")] = 0,
     max_seq_len: Annotated[int, typer.Option(min=0, help="Longest example in tokens (0: 256).")] = 0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     quantization: Annotated[str, typer.Option(help="nf4 or none.")] = "nf4",
+    double_quant: Annotated[
+        bool, typer.Option("--double-quant/--no-double-quant", help="NF4 double quantization of the block scales.")
+    ] = True,
+    mixed_precision: Annotated[
+        str,
+        typer.Option(help="auto (bf16 where the device computes bfloat16 natively, else fp32), fp32, bf16 or fp16."),
+    ] = "auto",
     max_attempts: Annotated[int, typer.Option(min=0, max=100, help="Attempts (0: 6).")] = 0,
     request_id: Annotated[str, typer.Option(help="Idempotency key (default: random).")] = "",
     address: Address = DEFAULT_ADDRESS,
@@ -96,6 +111,11 @@ def job_submit(
     """Queue a training job for one device."""
     if quantization not in ("nf4", "none"):
         raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
+    precision = _MIXED_PRECISION.get(mixed_precision)
+    if precision is None:
+        raise typer.BadParameter(
+            f"{mixed_precision!r} is not one of {', '.join(_MIXED_PRECISION)}", param_hint="--mixed-precision"
+        )
     if bool(dataset) == (dataset_file is not None):
         raise typer.BadParameter(
             "give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset"
@@ -109,6 +129,8 @@ def job_submit(
         dataset_sha256=shipped_sha,
         lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
         quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
+        double_quant=double_quant,
+        mixed_precision=precision,
         learning_rate=learning_rate,
         epochs=epochs,
         max_steps=max_steps,
