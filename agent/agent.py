@@ -134,7 +134,12 @@ class Agent:
             )
         budget = self.cfg.memory_budget_mb * 2**20
         caps = detect_capabilities(
-            self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget
+            self.cfg.work_dir,
+            self.cfg.base_model_id,
+            self.base_fingerprint,
+            self.cfg.labels,
+            budget,
+            base_model_dir=self.cfg.base_model_dir,
         )
         delay = 1.0
         while True:

@@ -26,12 +26,6 @@ class OrchestratorConfig:
     # last_seen may lag by this much, and polls stay read-only transactions. 0 writes every poll.
     last_seen_write_s: float = 5.0
     pace: PacePolicy = field(default_factory=PacePolicy)
-    # Least memory a training job on each known base model needs on a device (NF4, gradient
-    # checkpointing, a small micro-batch: about the smallest plan the device's planner reaches;
-    # docs/benchmarks.md has the measured peaks). Jobs are not leased to devices whose budget is
-    # below it; unknown bases are not checked here (the device's own planner refuses with
-    # DOES_NOT_FIT).
-    base_model_min_bytes: dict[str, int] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": 800 * 2**20})
     # Bootstrap enrollment token (e.g. from POCKETLORA_ENROLLMENT_TOKEN); empty means none.
     enrollment_token: str = ""
     # Operator token; operator calls need it.

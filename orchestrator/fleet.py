@@ -14,8 +14,9 @@ from typing import Any
 
 from orchestrator import activation, validation
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import CampaignRecord, DeviceSelector, JobRecord, new_id
+from orchestrator.domain import CampaignRecord, DeviceRecord, DeviceSelector, JobRecord, new_id
 from orchestrator.errors import FailedPrecondition, InvalidArgument, found
+from orchestrator.placement import planned_peak_bytes
 from orchestrator.state.base import StateStore
 
 
@@ -38,8 +39,8 @@ class FleetOps:
             earlier = tx.get_job_by_request(request_id) if request_id else None
             if earlier is not None:
                 return earlier, False
-            found(tx.get_device(device_id), "device", device_id)
-            job = self._new_job(device_id, training, max_attempts, deadline, now, request_id=request_id)
+            device = found(tx.get_device(device_id), "device", device_id)
+            job = self._new_job(device, training, max_attempts, deadline, now, request_id=request_id)
             tx.insert_job(job)
         return job, True
 
@@ -62,7 +63,7 @@ class FleetOps:
             if earlier is not None:
                 return earlier, tx.count_jobs_by_state(earlier.campaign_id), False
             jobs = [
-                self._new_job(d.device_id, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id)
+                self._new_job(d, training, max_attempts, deadline, now, campaign_id=campaign.campaign_id)
                 for d in tx.iter_devices()
                 if selector.matches(d)
             ]
@@ -85,7 +86,7 @@ class FleetOps:
 
     def _new_job(
         self,
-        device_id: str,
+        device: DeviceRecord,
         training: dict[str, Any],
         max_attempts: int,
         deadline: float,
@@ -96,7 +97,7 @@ class FleetOps:
     ) -> JobRecord:
         job = JobRecord(
             job_id=new_id("job"),
-            device_id=device_id,
+            device_id=device.device_id,
             training=training,
             created_at=now,
             updated_at=now,
@@ -104,7 +105,9 @@ class FleetOps:
             request_id=request_id,
             campaign_id=campaign_id,
         )
-        job.memory_estimate_bytes = self.config.base_model_min_bytes.get(str(training.get("base_model_id", "")), 0)
+        # The smallest plan the device's own planner would reach, from the base shape it reported
+        # (0: it reported none); placement compares it with the device's budget.
+        job.memory_estimate_bytes = planned_peak_bytes(training, device.capabilities)
         if max_attempts:
             job.max_attempts = max_attempts
         return job

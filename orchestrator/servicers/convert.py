@@ -10,6 +10,7 @@ from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from adapters_store.memory_plan import BaseShape
 from orchestrator.domain import (
     AdapterRecord,
     CampaignRecord,
@@ -150,9 +151,26 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
+def base_shape_dict(shape: pb.BaseModelShape, field: str = "capabilities.base_shape") -> dict[str, Any]:
+    """A reported base model shape as stored, checked by the planner that will read it."""
+    if len(shape.lora_dims) > 512 or len(shape.default_targets) > 64:
+        raise InvalidArgument(field, "lists too many modules")
+    names = [*shape.lora_dims, *shape.default_targets]
+    if any(not name or len(name) > 100 for name in names):
+        raise InvalidArgument(field, "module names must be 1-100 characters")
+    out = json_format.MessageToDict(shape, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for key in ("linear_params", "other_params", "file_bytes"):  # uint64 arrives as a string
+        out[key] = int(out[key])
+    out["lora_dims"] = {k: int(v) for k, v in out["lora_dims"].items()}
+    try:
+        return BaseShape.from_dict(out).to_dict()
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc).removeprefix("base_shape.")) from None
+
+
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
-    return {
+    out = {
         "ram_bytes": caps.ram_bytes,
         "free_storage_bytes": caps.free_storage_bytes,
         "cpu": caps.cpu[:200],
@@ -163,8 +181,12 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "base_model_id": caps.base_model_id[:200],
         "base_fingerprint": caps.base_fingerprint[:100],
         "memory_budget_bytes": caps.memory_budget_bytes,
+        "native_bf16": caps.native_bf16,
         "labels": dict(caps.labels),
     }
+    if caps.HasField("base_shape"):
+        out["base_shape"] = base_shape_dict(caps.base_shape)
+    return out
 
 
 def power_dict(power: pb.PowerState) -> dict[str, Any]:
