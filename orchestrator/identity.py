@@ -125,6 +125,8 @@ class Identity:
         caps = dict(capabilities)
         raw_labels = caps.pop("labels", {})
         labels = validation.labels({str(k): str(v) for k, v in raw_labels.items()}, "capabilities.labels")
+        if "base_shape" in caps:
+            caps["base_shape"] = validation.base_shape(caps["base_shape"])
         credential = "pldev_" + secrets.token_urlsafe(32)
         now = self.clock()
         with self.state.transaction() as tx:

@@ -10,7 +10,6 @@ from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapters_store.memory_plan import BaseShape
 from orchestrator.domain import (
     AdapterRecord,
     CampaignRecord,
@@ -151,21 +150,13 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
-def base_shape_dict(shape: pb.BaseModelShape, field: str = "capabilities.base_shape") -> dict[str, Any]:
-    """A reported base model shape as stored, checked by the planner that will read it."""
-    if len(shape.lora_dims) > 512 or len(shape.default_targets) > 64:
-        raise InvalidArgument(field, "lists too many modules")
-    names = [*shape.lora_dims, *shape.default_targets]
-    if any(not name or len(name) > 100 for name in names):
-        raise InvalidArgument(field, "module names must be 1-100 characters")
+def base_shape_dict(shape: pb.BaseModelShape) -> dict[str, Any]:
+    """A reported base model shape as a dict (checked at enrollment, after authentication)."""
     out = json_format.MessageToDict(shape, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for key in ("linear_params", "other_params", "file_bytes"):  # uint64 arrives as a string
         out[key] = int(out[key])
     out["lora_dims"] = {k: int(v) for k, v in out["lora_dims"].items()}
-    try:
-        return BaseShape.from_dict(out).to_dict()
-    except ValueError as exc:
-        raise InvalidArgument(field, str(exc).removeprefix("base_shape.")) from None
+    return out
 
 
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
