@@ -141,6 +141,9 @@ def _caller(context: grpc.aio.ServicerContext, claimed: str = "") -> DeviceCall:
     return DeviceCall(metadata_value(context, DEVICE_HEADER), bearer(context), claimed)
 
 
+MAX_INT64 = 2**63 - 1
+
+
 def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
     """The domain's view of a heartbeat."""
     hb = HeartbeatInput(
@@ -149,7 +152,8 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_reason=convert.reason_name(request.eligibility_reason),
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
-        free_storage_bytes=request.free_storage_bytes,
+        # uint64 on the wire, BIGINT in PostgreSQL: no disk holds 2^63 bytes, so larger is noise.
+        free_storage_bytes=min(request.free_storage_bytes, MAX_INT64),
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:
