@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import ENROLL_TOKEN  # noqa: E402
-from benchmarks.fleet_sim_agents import CHARGE_PERIOD_S, CHARGE_SHARE  # noqa: E402
+from benchmarks.fleet_sim_agents import CHARGE_PERIOD_S, CHARGE_SHARE, new_stats  # noqa: E402
 
 
 class WindowSensors:
@@ -81,16 +81,7 @@ def main(address: str, first: int, count: int, tmp: Path, seed: int, train_s: fl
     agent_mod.TrainingProcess = functools.partial(TrainingProcess, python=str(fake_python(tmp)))  # type: ignore[misc]
     base = shared_base(tmp)
     rng = random.Random(seed)
-    stats: dict[str, Any] = {
-        "completed": [],
-        "fenced": 0,
-        "vanished": 0,
-        "transient": 0,
-        "paused": 0,
-        "errors": 0,
-        "refused": collections.Counter(),
-        "events": collections.Counter(),
-    }
+    stats = new_stats() | {"events": collections.Counter()}
     lock = threading.Lock()
     enrolled = threading.Semaphore(0)
 

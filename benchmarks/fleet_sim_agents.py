@@ -33,6 +33,19 @@ CHARGE_SHARE = 0.75
 IDLE_POLL_MAX_S = 5.0
 
 
+def new_stats() -> dict[str, Any]:
+    """The counts an agents process reports (fleet_sim sums them over processes)."""
+    return {
+        "completed": [],  # [job_id, attempt] per acknowledged completion
+        "fenced": 0,
+        "vanished": 0,
+        "transient": 0,
+        "paused": 0,
+        "errors": 0,
+        "refused": collections.Counter(),
+    }
+
+
 async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int, train_s: float) -> dict[str, Any]:
     import grpc
 
@@ -47,15 +60,7 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
     stub = agent_service_pb2_grpc.AgentServiceStub(channel)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    stats: dict[str, Any] = {
-        "completed": [],
-        "fenced": 0,
-        "vanished": 0,
-        "transient": 0,
-        "paused": 0,
-        "errors": 0,
-        "refused": collections.Counter(),
-    }
+    stats = new_stats()
     caps = tpb.Capabilities(base_model_id="tiny", supports_4bit=True, ram_bytes=8 * 2**30)
 
     async def agent(n: int) -> None:
