@@ -4,14 +4,19 @@ The orchestrator names the desired adapter in every heartbeat reply. When it dif
 active one, the switcher downloads it through a presigned URL, checks its sha256 and size,
 unpacks it (safetensors only), asks the runtime child to load it and then activates it; the base
 model stays resident, and the adapter that was active before is unloaded once requests pinned
-to it finish. An adapter that cannot be used here (another base, bad bytes, a load failure) is
-refused and remembered with its reason, so it is not fetched again on every heartbeat.
+to it finish. An adapter that cannot be used here (another base, bad bytes, a load or activation
+failure, a runtime child that will not start) is refused and remembered with its reason, so it
+is not fetched again on every heartbeat; the agent reports its most recent refusals in every
+heartbeat, for operators and for rollouts, which halt on them. So is an adapter whose id is not
+a well-formed id: it never becomes a file name here, and the download is capped at the store's
+blob limit whatever size the reply announces.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,15 @@ from typing import Any
 from adapters_store import download_from_url
 from adapters_store.errors import StoreError, TransferError
 from agent.client import DeviceClient
+from agent.jobs import id_path
 from protos.pocketlora.v1 import agent_service_pb2 as pb
+from protos.wire import is_id
 
 log = logging.getLogger("pocketlora.agent")
 
 Emit = Callable[..., None]
+# Refusals kept (and reported in heartbeats): the most recent ones.
+REFUSALS_KEPT = 16
 
 
 class AdapterSwitcher:
@@ -38,8 +47,10 @@ class AdapterSwitcher:
         emit: Emit,
         *,
         torch_threads: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
+        self.ssl_context = ssl_context  # for https presigned URLs (None: the system's roots)
         self.dir = work_dir / "adapters"
         self.base_model_dir = base_model_dir
         self.base_fingerprint = base_fingerprint
@@ -54,10 +65,19 @@ class AdapterSwitcher:
         desired = ref.adapter_id if ref is not None else ""
         if desired == self.active_adapter_id or desired in self.refused:
             return
+        if desired and not is_id(desired):
+            self._refuse(desired, "not a valid adapter id")
+            return
         if self.runtime is None:
-            from agent.inference import RuntimeHost
+            from agent.inference import RuntimeHost, RuntimeHostError
 
-            self.runtime = RuntimeHost(self.base_model_dir, torch_threads=self.torch_threads)
+            if ref is None:  # nothing was loaded: the base is what runs
+                return
+            try:
+                self.runtime = RuntimeHost(self.base_model_dir, torch_threads=self.torch_threads)
+            except (RuntimeHostError, OSError) as exc:
+                self._refuse(ref.adapter_id, f"the inference runtime did not start: {exc}")
+                return
         if ref is None:
             self._activate("")
         elif ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
@@ -70,12 +90,15 @@ class AdapterSwitcher:
         from adapters_store import unpack_adapter
         from agent.inference import RuntimeHostError
 
+        folder = id_path(self.dir, ref.adapter_id, "adapter id")
         got = self.client.adapter_download_url(ref.adapter_id)
-        blob = self.dir / f"{ref.adapter_id}.safetensors"
+        blob = folder.with_name(f"{ref.adapter_id}.safetensors")
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
-            unpack_adapter(blob, self.dir / ref.adapter_id)
+            download_from_url(
+                got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes, ssl_context=self.ssl_context
+            )
+            unpack_adapter(blob, folder)
         except TransferError as exc:
             self.emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried
             return False
@@ -85,14 +108,22 @@ class AdapterSwitcher:
         finally:
             blob.unlink(missing_ok=True)
         try:
-            self.runtime.load(ref.adapter_id, self.dir / ref.adapter_id)
+            self.runtime.load(ref.adapter_id, folder)
         except RuntimeHostError as exc:
-            self._refuse(ref.adapter_id, str(exc))
+            self._refuse(ref.adapter_id, f"load failed: {exc}")
             return False
         return True
 
     def _activate(self, adapter_id: str, **about: Any) -> None:
-        self.runtime.activate(adapter_id or None)
+        from agent.inference import RuntimeHostError
+
+        try:
+            self.runtime.activate(adapter_id or None)
+        except RuntimeHostError as exc:
+            if not adapter_id:
+                raise  # the base always activates; a runtime that cannot is a bug to see
+            self._refuse(adapter_id, f"activation failed: {exc}")
+            return
         previous, self.active_adapter_id = self.active_adapter_id, adapter_id
         self.emit("adapter_active", adapter_id=adapter_id, **about)
         self._unload(previous)
@@ -107,10 +138,12 @@ class AdapterSwitcher:
             self.runtime.unload(adapter_id)
         except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
             log.info("unload of %s: %s", adapter_id, exc)
-        shutil.rmtree(self.dir / adapter_id, ignore_errors=True)
+        shutil.rmtree(id_path(self.dir, adapter_id, "adapter id"), ignore_errors=True)
 
     def _refuse(self, adapter_id: str, reason: str) -> None:
-        self.refused[adapter_id] = reason
+        self.refused[adapter_id] = reason[:300]
+        while len(self.refused) > REFUSALS_KEPT:
+            del self.refused[next(iter(self.refused))]
         self.emit("adapter_refused", adapter_id=adapter_id, reason=reason)
 
     def close(self) -> None:

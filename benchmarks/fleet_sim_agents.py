@@ -158,7 +158,8 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
                 blob, info = await asyncio.to_thread(
                     fake_adapter_blob, tmp, device_id=device_id, job_id=a.job_id, attempt=a.attempt
                 )
-                await asyncio.to_thread(upload_to_url, up.upload_url or a.upload_url, blob)
+                target = up if up.upload_url else a
+                await asyncio.to_thread(upload_to_url, target.upload_url, blob, fields=dict(target.upload_fields))
                 blob.unlink()
                 await stub.CompleteJob(
                     apb.CompleteJobRequest(

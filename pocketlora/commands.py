@@ -12,7 +12,20 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out, parse_kv
+from pocketlora.cli_common import (
+    DEFAULT_STATE_DIR,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    UserError,
+    agent_app,
+    app,
+    client_tls,
+    err,
+    orchestrator_app,
+    out,
+    parse_kv,
+)
 
 
 def _secret_file(path: Path, env: str) -> str:
@@ -29,10 +42,10 @@ def _secret_file(path: Path, env: str) -> str:
     return value
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, flag: str = "--listen") -> None:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
+        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
 def _base_model_folder(base_model: Path | None) -> Path:
@@ -65,21 +78,62 @@ def serve(
         str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
     ] = "",
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for /metrics, the JSON API and the web console (default: off); replica i uses PORT+i."
+        ),
+    ] = "",
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
+    bootstrap: Annotated[
+        bool,
+        typer.Option(
+            "--bootstrap/--no-bootstrap",
+            help="Register the bootstrap operator token (POCKETLORA_OPERATOR_TOKEN, else STATE_DIR/operator-token)"
+            " as the first admin's when no admin exists yet.",
+        ),
+    ] = True,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.", show_default=False)
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-ca",
+            help="Require client certificates signed by this CA (mutual TLS); a device's must name its id.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plaintext gRPC on a non-loopback --listen address.")
+    ] = False,
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
     from orchestrator.errors import InvalidArgument
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
+    from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
+    if http_listen:
+        _check_listen(http_listen, "--http-listen")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
+        check_listen(listen, tls, insecure)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if insecure and tls is None:
+        err.print(f"[bold red]INSECURE:[/] plaintext gRPC on {listen}: tokens and credentials travel in clear")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN")
+    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
     os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
-    config = OrchestratorConfig(lease_s=lease_s, operator_token=operator_token, enrollment_token=enrollment_token)
+    config = OrchestratorConfig(lease_s=lease_s, bootstrap_token=operator_token, enrollment_token=enrollment_token)
     # Fail fast on bad URLs, with the field named, before Ray starts.
     try:
         from adapters_store import open_store
@@ -92,12 +146,22 @@ def serve(
     except Exception as exc:
         raise UserError(f"cannot open stores: {exc}") from None
     init_ray(ray_address or None)
-    frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
-    host = listen.rpartition(":")[0]
-    out.print(
-        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
+    frontends, control, ports = start_orchestrator(
+        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure, http_listen=http_listen
     )
-    out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
+    host = listen.rpartition(":")[0]
+    security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
+    out.print(
+        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} "
+        f"({security}; db {db.split('@')[-1]}, {replicas} replica(s))"
+    )
+    if http_listen:
+        http_host = http_listen.rpartition(":")[0]
+        for port in http_ports(frontends):
+            out.print(f"web console on http://{http_host}:{port}/ (operator token required), metrics on /metrics")
+    if bootstrap:
+        out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
+    out.print(f"enrollment token in {state_dir / 'enrollment-token'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -135,16 +199,56 @@ def agent_run(
     min_battery: Annotated[
         float | None, typer.Option(min=0, max=100, help="Train only above this battery percent (default 50).")
     ] = None,
+    local_veto: Annotated[
+        bool,
+        typer.Option(
+            "--local-veto",
+            help="The fleet's gate policy may tighten these thresholds but never loosen them "
+            "(without it they are defaults the fleet's operators may override).",
+        ),
+    ] = False,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    store_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificate (PEM) for https presigned URLs when the store's CA is private (default: --tls-ca).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option(help="Serve Prometheus metrics on this loopback HOST:PORT (default: off).")
+    ] = "",
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
+    from pocketlora.tls import TlsConfig, TlsConfigError, is_loopback, load_tls
 
     labels = parse_kv(label, "--label")
     base_model = _base_model_folder(base_model)
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    try:
+        store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if store_tls is None and tls is not None and tls.ca is not None:
+        store_tls = TlsConfig(ca=tls.ca)
+    observed = None
+    if metrics_listen:  # prometheus_client is imported only then: an idle agent stays light
+        from agent.metrics import AgentMetrics, check_loopback
+
+        observed = AgentMetrics()
+        try:
+            check_loopback(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                str(exc).removeprefix("--metrics-listen "), param_hint="--metrics-listen"
+            ) from None
     try:
         source = parse_sensor_spec(sensors)
         policy = GatePolicy.from_file(gate_config) if gate_config else GatePolicy()
@@ -157,6 +261,10 @@ def agent_run(
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if tls is None and not is_loopback(orchestrator.rpartition(":")[0]):
+        logging.getLogger("pocketlora.agent").warning(
+            "plaintext gRPC to %s: the device credential travels in clear (pass --tls-ca)", orchestrator
+        )
     cfg = AgentConfig(
         orchestrator=orchestrator,
         device_id=device_id,
@@ -168,12 +276,20 @@ def agent_run(
         labels=labels,
         memory_budget_mb=memory_budget_mb,
         torch_threads=torch_threads,
+        tls=tls,
+        store_tls=store_tls,
+        local_veto=local_veto,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        Agent(cfg, source, Gate(policy)).run(stop)
+        agent = Agent(cfg, source, Gate(policy), listener=observed.on_event if observed else None)
+        if observed is not None:
+            observed.agent = agent
+            observed.serve(metrics_listen)
+            out.print(f"agent metrics on http://{metrics_listen}/metrics")
+        agent.run(stop)
     except EnrollmentError as exc:
         raise UserError(str(exc)) from None
 

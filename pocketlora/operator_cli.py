@@ -1,5 +1,5 @@
-"""Operator commands: devices, adapters (activation, rollback, garbage collection), enrollment
-tokens and the fleet summary.
+"""Operator commands: devices, adapters (activation, rollback, garbage collection) and the fleet
+summary.
 
 Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -29,7 +29,6 @@ from pocketlora.cli_common import (
     print_json,
     reason_name,
     show,
-    token_app,
 )
 from pocketlora.client import DEFAULT_ADDRESS
 from protos.pocketlora.v1 import operator_service_pb2 as op
@@ -139,6 +138,15 @@ def adapter_activate(
         str, typer.Option("--campaign-id", help="Or: a canary share of this campaign's devices.")
     ] = "",
     canary_percent: Annotated[int, typer.Option(min=0, max=100, help="With --campaign-id: the share, 1-100.")] = 0,
+    min_improvement: Annotated[
+        float | None,
+        typer.Option(
+            "--min-improvement",
+            min=-1.0,
+            max=0.99,
+            help="Eval gate: only adapters whose held-out loss is this much (relative) below their base's.",
+        ),
+    ] = None,
     address: Address = DEFAULT_ADDRESS,
     token: Token = "",
     as_json: AsJson = False,
@@ -151,12 +159,17 @@ def adapter_activate(
     )
     if name:
         request.selector.CopyFrom(tpb.DeviceSelector(labels=parse_kv(label, "--label")))
+    if min_improvement is not None:
+        request.eval_gate.CopyFrom(op.EvalGate(min_improvement=min_improvement))
     reply = call(address, token, "ActivateAdapter", request)
     show(
         reply,
         as_json,
         f"activated on {len(reply.device_ids)} device(s): {', '.join(reply.device_ids) or 'none changed'}",
     )
+    if not as_json:
+        for r in reply.refused:
+            out.print(f"  left out {r.device_id} ({r.adapter_id}): {r.reason}", highlight=False)
 
 
 @adapter_app.command("deactivate")
@@ -228,28 +241,6 @@ def adapter_gc(
     out.print(f"{verb} {len(report.deleted_keys)} blob(s) and {len(report.pruned_adapters)} superseded version(s)")
     for key in report.deleted_keys:
         out.print(f"  {key}")
-
-
-@token_app.command("create")
-def token_create(
-    ttl_hours: Annotated[float, typer.Option(min=0.01, max=24 * 366)] = 24.0,
-    description: Annotated[str, typer.Option()] = "",
-    address: Address = DEFAULT_ADDRESS,
-    token: Token = "",
-    as_json: AsJson = False,
-) -> None:
-    """Issue an enrollment token for devices."""
-    from google.protobuf.duration_pb2 import Duration
-
-    with client(address, token) as c:
-        reply = c.call(
-            "CreateEnrollmentToken",
-            op.CreateEnrollmentTokenRequest(ttl=Duration(seconds=int(ttl_hours * 3600)), description=description),
-        )
-    if as_json:
-        print_json(dump(reply))
-    else:
-        print(reply.token)
 
 
 @app.command("summary")

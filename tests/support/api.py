@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from adapters_store import upload_to_url
+from protos.pocketlora.v1 import admin_service_pb2 as adpb
 from protos.pocketlora.v1 import agent_service_pb2 as apb
 from protos.pocketlora.v1 import operator_service_pb2 as opb
 from protos.pocketlora.v1 import types_pb2 as tpb
@@ -16,12 +17,18 @@ from tests.support.orch import ENROLL_TOKEN, ServerThread, dev_md, fake_adapter_
 SPEC = tpb.TrainingSpec(adapter_name="persona", base_model_id="tiny", dataset="captain")
 
 
-def enroll(srv: ServerThread, device_id: str, **caps: object) -> tuple[tuple[str, str], ...]:
+def enroll(
+    srv: ServerThread, device_id: str, labels: dict[str, str] | None = None, **caps: object
+) -> tuple[tuple[str, str], ...]:
+    """Enroll a device; `labels` are then set by the admin (the labels selectors target), while
+    `caps` may carry the labels the device reports about itself."""
     fields: dict[str, object] = {"base_model_id": "tiny", "supports_4bit": True, "ram_bytes": 8 * 2**30, **caps}
     capabilities = tpb.Capabilities(**fields)  # type: ignore[arg-type]
     reply = srv.agent.Enroll(
         apb.EnrollRequest(device_id=device_id, capabilities=capabilities), metadata=op_md(ENROLL_TOKEN)
     )
+    if labels:
+        srv.admin.SetDeviceLabels(adpb.SetDeviceLabelsRequest(device_id=device_id, labels=labels), metadata=op_md())
     return dev_md(device_id, reply.device_credential)
 
 

@@ -136,4 +136,22 @@ def header_only_llama(out: Path, *, layers: int = 30, hidden: int = 576, inter: 
     header = {n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}
     raw = json.dumps(header).encode()
     (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def sharpen_head(base: Path, out: Path, factor: float = 20.0) -> Path:
+    """Copy a tiny model with its output head scaled up.
+
+    A randomly initialised tiny model has near-uniform logits that a LoRA on attention cannot
+    sharpen (the final norm bounds the hidden state and lm_head is frozen), so the loss floor
+    sits near ln(vocab). A larger head lets the adapter actually learn, so its loss on held-out
+    data can beat the base's.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * factor
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
