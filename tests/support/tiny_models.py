@@ -136,6 +136,7 @@ def header_only_llama(out: Path, *, layers: int = 30, hidden: int = 576, inter: 
     header = {n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}
     raw = json.dumps(header).encode()
     (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return out
 
 
 def sharpen_head(base: Path, out: Path, factor: float = 20.0) -> Path:
