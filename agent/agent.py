@@ -145,10 +145,9 @@ class Agent:
             raise EnrollmentError(
                 "not enrolled and no enrollment token given (--enrollment-token or POCKETLORA_ENROLLMENT_TOKEN)"
             )
-        budget = self.cfg.memory_budget_mb * 2**20
-        caps = detect_capabilities(
-            self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget
-        )
+        cfg = self.cfg
+        caps = detect_capabilities(cfg.work_dir, cfg.base_model_id, self.base_fingerprint, cfg.labels,
+                                   cfg.memory_budget_mb * 2**20, base_model_dir=cfg.base_model_dir)  # fmt: skip
         delay = 1.0
         while True:
             try:

@@ -14,6 +14,7 @@ Every failed call raises one of a small error tree, mapped once from the status 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -32,6 +33,7 @@ from protos.pocketlora.v1 import types_pb2 as tpb
 from protos.wire import DEVICE_HEADER, EligibilityReason, ErrorClass, JobState
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 class CallError(Exception):
@@ -86,10 +88,31 @@ def map_error(method: str, exc: grpc.RpcError, tls: TlsConfig | None = None) -> 
 
 
 def detect_capabilities(
-    work_dir: Path, base_model_id: str, base_fingerprint: str, labels: dict[str, str], memory_budget_bytes: int = 0
+    work_dir: Path,
+    base_model_id: str,
+    base_fingerprint: str,
+    labels: dict[str, str],
+    memory_budget_bytes: int = 0,
+    *,
+    base_model_dir: Path | None = None,
 ) -> tpb.Capabilities:
-    """What this machine can do, read without importing torch."""
+    """What this machine can do, read without importing torch.
+
+    With base_model_dir, the base's shape (config.json + safetensors headers) goes along, so
+    the orchestrator plans a job's memory with the planner this device uses.
+    """
     import importlib.util
+
+    from agent.training.errors import TrainingError
+    from agent.training.memory import base_shape
+    from agent.training.precision import cpu_has_native_bf16
+
+    shape = None
+    if base_model_dir is not None:
+        try:
+            shape = tpb.BaseModelShape(**base_shape(base_model_dir).to_dict())
+        except TrainingError as exc:  # the orchestrator then leaves memory to this device's planner
+            log.warning("base model shape not reported: %s", exc)
 
     # bitsandbytes' NF4 kernels exist for CPU and CUDA builds alike; its presence is the test.
     supports_4bit = importlib.util.find_spec("bitsandbytes") is not None
@@ -105,6 +128,8 @@ def detect_capabilities(
         base_fingerprint=base_fingerprint,
         labels=labels,
         memory_budget_bytes=memory_budget_bytes,
+        base_shape=shape,
+        native_bf16=cpu_has_native_bf16(),
     )
 
 

@@ -1,16 +1,17 @@
 """The eligibility gate: may this device train right now, and if not, why not.
 
-A device trains only when it is charging, its battery is at or above `min_battery_pct`, it is
-cool, it has free storage and (optionally) an idle CPU. Temperature has hysteresis: the gate
-pauses at or above `temp_high_c` and resumes only once the temperature falls below `temp_low_c`,
-so a device hovering at the high mark does not flap between training and pausing.
+A device trains only when it is charging, its battery is strictly above `min_battery_pct`
+(50% by default: at exactly 50% it waits), it is cool, it has free storage and (optionally) an
+idle CPU. Temperature has hysteresis: the gate pauses at or above `temp_high_c` and resumes only
+once the temperature falls below `temp_low_c`, so a device hovering at the high mark does not
+flap between training and pausing.
 
 Precedence: checks run in this order and the first that fails is reported; within a check, a
 sensor that is unreadable under a "deny" policy reports SENSOR_UNKNOWN:
 
     1. thermal   TOO_HOT (safety first; also while the hot latch holds) or SENSOR_UNKNOWN
     2. power     SENSOR_UNKNOWN, or NOT_CHARGING (unplugged, or no battery with no_battery="deny")
-    3. battery   BATTERY_LOW below min_battery_pct
+    3. battery   BATTERY_LOW at or below min_battery_pct
     4. storage   SENSOR_UNKNOWN, or STORAGE_LOW below min_free_storage_bytes
     5. cpu       CPU_BUSY above max_cpu_load_pct
     6. hours     OUTSIDE_HOURS outside [start_hour, end_hour) local time, when both are set
@@ -55,6 +56,7 @@ class GatePolicy:
     """Thresholds and missing-sensor policy of the gate; validated on construction."""
 
     require_charging: bool = True
+    # Training needs a battery level strictly above this.
     min_battery_pct: float = 50.0
     temp_high_c: float = 45.0  # pause at or above
     temp_low_c: float = 40.0  # resume strictly below
@@ -77,8 +79,9 @@ class GatePolicy:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value!r}")
-        if not 0.0 <= self.min_battery_pct <= 100.0:
-            raise ValueError(f"min_battery_pct must be in [0, 100], got {self.min_battery_pct!r}")
+        if not 0.0 <= self.min_battery_pct < 100.0:
+            # Strictly above 100% never holds: the gate would never open.
+            raise ValueError(f"min_battery_pct must be in [0, 100), got {self.min_battery_pct!r}")
         if not self.temp_low_c < self.temp_high_c:
             raise ValueError(
                 f"temp_low_c must be < temp_high_c, got temp_low_c={self.temp_low_c!r} "
@@ -237,8 +240,8 @@ class Gate:
                 battery = 100.0 if battery is None else battery
         if p.require_charging and not charging:
             return _deny(Reason.NOT_CHARGING, "not charging")
-        if battery < p.min_battery_pct:
-            return _deny(Reason.BATTERY_LOW, f"battery {battery:g}% < {p.min_battery_pct:g}% minimum")
+        if battery <= p.min_battery_pct:
+            return _deny(Reason.BATTERY_LOW, f"battery {battery:g}% is not above {p.min_battery_pct:g}%")
 
         storage = reading.free_storage_bytes
         if p.min_free_storage_bytes > 0:

@@ -8,11 +8,14 @@ Loading an adapter never reloads the base: the child keeps it resident (agent.ru
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from agent.procinfo import thread_env
 
 
 class RuntimeHostError(Exception):
@@ -23,6 +26,7 @@ class RuntimeHost:
     """A child process holding the base model and its resident adapters."""
 
     def __init__(self, base_model_dir: Path, *, torch_threads: int = 0, max_resident_bytes: int = 256 * 2**20) -> None:
+        threads = torch_threads or 1  # a background service: one thread unless told otherwise
         cmd = [
             sys.executable,
             "-m",
@@ -31,10 +35,11 @@ class RuntimeHost:
             str(base_model_dir),
             "--max-resident-bytes",
             str(max_resident_bytes),
+            "--torch-threads",
+            str(threads),
         ]
-        if torch_threads:
-            cmd += ["--torch-threads", str(torch_threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        env = {**os.environ, **thread_env(threads)}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         self._lock = threading.Lock()
         self._loaded: set[str] = set()
         self.call("ping")  # wait until the base model is loaded

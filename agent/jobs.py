@@ -27,6 +27,7 @@ from protos.wire import ErrorClass, JobState, is_id, is_name
 _QUANT = {"QUANTIZATION_NONE": "none"}
 _FALLBACK = {"FOUR_BIT_FALLBACK_FAIL": "fail"}
 _CKPT = {"GRADIENT_CHECKPOINTING_ON": "on", "GRADIENT_CHECKPOINTING_OFF": "off"}
+_PRECISION = {"MIXED_PRECISION_FP32": "fp32", "MIXED_PRECISION_BF16": "bf16", "MIXED_PRECISION_FP16": "fp16"}
 
 
 class UntrustedId(ValueError):
@@ -183,10 +184,13 @@ def training_spec(
         "quantization": _QUANT.get(t.get("quantization", ""), "nf4"),
         "on_4bit_unsupported": _FALLBACK.get(t.get("on_4bit_unsupported", ""), "fallback"),
         "gradient_checkpointing": _CKPT.get(t.get("gradient_checkpointing", ""), "auto"),
+        "mixed_precision": _PRECISION.get(t.get("mixed_precision", ""), "auto"),
         "seed": int(t.get("seed", 0)),
         "memory_budget_mb": memory_budget_mb,
         "torch_threads": torch_threads,
     }
+    if "double_quant" in t:  # optional in the API: absent means the spec's default (on)
+        kw["double_quant"] = bool(t["double_quant"])
     if lora.get("rank"):
         kw["rank"] = int(lora["rank"])
     if lora.get("alpha"):

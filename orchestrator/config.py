@@ -48,12 +48,6 @@ class OrchestratorConfig:
     gate_policy_refresh_s: float = 2.0
     pace: PacePolicy = field(default_factory=PacePolicy)
     limits: Limits = field(default_factory=Limits)
-    # Least memory a training job on each known base model needs on a device (NF4, gradient
-    # checkpointing, a small micro-batch: about the smallest plan the device's planner reaches;
-    # docs/benchmarks.md has the measured peaks). Jobs are not leased to devices whose budget is
-    # below it; unknown bases are not checked here (the device's own planner refuses with
-    # DOES_NOT_FIT).
-    base_model_min_bytes: dict[str, int] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": 800 * 2**20})
     # Bootstrap enrollment token (e.g. from POCKETLORA_ENROLLMENT_TOKEN); empty means none.
     enrollment_token: str = ""
     # Bootstrap operator token (e.g. from POCKETLORA_OPERATOR_TOKEN): registered as the token of

@@ -15,9 +15,10 @@ from orchestrator import activation, audit, validation
 from orchestrator.activation import Activation
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import DeviceSelector, JobRecord, new_id
+from orchestrator.domain import DeviceRecord, DeviceSelector, JobRecord, new_id
 from orchestrator.errors import FailedPrecondition, InvalidArgument, found
 from orchestrator.evaluation import EvalGate
+from orchestrator.placement import planned_peak_bytes
 from orchestrator.state.base import StateStore
 
 # A device seen within this window counts as online (its polls come every few seconds to a minute).
@@ -40,8 +41,7 @@ def check_submission(
 
 
 def build_job(
-    config: OrchestratorConfig,
-    device_id: str,
+    device: DeviceRecord,
     training: dict[str, Any],
     max_attempts: int,
     deadline: float,
@@ -50,10 +50,10 @@ def build_job(
     request_id: str = "",
     campaign_id: str = "",
 ) -> JobRecord:
-    """A new QUEUED job with the orchestrator's memory estimate for its base model."""
+    """A new QUEUED job for a device, with the smallest peak the device's own planner would reach."""
     job = JobRecord(
         job_id=new_id("job"),
-        device_id=device_id,
+        device_id=device.device_id,
         training=training,
         created_at=now,
         updated_at=now,
@@ -61,7 +61,9 @@ def build_job(
         request_id=request_id,
         campaign_id=campaign_id,
     )
-    job.memory_estimate_bytes = config.base_model_min_bytes.get(str(training.get("base_model_id", "")), 0)
+    # From the base shape the device reported (0: it reported none); placement compares it with
+    # the device's budget.
+    job.memory_estimate_bytes = planned_peak_bytes(training, device.capabilities)
     if max_attempts:
         job.max_attempts = max_attempts
     return job
@@ -92,8 +94,8 @@ class FleetOps:
             earlier = tx.get_job_by_request(request_id) if request_id else None
             if earlier is not None:
                 return earlier, False
-            found(tx.get_device(device_id), "device", device_id)
-            job = build_job(self.config, device_id, training, max_attempts, deadline, now, request_id=request_id)
+            device = found(tx.get_device(device_id), "device", device_id)
+            job = build_job(device, training, max_attempts, deadline, now, request_id=request_id)
             tx.insert_job(job)
             audit.record(tx, now, actor, "SubmitJob", job.job_id, detail=f"device {device_id}")
         return job, True

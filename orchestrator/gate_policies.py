@@ -48,8 +48,8 @@ def check_policy(fields: dict[str, Any], at: str = "policy.policy") -> dict[str,
     for name, value in fields.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidArgument(f"{at}.{name}", f"{value} is not a finite number")
-    if not 0 <= fields.get("min_battery_pct", 0) <= 100:
-        raise InvalidArgument(f"{at}.min_battery_pct", f"{fields['min_battery_pct']} is outside 0-100")
+    if not 0 <= fields.get("min_battery_pct", 0) < 100:  # devices train only strictly above it
+        raise InvalidArgument(f"{at}.min_battery_pct", f"{fields['min_battery_pct']} is outside [0, 100)")
     if not 0 < fields.get("max_cpu_load_pct", 100) <= 100:
         raise InvalidArgument(f"{at}.max_cpu_load_pct", f"{fields['max_cpu_load_pct']} is outside (0, 100]")
     high, low = fields.get("temp_high_c"), fields.get("temp_low_c")

@@ -149,6 +149,8 @@ class Identity:
             check_certificate(device_id, certified)
             raw = caps.pop("labels", {})
             reported = validation.labels({str(k): str(v) for k, v in raw.items()}, "capabilities.labels")
+            if "base_shape" in caps:
+                caps["base_shape"] = validation.base_shape(caps["base_shape"])
             device = tx.get_device(device_id, for_update=True)
             if device is not None and device.revoked_at:
                 raise PermissionDenied(f"device {device_id} was revoked; an admin must reset it before it enrolls")

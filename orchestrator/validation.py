@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from adapters_store.memory_plan import BaseShape
 from orchestrator.errors import InvalidArgument
 from protos.wire import ID_PATTERN as _ID_RE
 from protos.wire import NAME_PATTERN as _NAME_RE
@@ -146,3 +147,16 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
         if value > limit:
             raise InvalidArgument(f"{field}.{key}", f"{value} is above {limit}")
     return spec
+
+
+def base_shape(raw: dict[str, Any], field: str = "capabilities.base_shape") -> dict[str, Any]:
+    """Check a device's reported base model shape (the memory planner reads it); return it normalised."""
+    dims, targets = raw.get("lora_dims") or {}, raw.get("default_targets") or []
+    if len(dims) > 512 or len(targets) > 64:
+        raise InvalidArgument(field, "lists too many modules")
+    if any(not name or len(name) > 100 for name in [*dims, *targets]):
+        raise InvalidArgument(field, "module names must be 1-100 characters")
+    try:
+        return BaseShape.from_dict(raw).to_dict()
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc).removeprefix("base_shape.")) from None

@@ -66,6 +66,8 @@ def campaign_create(
     max_seq_len: so.MaxSeqLen = 0,
     seed: so.Seed = 0,
     quantization: so.Quantization = "nf4",
+    double_quant: so.DoubleQuant = True,
+    mixed_precision: so.MixedPrecision = "auto",
     eval_share: so.EvalShare = 0.0,
     target_count: Annotated[int, typer.Option(min=0, help="Create at most this many jobs (0: no limit).")] = 0,
     deadline_hours: Annotated[

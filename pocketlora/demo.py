@@ -43,11 +43,6 @@ DEVICE_ID = "demo-phone"
 HOT_AT_S, HOT_FOR_S = 45.0, 20.0
 
 
-def cache_dir() -> Path:
-    """Where converted base models are kept between runs."""
-    return Path(os.environ.get("POCKETLORA_CACHE", Path.home() / ".cache" / "pocketlora"))
-
-
 def write_trace(path: Path, hot_at: float, hot_for: float) -> None:
     """A sensor trace: cool and charging, a hot spell, cool again."""
     rows = []
@@ -70,7 +65,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
     from agent.models import ensure_smollm2
 
     with console.status("preparing SmolLM2-135M-Instruct (converted once, then reused)"):
-        base = ensure_smollm2(cache_dir() / "models")
+        base = ensure_smollm2()  # the one model cache (agent.models.models_dir)
     console.print(f"base model: {base}")
 
     work_dir = work_dir.resolve()

@@ -67,6 +67,8 @@ def job_submit(
     max_seq_len: so.MaxSeqLen = 0,
     seed: so.Seed = 0,
     quantization: so.Quantization = "nf4",
+    double_quant: so.DoubleQuant = True,
+    mixed_precision: so.MixedPrecision = "auto",
     eval_share: so.EvalShare = 0.0,
     max_attempts: so.MaxAttempts = 0,
     request_id: so.RequestId = "",

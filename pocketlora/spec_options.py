@@ -26,11 +26,18 @@ BaseModelId = Annotated[str, typer.Option("--base-model-id", help="Base model th
 Rank = Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")]
 Alpha = Annotated[float, typer.Option(min=0.0, help="LoRA alpha (0: the default).")]
 LearningRate = Annotated[float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")]
-Epochs = Annotated[int, typer.Option(min=0, help="Passes over the data (0: 1).")]
+Epochs = Annotated[int, typer.Option(min=0, help="Passes over the data (0: 3).")]
 MaxSteps = Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from epochs).")]
 MaxSeqLen = Annotated[int, typer.Option(min=0, help="Longest example in tokens (0: 256).")]
 Seed = Annotated[int, typer.Option(min=0)]
 Quantization = Annotated[str, typer.Option(help="nf4 or none.")]
+DoubleQuant = Annotated[
+    bool, typer.Option("--double-quant/--no-double-quant", help="NF4 double quantization of the block scales.")
+]
+MixedPrecision = Annotated[
+    str,
+    typer.Option(help="auto (bf16 where the device computes bfloat16 natively, else fp32), fp32, bf16 or fp16."),
+]
 EvalShare = Annotated[
     float,
     typer.Option(
@@ -42,6 +49,12 @@ EvalShare = Annotated[
 MaxAttempts = Annotated[int, typer.Option(min=0, max=100, help="Attempts (0: 6).")]
 RequestId = Annotated[str, typer.Option(help="Idempotency key (default: random).")]
 DEFAULT_BASE = "SmolLM2-135M-Instruct"
+_MIXED_PRECISION = {
+    "auto": tpb.MIXED_PRECISION_UNSPECIFIED,
+    "fp32": tpb.MIXED_PRECISION_FP32,
+    "bf16": tpb.MIXED_PRECISION_BF16,
+    "fp16": tpb.MIXED_PRECISION_FP16,
+}
 
 
 SPEC_OPTIONS = (
@@ -58,6 +71,8 @@ SPEC_OPTIONS = (
     "max_seq_len",
     "seed",
     "quantization",
+    "double_quant",
+    "mixed_precision",
     "eval_share",
 )
 
@@ -82,11 +97,18 @@ def build_spec(
     max_seq_len: int,
     seed: int,
     quantization: str,
+    double_quant: bool,
+    mixed_precision: str,
     eval_share: float,
 ) -> tpb.TrainingSpec:
     """The TrainingSpec of the options; a shipped dataset is checked and uploaded first."""
     if quantization not in ("nf4", "none"):
         raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
+    precision = _MIXED_PRECISION.get(mixed_precision)
+    if precision is None:
+        raise typer.BadParameter(
+            f"{mixed_precision!r} is not one of {', '.join(_MIXED_PRECISION)}", param_hint="--mixed-precision"
+        )
     if bool(dataset) == (dataset_file is not None):
         raise typer.BadParameter(
             "give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset"
@@ -100,6 +122,8 @@ def build_spec(
         dataset_sha256=shipped_sha,
         lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
         quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
+        double_quant=double_quant,
+        mixed_precision=precision,
         learning_rate=learning_rate,
         epochs=epochs,
         max_steps=max_steps,

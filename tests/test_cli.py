@@ -94,6 +94,38 @@ def test_operator_commands_round_trip(server: ServerThread) -> None:
     assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
 
 
+def test_submit_sets_the_recipe_and_defaults_to_the_designs(server: ServerThread) -> None:
+    env = {"POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
+    base = ["job", "submit", "--device-id", "phone-1", "--dataset", "notes", "--json"]
+
+    chosen = cli(*base, "--mixed-precision", "bf16", "--no-double-quant", "--epochs", "2", env=env)
+    default = cli(*base, env=env)
+
+    assert chosen.returncode == 0 and default.returncode == 0, chosen.stderr + default.stderr
+    training = json.loads(chosen.stdout)["job"]["training"]
+    assert (training["mixed_precision"], training["double_quant"], training["epochs"]) == (
+        "MIXED_PRECISION_BF16",
+        False,
+        2,
+    )
+    # Unset means the recipe's defaults on the device: auto precision, double quantization, 3 epochs.
+    training = json.loads(default.stdout)["job"]["training"]
+    assert training.get("mixed_precision", "MIXED_PRECISION_UNSPECIFIED") == "MIXED_PRECISION_UNSPECIFIED"
+    assert training["double_quant"] is True and training.get("epochs", 0) == 0
+
+
+def test_model_prepare_and_agent_share_one_model_cache(tmp_path: Path) -> None:
+    env = {"POCKETLORA_CACHE": str(tmp_path / "cache")}
+    missing = cli("agent", "run", "--device-id", "d", env=env)
+    assert_one_line_error(missing, "pocketlora model prepare", str(tmp_path / "cache" / "models"))
+
+    done = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    done.mkdir(parents=True)
+    (done / ".pocketlora-converted.json").write_text("{}")  # a finished conversion: nothing to do
+    prepared = cli("model", "prepare", env=env)
+    assert prepared.returncode == 0 and prepared.stdout.strip() == str(done), prepared.stderr
+
+
 def test_submit_ships_a_dataset_file_through_the_store(server: ServerThread, tmp_path: Path) -> None:
     data = tmp_path / "notes.jsonl"
     data.write_text('{"text": "a note"}\n')
@@ -153,6 +185,10 @@ def test_unreachable_orchestrator(tmp_path: Path) -> None:
         (["job", "list", "--state", "BOGUS", "--token", "x"], "BOGUS"),
         (["job", "list", "--orchestrator", "nocolon", "--token", "x"], "HOST:PORT"),
         (["job", "submit", "--device-id", "d", "--dataset", "x", "--rank", "0", "--token", "x"], "--rank"),
+        (
+            ["job", "submit", "--device-id", "d", "--dataset", "x", "--mixed-precision", "fp8", "--token", "x"],
+            "--mixed-precision",
+        ),
         (["device", "list", "--label", "novalue", "--token", "x"], "KEY=VALUE"),
         (["orchestrator", "serve", "--listen", "nonsense"], "HOST:PORT"),
         (["orchestrator", "serve", "--db", "mysql://x", "--state-dir", "{tmp}"], "unsupported database URL scheme"),

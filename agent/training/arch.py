@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_store.memory_plan import chunk_tokens
 from agent.training.errors import IncompatibleBase, Unsupported
+
+# The loss chunk size is the planner's (adapters_store.memory_plan: 128 tokens for SmolLM2's
+# 49152-token vocabulary); every chunk reads the whole output matrix again, so smaller chunks
+# save memory at a cost in time (docs/benchmarks.md).
+__all__ = ["chunk_tokens"]
 
 # Separate q/k/v/o projections (Llama and its descendants).
 LLAMA_STYLE = frozenset(
@@ -33,19 +39,10 @@ GPT2_STYLE = frozenset({"gpt2"})
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GPT2_TARGETS = ["c_attn"]
 
-# Logit bytes per chunk (128 tokens for SmolLM2's 49152-token vocabulary). Every chunk reads
-# the whole output matrix again, so chunks much smaller than this cost step time, and much
-# larger ones give back the memory chunking saves.
-CHUNK_LOGIT_BYTES = 24 * 2**20
 # Model types whose *ForCausalLM forward is lm_head(decoder(...).last_hidden_state).
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "smollm3", "gpt2"})
 # Config fields that, when set, put something between the hidden states and the logits.
 _HEAD_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logit_softcapping")
-
-
-def chunk_tokens(vocab: int) -> int:
-    """Return how many tokens one loss chunk holds for a vocabulary size."""
-    return max(1, CHUNK_LOGIT_BYTES // (4 * max(1, vocab)))
 
 
 def supports_chunked_loss(config: dict[str, Any]) -> bool:

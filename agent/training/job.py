@@ -6,11 +6,11 @@ imported so a bad job fails in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store.fingerprint import SafetensorsHeaderError, model_fingerprint
+from adapters_store.memory_plan import resolve_precision
+from agent.procinfo import peak_rss_bytes
 from agent.training.arch import read_config, resolve_targets
 from agent.training.datasets import dataset_sha256, read_records
 from agent.training.errors import DatasetError, IncompatibleBase, SpecError
 from agent.training.evaluation import split_holdout
 from agent.training.memory import plan_memory
+from agent.training.precision import cpu_has_native_bf16
 from agent.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,6 @@ def read_spec(job_dir: Path) -> TrainingSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the training spec: {exc.strerror or exc}") from exc
     return TrainingSpec.from_json(text)
-
-
-def peak_rss_bytes() -> int:
-    """Return this process's peak resident set size in bytes."""
-    # Linux reports ru_maxrss in KiB (macOS in bytes; the agent targets Linux-based devices).
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def memory_budget(spec: TrainingSpec) -> int:
@@ -97,7 +94,10 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     from agent.training.loop import LoopConfig, steps_per_epoch, train
     from agent.training.model import decide_quantization, load_for_training, load_tokenizer
 
-    torch.set_num_threads(spec.torch_threads or 1)
+    threads = spec.torch_threads or 1
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before any inter-op work ran
+        torch.set_num_interop_threads(1)
     resume = load_checkpoint(job_dir)
     if resume is not None:
         _check_resume(resume.meta, spec, fingerprint, ds_sha)
@@ -109,16 +109,19 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     longest = max(len(e.input_ids) for e in [*examples, *eval_examples])
 
     quantize, fallback_note = decide_quantization(spec)
-    plan_spec = spec if quantize or spec.quantization == "none" else dataclasses.replace(spec, quantization="none")
+    precision, precision_note = resolve_precision(spec.mixed_precision, native_bf16=cpu_has_native_bf16())
+    plan_spec = dataclasses.replace(spec, quantization="nf4" if quantize else "none", mixed_precision=precision)
     plan = plan_memory(spec.base_model_dir, plan_spec, memory_budget(spec), seq_len=longest)
-    if fallback_note:
-        plan.notes.insert(0, fallback_note)
-    emit({"event": "plan", **plan.to_dict()})
+    for note in (precision_note, fallback_note):
+        if note:
+            plan.notes.insert(0, note)
+    emit({"event": "plan", **plan.to_dict(), "mixed_precision": precision, "torch_threads": torch.get_num_threads()})
 
     loaded = load_for_training(
         spec,
         checkpointing=plan.checkpointing,
         quantize=quantize,
+        precision=precision,
         tokenizer=tokenizer,
         cache_dir=job_dir / "cache",
     )
@@ -133,7 +136,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
         checkpoint_every_s=spec.checkpoint_every_s,
         pad_id=int(tokenizer.pad_token_id),
         offload_optimizer=plan.offload_optimizer,
-        bf16_autocast=spec.mixed_precision == "bf16",
+        bf16_autocast=precision == "bf16",
     )
     meta = {"identity": spec.identity(), "base_fingerprint": fingerprint, "dataset_sha256": ds_sha}
     if should_pause():
@@ -172,6 +175,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
         "dataset_sha256": ds_sha,
         "plan": plan.to_dict(),
         "quantization": "nf4" if loaded.quantized else "none",
+        "mixed_precision": precision,
         "target_modules": loaded.target_modules,
         "notes": loaded.notes,
         "eval": figures,

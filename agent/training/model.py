@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from adapters_store.memory_plan import resolve_precision
 from agent.training.arch import arch_name, read_config, resolve_targets
 from agent.training.errors import IncompatibleBase, Unsupported4Bit
+from agent.training.precision import cpu_has_native_bf16
 from agent.training.quantized import trim_heap
 from agent.training.spec import TrainingSpec
 
@@ -142,12 +144,14 @@ def load_for_training(
     *,
     checkpointing: bool,
     quantize: bool | None = None,
+    precision: str | None = None,
     tokenizer: Any = None,
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load the base (NF4 or fp32), freeze it, wrap it in LoRA and return it in train mode.
 
-    quantize=None decides from the spec (probing bitsandbytes, falling back or failing).
+    quantize=None decides from the spec (probing bitsandbytes, falling back or failing);
+    precision=None resolves the spec's mixed_precision for this CPU (agent.training.precision).
     NF4 loads from a pre-quantized copy kept next to the base (agent.training.quantized), or in
     cache_dir when the base folder is read-only.
     """
@@ -158,9 +162,12 @@ def load_for_training(
     config = read_config(base)
     targets = resolve_targets(spec.target_modules, config)
     notes: list[str] = []
-    # "auto" means fp32 on CPU: it keeps pause/resume reproducible and is what the memory
-    # model was fitted on; bf16 autocast is opt-in until it is measured faster here.
-    compute = torch.bfloat16 if spec.mixed_precision == "bf16" else torch.float32
+    if precision is None:
+        precision, note = resolve_precision(spec.mixed_precision, native_bf16=cpu_has_native_bf16())
+        if note:
+            notes.append(note)
+    # The weights stay fp32 (NF4 linears dequantize to the compute dtype); bf16 is autocast's.
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
 
     if quantize is None:
         quantize, reason = decide_quantization(spec)

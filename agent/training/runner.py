@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from agent.procinfo import thread_env
 from agent.training.errors import EXIT_DONE, EXIT_PAUSED
 from agent.training.spec import TrainingSpec
 from protos.wire import ErrorClass
@@ -53,6 +54,14 @@ def write_spec(job_dir: Path, spec: TrainingSpec) -> Path:
     tmp.write_text(spec.to_json())
     os.replace(tmp, path)
     return path
+
+
+def _spec_threads(job_dir: Path) -> int:
+    """The torch_threads of JOB_DIR/spec.json (1 when unset or unreadable: the worker fails on it)."""
+    try:
+        return int(json.loads((job_dir / "spec.json").read_text()).get("torch_threads") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 class TrainingProcess:
@@ -90,6 +99,9 @@ class TrainingProcess:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env["PYTHONUNBUFFERED"] = "1"
+        # Native thread pools (OpenMP, MKL, tokenizers) size themselves when first used, from
+        # the environment: cap them before the child starts, at the spec's torch_threads.
+        env.update(thread_env(_spec_threads(self.job_dir)))
         # The worker arms PR_SET_PDEATHSIG itself and checks it still has this parent. No
         # preexec_fn here: running Python between fork and exec in a process with gRPC's threads
         # aborted the child ("epoll_wait error: Bad file descriptor" from grpc's poller), and

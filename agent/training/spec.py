@@ -17,7 +17,7 @@ from agent.training.errors import SpecError
 QUANTIZATIONS = ("nf4", "none")
 ON_4BIT_UNSUPPORTED = ("fallback", "fail")
 TRI_STATE = ("auto", "on", "off")
-MIXED_PRECISIONS = ("auto", "fp32", "bf16")
+MIXED_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Fields that change the training math: a checkpoint only resumes a job whose values match.
 # The rest (micro_batch, checkpoint cadence, threads, budget, ...) may change between runs.
@@ -59,11 +59,13 @@ class TrainingSpec:
     effective_batch: int = 8
     # 0: planned from the memory budget.
     micro_batch: int = 0
-    epochs: int = 1
+    epochs: int = 3
     # 0: derived from epochs. One step is one optimizer step (effective_batch examples).
     max_steps: int = 0
     max_seq_len: int = 256
     gradient_checkpointing: str = "auto"
+    # auto: bf16 autocast where the CPU computes bfloat16 natively, else fp32
+    # (agent.training.precision); fp16 is a GPU setting the CPU trainer replaces.
     mixed_precision: str = "auto"
     seed: int = 0
     checkpoint_every_steps: int = 10

@@ -3,13 +3,15 @@
 Reads JOB_DIR/spec.json, trains (resuming from JOB_DIR/checkpoint when present) and reports on
 stdout, one JSON object per line:
     {"event": "plan", micro_batch, grad_accum, checkpointing, offload_optimizer,
-     estimate_bytes, budget_bytes, notes}
+     estimate_bytes, budget_bytes, notes, mixed_precision, torch_threads}
     {"event": "resumed", "step"}                 only when a checkpoint was picked up
     {"event": "progress", "step", "total_steps", "epoch", "loss", "tokens_seen"}
     {"event": "checkpoint", "step"}
     {"event": "paused", "step"}
     {"event": "done", "adapter_dir", "metrics"}
     {"event": "error", "error_class", "message"}
+The process runs at nice 19 in the idle I/O class; its native thread pools are capped by the
+environment the parent sets (agent.training.runner) and torch's by the spec's torch_threads.
 A pause is requested by creating JOB_DIR/control/pause or sending SIGTERM/SIGUSR1: the current
 optimizer step finishes, a checkpoint is written, and the process exits 3.
 Exit codes: 0 done, 3 paused, 2 non-retryable error, 1 crash or retryable error.
@@ -47,6 +49,8 @@ from agent.training.errors import (
 from protos.wire import ErrorClass
 
 log = logging.getLogger("agent.training.worker")
+# The training child yields the CPU to everything else on the device.
+TRAINING_NICE = 19
 
 
 class Emitter:
@@ -92,18 +96,11 @@ class PauseRequest:
 
 
 def _lower_priority() -> None:
-    """Run as a background job: lowest CPU priority and idle I/O class where available."""
-    try:
-        os.nice(19)
-    except OSError as exc:
-        log.debug("os.nice unavailable: %s", exc)
-    try:
-        import psutil
+    """Run as a background job: the lowest CPU priority and the idle I/O class."""
+    from agent.procinfo import IOPRIO_CLASS_IDLE, lower_priority
 
-        if hasattr(psutil, "IOPRIO_CLASS_IDLE"):
-            psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)
-    except Exception as exc:  # ionice is best effort: unsupported kernels, containers, macOS
-        log.debug("ionice unavailable: %s", exc)
+    for problem in lower_priority(TRAINING_NICE, IOPRIO_CLASS_IDLE):
+        log.warning("could not lower the training priority: %s", problem)
 
 
 def _event_stream() -> TextIO:

@@ -151,6 +151,15 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
+def base_shape_dict(shape: pb.BaseModelShape) -> dict[str, Any]:
+    """A reported base model shape as a dict (checked at enrollment, after authentication)."""
+    out = json_format.MessageToDict(shape, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for key in ("linear_params", "other_params", "file_bytes"):  # uint64 arrives as a string
+        out[key] = int(out[key])
+    out["lora_dims"] = {k: int(v) for k, v in out["lora_dims"].items()}
+    return out
+
+
 # Byte counts arrive as uint64 and are stored (and compared in SQL) as signed 64-bit integers.
 _MAX_BYTES = 2**63 - 1
 
@@ -162,7 +171,7 @@ def byte_count(value: int) -> int:
 
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
-    return {
+    out = {
         "ram_bytes": byte_count(caps.ram_bytes),
         "free_storage_bytes": byte_count(caps.free_storage_bytes),
         "cpu": caps.cpu[:200],
@@ -173,8 +182,12 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "base_model_id": caps.base_model_id[:200],
         "base_fingerprint": caps.base_fingerprint[:100],
         "memory_budget_bytes": byte_count(caps.memory_budget_bytes),
+        "native_bf16": caps.native_bf16,
         "labels": dict(caps.labels),
     }
+    if caps.HasField("base_shape"):
+        out["base_shape"] = base_shape_dict(caps.base_shape)
+    return out
 
 
 def power_dict(power: pb.PowerState) -> dict[str, Any]:

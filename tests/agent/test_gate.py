@@ -59,7 +59,7 @@ def test_latch_updates_while_unplugged() -> None:
     ("policy", "kwargs", "reason", "detail"),
     [
         (GatePolicy(), {"charging": False}, Reason.NOT_CHARGING, "not charging"),
-        (GatePolicy(), {"battery": 49.0}, Reason.BATTERY_LOW, "battery 49% < 50% minimum"),
+        (GatePolicy(), {"battery": 49.0}, Reason.BATTERY_LOW, "battery 49% is not above 50%"),
         (GatePolicy(), {"temp": 45.0}, Reason.TOO_HOT, "45.0°C >= 45.0°C"),
         (
             GatePolicy(min_free_storage_bytes=2**30),
@@ -85,8 +85,14 @@ def test_each_reason(policy: GatePolicy, kwargs: dict, reason: Reason, detail: s
     assert detail in result.detail
 
 
-def test_battery_exactly_at_minimum_is_enough() -> None:
-    assert Gate().evaluate(reading(battery=50.0)).eligible
+def test_battery_must_be_strictly_above_the_minimum() -> None:
+    at_minimum = Gate().evaluate(reading(battery=50.0))
+
+    assert not at_minimum.eligible and at_minimum.reason is Reason.BATTERY_LOW
+    assert "50% is not above 50%" in at_minimum.detail
+    assert Gate().evaluate(reading(battery=50.1)).eligible
+    assert Gate(GatePolicy(min_battery_pct=80.0)).evaluate(reading(battery=80.0)).reason is Reason.BATTERY_LOW
+    assert Gate(GatePolicy(min_battery_pct=0.0)).evaluate(reading(battery=0.5)).eligible
 
 
 def test_precedence_hot_before_unplugged_before_low_battery() -> None:
@@ -159,6 +165,7 @@ def test_hysteresis_property(temps: list[float]) -> None:
     [
         ({"temp_low_c": 45.0}, "temp_low_c must be < temp_high_c"),
         ({"min_battery_pct": 101.0}, "min_battery_pct"),
+        ({"min_battery_pct": 100.0}, "min_battery_pct"),
         ({"min_battery_pct": "50"}, "min_battery_pct"),
         ({"min_free_storage_bytes": -1}, "min_free_storage_bytes"),
         ({"max_cpu_load_pct": 0.0}, "max_cpu_load_pct"),

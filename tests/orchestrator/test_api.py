@@ -8,17 +8,21 @@ import grpc
 import pytest
 
 from adapters_store import upload_to_url
+from adapters_store.memory_plan import MB, PlanInputs, smallest_estimate
+from agent.training.memory import base_shape
 from protos.pocketlora.v1 import agent_service_pb2 as apb
 from protos.pocketlora.v1 import operator_service_pb2 as opb
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.api import SPEC, code_of, enroll, lease, state_of, submit
 from tests.support.orch import (
+    ENROLL_TOKEN,
     FakeClock,
     ServerThread,
     dev_md,
     fake_adapter_blob,
     op_md,
 )
+from tests.support.tiny_models import header_only_llama
 
 
 def test_full_lifecycle_registers_a_verified_adapter(srv: ServerThread, tmp_path: Path) -> None:
@@ -328,19 +332,43 @@ def test_watch_streams_changes(srv: ServerThread) -> None:
     stream.cancel()
 
 
-def test_a_job_too_big_for_the_device_waits_and_says_why(srv: ServerThread) -> None:
-    md = enroll(srv, "small-phone", base_model_id="SmolLM2-135M-Instruct", ram_bytes=512 * 2**20)
+def test_a_job_too_big_for_the_device_waits_and_says_why(srv: ServerThread, tmp_path: Path) -> None:
+    # The device reports its base's shape at enrollment, as the agent does (config.json and
+    # safetensors headers of a SmolLM2-shaped folder); the orchestrator plans with the same planner.
+    shape = base_shape(header_only_llama(tmp_path / "smol"))
+    caps = {"base_model_id": "SmolLM2-135M-Instruct", "base_shape": tpb.BaseModelShape(**shape.to_dict())}
+    md = enroll(srv, "small-phone", ram_bytes=512 * MB, **caps)
     spec = tpb.TrainingSpec(adapter_name="a", base_model_id="SmolLM2-135M-Instruct", dataset="d")
+
     job = srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="small-phone", training=spec), metadata=op_md()).job
-    assert job.memory_estimate_bytes == 800 * 2**20
+
+    planned = smallest_estimate(shape, PlanInputs())  # the recipe's defaults: NF4, rank 8, seq 256
+    assert job.memory_estimate_bytes == planned > 512 * MB
     assert lease(srv, "small-phone", md) is None
     got = srv.operator.GetJob(opb.GetJobRequest(job_id=job.job_id), metadata=op_md()).job
-    assert (
-        got.state == tpb.JOB_STATE_QUEUED and "needs ~800 MiB" in got.status_message and "512 MiB" in got.status_message
-    )
-    big = enroll(srv, "big-phone", base_model_id="SmolLM2-135M-Instruct", ram_bytes=8 * 2**30)
-    srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="big-phone", training=spec), metadata=op_md())
-    assert lease(srv, "big-phone", big) is not None
+    assert got.state == tpb.JOB_STATE_QUEUED
+    assert f"planned peak {planned / MB:.0f} MiB" in got.status_message
+    assert f"budget of 512 MiB by {(planned - 512 * MB) / MB:.0f} MiB" in got.status_message
+    assert "smallest plan: micro-batch 1, checkpointing on" in got.status_message
+
+    # A declared training budget counts, not the RAM; and a device with room gets the job.
+    tight = enroll(srv, "tight-phone", ram_bytes=8 * 2**30, memory_budget_bytes=planned - MB, **caps)
+    srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="tight-phone", training=spec), metadata=op_md())
+    assert lease(srv, "tight-phone", tight) is None
+    roomy = enroll(srv, "roomy-phone", ram_bytes=8 * 2**30, memory_budget_bytes=planned, **caps)
+    srv.operator.SubmitJob(opb.SubmitJobRequest(device_id="roomy-phone", training=spec), metadata=op_md())
+    assert lease(srv, "roomy-phone", roomy) is not None
+
+
+def test_a_malformed_base_shape_is_refused_at_enrollment_naming_the_field(srv: ServerThread) -> None:
+    bad = tpb.Capabilities(base_model_id="tiny", base_shape=tpb.BaseModelShape(layers=0, hidden=8))
+    req = apb.EnrollRequest(device_id="odd-phone", capabilities=bad)
+
+    with pytest.raises(grpc.RpcError) as info:
+        srv.agent.Enroll(req, metadata=op_md(ENROLL_TOKEN))
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("capabilities.base_shape") and "layers" in info.value.details()
 
 
 def test_lease_skips_an_oldest_job_that_does_not_fit_for_the_next_that_does(srv: ServerThread) -> None:

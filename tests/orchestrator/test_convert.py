@@ -29,3 +29,12 @@ def test_enum_conversions() -> None:
         convert.job_state(999)
     assert convert.reason_name(pb.ELIGIBILITY_REASON_TOO_HOT) == "TOO_HOT"
     assert convert.reason_name(0) == "" and convert.reason_name(999) == ""
+
+
+def test_a_heartbeat_claiming_more_free_storage_than_a_bigint_holds_is_clamped() -> None:
+    from orchestrator.servicers.agent import heartbeat_input
+    from protos.pocketlora.v1 import agent_service_pb2 as apb
+
+    # PostgreSQL's poll function takes BIGINT: 2^64 - 1 would reach it as NUMERIC and fail.
+    assert heartbeat_input(apb.HeartbeatRequest(free_storage_bytes=2**64 - 1)).free_storage_bytes == 2**63 - 1
+    assert heartbeat_input(apb.HeartbeatRequest(free_storage_bytes=5)).free_storage_bytes == 5

@@ -156,7 +156,7 @@ def test_a_job_that_does_not_fit_waits_and_says_why(world: World) -> None:
 
     assert got.job.job_id == fits
     assert world.job(big).state == JobState.QUEUED
-    assert "device budget is 1024 MiB" in world.job(big).status_message
+    assert "exceeds the device's memory budget of 1024 MiB by 3072 MiB" in world.job(big).status_message
 
 
 def test_heartbeats_renew_the_lease_and_account_paused_time(world: World) -> None:

@@ -250,6 +250,7 @@ def test_gate_policies_reach_matching_devices_merged_by_priority(srv: ServerThre
         ({"temp_high_c": 40, "temp_low_c": 41}, "policy.policy.temp_low_c"),
         ({"start_hour": 3}, "policy.policy.start_hour"),
         ({"min_battery_pct": 120}, "policy.policy.min_battery_pct"),
+        ({"min_battery_pct": 100}, "policy.policy.min_battery_pct"),  # strictly above 100: never
         ({}, "policy.policy"),
     ):
         with pytest.raises(grpc.RpcError) as info:

@@ -7,6 +7,8 @@ multiple of 32: bitsandbytes' CPU repack asserts "N must be divisible by block_n
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -97,6 +99,44 @@ def make_tiny_gpt2(out_dir: Path, hidden: int = 64, layers: int = 2, seed: int =
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def header_only_llama(out: Path, *, layers: int = 30, hidden: int = 576, inter: int = 1536, vocab: int = 49152) -> Path:
+    """A SmolLM2-shaped model folder: config.json and a safetensors header without tensor data.
+
+    Enough for everything that reads headers only (fingerprints, memory planning); torch-free.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    kv = hidden // 3
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": vocab,
+        "tie_word_embeddings": True,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": [hidden, hidden],
+            p + "self_attn.k_proj.weight": [kv, hidden],
+            p + "self_attn.v_proj.weight": [kv, hidden],
+            p + "self_attn.o_proj.weight": [hidden, hidden],
+            p + "mlp.gate_proj.weight": [inter, hidden],
+            p + "mlp.up_proj.weight": [inter, hidden],
+            p + "mlp.down_proj.weight": [hidden, inter],
+            p + "input_layernorm.weight": [hidden],
+        }
+    header = {n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}
+    raw = json.dumps(header).encode()
+    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return out
 
 
 def sharpen_head(base: Path, out: Path, factor: float = 20.0) -> Path:

@@ -288,7 +288,7 @@ class _QuantizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Quantiza
     QUANTIZATION_UNSPECIFIED: _Quantization.ValueType  # 0
     """Use the default (NF4)."""
     QUANTIZATION_NF4: _Quantization.ValueType  # 1
-    """4-bit NormalFloat with double quantization (QLoRA)."""
+    """4-bit NormalFloat (QLoRA); double quantization unless the spec turns it off."""
     QUANTIZATION_NONE: _Quantization.ValueType  # 2
     """No quantization: plain 16/32-bit LoRA."""
 
@@ -298,7 +298,7 @@ class Quantization(_Quantization, metaclass=_QuantizationEnumTypeWrapper):
 QUANTIZATION_UNSPECIFIED: Quantization.ValueType  # 0
 """Use the default (NF4)."""
 QUANTIZATION_NF4: Quantization.ValueType  # 1
-"""4-bit NormalFloat with double quantization (QLoRA)."""
+"""4-bit NormalFloat (QLoRA); double quantization unless the spec turns it off."""
 QUANTIZATION_NONE: Quantization.ValueType  # 2
 """No quantization: plain 16/32-bit LoRA."""
 Global___Quantization: _TypeAlias = Quantization  # noqa: Y015
@@ -351,6 +351,124 @@ GRADIENT_CHECKPOINTING_OFF: GradientCheckpointing.ValueType  # 2
 """Never recompute activations."""
 Global___GradientCheckpointing: _TypeAlias = GradientCheckpointing  # noqa: Y015
 
+class _MixedPrecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MixedPrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MixedPrecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIXED_PRECISION_UNSPECIFIED: _MixedPrecision.ValueType  # 0
+    """Let the device choose: bf16 autocast where it computes bfloat16 natively, else fp32."""
+    MIXED_PRECISION_FP32: _MixedPrecision.ValueType  # 1
+    """Everything in 32-bit floats."""
+    MIXED_PRECISION_BF16: _MixedPrecision.ValueType  # 2
+    """Matrix products in bfloat16 (autocast); LoRA weights, loss and optimizer state in fp32."""
+    MIXED_PRECISION_FP16: _MixedPrecision.ValueType  # 3
+    """Matrix products in float16, a GPU setting; a CPU device trains bf16 or fp32 instead and says so."""
+
+class MixedPrecision(_MixedPrecision, metaclass=_MixedPrecisionEnumTypeWrapper):
+    """MixedPrecision chooses the floating-point precision training computes in."""
+
+MIXED_PRECISION_UNSPECIFIED: MixedPrecision.ValueType  # 0
+"""Let the device choose: bf16 autocast where it computes bfloat16 natively, else fp32."""
+MIXED_PRECISION_FP32: MixedPrecision.ValueType  # 1
+"""Everything in 32-bit floats."""
+MIXED_PRECISION_BF16: MixedPrecision.ValueType  # 2
+"""Matrix products in bfloat16 (autocast); LoRA weights, loss and optimizer state in fp32."""
+MIXED_PRECISION_FP16: MixedPrecision.ValueType  # 3
+"""Matrix products in float16, a GPU setting; a CPU device trains bf16 or fp32 instead and says so."""
+Global___MixedPrecision: _TypeAlias = MixedPrecision  # noqa: Y015
+
+@_typing.final
+class BaseModelShape(_message.Message):
+    """BaseModelShape is what training memory depends on in a device's base model, read from its
+    config.json and safetensors headers; the orchestrator plans jobs against it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LoraDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_TYPE_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    HIDDEN_FIELD_NUMBER: _builtins.int
+    INTERMEDIATE_FIELD_NUMBER: _builtins.int
+    VOCAB_FIELD_NUMBER: _builtins.int
+    CHUNKED_LOSS_FIELD_NUMBER: _builtins.int
+    LINEAR_PARAMS_FIELD_NUMBER: _builtins.int
+    OTHER_PARAMS_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LORA_DIMS_FIELD_NUMBER: _builtins.int
+    DEFAULT_TARGETS_FIELD_NUMBER: _builtins.int
+    model_type: _builtins.str
+    """The architecture's model_type, e.g. "llama"."""
+    layers: _builtins.int
+    """Number of decoder layers."""
+    hidden: _builtins.int
+    """Hidden width."""
+    intermediate: _builtins.int
+    """Width of the feed-forward layers."""
+    vocab: _builtins.int
+    """Vocabulary size."""
+    chunked_loss: _builtins.bool
+    """True when the device computes the output layer and loss a chunk of tokens at a time."""
+    linear_params: _builtins.int
+    """Parameters of the decoder's linear layers (the ones NF4 quantizes)."""
+    other_params: _builtins.int
+    """All other parameters (embeddings, norms, output head)."""
+    file_bytes: _builtins.int
+    """Bytes of the weight files."""
+    @_builtins.property
+    def lora_dims(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Per module name (e.g. "q_proj"), the sum of rows plus columns of its weights over all
+        layers: a rank-r LoRA on that module has r times as many parameters.
+        """
+
+    @_builtins.property
+    def default_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """LoRA target modules a job gets when it names none; empty when the architecture has no default."""
+
+    def __init__(
+        self,
+        *,
+        model_type: _builtins.str = ...,
+        layers: _builtins.int = ...,
+        hidden: _builtins.int = ...,
+        intermediate: _builtins.int = ...,
+        vocab: _builtins.int = ...,
+        chunked_loss: _builtins.bool = ...,
+        linear_params: _builtins.int = ...,
+        other_params: _builtins.int = ...,
+        file_bytes: _builtins.int = ...,
+        lora_dims: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        default_targets: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_loss", b"chunked_loss", "default_targets", b"default_targets", "file_bytes", b"file_bytes", "hidden", b"hidden", "intermediate", b"intermediate", "layers", b"layers", "linear_params", b"linear_params", "lora_dims", b"lora_dims", "model_type", b"model_type", "other_params", b"other_params", "vocab", b"vocab"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BaseModelShape: _TypeAlias = BaseModelShape  # noqa: Y015
+
 @_typing.final
 class Capabilities(_message.Message):
     """Capabilities describe what a device can do; sent at enrollment."""
@@ -388,6 +506,8 @@ class Capabilities(_message.Message):
     BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    BASE_SHAPE_FIELD_NUMBER: _builtins.int
+    NATIVE_BF16_FIELD_NUMBER: _builtins.int
     ram_bytes: _builtins.int
     """Total physical memory in bytes."""
     free_storage_bytes: _builtins.int
@@ -408,12 +528,18 @@ class Capabilities(_message.Message):
     """Fingerprint of the base model's weights (names, shapes, dtypes), "sha256:<hex>"."""
     memory_budget_bytes: _builtins.int
     """Memory the agent may use for training, in bytes; 0 means derive it from ram_bytes."""
+    native_bf16: _builtins.bool
+    """True when the CPU computes bfloat16 natively (mixed precision "auto" trains in bf16 there)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels the device reports about itself, e.g. {"model": "pixel-9"}. Kept as the device's
         reported labels and never used to select it: selectors target the labels admins set or the
         enrollment token fixes.
         """
+
+    @_builtins.property
+    def base_shape(self) -> Global___BaseModelShape:
+        """The shape of the installed base model, for memory planning; unset when unknown."""
 
     def __init__(
         self,
@@ -429,10 +555,12 @@ class Capabilities(_message.Message):
         base_fingerprint: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         memory_budget_bytes: _builtins.int = ...,
+        base_shape: Global___BaseModelShape | None = ...,
+        native_bf16: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_shape", b"base_shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "base_shape", b"base_shape", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "native_bf16", b"native_bf16", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +671,8 @@ class TrainingSpec(_message.Message):
     DATASET_OBJECT_FIELD_NUMBER: _builtins.int
     DATASET_SHA256_FIELD_NUMBER: _builtins.int
     EVAL_SHARE_FIELD_NUMBER: _builtins.int
+    MIXED_PRECISION_FIELD_NUMBER: _builtins.int
+    DOUBLE_QUANT_FIELD_NUMBER: _builtins.int
     adapter_name: _builtins.str
     """Name of the adapter; versions are counted per (device, adapter name)."""
     base_model_id: _builtins.str
@@ -560,7 +690,7 @@ class TrainingSpec(_message.Message):
     micro_batch: _builtins.int
     """Examples per forward pass; 0 lets the device's memory planner choose."""
     epochs: _builtins.int
-    """Passes over the dataset; 0 means the default (1). Ignored when max_steps is set."""
+    """Passes over the dataset; 0 means the default (3). Ignored when max_steps is set."""
     max_steps: _builtins.int
     """Optimizer steps to run; 0 means derive from epochs."""
     max_seq_len: _builtins.int
@@ -580,6 +710,10 @@ class TrainingSpec(_message.Message):
     loss of the base and of the new adapter on them, and the adapter's manifest records both.
     0 means no evaluation.
     """
+    mixed_precision: Global___MixedPrecision.ValueType
+    """Precision the training computes in."""
+    double_quant: _builtins.bool
+    """Whether NF4 quantizes its block scales a second time (QLoRA's double quantization); unset means true."""
     @_builtins.property
     def lora(self) -> Global___LoraSettings:
         """LoRA hyperparameters."""
@@ -605,12 +739,16 @@ class TrainingSpec(_message.Message):
         dataset_object: _builtins.str = ...,
         dataset_sha256: _builtins.str = ...,
         eval_share: _builtins.float = ...,
+        mixed_precision: Global___MixedPrecision.ValueType = ...,
+        double_quant: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_double_quant", b"_double_quant", "double_quant", b"double_quant", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_name", b"adapter_name", "base_model_id", b"base_model_id", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "dataset_object", b"dataset_object", "dataset_sha256", b"dataset_sha256", "effective_batch", b"effective_batch", "epochs", b"epochs", "eval_share", b"eval_share", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "micro_batch", b"micro_batch", "on_4bit_unsupported", b"on_4bit_unsupported", "quantization", b"quantization", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_double_quant", b"_double_quant", "adapter_name", b"adapter_name", "base_model_id", b"base_model_id", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "dataset_object", b"dataset_object", "dataset_sha256", b"dataset_sha256", "double_quant", b"double_quant", "effective_batch", b"effective_batch", "epochs", b"epochs", "eval_share", b"eval_share", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "micro_batch", b"micro_batch", "mixed_precision", b"mixed_precision", "on_4bit_unsupported", b"on_4bit_unsupported", "quantization", b"quantization", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__double_quant: _TypeAlias = _typing.Literal["double_quant"]  # noqa: Y015
+    _WhichOneofArgType__double_quant: _TypeAlias = _typing.Literal["_double_quant", b"_double_quant"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__double_quant) -> _WhichOneofReturnType__double_quant | None: ...
 
 Global___TrainingSpec: _TypeAlias = TrainingSpec  # noqa: Y015
 

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from adapters_store import memory_plan  # noqa: E402
 from agent.training import arch as arch_mod  # noqa: E402
 from agent.training import loss as loss_mod  # noqa: E402
 from agent.training.datasets import IGNORE_INDEX  # noqa: E402
@@ -66,7 +67,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 5 tokens per chunk over 87 tokens: many chunks, a short last one, and skipped ones.
-    monkeypatch.setattr(arch_mod, "CHUNK_LOGIT_BYTES", 5 * 4 * 512)
+    monkeypatch.setattr(memory_plan, "CHUNK_LOGIT_BYTES", 5 * 4 * 512)
     model = _load(request.getfixturevalue(f"tiny_{arch}"), tmp_path, quantization, checkpointing)
     assert loss_mod._split(model) is not None and arch_mod.chunk_tokens(512) == 5
 
@@ -96,7 +97,7 @@ def test_one_chunk_is_bitwise_the_plain_computation(tiny_llama: Path, tmp_path: 
 def test_chunked_loss_under_bf16_autocast_matches_the_plain_one(
     tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(arch_mod, "CHUNK_LOGIT_BYTES", 7 * 4 * 512)
+    monkeypatch.setattr(memory_plan, "CHUNK_LOGIT_BYTES", 7 * 4 * 512)
     model = _load(tiny_llama, tmp_path, "none", False)
 
     plain_loss, plain_grads = _loss_and_grads(model, chunked=False, bf16=True)

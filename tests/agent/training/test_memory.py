@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -11,46 +10,12 @@ import pytest
 from agent.training.errors import DoesNotFit, IncompatibleBase, Unsupported
 from agent.training.memory import MB, estimate_peak_bytes, plan_memory, weight_stats
 from agent.training.spec import TrainingSpec
-
-
-def fake_llama(out: Path, *, layers: int = 30, hidden: int = 576, inter: int = 1536, vocab: int = 49152) -> Path:
-    """A SmolLM2-shaped model folder with config.json and a header-only safetensors file."""
-    out.mkdir(parents=True, exist_ok=True)
-    kv = hidden // 3
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "vocab_size": vocab,
-        "tie_word_embeddings": True,
-    }
-    (out / "config.json").write_text(json.dumps(config))
-    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": [hidden, hidden],
-            p + "self_attn.k_proj.weight": [kv, hidden],
-            p + "self_attn.v_proj.weight": [kv, hidden],
-            p + "self_attn.o_proj.weight": [hidden, hidden],
-            p + "mlp.gate_proj.weight": [inter, hidden],
-            p + "mlp.up_proj.weight": [inter, hidden],
-            p + "mlp.down_proj.weight": [hidden, inter],
-            p + "input_layernorm.weight": [hidden],
-        }
-    header = {n: {"dtype": "F32", "shape": s, "data_offsets": [0, 0]} for n, s in shapes.items()}
-    raw = json.dumps(header).encode()
-    (out / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
-    return out
+from tests.support.tiny_models import header_only_llama
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fake_llama(tmp_path_factory.mktemp("smol"))
+    return header_only_llama(tmp_path_factory.mktemp("smol"))
 
 
 def spec_for(model: Path, **kw: object) -> TrainingSpec:
@@ -134,7 +99,7 @@ def test_planner_honours_forced_settings(smol: Path) -> None:
 
 
 def test_unknown_architecture_and_missing_model(tmp_path: Path) -> None:
-    odd = fake_llama(tmp_path / "odd", layers=1)
+    odd = header_only_llama(tmp_path / "odd", layers=1)
     cfg = json.loads((odd / "config.json").read_text()) | {
         "model_type": "mamba",
         "architectures": ["MambaForCausalLM"],

