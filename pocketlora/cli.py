@@ -1,7 +1,7 @@
 """The `pocketlora` command line: `pocketlora --help` lists every command.
 
-The commands live by role (operator_cli.py: jobs, devices, adapters, tokens; commands.py:
-servers, the agent, inference and the demo) and register themselves on the shared groups of
+The commands live by role (operator_cli.py: jobs, devices, adapters, tokens; orchestrator_cli.py:
+the orchestrator's serve and health commands; commands.py: the agent, inference and the demo) and register themselves on the shared groups of
 cli_common.py when imported here.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-from pocketlora import commands, operator_cli
+from pocketlora import commands, operator_cli, orchestrator_cli
 from pocketlora.cli_common import UserError, app, err
 from pocketlora.client import ClientError
 
-COMMAND_MODULES = (commands, operator_cli)
+COMMAND_MODULES = (commands, operator_cli, orchestrator_cli)
 
 
 def main() -> None:

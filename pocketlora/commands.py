@@ -1,10 +1,8 @@
-"""Long-running commands: `orchestrator serve`, `agent run`, `infer` and `demo`."""
+"""Long-running commands: `agent run`, `infer` and `demo` (`orchestrator serve` is in orchestrator_cli.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import signal
 import threading
 from pathlib import Path
@@ -12,83 +10,7 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out, parse_kv
-
-
-def _secret_file(path: Path, env: str) -> str:
-    """A secret from the environment, else from a 0600 file (created with a random value)."""
-    if os.environ.get(env):
-        return os.environ[env]
-    if path.is_file():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
-
-
-def _check_listen(listen: str) -> None:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
-
-
-@orchestrator_app.command("serve")
-def serve(
-    listen: Annotated[str, typer.Option(help="HOST:PORT for the gRPC API.")] = "127.0.0.1:50051",
-    db: Annotated[
-        str, typer.Option(help="sqlite:///path or postgresql://...")
-    ] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
-    store: Annotated[
-        str,
-        typer.Option(
-            help="file:///abs/path or s3://bucket?endpoint=host:port (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."
-        ),
-    ] = "",
-    ray_address: Annotated[
-        str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
-    ] = "",
-    replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
-    lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
-    state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
-) -> None:
-    """Run the orchestrator: gRPC front ends and the control loop on Ray."""
-    from orchestrator.config import OrchestratorConfig
-    from orchestrator.errors import InvalidArgument
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
-
-    _check_listen(listen)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN")
-    enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
-    os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
-    config = OrchestratorConfig(lease_s=lease_s, operator_token=operator_token, enrollment_token=enrollment_token)
-    # Fail fast on bad URLs, with the field named, before Ray starts.
-    try:
-        from adapters_store import open_store
-        from orchestrator.state import open_state
-
-        open_state(db).close()
-        open_store(store).close()
-    except InvalidArgument as exc:
-        raise UserError(f"--{exc}") from None
-    except Exception as exc:
-        raise UserError(f"cannot open stores: {exc}") from None
-    init_ray(ray_address or None)
-    frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
-    host = listen.rpartition(":")[0]
-    out.print(
-        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
-    )
-    out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    stop_orchestrator(frontends, control)
+from pocketlora.cli_common import UserError, agent_app, app, err, parse_kv
 
 
 @agent_app.command("run")

@@ -40,7 +40,7 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
     """Orchestrator on in-process Ray, SQLite state, S3 store on SeaweedFS; yields (address, store URL)."""
     import ray
 
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import Deployment, init_ray
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
@@ -49,11 +49,11 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
     config = OrchestratorConfig(lease_s=20.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
-    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
+    deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
     try:
-        yield f"127.0.0.1:{ports[0]}", store_url
+        yield deployment.start()[0].address, store_url
     finally:
-        stop_orchestrator(frontends, control)
+        deployment.stop()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

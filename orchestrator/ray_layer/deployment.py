@@ -1,0 +1,224 @@
+"""Placing and supervising the orchestrator's actors (Ray Serve's controller pattern, small).
+
+Where things run on a cluster:
+- Front ends: `replicas` FrontendActors, each needing one unit of the ingress resource, spread
+  over the nodes that offer it (SPREAD). Each binds the listen address on its own node, so
+  clients reach them at that node's address (a load balancer, a Kubernetes Service or a DNS
+  name over the ingress nodes). Two replicas on one node share a fixed port (SO_REUSEPORT).
+- Control loop: one named actor anywhere with a little CPU; Ray restarts it on another node when
+  its node dies (max_restarts=-1) and retries its run() call there (max_task_retries=-1).
+- Verification: Ray tasks started by the front ends (actors.verify_blob).
+
+`Deployment.supervise()` (the serve command calls it every few seconds) replaces a front end
+whose actor died (its node was lost) with a new one placed the same way, and health-checks each
+endpoint over gRPC from the driver; one that keeps failing is killed and replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.ray_layer import probe
+from orchestrator.ray_layer.actors import (
+    CONTROL_ACTOR_NAME,
+    CONTROL_CPUS,
+    ControlLoopActor,
+    Endpoint,
+    FrontendActor,
+    config_to_dict,
+)
+from orchestrator.ray_layer.runtime import INGRESS_RESOURCE, ClusterMismatch, ForwardedEnv, ingress_capacity
+
+log = logging.getLogger("pocketlora.orchestrator")
+START_TIMEOUT_S = 300.0
+CALL_TIMEOUT_S = 10.0
+# Health checks a live front end may fail in a row before it is replaced.
+UNHEALTHY_LIMIT = 3
+
+
+def health_check(address: str, timeout_s: float = 5.0) -> bool:
+    """True when the gRPC health service at `address` answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class _Replica:
+    index: int
+    actor: Any = None
+    starting: Any = None  # ObjectRef of start() while it runs
+    endpoint: Endpoint | None = None
+    failed_checks: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+class Deployment:
+    """The control loop and `replicas` front ends of one orchestrator on the Ray this process joined."""
+
+    def __init__(
+        self,
+        db_url: str,
+        store_url: str,
+        config: OrchestratorConfig,
+        *,
+        listen: str = "127.0.0.1:0",
+        replicas: int = 1,
+        env: ForwardedEnv | None = None,
+    ) -> None:
+        self.db_url, self.store_url, self.listen = db_url, store_url, listen
+        self.config = config_to_dict(config)
+        self.env = env or ForwardedEnv.from_environ()
+        self.expected = probe.fingerprint()
+        self.replicas = [_Replica(i) for i in range(replicas)]
+        self.control: Any = None
+        self.control_node = ""
+
+    # ------------------------------------------------------------------ start and stop
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> list[Endpoint]:
+        """Start the control loop and every front end; returns the endpoints once all serve."""
+        import ray
+
+        if ingress_capacity() < len(self.replicas):
+            raise ClusterMismatch(
+                f"{len(self.replicas)} front end(s) need as many units of the {INGRESS_RESOURCE!r} resource; "
+                f"the cluster offers {ingress_capacity():g}. Start the nodes that receive client traffic with "
+                f"`ray start ... --resources '{{\"{INGRESS_RESOURCE}\": 2}}'`."
+            )
+        control_cls = ray.remote(  # type: ignore[call-overload]  # Ray's stubs omit max_concurrency
+            num_cpus=CONTROL_CPUS, max_restarts=-1, max_task_retries=-1, max_concurrency=4
+        )(ControlLoopActor)
+        self.control = control_cls.options(name=CONTROL_ACTOR_NAME, get_if_exists=True).remote(
+            self.db_url, self.store_url, self.config, self.env, self.expected
+        )
+        self.control.run.remote()
+        for replica in self.replicas:
+            self._launch(replica)
+        try:
+            for replica in self.replicas:
+                replica.endpoint = ray.get(replica.starting, timeout=timeout_s)
+                replica.starting = None
+        except ray.exceptions.GetTimeoutError:
+            self.stop()
+            raise ClusterMismatch(f"the front ends did not start within {timeout_s:.0f} s") from None
+        self.control_node = self._control_stats(timeout_s).get("node_id", "")
+        return self.endpoints()
+
+    def _launch(self, replica: _Replica) -> None:
+        import ray
+
+        frontend_cls = ray.remote(  # type: ignore[call-overload]
+            num_cpus=0, resources={INGRESS_RESOURCE: 1}, max_restarts=0, max_concurrency=64
+        )(FrontendActor)
+        replica.actor = frontend_cls.options(scheduling_strategy="SPREAD").remote(
+            replica.index, self.db_url, self.store_url, self.config, self.listen, self.env, self.expected
+        )
+        replica.starting = replica.actor.start.remote()
+        replica.endpoint = None
+        replica.failed_checks = 0
+
+    def stop(self) -> None:
+        """Stop the front ends, then the control loop."""
+        import ray
+
+        for replica in self.replicas:
+            if replica.actor is None:
+                continue
+            with contextlib.suppress(Exception):  # already gone
+                ray.get(replica.actor.stop.remote(), timeout=CALL_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                ray.kill(replica.actor)
+            replica.actor = None
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                ray.get(self.control.stop.remote(), timeout=CALL_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                ray.kill(self.control, no_restart=True)
+            self.control = None
+
+    # ------------------------------------------------------------------ what runs where
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints of the front ends that serve now."""
+        return [r.endpoint for r in self.replicas if r.endpoint is not None]
+
+    @property
+    def ports(self) -> list[int]:
+        """Bound ports, one per serving front end."""
+        return [e.port for e in self.endpoints()]
+
+    def _control_stats(self, timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:
+        import ray
+
+        try:
+            stats: dict[str, Any] = ray.get(self.control.stats.remote(), timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return {}  # restarting: Ray brings it back on a live node
+        return stats
+
+    # ------------------------------------------------------------------ supervision
+    def supervise(self) -> list[str]:
+        """Replace lost or unhealthy front ends and notice the control loop moving; returns what
+        happened, one line per event."""
+        import ray
+
+        events: list[str] = []
+        for replica in self.replicas:
+            events += self._supervise_replica(ray, replica)
+        node = self._control_stats().get("node_id", "")
+        if node and node != self.control_node:
+            events.append(f"control loop now on node {node[:8]} (was {self.control_node[:8] or '?'})")
+            self.control_node = node
+        return events
+
+    def _supervise_replica(self, ray: Any, replica: _Replica) -> list[str]:
+        if replica.starting is not None:
+            done, _ = ray.wait([replica.starting], timeout=0)
+            if not done:
+                return []
+            try:
+                replica.endpoint = ray.get(replica.starting)
+            except ray.exceptions.RayError as exc:
+                replica.starting = None
+                self._launch(replica)
+                return [f"front end {replica.index} failed to start ({type(exc).__name__}); retrying"]
+            replica.starting = None
+            assert replica.endpoint is not None
+            return [f"front end {replica.index} serving on {_where(replica.endpoint)} (replacement)"]
+        assert replica.endpoint is not None
+        try:
+            ray.get(replica.actor.ping.remote(), timeout=CALL_TIMEOUT_S)
+        except ray.exceptions.RayActorError:
+            lost = replica.endpoint
+            self._launch(replica)
+            return [f"front end {replica.index} on node {lost.node_id[:8]} is gone; starting a replacement"]
+        except ray.exceptions.GetTimeoutError:
+            return [f"front end {replica.index} on node {replica.endpoint.node_id[:8]} did not answer a ping"]
+        if health_check(replica.endpoint.address):
+            replica.failed_checks = 0
+            return []
+        replica.failed_checks += 1
+        if replica.failed_checks < UNHEALTHY_LIMIT:
+            return [f"front end {replica.index} at {replica.endpoint.address} failed a health check"]
+        with contextlib.suppress(Exception):
+            ray.kill(replica.actor)
+        self._launch(replica)
+        return [f"front end {replica.index} failed {UNHEALTHY_LIMIT} health checks; replaced"]
+
+
+def _where(endpoint: Endpoint) -> str:
+    return f"{endpoint.address} on node {endpoint.node_id[:8]}"
+
+
+def describe(endpoint: Endpoint) -> str:
+    """One line for an endpoint, as the serve command prints it."""
+    return f"front end {endpoint.replica} serving on {_where(endpoint)}"
