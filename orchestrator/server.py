@@ -26,6 +26,8 @@ from protos.pocketlora.v1 import agent_service_pb2_grpc as agent_grpc
 from protos.pocketlora.v1 import operator_service_pb2_grpc as operator_grpc
 
 log = logging.getLogger("pocketlora.orchestrator")
+# Set to listen beyond loopback without a warning (deployments whose front ends bind 0.0.0.0).
+ALLOW_NON_LOOPBACK_ENV = "POCKETLORA_ALLOW_NON_LOOPBACK"
 
 # Bounded messages: a device never needs more than this, and a bad client cannot balloon memory.
 _OPTIONS = [
@@ -76,7 +78,7 @@ async def start_server(
     """Start AgentService, OperatorService, health and reflection on `listen`; returns the bound
     port. `interceptors` wrap every call (metrics, tracing, load shedding)."""
     host = listen.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
+    if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get(ALLOW_NON_LOOPBACK_ENV):
         log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
     executor = ThreadPoolExecutor(max_workers=threads or orch.state.worker_threads, thread_name_prefix="orch")
     polls = open_poll_runner(orch.state, orch.jobs, executor)

@@ -16,6 +16,16 @@ import typer
 from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, err, orchestrator_app, out
 
 SUPERVISE_EVERY_S = 2.0
+# Tokens come from these variables, else from files in --state-dir (created with random values).
+OPERATOR_TOKEN_ENV = "POCKETLORA_OPERATOR_TOKEN"
+ENROLLMENT_TOKEN_ENV = "POCKETLORA_ENROLLMENT_TOKEN"
+# The key every front end signs and checks file-store URLs with (64 hex digits).
+URL_SECRET_ENV = "POCKETLORA_URL_SECRET"
+
+
+def _say(line: str, *, to_err: bool = False) -> None:
+    """One plain line (no wrapping, no markup: addresses like [::] print as they are)."""
+    (err if to_err else out).print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def _secret_file(path: Path, env: str) -> str:
@@ -87,17 +97,17 @@ def serve(
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray, supervised until stopped."""
     from orchestrator.config import OrchestratorConfig
-    from orchestrator.ray_layer import CODE_MODES, ClusterMismatch, Deployment, describe, health_check, init_ray
+    from orchestrator.ray_layer import CODE_MODES, Deployment, DeploymentError, describe, health_check, init_ray
 
     _check_listen(listen)
     if ray_code not in CODE_MODES:
         raise typer.BadParameter(f"{ray_code!r}: one of {', '.join(CODE_MODES)}", param_hint="--ray-code")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN")
-    enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
+    operator_token = _secret_file(state_dir / "operator-token", OPERATOR_TOKEN_ENV)
+    enrollment_token = _secret_file(state_dir / "enrollment-token", ENROLLMENT_TOKEN_ENV)
     # One presigned-URL key for every front end (they all sign and check file-store URLs).
-    os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
+    os.environ.setdefault(URL_SECRET_ENV, secrets.token_hex(32))
     config = OrchestratorConfig(
         lease_s=lease_s,
         reap_interval_s=reap_interval_s,
@@ -106,26 +116,26 @@ def serve(
     )
     _check_stores(db, store)
     if ray_address and store.startswith("file:"):
-        err.print("warning: a file:// store works on a cluster only if every node and device shares this machine")
+        _say("warning: a file:// store works on a cluster only if every node and device shares this machine", to_err=True)
     try:
-        out.print(init_ray(ray_address or None, code="installed" if ray_code == "installed" else "ship"))
+        _say(init_ray(ray_address or None, code="installed" if ray_code == "installed" else "ship"))
         deployment = Deployment(db, store, config, listen=listen, replicas=replicas)
         endpoints = deployment.start()
-    except ClusterMismatch as exc:
+    except DeploymentError as exc:
         raise UserError(str(exc)) from None
     for endpoint in endpoints:
         state = "healthy" if health_check(endpoint.address) else "NOT answering health checks"
-        out.print(f"{describe(endpoint)} ({state})")
-    out.print(f"control loop on node {deployment.control_node[:8]}")
+        _say(f"{describe(endpoint)} ({state})")
+    _say(f"control loop on node {deployment.control_node[:8]}")
     addresses = ", ".join(sorted({e.address for e in endpoints}))
-    out.print(f"orchestrator serving on {addresses} (db {db.split('@')[-1]}, {replicas} replica(s))")
-    out.print(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
+    _say(f"orchestrator serving on {addresses} (db {db.split('@')[-1]}, {replicas} replica(s))")
+    _say(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.wait(SUPERVISE_EVERY_S):
         for event in deployment.supervise():
-            out.print(event)
+            _say(event)
     deployment.stop()
 
 
@@ -143,4 +153,4 @@ def health(
         raise UserError(f"--address {address!r} must be HOST:PORT")
     if not health_check(address, timeout_s):
         raise UserError(f"{address} is not serving")
-    out.print(f"{address} serving")
+    _say(f"{address} serving")

@@ -31,7 +31,7 @@ from orchestrator.ray_layer.actors import (
     FrontendActor,
     config_to_dict,
 )
-from orchestrator.ray_layer.runtime import INGRESS_RESOURCE, ClusterMismatch, ForwardedEnv, ingress_capacity
+from orchestrator.ray_layer.runtime import INGRESS_RESOURCE, DeploymentError, ForwardedEnv, ingress_capacity
 
 log = logging.getLogger("pocketlora.orchestrator")
 START_TIMEOUT_S = 300.0
@@ -90,11 +90,30 @@ class Deployment:
         import ray
 
         if ingress_capacity() < len(self.replicas):
-            raise ClusterMismatch(
+            raise DeploymentError(
                 f"{len(self.replicas)} front end(s) need as many units of the {INGRESS_RESOURCE!r} resource; "
                 f"the cluster offers {ingress_capacity():g}. Start the nodes that receive client traffic with "
                 f"`ray start ... --resources '{{\"{INGRESS_RESOURCE}\": 2}}'`."
             )
+        self._launch_control()
+        for replica in self.replicas:
+            self._launch(replica)
+        try:
+            for replica in self.replicas:
+                replica.endpoint = ray.get(replica.starting, timeout=timeout_s)
+                replica.starting = None
+            self.control_node = self._control_stats(timeout_s).get("node_id", "")
+        except ray.exceptions.GetTimeoutError:
+            self.stop()
+            raise DeploymentError(f"the front ends did not start within {timeout_s:.0f} s") from None
+        except ray.exceptions.RayError as exc:
+            self.stop()
+            raise DeploymentError(f"the orchestrator's actors failed to start: {_last_line(exc)}") from None
+        return self.endpoints()
+
+    def _launch_control(self) -> None:
+        import ray
+
         control_cls = ray.remote(  # type: ignore[call-overload]  # Ray's stubs omit max_concurrency
             num_cpus=CONTROL_CPUS, max_restarts=-1, max_task_retries=-1, max_concurrency=4
         )(ControlLoopActor)
@@ -102,17 +121,6 @@ class Deployment:
             self.db_url, self.store_url, self.config, self.env, self.expected
         )
         self.control.run.remote()
-        for replica in self.replicas:
-            self._launch(replica)
-        try:
-            for replica in self.replicas:
-                replica.endpoint = ray.get(replica.starting, timeout=timeout_s)
-                replica.starting = None
-        except ray.exceptions.GetTimeoutError:
-            self.stop()
-            raise ClusterMismatch(f"the front ends did not start within {timeout_s:.0f} s") from None
-        self.control_node = self._control_stats(timeout_s).get("node_id", "")
-        return self.endpoints()
 
     def _launch(self, replica: _Replica) -> None:
         import ray
@@ -161,7 +169,7 @@ class Deployment:
 
         try:
             stats: dict[str, Any] = ray.get(self.control.stats.remote(), timeout=timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
             return {}  # restarting: Ray brings it back on a live node
         return stats
 
@@ -174,7 +182,13 @@ class Deployment:
         events: list[str] = []
         for replica in self.replicas:
             events += self._supervise_replica(ray, replica)
-        node = self._control_stats().get("node_id", "")
+        try:
+            node = self._control_stats().get("node_id", "")
+        except ray.exceptions.ActorDiedError:
+            # Out of restarts, or an actor of an earlier serve process adopted by name that
+            # ended with its owner: start a new one.
+            self._launch_control()
+            return [*events, "control loop was gone; started a new one"]
         if node and node != self.control_node:
             events.append(f"control loop now on node {node[:8]} (was {self.control_node[:8] or '?'})")
             self.control_node = node
@@ -213,6 +227,12 @@ class Deployment:
             ray.kill(replica.actor)
         self._launch(replica)
         return [f"front end {replica.index} failed {UNHEALTHY_LIMIT} health checks; replaced"]
+
+
+def _last_line(exc: Exception) -> str:
+    """The last line of a Ray error: the original exception, without Ray's traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _where(endpoint: Endpoint) -> str:

@@ -9,7 +9,7 @@ Code on a cluster (`--ray-code`):
 - `installed`: nothing is uploaded; the nodes' own installation must be this very version.
 Either way, before anything starts, a probe runs on every live node and compares Python, the
 server dependencies, the project version and a digest of its code with the driver's; a
-mismatch stops start-up with one line per node (ClusterMismatch), not a traceback in an actor.
+mismatch stops start-up with one line per node (DeploymentError), not a traceback in an actor.
 
 Secrets (PostgreSQL and S3 credentials, the presigned-URL key) never go into the runtime env:
 Ray writes runtime envs into its logs and job table. They travel as an actor/task argument
@@ -41,8 +41,9 @@ FORWARDED_PREFIXES = ("PG", "AWS_", "POCKETLORA_", "HF_", "TRANSFORMERS_")
 PROBE_TIMEOUT_S = 180.0
 
 
-class ClusterMismatch(Exception):
-    """The cluster cannot run this driver's code (missing project, other versions, no ingress)."""
+class DeploymentError(Exception):
+    """The orchestrator cannot start on this Ray: another version there, no ingress nodes, an
+    actor that failed to start (its one-line reason)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def init_ray(
             runtime_env=runtime_env,
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ClusterMismatch(f"cannot attach to the Ray cluster at {address}: {exc}") from None
+        raise DeploymentError(f"cannot attach to the Ray cluster at {address}: {exc}") from None
     return check_cluster(code)
 
 
@@ -139,7 +140,7 @@ def _alive_nodes() -> list[dict[str, Any]]:
 
 
 def check_cluster(code: CodeMode) -> str:
-    """Probe every live node; raise ClusterMismatch naming each node that differs."""
+    """Probe every live node; raise DeploymentError naming each node that differs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -154,7 +155,7 @@ def check_cluster(code: CodeMode) -> str:
     try:
         found = ray.get(refs, timeout=PROBE_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        raise ClusterMismatch(f"the cluster did not run the version probe within {PROBE_TIMEOUT_S:.0f} s") from None
+        raise DeploymentError(f"the cluster did not run the version probe within {PROBE_TIMEOUT_S:.0f} s") from None
     problems = []
     for node, theirs in zip(nodes, found, strict=True):
         diff = probe.differences(mine, theirs)
@@ -166,7 +167,7 @@ def check_cluster(code: CodeMode) -> str:
             if code == "ship"
             else "ship the code (--ray-code ship) or install this PocketLoRA version on the cluster"
         )
-        raise ClusterMismatch(
+        raise DeploymentError(
             f"the Ray cluster cannot run this PocketLoRA {mine['pocketlora']} ({hint}):\n" + "\n".join(problems)
         )
     source = (
