@@ -1,7 +1,8 @@
 """Shared pieces of the orchestrator benchmarks: seeding, a server subprocess, medians.
 
-The orchestrator under test always runs in a process of its own (start_server over an
-Orchestrator, no Ray), so the load generator never shares its event loop or GIL with it.
+The orchestrator under test always runs in a process of its own, so the load generator never
+shares its event loop or GIL with it: start_server over an Orchestrator (no Ray), or the Ray
+deployment on a cluster (start_ray_deployment).
 """
 
 from __future__ import annotations
@@ -101,6 +102,25 @@ def start_server_process(db_url: str, tmp: Path, **config: Any) -> tuple[subproc
     return proc, line.removeprefix("serving ")
 
 
+def start_ray_deployment(
+    ray_address: str, db_url: str, tmp: Path, replicas: int, **config: Any
+) -> tuple[subprocess.Popen[str], str, int]:
+    """Run `python benchmarks/_common.py serve-ray ...`: the orchestrator deployed on a Ray cluster
+    as `pocketlora orchestrator serve --ray-address` deploys it (code shipped, front ends on the
+    ingress nodes, supervised); waits for it and returns (process, address, live nodes)."""
+    args = [sys.executable, str(Path(__file__).resolve()), "serve-ray", ray_address, db_url, str(tmp), str(replicas)]
+    args += [f"{k}={v}" for k, v in config.items()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "POCKETLORA_URL_SECRET": secrets.token_hex(32)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp, start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("serving "):
+        proc.kill()
+        raise RuntimeError(f"the Ray deployment did not start: {line!r}")
+    address, nodes = line.removeprefix("serving ").split(" nodes=")
+    return proc, address, int(nodes)
+
+
 def stop_process(proc: subprocess.Popen[str]) -> None:
     """Terminate a server process, then kill it if it lingers."""
     proc.terminate()
@@ -155,6 +175,29 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
     asyncio.run(main())
 
 
+def _serve_ray(ray_address: str, db_url: str, tmp: str, replicas: str, *overrides: str) -> None:
+    import signal
+    import threading
+
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.ray_layer import Deployment, init_ray, node_count
+
+    config = {k: float(v) for k, v in (item.split("=", 1) for item in overrides)}
+    cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+    init_ray(ray_address, code="ship")
+    deployment = Deployment(
+        db_url, f"file://{tmp}/blobs", cfg, listen=f"127.0.0.1:{free_port()}", replicas=int(replicas)
+    )
+    endpoints = deployment.start()
+    print(f"serving {endpoints[0].address} nodes={node_count()}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(2.0):
+        for event in deployment.supervise():
+            print(event, file=sys.stderr, flush=True)
+    deployment.stop()
+
+
 def median(values: list[float]) -> float:
     """The median, 0 for no values."""
     return float(statistics.median(values)) if values else 0.0
@@ -170,3 +213,5 @@ def p99(values: list[float]) -> float:
 
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "serve":
     _serve(*sys.argv[2:])
+if __name__ == "__main__" and len(sys.argv) >= 6 and sys.argv[1] == "serve-ray":
+    _serve_ray(*sys.argv[2:])

@@ -25,6 +25,7 @@ from orchestrator.ray_layer.runtime import (
     DeploymentError,
     ForwardedEnv,
     init_ray,
+    node_count,
     ray_env,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "describe",
     "health_check",
     "init_ray",
+    "node_count",
     "ray_env",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +37,12 @@ from orchestrator.ray_layer.runtime import INGRESS_RESOURCE, DeploymentError, Fo
 log = logging.getLogger("pocketlora.orchestrator")
 START_TIMEOUT_S = 300.0
 CALL_TIMEOUT_S = 10.0
-# Health checks a live front end may fail in a row before it is replaced.
-UNHEALTHY_LIMIT = 3
+# gRPC health checks of live front ends: how often, how long one may take, and how many in a
+# row a front end may fail before it is replaced. Generous, so a front end that is only busy
+# (a burst of devices) is never killed: a minute of silence is a hang, not load.
+HEALTH_EVERY_S = 10.0
+HEALTH_TIMEOUT_S = 10.0
+UNHEALTHY_LIMIT = 6
 
 
 def health_check(address: str, timeout_s: float = 5.0) -> bool:
@@ -60,6 +65,7 @@ class _Replica:
     starting: Any = None  # ObjectRef of start() while it runs
     endpoint: Endpoint | None = None
     failed_checks: int = 0
+    checked_at: float = 0.0
     history: list[str] = field(default_factory=list)
 
 
@@ -211,13 +217,16 @@ class Deployment:
         assert replica.endpoint is not None
         try:
             ray.get(replica.actor.ping.remote(), timeout=CALL_TIMEOUT_S)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.ActorDiedError:
             lost = replica.endpoint
             self._launch(replica)
             return [f"front end {replica.index} on node {lost.node_id[:8]} is gone; starting a replacement"]
-        except ray.exceptions.GetTimeoutError:
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
             return [f"front end {replica.index} on node {replica.endpoint.node_id[:8]} did not answer a ping"]
-        if health_check(replica.endpoint.address):
+        if time.monotonic() - replica.checked_at < HEALTH_EVERY_S:
+            return []
+        replica.checked_at = time.monotonic()
+        if health_check(replica.endpoint.address, HEALTH_TIMEOUT_S):
             replica.failed_checks = 0
             return []
         replica.failed_checks += 1

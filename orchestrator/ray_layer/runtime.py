@@ -133,6 +133,11 @@ def init_ray(
     return check_cluster(code)
 
 
+def node_count() -> int:
+    """Live nodes of the Ray this process joined."""
+    return len(_alive_nodes())
+
+
 def _alive_nodes() -> list[dict[str, Any]]:
     import ray
 
