@@ -116,7 +116,9 @@ def serve(
     )
     _check_stores(db, store)
     if ray_address and store.startswith("file:"):
-        _say("warning: a file:// store works on a cluster only if every node and device shares this machine", to_err=True)
+        _say(
+            "warning: a file:// store works on a cluster only if every node and device shares this machine", to_err=True
+        )
     try:
         _say(init_ray(ray_address or None, code="installed" if ray_code == "installed" else "ship"))
         deployment = Deployment(db, store, config, listen=listen, replicas=replicas)
