@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,12 @@ from typing import Any
 import pytest
 
 from adapters_store import S3BlobStore
-from agent.agent import Agent, AgentConfig
-from agent.gate import Gate, GatePolicy
-from agent.sensors import TraceSensors
 from orchestrator.config import OrchestratorConfig
 from pocketlora.client import OperatorClient
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.seaweed import SeaweedServer
-from tests.support.tiny_models import make_tiny_llama
+from tests.support.tiny_agent import codes_spec, start, tiny_agent
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -62,43 +58,14 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
     cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer
 ) -> None:
     address, _ = cluster
-    base = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
-    device_dir = tmp_path / "device"
-    (device_dir / "datasets").mkdir(parents=True)
-    rows = [{"prompt": f"Say the code {i}.", "completion": " The secret code is PocketLoRA."} for i in range(16)]
-    (device_dir / "datasets" / "codes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    trace = tmp_path / "trace.jsonl"
-    trace.write_text(json.dumps({"t": 0, "charging": True, "battery": 90, "temp_c": 30}) + "\n")
-
     events: list[tuple[str, dict[str, Any]]] = []
-    cfg = AgentConfig(
-        orchestrator=address,
-        device_id="e2e-phone",
-        work_dir=device_dir,
-        base_model_dir=base,
-        base_model_id="tiny-llama",
-        datasets_dir=device_dir / "datasets",
-        enrollment_token=ENROLL,
-        tick_s=0.2,
-        progress_every_s=0.5,
-    )
-    agent = Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=lambda k, d: events.append((k, d)))
-    stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-    thread.start()
+    agent, cfg = tiny_agent(address, tmp_path, "e2e-phone", ENROLL, listener=lambda k, d: events.append((k, d)))
+    device_dir = cfg.work_dir
+    stop, thread = start(agent)
     client = OperatorClient(address, OPERATOR)
     try:
         wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
-        spec = tpb.TrainingSpec(
-            adapter_name="codes",
-            base_model_id="tiny-llama",
-            dataset="codes",
-            learning_rate=5e-3,
-            max_steps=6,
-            max_seq_len=64,
-            seed=3,
-            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
-        )
+        spec = codes_spec()
         job = client.call(
             "SubmitJob", op.SubmitJobRequest(request_id="e2e-1", device_id="e2e-phone", training=spec)
         ).job

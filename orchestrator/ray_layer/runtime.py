@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ CODE_MODES: tuple[CodeMode, ...] = ("ship", "installed")
 # Environment the actors and tasks get from the serve process (libpq, S3, PocketLoRA, offline HF).
 FORWARDED_PREFIXES = ("PG", "AWS_", "POCKETLORA_", "HF_", "TRANSFORMERS_")
 PROBE_TIMEOUT_S = 180.0
+ATTACH_ATTEMPTS = 3
+log = logging.getLogger("pocketlora.orchestrator")
 
 
 class DeploymentError(Exception):
@@ -117,20 +120,33 @@ def init_ray(
         )
         return "code: this process's (in-process Ray)"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _attach(address, code)
+    return check_cluster(code)
+
+
+def _attach(address: str, code: CodeMode) -> None:
+    import ray
+
     runtime_env: dict[str, Any] = {}
     if code == "ship":
         runtime_env = {"py_modules": shipped_modules(), "excludes": ["__pycache__", "*.pyc"]}
-    try:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            runtime_env=runtime_env,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise DeploymentError(f"cannot attach to the Ray cluster at {address}: {exc}") from None
-    return check_cluster(code)
+    for attempt in range(1, ATTACH_ATTEMPTS + 1):
+        try:
+            ray.init(
+                address=address,
+                namespace=NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                runtime_env=runtime_env,
+            )
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            # A head still starting, or a Ray Client server that failed to start for us.
+            ray.shutdown()
+            if attempt == ATTACH_ATTEMPTS:
+                raise DeploymentError(f"cannot attach to the Ray cluster at {address}: {exc}") from None
+            log.warning("attaching to the Ray cluster at %s failed (%s); retrying", address, str(exc).splitlines()[0])
+            time.sleep(5.0 * attempt)
 
 
 def node_count() -> int:

@@ -35,6 +35,7 @@ from protos.wire import JobState
 from tests.support.orch import ENROLL_TOKEN, fake_adapter_blob, op_md
 from tests.support.ray_cluster import LoopbackCluster, free_port
 from tests.support.seaweed import SeaweedServer
+from tests.support.tiny_agent import codes_spec, start, tiny_agent
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.s3]
@@ -129,11 +130,12 @@ def test_the_cluster_runs_pocketlora_only_when_the_driver_ships_it(
     )
     assert "No module named 'orchestrator'" in result.stdout, result.stdout + result.stderr[-2000:]
 
-    # serve with --ray-code installed refuses to start, naming every node, before anything runs.
+    # serve (through Ray Client) with --ray-code installed refuses to start, naming every node,
+    # before anything runs.
     serve = Serve(
         c,
         tmp_path / "cwd",
-        *("--ray-address", c.address, "--ray-code", "installed", "--db", postgres_url),
+        *("--ray-address", c.client_address, "--ray-code", "installed", "--db", postgres_url),
         *("--store", f"file://{tmp_path / 'blobs'}", "--state-dir", str(tmp_path / "state")),
         env={"POCKETLORA_OPERATOR_TOKEN": OPERATOR, "POCKETLORA_ENROLLMENT_TOKEN": ENROLL_TOKEN},
     )
@@ -160,6 +162,7 @@ class Device:
         self.vanish = threading.Event()  # set: drop off the network holding the next lease
         self.vanished_job = ""
         self.resume = threading.Event()
+        self.errors: list[str] = []
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
@@ -168,6 +171,9 @@ class Device:
                 self.work_once()
             except (Transient, Gone):
                 # A lost node's front end, or a lease that moved on: poll again, as the agent does.
+                time.sleep(0.5)
+            except Exception as exc:  # kept for the failure message; the device carries on
+                self.errors.append(repr(exc))
                 time.sleep(0.5)
 
     def work_once(self) -> None:
@@ -189,8 +195,33 @@ class Device:
         self.acks[a.job_id] += 1
 
 
+def _waiting(serve: Serve, devices: list[Device], jobs: dict[str, Any]) -> str:
+    """What the test saw, for a failure message."""
+    states = collections.Counter(tpb.JobState.Name(j.state) for j in jobs.values())
+    failures = collections.Counter(
+        f"{tpb.ErrorClass.Name(j.last_error_class)}: {j.last_error}" for j in jobs.values() if j.last_error
+    )
+    errors = {d.device_id: d.errors[-3:] for d in devices if d.errors}
+    return f"jobs {dict(states)}; job errors {dict(failures)}; device errors {errors}; serve said:\n" + "\n".join(
+        serve.lines[-30:]
+    )
+
+
+def _call(method: Any, request: Any) -> Any:
+    """An operator call retried while its front end is unreachable (its node was just lost):
+    the channel reconnects to a live one, as any gRPC client's would."""
+    give_up = time.monotonic() + 120
+    while True:
+        try:
+            return method(request, metadata=op_md(OPERATOR), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
+                raise
+            time.sleep(1.0)
+
+
 def _jobs(stub: Any, ids: set[str]) -> dict[str, Any]:
-    jobs = stub.ListJobs(opb.ListJobsRequest(page_size=1000), metadata=op_md(OPERATOR), timeout=30).jobs
+    jobs = _call(stub.ListJobs, opb.ListJobsRequest(page_size=1000)).jobs
     return {j.job_id: j for j in jobs if j.job_id in ids}
 
 
@@ -203,9 +234,9 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
     serve = Serve(
         c,
         tmp_path / "cwd",
-        *("--ray-address", c.client_address, "--replicas", "2", "--listen", address, "--db", postgres_url),
+        *("--ray-address", c.address, "--replicas", "2", "--listen", address, "--db", postgres_url),
         *("--store", f"s3://cluster-adapters?endpoint={seaweed.endpoint}", "--state-dir", str(tmp_path / "state")),
-        *("--lease-s", "8", "--reap-interval-s", "0.5"),
+        *("--lease-s", "20", "--reap-interval-s", "0.5"),
         env={
             "POCKETLORA_OPERATOR_TOKEN": OPERATOR,
             "POCKETLORA_ENROLLMENT_TOKEN": ENROLL_TOKEN,
@@ -217,6 +248,7 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
     devices: list[Device] = []
     acks: collections.Counter[str] = collections.Counter()
     channel = grpc.insecure_channel(address)
+    agent_stop: threading.Event | None = None
     try:
         # Two front ends, one on each worker node, both healthy; the control loop on a worker.
         fronts = serve.wait_line(r"front end (\d) serving on (\S+) on node ([0-9a-f]{8}) \(healthy\)", 600, count=2)
@@ -235,8 +267,24 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
                 req = opb.SubmitJobRequest(
                     request_id=f"r{len(ids)}-{k}", device_id=devices[(len(ids) + k) % 3].device_id, training=SPEC
                 )
-                ids.add(operator.SubmitJob(req, metadata=op_md(OPERATOR), timeout=30).job.job_id)
+                ids.add(_call(operator.SubmitJob, req).job.job_id)  # idempotent on request_id
 
+        # One real agent trains a job end to end: QLoRA, presigned upload to S3, verification as
+        # a Ray task on a worker node.
+        agent_stop, agent_thread = start(tiny_agent(address, tmp_path, "phone-real", ENROLL_TOKEN)[0])
+        wait_for(
+            lambda: any(
+                d.device_id == "phone-real"
+                for d in operator.ListDevices(opb.ListDevicesRequest(), metadata=op_md(OPERATOR), timeout=30).devices
+            ),
+            300,
+            "the real agent to enroll",
+        )
+        real = operator.SubmitJob(
+            opb.SubmitJobRequest(request_id="real-1", device_id="phone-real", training=codes_spec(max_steps=4)),
+            metadata=op_md(OPERATOR),
+            timeout=30,
+        ).job.job_id
         devices[0].vanish.set()
         for d in devices:
             d.thread.start()
@@ -245,7 +293,18 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
         def succeeded() -> list[Any]:
             return [j for j in _jobs(operator, ids).values() if j.state == tpb.JOB_STATE_SUCCEEDED]
 
-        wait_for(lambda: len(succeeded()) >= 3 and devices[0].vanished_job, 300, "jobs done before the node loss")
+        try:
+            wait_for(lambda: len(succeeded()) >= 3 and devices[0].vanished_job, 300, "jobs done before the node loss")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_waiting(serve, devices, _jobs(operator, ids))}") from None
+        trained = wait_for(
+            lambda: (j := _jobs(operator, {real})[real]).state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED) and j,
+            600,
+            "the real agent's job",
+        )
+        assert trained.state == tpb.JOB_STATE_SUCCEEDED, trained.last_error
+        agent_stop.set()
+        agent_thread.join(60)
 
         # Kill the node that holds the control loop (and one front end) at once.
         c.kill_node(victim)
@@ -264,15 +323,18 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
         devices[0].resume.set()
         # The lost front end comes back on the surviving node.
         serve.wait_line(r"front end \d serving on \S+ on node ([0-9a-f]{8}) \(replacement\)", 300)
-        wait_for(lambda: len(succeeded()) == len(ids), 300, "every job to succeed after the node loss")
+        try:
+            wait_for(lambda: len(succeeded()) == len(ids), 300, "every job to succeed after the node loss")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {_waiting(serve, devices, _jobs(operator, ids))}") from None
 
         final = _jobs(operator, ids)
         assert all(j.state == tpb.JOB_STATE_SUCCEEDED for j in final.values())
         assert final[devices[0].vanished_job].attempt == 2
         # None completed twice: no job acknowledged twice, exactly one adapter version per job.
         assert set(acks) <= ids and max(acks.values()) == 1, acks
-        adapters = operator.ListAdapters(opb.ListAdaptersRequest(page_size=1000), metadata=op_md(OPERATOR)).adapters
-        assert collections.Counter(a.job_id for a in adapters) == dict.fromkeys(ids, 1)
+        adapters = _call(operator.ListAdapters, opb.ListAdaptersRequest(page_size=1000)).adapters
+        assert collections.Counter(a.job_id for a in adapters if a.job_id in ids) == dict.fromkeys(ids, 1)
         health = subprocess.run(
             [sys.executable, "-m", "pocketlora", "orchestrator", "health", "--address", address],
             capture_output=True,
@@ -281,6 +343,8 @@ def test_two_front_ends_on_two_nodes_survive_losing_the_control_loops_node(
         )
         assert health.returncode == 0, health.stdout + health.stderr
     finally:
+        if agent_stop is not None:
+            agent_stop.set()
         for d in devices:
             d.stop.set()
             d.resume.set()

@@ -170,22 +170,71 @@ class LoopbackCluster:
         # Graceful shutdown of a Ray node takes long; the cluster is disposable, so kill it.
         kill_session(self.proc.pid)
         self.proc.wait(30)
+        self._keep_logs()
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def _keep_logs(self) -> None:
+        """Copy Ray's logs (files under 5 MB) next to the helper's log, for a failure's story."""
+        import shutil
+
+        for path in (self.tmp / "ray" / "session_latest" / "logs").glob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_size < 5 * 2**20:
+                    (self.work / "ray-logs").mkdir(exist_ok=True)
+                    shutil.copy(path, self.work / "ray-logs" / path.name)
+
 
 # ------------------------------------------------------------------------------ helper process
-def _node_pids(node: Any) -> list[int]:
-    """The node's own processes and the workers its raylet started."""
-    pids = [p.process.pid for infos in node.all_processes.values() for p in infos if p.process is not None]
-    socket_name = node.raylet_socket_name
+# Ray gives a starting node 30 s (fixed) to register; a loaded 2-core machine can miss that.
+START_ATTEMPTS = 3
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if socket_name in (entry / "cmdline").read_text():
-                    pids.append(int(entry.name))
-    return sorted(set(pids))
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    """The processes and everything they started (the raylet starts the node's agents and workers)."""
+    tree, out, todo = _children(), [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += tree.get(pid, [])
+    return sorted(set(out))
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _node_pids(node: Any) -> list[int]:
+    """A node's own processes and what they started (agents, workers: the actors on it)."""
+    return _with_descendants([p.process.pid for infos in node.all_processes.values() for p in infos if p.process])
+
+
+def _start(cluster: Any, nodes: dict[str, Any], **args: Any) -> Any:
+    """cluster.add_node, retried after killing what a start that timed out left behind."""
+    for attempt in range(START_ATTEMPTS):
+        known = {pid for node in nodes.values() for pid in _node_pids(node)}
+        try:
+            return cluster.add_node(**args)
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                raise
+            strays = [pid for pid in _children().get(os.getpid(), []) if pid not in known]
+            _kill(_with_descendants(strays))
+            time.sleep(2)
+    raise AssertionError("unreachable")
 
 
 def _helper(args: dict[str, Any]) -> None:
@@ -200,8 +249,9 @@ def _helper(args: dict[str, Any]) -> None:
     }
     if args["client_port"]:
         head["ray_client_server_port"] = args["client_port"]
-    cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=False)
+    cluster = Cluster(initialize_head=False, shutdown_at_exit=False)
     nodes: dict[str, Any] = {}
+    nodes["head"] = _start(cluster, nodes, **head)
 
     def answer(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -212,15 +262,13 @@ def _helper(args: dict[str, Any]) -> None:
         request = json.loads(line)
         try:
             if request["op"] == "add_node":
-                node = cluster.add_node(num_cpus=request["num_cpus"], resources=request["resources"])
+                node = _start(cluster, nodes, num_cpus=request["num_cpus"], resources=request["resources"])
                 nodes[node.node_id] = node
                 answer({"node_id": node.node_id})
             elif request["op"] == "kill_node":
                 node = nodes.pop(request["node_id"])
                 pids = _node_pids(node)
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                _kill(pids)
                 for infos in node.all_processes.values():
                     for info in infos:
                         with contextlib.suppress(Exception):
