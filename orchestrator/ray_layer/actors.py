@@ -17,20 +17,28 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pace import PacePolicy
 from orchestrator.ray_layer import probe
 from orchestrator.ray_layer.runtime import ForwardedEnv
 
+if TYPE_CHECKING:
+    from orchestrator.lifecycle import Verifier
+
 log = logging.getLogger("pocketlora.orchestrator")
 CONTROL_ACTOR_NAME = "pocketlora-control"
 # Resource requests. The control loop asks for a sliver of CPU so it never lands on a head
 # configured with no CPUs (the usual production head); front ends ask for the ingress resource.
 CONTROL_CPUS = 0.1
-VERIFY_CPUS = 0.25
+# One CPU per verification: a few workers per node that stay up and take verifications in turn
+# (each takes milliseconds), rather than a new worker process (seconds to start) per concurrent one.
+VERIFY_CPUS = 1.0
 VERIFY_RETRIES = 3
+# A front end's threads for blocking calls: CompleteJob holds one while its verification task
+# runs elsewhere, so there are more than a local store needs.
+FRONTEND_THREADS = 32
 
 
 class CodeMismatch(RuntimeError):
@@ -86,6 +94,41 @@ def verify_blob(
         store.close()
 
 
+def _verify_options() -> dict[str, Any]:
+    # Retried when its worker or node dies, and on OSError (a store read that failed midway).
+    return {"num_cpus": VERIFY_CPUS, "max_retries": VERIFY_RETRIES, "retry_exceptions": [OSError]}
+
+
+def warm_up() -> int:
+    """A no-op task with verify_blob's options: its worker (a new process, seconds to start) is
+    then idle and takes the first verification at once."""
+    import os
+
+    return os.getpid()
+
+
+def ray_verifier(store_url: str, env: ForwardedEnv) -> Verifier:
+    """A lifecycle verifier that runs verify_blob as a Ray task and waits for it."""
+    import ray
+
+    from adapters_store.errors import StoreError
+
+    verify = ray.remote(**_verify_options())(verify_blob)
+
+    def run(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
+        # Called on an executor thread of the front end; ray.get blocks only that thread.
+        try:
+            result: tuple[str, int, str, dict[str, Any]] = ray.get(verify.remote(store_url, env, key, sha256, size))
+        except ray.exceptions.RayTaskError as exc:
+            # The store's own errors (integrity, format) keep their type for the lifecycle.
+            if isinstance(exc.cause, StoreError):
+                raise exc.cause from None
+            raise
+        return result
+
+    return run
+
+
 class FrontendActor:
     """One gRPC front end; becomes a Ray actor in deployment.py."""
 
@@ -109,28 +152,12 @@ class FrontendActor:
         """Open the stores and serve on this node; returns the endpoint clients reach."""
         import ray
 
-        from adapters_store.errors import StoreError
         from orchestrator.server import build_orchestrator, start_server
 
-        # Retried when its worker or node dies, and on OSError (a store read that failed midway).
-        verify = ray.remote(  # type: ignore[call-overload]  # the stubs allow only retry_exceptions=bool
-            num_cpus=VERIFY_CPUS, max_retries=VERIFY_RETRIES, retry_exceptions=[OSError]
-        )(verify_blob)
-        store_url, env = self.store_url, self.env
-
-        def ray_verifier(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
-            # Runs on an executor thread of this actor; ray.get blocks only that thread.
-            try:
-                result: tuple[str, int, str, dict[str, Any]] = ray.get(verify.remote(store_url, env, key, sha256, size))
-            except ray.exceptions.RayTaskError as exc:
-                # The store's own errors (integrity, format) keep their type for the lifecycle.
-                if isinstance(exc.cause, StoreError):
-                    raise exc.cause from None
-                raise
-            return result
-
-        orch = build_orchestrator(self.db_url, self.store_url, config_from_dict(self.config), verifier=ray_verifier)
-        self.running = await start_server(orch, self.listen)
+        await ray.remote(**_verify_options())(warm_up).remote()
+        verifier = ray_verifier(self.store_url, self.env)
+        orch = build_orchestrator(self.db_url, self.store_url, config_from_dict(self.config), verifier=verifier)
+        self.running = await start_server(orch, self.listen, threads=FRONTEND_THREADS)
         host = self.listen.rpartition(":")[0]
         if host in ("0.0.0.0", "::", "[::]", ""):
             host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
