@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import subprocess
 import threading
 import time
@@ -19,24 +18,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_store import download_from_url, upload_to_url
-from adapters_store.errors import StoreError, TransferError
+from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
-from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
+from agent import handin
+from agent.adapters import AdapterSwitcher
+from agent.client import CallError, DeviceClient, Gone, Invalid, Refused, Transient, detect_capabilities
+from agent.fleet_gate import FleetGate, fleet_fields
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
     LocalJob,
+    UntrustedId,
     fetch_shipped_dataset,
-    pack_output,
+    public_message,
     resolve_dataset,
     training_spec,
 )
+from agent.reports import heartbeat_request, progress_pb
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
-from protos import wire
+from pocketlora.tls import TlsConfig
 from protos.pocketlora.v1 import agent_service_pb2 as pb
-from protos.pocketlora.v1 import types_pb2 as tpb
 from protos.wire import EligibilityReason, ErrorClass, JobState
 
 log = logging.getLogger("pocketlora.agent")
@@ -63,6 +65,12 @@ class AgentConfig:
     torch_threads: int = 0
     # Run the inference runtime (a child process) so desired adapters are loaded and activated.
     serve_adapters: bool = True
+    # Rotate the device credential once it is this old (0: never).
+    rotate_credential_after_s: float = 30 * 86400
+    tls: TlsConfig | None = None  # to the orchestrator (None: plaintext)
+    store_tls: TlsConfig | None = None  # the CA presigned-URL transfers trust (None: the system's roots)
+    # The fleet's gate policy may only tighten the local one, never loosen it.
+    local_veto: bool = False
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -83,26 +91,40 @@ class Agent:
         self.gate = gate
         self.listener = listener
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir)
+        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir, tls=config.tls)
+        self.transfer_ssl = config.store_tls.ssl_context() if config.store_tls is not None else None
         self.base_fingerprint = model_fingerprint(config.base_model_dir)
         self.job: LocalJob | None = LocalJob.load(config.work_dir)
         self.proc: TrainingProcess | None = None
         self.pausing = False
         self.next_heartbeat = 0.0
         self.next_lease = 0.0
+        self.completion = handin.Completion()
         self.last_progress_report = 0.0
         self.eligibility: Eligibility | None = None
         self.reading: SensorReading | None = None
-        self.runtime: Any = None  # agent.inference.RuntimeHost, started on first use
-        self.active_adapter_id = ""
-        # Adapters this device refused (bad base, bad bytes): not fetched again on every heartbeat.
-        self.refused: set[str] = set()
+        self.adapters = AdapterSwitcher(
+            self.client,
+            config.work_dir,
+            config.base_model_dir,
+            self.base_fingerprint,
+            self._emit,
+            torch_threads=config.torch_threads,
+            ssl_context=self.transfer_ssl,
+        )
+        self.fleet_gate = FleetGate(gate, veto=config.local_veto)
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
-            # Restarted mid-job: resume from the checkpoint once the gate allows.
-            self.job.state = JobState.PAUSED
+            # Restarted mid-job: resume from the checkpoint once the gate allows, or, when the
+            # adapter was already uploaded, ask again for it to be completed.
+            self.job.state = JobState.UPLOADING if self.job.uploaded_sha256 else JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
+
+    @property
+    def runtime(self) -> Any:
+        """The inference runtime child (None until the first adapter switch)."""
+        return self.adapters.runtime
 
     # ------------------------------------------------------------------ plumbing
     def _emit(self, kind: str, **data: Any) -> None:
@@ -180,8 +202,7 @@ class Agent:
     def shutdown(self) -> None:
         """Stop children: training checkpoints and exits (it resumes on the next start)."""
         self._stop_training(checkpoint=True)
-        if self.runtime is not None:
-            self.runtime.close()
+        self.adapters.close()
         self.client.close()
 
     def _stop_training(self, *, checkpoint: bool) -> None:
@@ -212,6 +233,9 @@ class Agent:
             self._lease()
         if time.monotonic() >= self.next_heartbeat:
             self._heartbeat()
+        if self.cfg.rotate_credential_after_s and self.client.credential_age_s >= self.cfg.rotate_credential_after_s:
+            self.client.rotate_credential()
+            self._emit("credential_rotated")
 
     def _drain_events(self) -> None:
         with self._events_lock:
@@ -220,18 +244,8 @@ class Agent:
             if ev.get("event") == "progress" and self.job is not None:
                 self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
                 self._emit("progress", job_id=self.job.job_id, **self.job.progress)
-            elif ev.get("event") in ("plan", "checkpoint", "resumed"):
+            elif ev.get("event") in ("plan", "checkpoint", "resumed", "evaluated"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
-
-    def _progress_pb(self) -> tpb.JobProgress:
-        p = self.job.progress if self.job else {}
-        return tpb.JobProgress(
-            step=int(p.get("step", 0)),
-            total_steps=int(p.get("total_steps", 0)),
-            epoch=int(p.get("epoch", 0)),
-            loss=float(p.get("loss", 0.0) or 0.0),
-            tokens_seen=int(p.get("tokens_seen", 0)),
-        )
 
     def _report(
         self, state: JobState, pause_reason: EligibilityReason | None = None
@@ -240,7 +254,7 @@ class Agent:
         assert self.job is not None
         try:
             reply = self.client.report_progress(
-                self.job.job_id, self.job.lease_epoch, state, self._progress_pb(), pause_reason
+                self.job.job_id, self.job.lease_epoch, state, progress_pb(self.job.progress), pause_reason
             )
         except Gone as exc:
             self._abandon(f"orchestrator refused the report: {exc.details}", keep_folder=True)
@@ -268,22 +282,14 @@ class Agent:
         if not reply.HasField("assignment"):
             return
         a = reply.assignment
-        from google.protobuf import json_format
-
-        training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
-        self.job = LocalJob(
-            a.job_id,
-            a.lease_epoch,
-            a.attempt,
-            training,
-            state=JobState.LEASED,
-            upload_url=a.upload_url,
-            dataset_url=a.dataset_url,
-        )
+        try:
+            self.job = LocalJob.from_assignment(a)
+        except UntrustedId as exc:  # its id would name a folder: never used
+            self._emit("assignment_refused", reason=str(exc))
+            return
         self.job.save(self.cfg.work_dir)
-        self._emit(
-            "leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name")
-        )
+        adapter = self.job.training.get("adapter_name")
+        self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=adapter)
         self._start_training()
 
     def _start_training(self) -> None:
@@ -297,7 +303,7 @@ class Agent:
                     f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
                 )
             if self.job.training.get("dataset_object"):
-                dataset = fetch_shipped_dataset(self.job, job_dir)
+                dataset = fetch_shipped_dataset(self.job, job_dir, ssl_context=self.transfer_ssl)
             else:
                 dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
             spec = training_spec(
@@ -317,6 +323,10 @@ class Agent:
 
     def _drive_job(self, elig: Eligibility) -> None:
         assert self.job is not None
+        if self.job.uploaded_sha256:
+            if self.completion.due():
+                self._complete()
+            return
         if self.job.state == JobState.PAUSED and self.proc is None:
             if elig.eligible:
                 self._emit("resuming", job_id=self.job.job_id)
@@ -364,31 +374,43 @@ class Agent:
             return
         job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
         try:
-            blob, info = pack_output(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id)
-            upload_to_url(reply.upload_url or self.job.upload_url, blob)
+            handin.upload(
+                self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id, reply, ssl_context=self.transfer_ssl
+            )
         except (StoreError, OSError, KeyError, ValueError) as exc:
             self._fail(ErrorClass.UPLOAD_FAILED, f"upload failed: {exc}")
             return
-        self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
-        metrics = {
-            "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
-            "steps": float(self.job.progress.get("step", 0)),
-        }
+        self.job.save(self.cfg.work_dir)
+        self._emit("uploaded", job_id=self.job.job_id, sha256=self.job.uploaded_sha256, size=self.job.uploaded_size)
+        self.completion.reset()
+        self._complete()
+
+    def _complete(self) -> None:
+        """CompleteJob for the uploaded adapter; "not now" is retried (handin.Completion)."""
+        assert self.job is not None
         try:
-            done = self.client.complete_job(self.job.job_id, self.job.lease_epoch, info.sha256, info.size, metrics)
+            done = self.completion.call(self.client, self.job, LocalJob.folder(self.cfg.work_dir, self.job.job_id))
         except Gone as exc:
             self._abandon(f"completion refused: {exc.details}", keep_folder=False)
             return
-        self._emit(
-            "completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version
-        )
-        LocalJob.forget(self.cfg.work_dir, self.job.job_id)
+        except Invalid as exc:
+            self._fail(ErrorClass.UPLOAD_FAILED, f"completion refused: {exc.details}")
+            return
+        job_id = self.job.job_id
+        if done is None:
+            self._emit(
+                "complete_retry", job_id=job_id, reason=self.completion.last_reason, retry_in_s=self.completion.delay
+            )
+            return
+        self._emit("completed", job_id=job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version)
+        LocalJob.forget(self.cfg.work_dir, job_id)
         self.job = None
         self.next_lease = time.monotonic() + 1.0
 
     def _fail(self, error: ErrorClass, message: str) -> None:
         assert self.job is not None
         retry = False
+        message = public_message(message)  # no local paths or tracebacks leave the device
         with contextlib.suppress(Gone):  # the job moved on without us: nothing left to report
             retry = self.client.fail_job(self.job.job_id, self.job.lease_epoch, error, message).will_retry
         self._emit("failed", job_id=self.job.job_id, error_class=error.value, message=message, will_retry=retry)
@@ -399,102 +421,31 @@ class Agent:
 
     # ------------------------------------------------------------------ heartbeat and adapters
     def _heartbeat(self) -> None:
-        r, elig = self.reading, self.eligibility
-        assert r is not None and elig is not None
-        power = tpb.PowerState(has_battery=bool(r.has_battery))
-        if r.charging is not None:
-            power.charging = r.charging
-        if r.battery_pct is not None:
-            power.battery_pct = r.battery_pct
-        if r.temperature_c is not None:
-            power.temperature_c = r.temperature_c
-        req = pb.HeartbeatRequest(
-            device_id=self.cfg.device_id,
-            power=power,
-            eligible=elig.eligible,
-            eligibility_reason=wire.to_pb(elig.reason),  # type: ignore[arg-type]
-            eligibility_detail=elig.detail,
-            active_adapter_id=self.active_adapter_id,
-            free_storage_bytes=r.free_storage_bytes or 0,
+        assert self.reading is not None and self.eligibility is not None
+        running = self.job if self.job is not None and self.job.state in _REPORTED else None
+        req = heartbeat_request(
+            self.cfg.device_id,
+            self.reading,
+            self.eligibility,
+            self.adapters.active_adapter_id,
+            running,
+            self.adapters.refused,
         )
-        if self.job is not None and self.job.state in _REPORTED:
-            req.running.CopyFrom(
-                pb.RunningJob(
-                    job_id=self.job.job_id,
-                    lease_epoch=self.job.lease_epoch,
-                    state=wire.to_pb(self.job.state),  # type: ignore[arg-type]
-                    progress=self._progress_pb(),
-                )
-            )
         reply = self.client.heartbeat(req)
         wait = reply.next_poll_after.ToNanoseconds() / 1e9
         self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        fleet = fleet_fields(reply.gate_policy if reply.HasField("gate_policy") else None)
+        changed = self.fleet_gate.apply(fleet, list(reply.gate_policy_names))
+        if changed:
+            self._emit("gate_policy", detail=changed, **fleet)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled by an operator", keep_folder=False)
         elif self.job is not None and self.job.job_id in reply.stale_job_ids:
             # The lease expired or moved on: the job may come back here, and then it resumes
             # from the checkpoint kept in its folder (as on a refused ReportProgress).
             self._abandon("no longer leased to this device", keep_folder=True)
-        desired = reply.desired_adapter.adapter_id if reply.HasField("desired_adapter") else ""
-        if desired != self.active_adapter_id and desired not in self.refused and self.cfg.serve_adapters:
-            self._switch_adapter(reply.desired_adapter if desired else None)
-
-    def _switch_adapter(self, ref: pb.AdapterRef | None) -> None:
-        """Download, verify, load and activate the desired adapter (or go back to the base)."""
-        from agent.inference import RuntimeHost, RuntimeHostError
-
-        if self.runtime is None:
-            self.runtime = RuntimeHost(self.cfg.base_model_dir, torch_threads=self.cfg.torch_threads)
-        if ref is None:
-            self.runtime.activate(None)
-            previous, self.active_adapter_id = self.active_adapter_id, ""
-            self._emit("adapter_active", adapter_id="")
-            self._unload(previous)
-            return
-        if ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
-            self._refuse(ref.adapter_id, "base fingerprint differs from this device's base model")
-            return
-        adapters_dir = self.cfg.work_dir / "adapters"
-        target = adapters_dir / ref.adapter_id
-        if not self.runtime.has(ref.adapter_id):
-            got = self.client.adapter_download_url(ref.adapter_id)
-            from adapters_store import unpack_adapter
-
-            blob = adapters_dir / f"{ref.adapter_id}.safetensors"
-            adapters_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                download_from_url(got.url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
-                unpack_adapter(blob, target)
-            except TransferError as exc:
-                self._emit("adapter_download_failed", adapter_id=ref.adapter_id, reason=str(exc))  # retried
-                return
-            except StoreError as exc:  # bad bytes or not an adapter: never load it
-                self._refuse(ref.adapter_id, str(exc))
-                return
-            finally:
-                blob.unlink(missing_ok=True)
-            try:
-                self.runtime.load(ref.adapter_id, target)
-            except RuntimeHostError as exc:
-                self._refuse(ref.adapter_id, str(exc))
-                return
-        self.runtime.activate(ref.adapter_id)
-        previous, self.active_adapter_id = self.active_adapter_id, ref.adapter_id
-        self._emit("adapter_active", adapter_id=ref.adapter_id, name=ref.name, version=ref.version)
-        self._unload(previous)
-
-    def _unload(self, adapter_id: str) -> None:
-        """Free the adapter that was active before (requests pinned to it finish first)."""
-        from agent.inference import RuntimeHostError
-
-        if not adapter_id or self.runtime is None:
-            return
-        try:
-            self.runtime.unload(adapter_id)
-        except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
-            log.info("unload of %s: %s", adapter_id, exc)
-        shutil.rmtree(self.cfg.work_dir / "adapters" / adapter_id, ignore_errors=True)
-
-    def _refuse(self, adapter_id: str, reason: str) -> None:
-        self.refused.add(adapter_id)
-        self._emit("adapter_refused", adapter_id=adapter_id, reason=reason)
+        if self.cfg.serve_adapters:
+            refused = len(self.adapters.refused)
+            self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)
+            if len(self.adapters.refused) != refused:
+                self.next_heartbeat = 0.0  # tell the orchestrator now: a rollout may be waiting on it

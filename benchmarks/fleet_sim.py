@@ -25,8 +25,10 @@ ratio of the two jobs_per_s figures.
 
 Asserts every job ends SUCCEEDED or FAILED within its attempt limit, none lost, none completed
 twice (by acknowledgements and by registered adapter versions). Then measures campaign fan-out:
-one SubmitCampaign to 10,000 devices seeded through the state store. Prints a table, then one
-JSON line (the last line).
+one SubmitCampaign to 10,000 devices seeded through the state store. With --campaign, then runs
+the campaign and staged-rollout simulation of campaign_sim.py (late enrollees, a rollout, an
+injected bad adapter) over --agents devices and adds its fields; --campaign-only runs just that.
+Prints a table, then one JSON line (the last line).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import collections
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -50,184 +51,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
-    ENROLL_TOKEN,
+    ONE_PEER_FLEET,
     OPERATOR_TOKEN,
     ROOT,
     start_ray_deployment,
     start_server_process,
     stop_process,
 )
-
-LEASE_S = 5.0
-VANISH_SHARE = 0.08
-TRANSIENT_SHARE = 0.02
-CHARGE_PERIOD_S = 8.0
-CHARGE_SHARE = 0.75
-IDLE_POLL_MAX_S = 5.0
-
-
-# ----------------------------------------------------------------------------- agents process
-async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int, train_s: float) -> dict[str, Any]:
-    import grpc
-
-    from adapters_store import upload_to_url
-    from protos.pocketlora.v1 import agent_service_pb2 as apb
-    from protos.pocketlora.v1 import agent_service_pb2_grpc
-    from protos.pocketlora.v1 import types_pb2 as tpb
-    from tests.support.orch import fake_adapter_blob
-
-    rng = random.Random(seed_)
-    channel = grpc.aio.insecure_channel(address)
-    stub = agent_service_pb2_grpc.AgentServiceStub(channel)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    stats: dict[str, Any] = {
-        "completed": [],
-        "fenced": 0,
-        "vanished": 0,
-        "transient": 0,
-        "paused": 0,
-        "errors": 0,
-        "refused": collections.Counter(),
-    }
-    caps = tpb.Capabilities(base_model_id="tiny", supports_4bit=True, ram_bytes=8 * 2**30)
-
-    async def agent(n: int) -> None:
-        device_id = f"sim-{n:05d}"
-        phase = rng.uniform(0, CHARGE_PERIOD_S)
-        vanish = rng.random() < VANISH_SHARE
-        for attempt in range(20):
-            try:
-                reply = await stub.Enroll(
-                    apb.EnrollRequest(device_id=device_id, capabilities=caps),
-                    metadata=(("authorization", f"Bearer {ENROLL_TOKEN}"),),
-                    timeout=60,
-                )
-                break
-            except grpc.aio.AioRpcError as exc:
-                # 2,000 agents enrolling at once on 2 cores: back off and retry like a real agent.
-                stats["refused"][f"enroll:{exc.code().name}"] += 1
-                await asyncio.sleep(rng.uniform(0.5, 2.0) * (attempt + 1))
-        else:
-            raise RuntimeError(f"{device_id} could not enroll")
-        md = (("authorization", f"Bearer {reply.device_credential}"), ("x-pocketlora-device", device_id))
-        enrolled.append(device_id)
-
-        def charging() -> bool:
-            return ((time.monotonic() + phase) % CHARGE_PERIOD_S) < CHARGE_PERIOD_S * CHARGE_SHARE
-
-        async def report(job_id: str, epoch: int, state: int) -> Any:
-            return await stub.ReportProgress(
-                apb.ReportProgressRequest(job_id=job_id, lease_epoch=epoch, state=state), metadata=md, timeout=30
-            )
-
-        while not stop.is_set():
-            try:
-                if not charging():
-                    hb = await stub.Heartbeat(
-                        apb.HeartbeatRequest(
-                            device_id=device_id, eligible=False, eligibility_reason=tpb.ELIGIBILITY_REASON_NOT_CHARGING
-                        ),
-                        metadata=md,
-                        timeout=30,
-                    )
-                    # Pace steering, as the real agent obeys it (capped: a sim has short windows).
-                    wait = hb.next_poll_after.seconds + hb.next_poll_after.nanos / 1e9
-                    await asyncio.sleep(min(wait, IDLE_POLL_MAX_S) * rng.uniform(0.5, 1.0))
-                    continue
-                lease = await stub.LeaseJob(apb.LeaseJobRequest(device_id=device_id), metadata=md, timeout=30)
-                if not lease.HasField("assignment"):
-                    wait = lease.next_poll_after.seconds + lease.next_poll_after.nanos / 1e9
-                    await asyncio.sleep(min(wait, IDLE_POLL_MAX_S) * rng.uniform(0.5, 1.0))
-                    continue
-                a = lease.assignment
-                await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_RUNNING)
-                if vanish:
-                    # The agent process dies mid-job; the device comes back later as a new
-                    # incarnation that still remembers the old lease and tries to report on it.
-                    vanish = False
-                    stats["vanished"] += 1
-                    await asyncio.sleep(LEASE_S * 2 + rng.uniform(0, 2))
-                    try:
-                        await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_RUNNING)
-                    except grpc.aio.AioRpcError as exc:
-                        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                            stats["fenced"] += 1
-                    continue
-                trained = 0.0
-                paused = False
-                while trained < train_s:
-                    if charging():
-                        if paused:
-                            await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_RUNNING)
-                            paused = False
-                        step = min(0.5, train_s - trained)
-                        await asyncio.sleep(step)
-                        trained += step
-                    else:
-                        if not paused:
-                            stats["paused"] += 1
-                            paused = True
-                        await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_PAUSED)  # renews the lease
-                        await asyncio.sleep(LEASE_S / 3)
-                if rng.random() < TRANSIENT_SHARE:
-                    stats["transient"] += 1
-                    await stub.FailJob(
-                        apb.FailJobRequest(
-                            job_id=a.job_id,
-                            lease_epoch=a.lease_epoch,
-                            error_class=tpb.ERROR_CLASS_TRANSIENT,
-                            message="simulated",
-                        ),
-                        metadata=md,
-                        timeout=30,
-                    )
-                    continue
-                up = await report(a.job_id, a.lease_epoch, tpb.JOB_STATE_UPLOADING)
-                blob, info = await asyncio.to_thread(
-                    fake_adapter_blob, tmp, device_id=device_id, job_id=a.job_id, attempt=a.attempt
-                )
-                await asyncio.to_thread(upload_to_url, up.upload_url or a.upload_url, blob)
-                blob.unlink()
-                await stub.CompleteJob(
-                    apb.CompleteJobRequest(
-                        job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
-                    ),
-                    metadata=md,
-                    timeout=60,
-                )
-                stats["completed"].append([a.job_id, a.attempt])
-            except grpc.aio.AioRpcError as exc:
-                # A refused report (a lease lost while the machine was slow) is the fencing
-                # working; the agent drops the job and polls again.
-                stats["refused"][exc.code().name] += 1
-                await asyncio.sleep(1.0)
-            except Exception:
-                stats["errors"] += 1
-                await asyncio.sleep(1.0)
-
-    enrolled: list[str] = []
-    tasks = [asyncio.create_task(agent(n)) for n in range(first, first + count)]
-    while len(enrolled) < count:
-        await asyncio.sleep(0.2)
-        if any(t.done() for t in tasks):
-            break
-    if len(enrolled) < count:
-        failed = next(t for t in tasks if t.done())
-        raise RuntimeError(f"enrollment failed: {failed.exception()!r}")
-    print(json.dumps({"enrolled": len(enrolled)}), flush=True)
-    await stop.wait()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await channel.close()
-    stats["refused"] = dict(stats["refused"])
-    return stats
-
-
-def agents_main(address: str, first: int, count: int, tmp: str, seed_: int, train_s: float) -> None:
-    stats = asyncio.run(run_agents(address, first, count, Path(tmp), seed_, train_s))
-    print(json.dumps(stats), flush=True)
+from benchmarks.fleet_agents import LEASE_S
 
 
 # ----------------------------------------------------------------------------- driver
@@ -341,7 +172,9 @@ def start_orchestrator(args: argparse.Namespace, tmp: Path, stack: contextlib.Ex
     """The server under test: (process, address, db URL)."""
     if not args.ray_address:
         db_url = args.db or f"sqlite:///{tmp / 'state.db'}"
-        server, address = start_server_process(db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5)
+        server, address = start_server_process(
+            db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5, **ONE_PEER_FLEET
+        )
         return server, address, db_url
     db_url = args.db
     if not db_url:
@@ -349,7 +182,14 @@ def start_orchestrator(args: argparse.Namespace, tmp: Path, stack: contextlib.Ex
 
         db_url = stack.enter_context(PostgresServer()).create_database()
     server, address, args.nodes = start_ray_deployment(
-        args.ray_address, db_url, tmp, args.replicas, lease_s=LEASE_S, retry_base_s=0.5, reap_interval_s=0.5
+        args.ray_address,
+        db_url,
+        tmp,
+        args.replicas,
+        lease_s=LEASE_S,
+        retry_base_s=0.5,
+        reap_interval_s=0.5,
+        **ONE_PEER_FLEET,
     )
     return server, address, db_url
 
@@ -366,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=0, help="give up waiting for jobs after this")
     parser.add_argument("--ray-address", default="", help="deploy the orchestrator on this Ray cluster")
     parser.add_argument("--replicas", type=int, default=2, help="front ends on the Ray cluster")
+    parser.add_argument("--campaign", action="store_true", help="then the campaign and rollout simulation")
+    parser.add_argument("--campaign-only", action="store_true", help="only the campaign and rollout simulation")
     args = parser.parse_args(argv)
+    if args.campaign_only:
+        return campaign_phase(args, {})
     baseline = single_process_baseline(sys.argv[1:] if argv is None else argv) if args.ray_address else {}
     agents = args.agents or (200 if args.quick else 2_000)
     jobs = args.jobs or (400 if args.quick else 5_000)
@@ -390,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             cmd = [
                 sys.executable,
-                str(Path(__file__).resolve()),
-                "agents",
+                str(Path(__file__).resolve().with_name("fleet_agents.py")),
                 address,
                 str(first),
                 str(count),
@@ -505,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         *(("baseline_jobs_per_s", "jobs_per_s_ratio") if baseline else ()),
     ):
         print(f"  {key:<20}{result[key]}")
-    print(json.dumps(result))
     ok = (
         result["lost"] == 0
         and result["double_completed"] == 0
@@ -513,12 +355,25 @@ def main(argv: list[str] | None = None) -> int:
         and result["succeeded_without_adapter"] == 0
         and result["succeeded"] + result["failed"] == result["jobs"]
     )
+    if args.campaign:
+        return campaign_phase(args, result, ok)
+    print(json.dumps(result))
     return 0 if ok else 1
 
 
+def campaign_phase(args: argparse.Namespace, result: dict[str, Any], ok: bool = True) -> int:
+    """The campaign and staged-rollout simulation (campaign_sim.py), its fields added to result."""
+    from benchmarks import campaign_sim
+
+    devices = args.agents or (200 if args.quick else 2_000)
+    got = campaign_sim.run_campaign_sim(devices, 0.25, args.procs, args.train_s, args.timeout_s or 900)
+    print(f"campaign simulation: {devices:,} devices ({got['late_devices']:,} enrolling late)")
+    for key in ("campaign_jobs", "late_enrollees_served", "rollout_steps", "rollout_halted", "rolled_back_devices"):
+        print(f"  {key:<22}{got[key]}")
+    result.update({k if k not in result else f"campaign_{k}": v for k, v in got.items()})
+    print(json.dumps(result))
+    return 0 if ok and campaign_sim.ok(got) else 1
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "agents":
-        a = sys.argv[2:]
-        agents_main(a[0], int(a[1]), int(a[2]), a[3], int(a[4]), float(a[5]))
-    else:
-        raise SystemExit(main())
+    raise SystemExit(main())

@@ -77,7 +77,7 @@ def resolve_base(tiny: bool, workdir: Path) -> tuple[Path, str, bool]:
 
 
 def make_adapter(base: Path, out: Path, fingerprint: str) -> Path:
-    """Save a random-init LoRA r=8 on q_proj/v_proj (the PLATFORM.md setup) with a manifest."""
+    """Save a random-init LoRA r=8 on q_proj/v_proj with a manifest."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

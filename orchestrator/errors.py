@@ -6,15 +6,25 @@ OrchestratorError
 ├── AlreadyExists        a conflicting create
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
-└── PermissionDenied     a valid caller acting on what is not theirs
+├── PermissionDenied     a valid caller acting on what is not theirs
+├── ResourceExhausted    the caller is over one of its limits (too many calls, a watch that
+│                        fell behind): retry later
+└── Unavailable          a dependency (the adapter store, the verification task) is down, or
+                         the server is stopping: nothing was decided, the caller should retry
+                         the same call later (maybe elsewhere)
+
+Every error pickles to the same class and fields (PortableError), so it crosses Ray task and
+actor boundaries intact.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+from adapters_store.errors import PortableError
 
-class OrchestratorError(Exception):
+
+class OrchestratorError(PortableError):
     """Base of every error the orchestrator reports to a caller."""
 
 
@@ -44,6 +54,15 @@ class Unauthenticated(OrchestratorError):
 
 class PermissionDenied(OrchestratorError):
     """The caller may not do this."""
+
+
+class ResourceExhausted(OrchestratorError):
+    """The caller is over one of its limits; it may retry later."""
+
+
+class Unavailable(OrchestratorError):
+    """Something the call needs is down for now, or the server is stopping; the same call may
+    succeed later, maybe on another replica."""
 
 
 T = TypeVar("T")

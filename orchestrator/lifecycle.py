@@ -14,16 +14,18 @@ JobRecord (domain.py); this module decides which transition applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
-from adapters_store.errors import AdapterFormatError
+from adapters_store import BlobStore, IntegrityError, UploadTarget, upload_key, verify_and_promote
+from adapters_store.errors import AdapterFormatError, StoreUnavailable
+from orchestrator import metrics as telemetry  # `metrics` is also CompleteJob's reported metrics
 from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
-from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from orchestrator.gate_policies import GatePolicies
 from orchestrator.identity import DeviceCall, Identity, require_device
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
@@ -35,6 +37,9 @@ Verifier = Callable[[BlobStore, str, str, int], tuple[str, int, str, dict[str, A
 
 # Fleet size and queue depth steer the pace; counting them on every poll would cost a scan.
 _FLEET_STATS_S = 5.0
+# Refusals a heartbeat may carry (the agent reports its most recent ones).
+MAX_REFUSALS = 32
+_INT64_MAX = 2**63 - 1
 
 
 def local_verifier(store: BlobStore, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
@@ -57,6 +62,7 @@ class HeartbeatInput:
     progress: Progress | None = None
     active_adapter_id: str = ""
     free_storage_bytes: int = 0
+    adapter_refusals: dict[str, str] = field(default_factory=dict)  # adapter id -> why
 
 
 @dataclass
@@ -68,6 +74,8 @@ class HeartbeatResult:
     lease_expires_at: float
     next_poll_s: float
     stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
+    gate_policy: dict[str, Any] = field(default_factory=dict)  # the fleet's thresholds for it
+    gate_policy_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,6 +87,7 @@ class LeaseResult:
     upload_url_expires_at: float
     dataset_url: str
     next_poll_s: float
+    upload_fields: Mapping[str, str] = field(default_factory=dict)  # a POST form when set
 
 
 @dataclass
@@ -89,6 +98,7 @@ class ProgressResult:
     cancel_requested: bool
     upload_url: str = ""
     upload_url_expires_at: float = 0.0
+    upload_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class FleetStats:
@@ -125,6 +135,7 @@ class JobLifecycle:
         identity: Identity,
         clock: Callable[[], float],
         verifier: Verifier = local_verifier,
+        policies: GatePolicies | None = None,
     ) -> None:
         self.state = state
         self.blobs = blobs
@@ -132,6 +143,7 @@ class JobLifecycle:
         self.identity = identity
         self.clock = clock
         self.verifier = verifier
+        self.policies = policies or GatePolicies(state, config, clock)
         self.fleet = FleetStats(clock)
 
     def pace(self, *, running: bool) -> float:
@@ -154,14 +166,16 @@ class JobLifecycle:
         now = self.clock()
         with self.state.transaction() as tx:
             device = tx.get_device(call.device_id)
-            self.identity.check(call, device)
+            self.identity.check(call, device, tx)
             validate_heartbeat(hb)
             device = require_device(device, call.device_id)
             cancel, stale, lease_expires_at = self._renew_running(tx, device.device_id, hb, now)
             record_device_report(tx, device, hb, now, self.config.last_seen_write_s)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
+            policy, names = self.policies.for_device(tx, device)
             self.fleet.read(tx)
-        return HeartbeatResult(cancel, desired, lease_expires_at, self.pace(running=bool(hb.running_job_id)), stale)
+        pace = self.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, lease_expires_at, pace, stale, policy, names)
 
     def _renew_running(
         self, tx: Tx, device_id: str, hb: HeartbeatInput, now: float
@@ -175,6 +189,7 @@ class JobLifecycle:
         if job.state == JobState.CANCELLED:
             return [hb.running_job_id], [], 0.0
         if not job.state.leased or job.lease_epoch != hb.running_epoch:
+            telemetry.fenced_report("heartbeat")
             return [], [hb.running_job_id], 0.0
         if hb.running_state is not None and hb.running_state != job.state:
             job.move(hb.running_state, now, hb.eligibility_reason)
@@ -191,7 +206,7 @@ class JobLifecycle:
             # Read without a lock: placement only needs the capabilities, and a poll that finds
             # nothing stays a read-only transaction.
             device = tx.get_device(call.device_id)
-            self.identity.check(call, device)
+            self.identity.check(call, device, tx)
             device = require_device(device, call.device_id)
             chosen = claim_fitting_job(tx, device, now)
             if chosen is not None:
@@ -210,15 +225,17 @@ class JobLifecycle:
         """The reply for a lease decision: presigned URLs for a leased job, and the pace."""
         if job is None:
             return LeaseResult(None, "", 0.0, "", self.pace(running=False))
-        upload_url, upload_exp = self._upload_url(job, now)
+        upload, upload_exp = self._upload_target(job, now)
         shipped = job.training.get("dataset_object", "")
         dataset_url = self.blobs.presign_get(shipped, int(self.config.lease_s)) if shipped else ""
-        return LeaseResult(job, upload_url, upload_exp, dataset_url, self.pace(running=True))
+        return LeaseResult(job, upload.url, upload_exp, dataset_url, self.pace(running=True), upload.fields)
 
-    def _upload_url(self, job: JobRecord, now: float) -> tuple[str, float]:
-        # Scoped to this job's attempt key and no longer-lived than its lease.
+    def _upload_target(self, job: JobRecord, now: float) -> tuple[UploadTarget, float]:
+        # Scoped to this job's attempt key, capped in size, and no longer-lived than its lease.
         ttl = int(min(self.config.upload_url_s, self.config.lease_s))
-        return self.blobs.presign_put(upload_key(job.job_id, job.attempt), ttl), now + ttl
+        with telemetry.blob_operation("presign_put"):
+            target = self.blobs.presign_upload(upload_key(job.job_id, job.attempt), ttl, self.config.max_adapter_bytes)
+        return target, now + ttl
 
     # ------------------------------------------------------------------ reports
     def report_progress(
@@ -241,7 +258,8 @@ class JobLifecycle:
             tx.save_job(job)
         result = ProgressResult(job.lease_expires_at, cancel_requested=False)
         if state == JobState.UPLOADING:
-            result.upload_url, result.upload_url_expires_at = self._upload_url(job, now)
+            upload, result.upload_url_expires_at = self._upload_target(job, now)
+            result.upload_url, result.upload_fields = upload.url, upload.fields
         return result
 
     def complete(
@@ -251,23 +269,40 @@ class JobLifecycle:
 
         The blob is read back and checked outside any transaction (it can take a while); the
         lease is checked before and again after, so a job re-leased meanwhile is never completed
-        by its old holder.
+        by its old holder. Idempotent: a retry of a completion that already succeeded (same
+        lease, same sha256 and size) returns the same adapter. A store outage answers
+        Unavailable and changes nothing, so the device can retry the same call.
         """
         with self.state.transaction() as tx:
             self.identity.admit(call, tx)
             validation.sha256_hex(sha256)
-            if size <= 0:
-                raise InvalidArgument("size_bytes", "must be positive")
-            attempt = self._own(tx, call.device_id, job_id, epoch).attempt
+            if not 0 < size <= self.config.max_adapter_bytes:
+                raise InvalidArgument("size_bytes", f"must be between 1 and {self.config.max_adapter_bytes}")
+            validation.object_id(job_id, "job_id")
+            job = tx.get_job(job_id)
+            done = completed_before(tx, job, call.device_id, epoch, sha256, size)
+            if done is not None:
+                return done
+            attempt = own_job(job, call.device_id, job_id, epoch).attempt
         try:
-            sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
+            with telemetry.blob_operation("verify"):
+                sha, real_size, blob_key, manifest = self.verifier(
+                    self.blobs, upload_key(job_id, attempt), sha256, size
+                )
         except (IntegrityError, AdapterFormatError) as exc:
+            telemetry.verification(exc.reason if isinstance(exc, IntegrityError) else "format")
             # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest.
             self.fail(call, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
             raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the adapter store is unavailable ({exc}); the upload is kept, retry") from exc
         now = self.clock()
         with self.state.transaction() as tx:
-            job = self._own(tx, call.device_id, job_id, epoch)
+            job = tx.get_job(job_id, for_update=True)
+            done = completed_before(tx, job, call.device_id, epoch, sha, real_size)
+            if done is not None:  # a concurrent retry recorded it first
+                return done
+            job = own_job(job, call.device_id, job_id, epoch)
             name = str(job.training.get("adapter_name", "adapter"))
             adapter = AdapterRecord(
                 adapter_id=new_id("ad"),
@@ -285,6 +320,7 @@ class JobLifecycle:
                 blob_key=blob_key,
             )
             tx.insert_adapter(adapter)
+            telemetry.verification("ok")
             job.succeed(adapter.adapter_id, now)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
@@ -299,6 +335,7 @@ class JobLifecycle:
             job.fail_attempt(error, validation.device_text(message, 500), now, self.config.retry)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
+        telemetry.attempt_failed(error.value, requeued=job.state == JobState.QUEUED)
         return job.state == JobState.QUEUED, job.state
 
     def adapter_download(self, call: DeviceCall, adapter_id: str) -> tuple[AdapterRecord, str, float]:
@@ -312,7 +349,9 @@ class JobLifecycle:
         if adapter.device_id != call.device_id:
             raise PermissionDenied(f"adapter {adapter_id} belongs to another device")
         ttl = int(self.config.download_url_s)
-        return adapter, self.blobs.presign_get(adapter.blob_key, ttl), self.clock() + ttl
+        with telemetry.blob_operation("presign_get"):
+            url = self.blobs.presign_get(adapter.blob_key, ttl)
+        return adapter, url, self.clock() + ttl
 
     def _own(self, tx: Tx, device_id: str, job_id: str, epoch: int) -> JobRecord:
         validation.object_id(job_id, "job_id")
@@ -332,6 +371,12 @@ class JobLifecycle:
                         ErrorClass.LEASE_EXPIRED, "the device stopped renewing its lease", now, self.config.retry
                     )
                 tx.save_job(job)
+        for job in jobs:  # counted once committed
+            if job.last_error_class == ErrorClass.DEADLINE_EXCEEDED.value:
+                telemetry.deadline_missed()
+            else:
+                telemetry.lease_expired()
+                telemetry.attempt_failed(ErrorClass.LEASE_EXPIRED.value, requeued=job.state == JobState.QUEUED)
         return len(jobs)
 
 
@@ -344,11 +389,22 @@ def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> J
     if job.state == JobState.CANCELLED:
         raise FailedPrecondition(f"job {job_id} was cancelled")
     if not job.state.leased or job.lease_epoch != epoch:
+        telemetry.fenced_report("report")
         raise FailedPrecondition(
             f"stale lease on job {job_id}: epoch {epoch} is not the current lease "
             f"(epoch {job.lease_epoch}, state {job.state.value})"
         )
     return job
+
+
+def completed_before(
+    tx: Tx, job: JobRecord | None, device_id: str, epoch: int, sha256: str, size: int
+) -> AdapterRecord | None:
+    """The adapter an earlier CompleteJob of this very lease registered for these bytes, if any."""
+    if job is None or (job.state, job.device_id, job.lease_epoch) != (JobState.SUCCEEDED, device_id, epoch):
+        return None
+    adapter = tx.get_adapter(job.adapter_id) if job.adapter_id else None
+    return adapter if adapter is not None and (adapter.sha256, adapter.size_bytes) == (sha256, size) else None
 
 
 def validate_heartbeat(hb: HeartbeatInput) -> None:
@@ -357,6 +413,15 @@ def validate_heartbeat(hb: HeartbeatInput) -> None:
         validation.object_id(hb.running_job_id, "running.job_id")
     validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
     hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
+    # Reports are kept, not refused: a uint64 past what the store's signed 64-bit columns hold
+    # is no real storage size or epoch, and means the same capped (an epoch that never matches).
+    hb.free_storage_bytes = min(hb.free_storage_bytes, _INT64_MAX)
+    hb.running_epoch = min(hb.running_epoch, _INT64_MAX)
+    if len(hb.adapter_refusals) > MAX_REFUSALS:
+        raise InvalidArgument("adapter_refusals", f"{len(hb.adapter_refusals)} entries, above {MAX_REFUSALS}")
+    for adapter_id in hb.adapter_refusals:
+        validation.object_id(adapter_id, "adapter_refusals.adapter_id")
+    hb.adapter_refusals = {k: validation.device_text(v, 300) for k, v in hb.adapter_refusals.items()}
 
 
 def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:
@@ -401,6 +466,7 @@ def record_device_report(
         "eligibility_detail": hb.eligibility_detail,
         "active_adapter_id": hb.active_adapter_id,
         "running_job_id": hb.running_job_id,
+        "adapter_refusals": hb.adapter_refusals,
     }
     values = {k: v for k, v in fields.items() if getattr(device, k) != v}
     storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")

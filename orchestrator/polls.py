@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
-from orchestrator.domain import Progress
+from orchestrator import metrics
+from orchestrator.domain import DeviceRecord, JobState, Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
-from orchestrator.identity import DeviceCall, hash_secret, require_device
+from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
 from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
 from orchestrator.state.base import StateStore
 from orchestrator.state.pg_functions import ILLEGAL_TRANSITION
@@ -91,14 +93,79 @@ class InlinePolls(PollRunner):
 # heartbeat from a caller not yet authenticated.
 
 _EMPTY_PROGRESS = progress_json(Progress())
-_LEASE = "SELECT outcome, job_json FROM pocketlora_lease(%s, %s, %s, %s, %s, %s)"
-_HEARTBEAT = (
-    "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
-    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+# Outcomes the Python path decides: a job that may not fit (placement records why), and a
+# credential the function does not know (wrong, revoked, or a rotated one on its first use,
+# which the Python path promotes).
+_GENERIC = ("slow", "unauthenticated")
+# Parameters are typed in the statement so that a NULL or a large number never leaves
+# PostgreSQL guessing which function is meant.
+_LEASE = (
+    "SELECT outcome, job_json FROM pocketlora_lease(%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text)"
 )
+_HEARTBEAT = (
+    "SELECT outcome, lease_expires_at, adapter_json, device_labels, device_caps FROM pocketlora_heartbeat("
+    "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
+    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint, %s::text)"
+)
+# Proto epochs are uint64; the column is signed 64-bit.
+_INT64_MAX = 2**63 - 1
 _FLEET = "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED') AS q"
-# Connections per replica: polls are single short statements, so a few keep the database busy.
-POOL_SIZE = 4
+# Connections per replica. Each poll that writes waits for its commit's WAL flush; PostgreSQL
+# flushes the commits of every backend waiting at that moment together, so more connections in
+# flight mean more polls per flush.
+POOL_SIZE = 16
+
+
+def _drop(conn: psycopg.AsyncConnection[Any] | None) -> psycopg.AsyncConnection[Any] | None:
+    """Close a connection that cannot be reused (synchronously: this may run while cancelled);
+    returns None, its replacement in the idle queue (the next taker reconnects)."""
+    if conn is not None:
+        conn.pgconn.finish()
+    return None
+
+
+class AsyncConnections:
+    """A fixed set of autocommit async connections, opened on first use in the running loop.
+
+    Leaner than a general pool (no health checks, no resizing): a poll takes an idle
+    connection, runs one statement, and gives it back; a connection that broke is replaced by
+    the next caller that gets it.
+    """
+
+    def __init__(self, url: str, size: int) -> None:
+        self.url = url
+        self.size = size
+        self._idle: asyncio.Queue[psycopg.AsyncConnection[Any] | None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """An idle connection for one statement."""
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.size):
+                self._idle.put_nowait(None)  # opened by whoever takes it first
+        conn = await self._idle.get()
+        try:
+            if conn is None or conn.closed:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            yield conn
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):  # the connection broke
+                conn = _drop(conn)
+            raise
+        except BaseException:
+            # Cancelled mid-statement (the client went away): the protocol state is unknown.
+            conn = _drop(conn)
+            raise
+        finally:
+            self._idle.put_nowait(conn)
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        while self._idle is not None and not self._idle.empty():
+            conn = self._idle.get_nowait()
+            if conn is not None:
+                await conn.close()
 
 
 class PgPolls(PollRunner):
@@ -110,25 +177,11 @@ class PgPolls(PollRunner):
         self.config = jobs.config
         self.clock = jobs.clock
         self.fallback = ThreadPolls(jobs, executor)
-        self._url = store.url
-        self._pool: AsyncConnectionPool[Any] | None = None
-        self._opening: asyncio.Lock | None = None
-
-    async def _conn_pool(self) -> AsyncConnectionPool[Any]:
-        if self._pool is None:
-            self._opening = self._opening or asyncio.Lock()
-            async with self._opening:
-                if self._pool is None:
-                    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                        self._url, min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs={"autocommit": True}, open=False
-                    )
-                    await pool.open(wait=True)
-                    self._pool = pool
-        return self._pool
+        self.executor = executor
+        self._conns = AsyncConnections(store.url, POOL_SIZE)
 
     async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
-        pool = await self._conn_pool()
-        async with pool.connection() as conn:
+        async with self._conns.connection() as conn:
             try:
                 cur = await conn.execute(sql, params)
             except psycopg.Error as exc:
@@ -143,12 +196,11 @@ class PgPolls(PollRunner):
         """None when the cache vouches for the caller; else the hash the function checks."""
         if not call.device_id or not call.credential:
             raise Unauthenticated("device id and credential metadata are required")
+        check_certificate(call.device_id, call.certified)
         return None if self.identity.vouched(call) else hash_secret(call.credential)
 
     def _admitted(self, call: DeviceCall, cred_hash: str | None, outcome: str) -> None:
         """Raise for the function's refusals; remember a credential it accepted."""
-        if outcome == "unauthenticated":
-            raise Unauthenticated(f"unknown device or wrong credential for {call.device_id!r}")
         if outcome == "no_device":
             require_device(None, call.device_id)
         if cred_hash is not None:
@@ -166,9 +218,11 @@ class PgPolls(PollRunner):
         now = self.clock()
         params = (call.device_id, cred_hash, now, self.config.lease_s, self.config.last_seen_write_s, _EMPTY_PROGRESS)
         outcome, job_json = await self._one(_LEASE, params)
-        self._admitted(call, cred_hash, outcome)
-        if outcome == "slow":
+        if outcome in _GENERIC:
             return await self.fallback.lease(call)
+        self._admitted(call, cred_hash, outcome)
+        if outcome == "leased":
+            metrics.transition(JobState.LEASED.value)
         await self._fleet()
         return self.jobs.lease_reply(row_to_job(json.loads(job_json)) if job_json else None, now)
 
@@ -188,7 +242,7 @@ class PgPolls(PollRunner):
             self.config.lease_s,
             self.config.last_seen_write_s,
             hb.running_job_id,
-            hb.running_epoch,
+            hb.running_epoch if hb.running_epoch <= _INT64_MAX else -1,  # no lease has that epoch
             hb.running_state.value if hb.running_state is not None else None,
             progress_json(hb.progress) if hb.progress is not None else None,
             hb.eligibility_reason,
@@ -197,20 +251,34 @@ class PgPolls(PollRunner):
             hb.eligibility_reason,
             hb.eligibility_detail,
             hb.active_adapter_id,
-            hb.free_storage_bytes,
+            min(hb.free_storage_bytes, _INT64_MAX),
+            json.dumps(hb.adapter_refusals, sort_keys=True),
         )
-        outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
+        outcome, expires, adapter_json, labels, caps = await self._one(_HEARTBEAT, params)
+        if outcome in _GENERIC:
+            return await self.fallback.heartbeat(call, hb)
         self._admitted(call, cred_hash, outcome)
         await self._fleet()
         desired = row_to_adapter(json.loads(adapter_json)) if adapter_json else None
         cancel = [hb.running_job_id] if outcome == "cancel" else []
         stale = [hb.running_job_id] if outcome == "stale" else []
-        return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
+        if stale:
+            metrics.fenced_report("heartbeat")
+        policy, names = await self._gate_policy(call.device_id, labels, caps)
+        pace = self.jobs.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, float(expires), pace, stale, policy, names)
+
+    async def _gate_policy(self, device_id: str, labels: str, caps: str) -> tuple[dict[str, Any], list[str]]:
+        """The fleet's gate policy for the device (policies re-read on a thread when stale)."""
+        policies = self.jobs.policies
+        if policies.stale():
+            await asyncio.get_running_loop().run_in_executor(self.executor, policies.refresh)
+        if not policies.any():
+            return {}, []
+        return policies.match(DeviceRecord(device_id, "", json.loads(caps), json.loads(labels)))
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._conns.close()
 
 
 def open_poll_runner(state: StateStore, jobs: JobLifecycle, executor: Executor) -> PollRunner:

@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pocketlora.client import OperatorClient
+from pocketlora.tls import TlsConfig, TlsConfigError, load_tls
 from protos import wire
 
 app = typer.Typer(
@@ -26,9 +27,11 @@ app = typer.Typer(
 orchestrator_app = typer.Typer(help="Run the orchestrator.", no_args_is_help=True)
 agent_app = typer.Typer(help="Run a device agent.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit, follow and cancel training jobs.", no_args_is_help=True)
-device_app = typer.Typer(help="Inspect enrolled devices.", no_args_is_help=True)
+device_app = typer.Typer(help="Inspect devices; label, reset, revoke or delete them (admin).", no_args_is_help=True)
 adapter_app = typer.Typer(help="Inspect and activate adapters.", no_args_is_help=True)
-token_app = typer.Typer(help="Issue enrollment tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Enrollment tokens for devices (admin).", no_args_is_help=True)
+operator_app = typer.Typer(help="Operators and their tokens (admin).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log of every change (admin).", no_args_is_help=True)
 for sub, name in (
     (orchestrator_app, "orchestrator"),
     (agent_app, "agent"),
@@ -36,6 +39,8 @@ for sub, name in (
     (device_app, "device"),
     (adapter_app, "adapter"),
     (token_app, "token"),
+    (operator_app, "operator"),
+    (audit_app, "audit"),
 ):
     app.add_typer(sub, name=name)
 
@@ -44,7 +49,12 @@ err = Console(stderr=True)
 
 DEFAULT_STATE_DIR = Path(".pocketlora")
 Address = Annotated[
-    str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")
+    str,
+    typer.Option(
+        "--orchestrator",
+        envvar="POCKETLORA_ORCHESTRATOR",
+        help="Orchestrator HOST:PORT (over TLS: pocketlora --tls-ca CA ..., or POCKETLORA_TLS_CA).",
+    ),
 ]
 Token = Annotated[
     str,
@@ -56,6 +66,43 @@ Token = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Client-side TLS: options of the root command for every operator command (`pocketlora --tls-ca
+# CA job list`, as docker's --tlscacert), and of `agent run`; any of them turns TLS on.
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="POCKETLORA_TLS_CA",
+        help="Use TLS; verify the orchestrator against this CA certificate (PEM).",
+        show_default=False,
+    ),
+]
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        envvar="POCKETLORA_TLS_CERT",
+        help="Use TLS; present this client certificate (PEM) for mutual TLS.",
+        show_default=False,
+    ),
+]
+TlsKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-key", envvar="POCKETLORA_TLS_KEY", help="The private key (PEM) of --tls-cert.", show_default=False
+    ),
+]
+
+
+# What the root command was given (set before any command runs; one command per process).
+_root_tls_files: dict[str, Path | None] = {}
+
+
+@app.callback()
+def client_options(tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None) -> None:
+    """PocketLoRA: on-device LoRA personalisation for fleets. The --tls-* options (or
+    POCKETLORA_TLS_*) apply to every command that calls the orchestrator."""
+    _root_tls_files.update(ca=tls_ca, cert=tls_cert, key=tls_key)
 
 
 class UserError(Exception):
@@ -79,10 +126,23 @@ def operator_token(token: str) -> str:
     )
 
 
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfig | None:
+    """The client TLS settings the --tls-* options name (None: plaintext); one line if unusable."""
+    try:
+        return load_tls(ca=ca, cert=cert, key=key)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def root_client_tls() -> TlsConfig | None:
+    """The client TLS settings given to the root command (--tls-* or POCKETLORA_TLS_*)."""
+    return client_tls(**_root_tls_files)
+
+
 def client(address: str, token: str) -> OperatorClient:
     if ":" not in address:
         raise UserError(f"--orchestrator {address!r} must be HOST:PORT")
-    return OperatorClient(address, operator_token(token))
+    return OperatorClient(address, operator_token(token), tls=root_client_tls())
 
 
 def call(address: str, token: str, method: str, request: Any) -> Any:

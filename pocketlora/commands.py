@@ -10,7 +10,18 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import UserError, agent_app, app, err, parse_kv
+from pocketlora.cli_common import (
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    UserError,
+    agent_app,
+    app,
+    client_tls,
+    err,
+    out,
+    parse_kv,
+)
 
 
 @agent_app.command("run")
@@ -38,15 +49,55 @@ def agent_run(
     temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
     temp_low: Annotated[float | None, typer.Option(help="Resume below this temperature (°C).")] = None,
     min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
+    local_veto: Annotated[
+        bool,
+        typer.Option(
+            "--local-veto",
+            help="The fleet's gate policy may tighten these thresholds but never loosen them "
+            "(without it they are defaults the fleet's operators may override).",
+        ),
+    ] = False,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    store_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificate (PEM) for https presigned URLs when the store's CA is private (default: --tls-ca).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option(help="Serve Prometheus metrics on this loopback HOST:PORT (default: off).")
+    ] = "",
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
+    from pocketlora.tls import TlsConfig, TlsConfigError, is_loopback, load_tls
 
     labels = parse_kv(label, "--label")
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    try:
+        store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if store_tls is None and tls is not None and tls.ca is not None:
+        store_tls = TlsConfig(ca=tls.ca)
+    observed = None
+    if metrics_listen:  # prometheus_client is imported only then: an idle agent stays light
+        from agent.metrics import AgentMetrics, check_loopback
+
+        observed = AgentMetrics()
+        try:
+            check_loopback(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                str(exc).removeprefix("--metrics-listen "), param_hint="--metrics-listen"
+            ) from None
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
@@ -61,6 +112,10 @@ def agent_run(
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if tls is None and not is_loopback(orchestrator.rpartition(":")[0]):
+        logging.getLogger("pocketlora.agent").warning(
+            "plaintext gRPC to %s: the device credential travels in clear (pass --tls-ca)", orchestrator
+        )
     cfg = AgentConfig(
         orchestrator=orchestrator,
         device_id=device_id,
@@ -72,12 +127,20 @@ def agent_run(
         labels=labels,
         memory_budget_mb=memory_budget_mb,
         torch_threads=torch_threads,
+        tls=tls,
+        store_tls=store_tls,
+        local_veto=local_veto,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        Agent(cfg, source, Gate(policy)).run(stop)
+        agent = Agent(cfg, source, Gate(policy), listener=observed.on_event if observed else None)
+        if observed is not None:
+            observed.agent = agent
+            observed.serve(metrics_listen)
+            out.print(f"agent metrics on http://{metrics_listen}/metrics")
+        agent.run(stop)
     except EnrollmentError as exc:
         raise UserError(str(exc)) from None
 

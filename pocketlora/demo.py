@@ -93,11 +93,15 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
         init_ray(tmp_root=ray_tmp)
         config = OrchestratorConfig(
-            lease_s=30.0, operator_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
+            lease_s=30.0, bootstrap_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
         )
-        deployment = Deployment(db_url, store_url, config)
-        address = deployment.start()[0].address
+        deployment = Deployment(db_url, store_url, config, http_listen="127.0.0.1:0")
+        endpoint = deployment.start()[0]
+    address = endpoint.address
     console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
+    # The token rides in the URL's fragment, which the browser never sends: the page keeps it.
+    http = f"http://127.0.0.1:{endpoint.http_port}"
+    console.print(f"web console: [bold]{http}/#token={operator_token}[/] (metrics: {http}/metrics)")
 
     agent_log = (work_dir / "agent.log").open("w")
     env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": enroll_token}

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, err, orchestrator_app, out
+from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, err, orchestrator_app, out, root_client_tls
 
 SUPERVISE_EVERY_S = 2.0
 # Tokens come from these variables, else from files in --state-dir (created with random values).
@@ -42,10 +42,10 @@ def _secret_file(path: Path, env: str) -> str:
     return value
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, flag: str = "--listen") -> None:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
+        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
 def _check_stores(db: str, store: str) -> None:
@@ -89,29 +89,70 @@ def serve(
         ),
     ] = "ship",
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front ends (spread over ingress nodes).")] = 1,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for /metrics, the JSON API and the web console (default: off); replica i uses PORT+i."
+        ),
+    ] = "",
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     reap_interval_s: Annotated[
         float, typer.Option(min=0.1, max=60.0, help="How often the control loop reaps expired leases.")
     ] = 1.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
+    bootstrap: Annotated[
+        bool,
+        typer.Option(
+            "--bootstrap/--no-bootstrap",
+            help="Register the bootstrap operator token (POCKETLORA_OPERATOR_TOKEN, else STATE_DIR/operator-token)"
+            " as the first admin's when no admin exists yet.",
+        ),
+    ] = True,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.", show_default=False)
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-ca",
+            help="Require client certificates signed by this CA (mutual TLS); a device's must name its id.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plaintext gRPC on a non-loopback --listen address.")
+    ] = False,
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray, supervised until stopped."""
     from orchestrator.config import OrchestratorConfig
-    from orchestrator.ray_layer import CODE_MODES, Deployment, DeploymentError, describe, health_check, init_ray
+    from orchestrator.ray_layer import CODE_MODES, Deployment, DeploymentError, describe, init_ray
+    from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
+    if http_listen:
+        _check_listen(http_listen, "--http-listen")
     if ray_code not in CODE_MODES:
         raise typer.BadParameter(f"{ray_code!r}: one of {', '.join(CODE_MODES)}", param_hint="--ray-code")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
+        check_listen(listen, tls, insecure)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if insecure and tls is None:
+        _say(f"INSECURE: plaintext gRPC on {listen}: tokens and credentials travel in clear", to_err=True)
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", OPERATOR_TOKEN_ENV)
+    operator_token = _secret_file(state_dir / "operator-token", OPERATOR_TOKEN_ENV) if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", ENROLLMENT_TOKEN_ENV)
     # One presigned-URL key for every front end (they all sign and check file-store URLs).
     os.environ.setdefault(URL_SECRET_ENV, secrets.token_hex(32))
     config = OrchestratorConfig(
         lease_s=lease_s,
         reap_interval_s=reap_interval_s,
-        operator_token=operator_token,
+        bootstrap_token=operator_token,
         enrollment_token=enrollment_token,
     )
     _check_stores(db, store)
@@ -121,17 +162,27 @@ def serve(
         )
     try:
         _say(init_ray(ray_address or None, code="installed" if ray_code == "installed" else "ship"))
-        deployment = Deployment(db, store, config, listen=listen, replicas=replicas)
+        deployment = Deployment(
+            db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure, http_listen=http_listen
+        )
         endpoints = deployment.start()
     except DeploymentError as exc:
         raise UserError(str(exc)) from None
+    checked = "health check" if tls is None else "port reachable over TCP"
     for endpoint in endpoints:
-        state = "healthy" if health_check(endpoint.address) else "NOT answering health checks"
+        state = "healthy" if deployment.healthy(endpoint) else f"NOT passing its {checked}"
         _say(f"{describe(endpoint)} ({state})")
     _say(f"control loop on node {deployment.control_node[:8]}")
     addresses = ", ".join(sorted({e.address for e in endpoints}))
-    _say(f"orchestrator serving on {addresses} (db {db.split('@')[-1]}, {replicas} replica(s))")
-    _say(f"operator token in {state_dir / 'operator-token'}, enrollment token in {state_dir / 'enrollment-token'}")
+    security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
+    _say(f"orchestrator serving on {addresses} ({security}; db {db.split('@')[-1]}, {replicas} replica(s))")
+    for endpoint in endpoints:
+        if endpoint.http_port:
+            where = f"http://{endpoint.host}:{endpoint.http_port}/"
+            _say(f"web console on {where} (operator token required), metrics on {where}metrics")
+    if bootstrap:
+        _say(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
+    _say(f"enrollment token in {state_dir / 'enrollment-token'}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -148,11 +199,12 @@ def health(
     ] = "127.0.0.1:50051",
     timeout_s: Annotated[float, typer.Option(min=0.1, help="Give up after this many seconds.")] = 5.0,
 ) -> None:
-    """Exit 0 when the orchestrator at ADDRESS answers SERVING to a gRPC health check, else 1."""
+    """Exit 0 when the orchestrator at ADDRESS answers SERVING to a gRPC health check, else 1
+    (over TLS with the root --tls-* options)."""
     from orchestrator.ray_layer import health_check
 
     if ":" not in address:
         raise UserError(f"--address {address!r} must be HOST:PORT")
-    if not health_check(address, timeout_s):
+    if not health_check(address, timeout_s, root_client_tls()):
         raise UserError(f"{address} is not serving")
     _say(f"{address} serving")

@@ -4,7 +4,8 @@ Neither Docker nor Kubernetes runs here, so each file is read into the processes
 (their argv, environment, the names they answer to and the ports they listen on) and checked:
 every command parses with its own CLI's parser (PocketLoRA's, Ray's `ray start`), every variable
 the code reads is set where it is needed, secrets are references and never values, and every
-address a process dials is one another process listens on.
+address a process dials is one another process listens on, over TLS where the front ends serve
+it. The monitoring files are checked in test_deploy_monitoring.py.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import yaml
 
 from adapters_store import check_store_url
 from orchestrator.ray_layer import INGRESS_RESOURCE
-from orchestrator.server import ALLOW_NON_LOOPBACK_ENV
 from pocketlora.cli import app
 from pocketlora.orchestrator_cli import ENROLLMENT_TOKEN_ENV, OPERATOR_TOKEN_ENV
+from pocketlora.tls import is_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -44,7 +45,7 @@ COMPOSE_SECRETS = (
 )
 SECRET_ENV = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", OPERATOR_TOKEN_ENV, ENROLLMENT_TOKEN_ENV, "POCKETLORA_URL_SECRET")
 # Ports third-party images listen on by default (their documentation).
-IMAGE_PORTS = {"postgres": {5432}, "minio/minio": {9000, 9001}}
+IMAGE_PORTS = {"postgres": {5432}, "minio/minio": {9000, 9001}, "prom/prometheus": {9090}, "grafana/grafana": {3000}}
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Proc:
     ports: set[int] = field(default_factory=set)  # ports it listens on, where known without parsing
     probe_ports: set[int] = field(default_factory=set)  # gRPC probes on its own ports
     image: str = ""
+    mounts: dict[str, str] = field(default_factory=dict)  # container path -> compose volume or "secret:NAME/KEY"
 
 
 def parse(argv: list[str]) -> Any:
@@ -91,6 +93,7 @@ def compose_procs() -> list[Proc]:
         aliases = set(svc.get("networks", {}).get("default", {}).get("aliases", []))
         test = svc.get("healthcheck", {}).get("test", [])
         proc = Proc(f"compose service {name}", argv, dict(svc.get("environment", {})), {name, *aliases}, image=image)
+        proc.mounts = {v.split(":")[1]: v for v in svc.get("volumes", [])}
         if test and test[0] == "CMD" and test[1] in ("pocketlora", "ray"):
             proc.checks.append(test[1:])
         if not ours:
@@ -125,9 +128,10 @@ def kube_procs() -> list[Proc]:
                 proc.names = {
                     s["metadata"]["name"] for s in services if s["spec"]["selector"].items() <= labels.items()
                 }
-                proc.probe_ports = (
-                    {container["readinessProbe"]["grpc"]["port"]} if "readinessProbe" in container else set()
-                )
+                probe = container.get("readinessProbe", {})
+                proc.probe_ports = {probe["grpc"]["port"]} if "grpc" in probe else set()
+                proc.checks = [probe["exec"]["command"]] if "exec" in probe else []
+                proc.mounts = _kube_mounts(group["template"]["spec"], container)
                 procs.append(proc)
         elif doc["kind"] == "Deployment":
             container = doc["spec"]["template"]["spec"]["containers"][0]
@@ -137,8 +141,23 @@ def kube_procs() -> list[Proc]:
             }
             proc = Proc(f"Deployment {doc['metadata']['name']}", ["pocketlora", *container["args"]], env)
             proc.checks = [container["livenessProbe"]["exec"]["command"]]
+            proc.mounts = _kube_mounts(doc["spec"]["template"]["spec"], container)
             procs.append(proc)
     return procs
+
+
+def _kube_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """Container path -> "secret:NAME/KEY" for each file of a mounted Secret, else the volume name."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            for item in volume["secret"]["items"]:
+                out[f"{mount['mountPath']}/{item['path']}"] = f"secret:{volume['secret']['secretName']}/{item['key']}"
+        else:
+            out[mount["mountPath"]] = mount["name"]
+    return out
 
 
 FILES = {"compose": compose_procs, "kubernetes": kube_procs}
@@ -158,6 +177,12 @@ def _ours(procs: list[Proc], *path: str) -> list[tuple[Proc, Any]]:
             if ctx.command_path.split()[1:] == list(path):
                 out.append((p, ctx))
     return out
+
+
+def _health_checks(p: Proc) -> list[Any]:
+    """The parsed `pocketlora ... orchestrator health` checks of a process."""
+    parsed = [parse(c) for c in p.checks if c[0] == "pocketlora"]
+    return [ctx for ctx in parsed if ctx.command_path.split()[1:] == ["orchestrator", "health"]]
 
 
 def _serve(procs: list[Proc]) -> tuple[Proc, Any]:
@@ -192,8 +217,8 @@ def test_the_serve_process_has_every_variable_it_reads_and_secrets_are_reference
     check_store_url(ctx.params["store"], env={k: "placeholder" for k in env})
     if not psycopg.conninfo.conninfo_to_dict(ctx.params["db"]).get("password"):
         assert "PGPASSWORD" in env, f"{proc.where}: libpq needs PGPASSWORD for {ctx.params['db']}"
-    if not ctx.params["listen"].startswith(("127.0.0.1:", "localhost:")):
-        assert env.get(ALLOW_NON_LOOPBACK_ENV) == "1"
+    if not is_loopback(_hostport(ctx.params["listen"])[0]):
+        assert ctx.params["tls_cert"] and ctx.params["tls_client_ca"], f"{proc.where}: beyond loopback, mutual TLS"
     assert ctx.params["ray_address"], "the serve process attaches to the Ray cluster"
     for p in procs:
         for name, value in p.env.items():
@@ -221,8 +246,13 @@ def _ingress_units(p: Proc) -> float:
 
 
 def _ports(procs: list[Proc]) -> dict[str, set[int]]:
-    """Where each process listens: images' defaults, Ray's head ports, front ends on ingress nodes."""
-    front = _hostport(_serve(procs)[1].params["listen"])[1]
+    """Where each process listens: images' defaults, Ray's head ports, front ends on ingress nodes
+    (gRPC, and replica i's HTTP on PORT+i wherever Ray places it)."""
+    serve = _serve(procs)[1]
+    front = {_hostport(serve.params["listen"])[1]}
+    if serve.params["http_listen"]:
+        http = _hostport(serve.params["http_listen"])[1]
+        front |= set(range(http, http + serve.params["replicas"]))
     out = {}
     for p in procs:
         ports = set(p.ports)
@@ -230,7 +260,7 @@ def _ports(procs: list[Proc]) -> dict[str, set[int]]:
             params = parse(p.argv).params
             ports |= {params["port"] or 6379, params["ray_client_server_port"]}
         if _ingress_units(p):
-            ports.add(front)  # every front end serves --listen on its ingress node
+            ports |= front
         out[p.where] = ports
     return out
 
@@ -253,16 +283,15 @@ def test_every_address_dialled_is_listened_on(procs: list[Proc]) -> None:
         if p.argv[:2] == ["ray", "start"] and not parse(p.argv).params["head"]:
             _reaches(procs, parse(p.argv).params["address"], p.where)
         assert p.probe_ports <= ports[p.where], f"{p.where}: a probe dials a port nothing there listens on"
-        for check in p.checks:
-            if check[:3] == ["pocketlora", "orchestrator", "health"]:
-                address = parse(check).params["address"]
-                if address.startswith("127.0.0.1:"):  # its own front end
-                    assert _hostport(address)[1] in ports[p.where], f"{p.where}: health check on {address}"
-                else:
-                    _reaches(procs, address, f"{p.where} health check")
+        for check in _health_checks(p):
+            address = check.params["address"]
+            if is_loopback(_hostport(address)[0]):  # its own front end
+                assert _hostport(address)[1] in ports[p.where], f"{p.where}: health check on {address}"
+            else:
+                _reaches(procs, address, f"{p.where} health check")
     # Clients (devices; the serve process's own health check) reach every front end by one name.
     clients = [(p.where, ctx.params["orchestrator"]) for p, ctx in _ours(procs, "agent", "run")]
-    clients += [(serve_proc.where, parse(c).params["address"]) for c in serve_proc.checks]
+    clients += [(serve_proc.where, c.params["address"]) for c in _health_checks(serve_proc)]
     for who, address in clients:
         _reaches(procs, address, who)
         host = _hostport(address)[0]
@@ -274,6 +303,37 @@ def test_every_address_dialled_is_listened_on(procs: list[Proc]) -> None:
     for address in (f"{db['host']}:{db.get('port', 5432)}", endpoint.group(1) if endpoint else ""):
         if any(address.split(":")[0] in p.names for p in procs):
             _reaches(procs, address, serve_proc.where)
+
+
+def _tls_files(ctx: Any) -> list[str]:
+    """The TLS files a parsed command reads, its own options and its root command's."""
+    files = []
+    while ctx is not None:
+        files += [str(ctx.params[k]) for k in ("tls_ca", "tls_cert", "tls_key", "tls_client_ca") if ctx.params.get(k)]
+        ctx = ctx.parent
+    return files
+
+
+def test_front_ends_serve_mutual_tls_and_every_client_brings_its_material(procs: list[Proc]) -> None:
+    serve_proc, serve = _serve(procs)
+    assert serve.params["tls_cert"] and serve.params["tls_key"] and serve.params["tls_client_ca"]
+    assert not serve.params["insecure"]
+    clients = [*_ours(procs, "agent", "run"), *[(p, c) for p in procs for c in _health_checks(p)]]
+    assert len(clients) >= 2
+    for p, ctx in clients:
+        files = _tls_files(ctx)
+        assert len(files) == 3, f"{p.where}: {ctx.command_path} needs a CA, a client certificate and its key"
+    for p, ctx in [*clients, (serve_proc, serve)]:
+        for path in _tls_files(ctx):
+            assert path in p.mounts, f"{p.where}: {path} is not mounted"
+            assert p.mounts[path].startswith("secret:") or p.mounts[path].endswith(":ro"), f"{p.where}: {path}"
+    for p in procs:
+        read = {
+            f for c in [*_ours([p], "agent", "run"), *_ours([p], "orchestrator", "serve")] for f in _tls_files(c[1])
+        }
+        read |= {f for c in _health_checks(p) for f in _tls_files(c)}
+        keys = {path for path in p.mounts if path.endswith(".key")}
+        assert keys <= read, f"{p.where} mounts keys it does not use: {sorted(keys - read)}"
 
 
 def test_the_orchestrator_service_and_published_port_reach_the_front_ends() -> None:
@@ -289,9 +349,10 @@ def test_the_orchestrator_service_and_published_port_reach_the_front_ends() -> N
     published = [(n, p) for n, s in services.items() for p in s.get("ports", [])]
     ports = _ports(compose_procs())
     for name, mapping in published:
-        container = int(mapping.split(":")[-1].split("/")[0])
+        first, _, last = mapping.split(":")[-1].split("/")[0].partition("-")
         where = f"compose service {name}"
-        assert container in ports[where], f"{where} publishes {container}, which nothing there listens on"
+        for container in range(int(first), int(last or first) + 1):
+            assert container in ports[where], f"{where} publishes {container}, which nothing there listens on"
 
 
 def _dockerfile() -> tuple[str, set[str], dict[str, str]]:
@@ -313,7 +374,9 @@ def test_compose_volumes_are_writable_and_agents_have_datasets() -> None:
         if "build" not in svc:
             continue
         for volume in svc.get("volumes", []):
-            target = volume.split(":")[1]
+            target, mode = [*volume.split(":"), "rw"][1:3]
+            if mode == "ro":  # files it only reads (TLS material)
+                continue
             assert target in owned, f"compose service {name}: {target} is not created for {user} in the Dockerfile"
         assert "healthcheck" in svc
     for p, ctx in _ours(compose_procs(), "agent", "run"):

@@ -1,8 +1,12 @@
-"""The whole PocketLoRA loop with real parts: Ray, gRPC, SQLite, S3 on SeaweedFS, NF4 training.
+"""The whole PocketLoRA loop with real parts: Ray, gRPC, SQLite, S3 on SeaweedFS, NF4 training,
+all of it over TLS as a deployment beyond one machine runs it.
 
 A tiny Llama built from a config stands in for SmolLM2. The device agent runs here (it imports
 no torch); it trains in its child process, uploads through a presigned URL, the orchestrator
-verifies the blob, an operator activates it and the device's runtime hot-swaps it in.
+verifies the blob, an operator activates it and the device's runtime hot-swaps it in. A CA made
+for the test signs every certificate: the Ray front end requires client certificates (mutual
+TLS; the device's names its id), and S3 speaks https only, so the store, the device's upload and
+its adapter download all verify against the same CA.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import pytest
 from adapters_store import S3BlobStore
 from orchestrator.config import OrchestratorConfig
 from pocketlora.client import OperatorClient
+from pocketlora.tls import load_server_tls, load_tls
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
-from tests.support.seaweed import SeaweedServer
+from tests.support.certs import TestCA
+from tests.support.seaweed import SeaweedServer, find_weed
 from tests.support.tiny_agent import codes_spec, start, tiny_agent
 from tests.support.waiting import wait_for
 
@@ -32,20 +38,40 @@ OPERATOR, ENROLL = "op-e2e-token", "enroll-e2e-token"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
-    """Orchestrator on in-process Ray, SQLite state, S3 store on SeaweedFS; yields (address, store URL)."""
+def ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "pki")
+
+
+@pytest.fixture
+def https_seaweed(ca: TestCA) -> Iterator[SeaweedServer]:
+    """SeaweedFS whose S3 port speaks https only, with a certificate from the test's CA."""
+    if find_weed() is None:
+        pytest.skip("weed binary not found")
+    issued = ca.issue("s3", cn="s3", server=True)
+    with SeaweedServer(tls=(issued.cert, issued.key, ca.cert_path)) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, ca: TestCA, https_seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, str]]:
+    """Orchestrator on in-process Ray serving mutual TLS, SQLite state, S3 store on SeaweedFS
+    over https; yields (address, store URL)."""
     import ray
 
     from orchestrator.ray_layer import Deployment, init_ray
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
-    store_url = f"s3://e2e-adapters?endpoint={seaweed.endpoint}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", https_seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", https_seaweed.secret_key)
+    store_url = f"s3://e2e-adapters?endpoint={https_seaweed.endpoint}&ca={ca.cert_path}"
+    server = ca.issue("orchestrator", cn="orchestrator", server=True)
+    tls = load_server_tls(server.cert, server.key, ca.cert_path)
     # Short: Ray's unix socket paths must fit in 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
-    config = OrchestratorConfig(lease_s=20.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
-    deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
+    config = OrchestratorConfig(lease_s=20.0, bootstrap_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
+    deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", store_url, config, tls=tls)
     try:
         yield deployment.start()[0].address, store_url
     finally:
@@ -55,14 +81,24 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
 
 
 def test_whole_loop_trains_verifies_activates_and_changes_outputs(
-    cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer
+    cluster: tuple[str, str], tmp_path: Path, https_seaweed: SeaweedServer, ca: TestCA
 ) -> None:
     address, _ = cluster
+    phone = ca.issue("e2e-phone", cn="e2e-phone", device_uri="e2e-phone")
+    ops = ca.issue("ops", cn="e2e-operator")
     events: list[tuple[str, dict[str, Any]]] = []
-    agent, cfg = tiny_agent(address, tmp_path, "e2e-phone", ENROLL, listener=lambda k, d: events.append((k, d)))
+    agent, cfg = tiny_agent(
+        address,
+        tmp_path,
+        "e2e-phone",
+        ENROLL,
+        listener=lambda k, d: events.append((k, d)),
+        tls=load_tls(ca=ca.cert_path, cert=phone.cert, key=phone.key),
+        store_tls=load_tls(ca=ca.cert_path),
+    )
     device_dir = cfg.work_dir
     stop, thread = start(agent)
-    client = OperatorClient(address, OPERATOR)
+    client = OperatorClient(address, OPERATOR, tls=load_tls(ca=ca.cert_path, cert=ops.cert, key=ops.key))
     try:
         wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
         spec = codes_spec()
@@ -81,7 +117,14 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
         assert manifest["rank"] == 8 and manifest["device_id"] == "e2e-phone" and manifest["job_id"] == job.job_id
 
         # The stored blob is the one the device reported, byte for byte.
-        store = S3BlobStore("e2e-adapters", seaweed.endpoint, seaweed.access_key, seaweed.secret_key)
+        store = S3BlobStore(
+            "e2e-adapters",
+            https_seaweed.endpoint,
+            https_seaweed.access_key,
+            https_seaweed.secret_key,
+            secure=True,
+            ca_file=ca.cert_path,
+        )
         assert store.hash_object(adapter.blob_key).sha256 == adapter.sha256
         assert store.list_keys("uploads/") == []  # promoted to its content address
 

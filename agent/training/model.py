@@ -38,7 +38,7 @@ class LoadedModel:
 
 def disable_bnb_cpu_repack(model: Any) -> int:
     """Turn off bitsandbytes' in-place CPU weight repack on every Linear4bit; return the count."""
-    # Trap (PLATFORM.md, bitsandbytes 0.50.2): on CPUs with AVX512-BF16/AMX, the first
+    # Trap (docs/platform.md, bitsandbytes 0.50.2): on CPUs with AVX512-BF16/AMX, the first
     # eval-mode no-grad forward of a Linear4bit (generate(), an eval loop) repacks its weight in
     # place for a fast inference kernel that has no autograd. Every later backward through that
     # layer silently yields no gradients for the LoRA weights ("gemv_4bit: an autograd kernel
@@ -57,7 +57,7 @@ def _own_unquantized_params(model: Any) -> None:
     """Copy the parameters NF4 left in fp32 out of the safetensors memory map."""
     # The unquantized tensors (embeddings, norms, lm_head) are views into the mmap of the fp32
     # checkpoint; while any view lives, every page quantization touched stays resident: the
-    # whole fp32 file (538 MB for SmolLM2) on top of its 4-bit copy. Owning them releases it.
+    # whole fp32 file on top of its 4-bit copy. Owning them releases it.
     from bitsandbytes.nn.modules import Params4bit
 
     for module in model.modules():

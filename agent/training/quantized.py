@@ -53,8 +53,8 @@ _COPY_CHUNK = 8 * 2**20
 
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
-    # Tensors of a few MB freed in a loop leave glibc's heap fragmented: quantizing SmolLM2
-    # tensor by tensor kept ~300 MiB of freed memory resident without this.
+    # Tensors of a few MB freed in a loop leave glibc's heap fragmented: quantizing a model
+    # tensor by tensor keeps hundreds of MiB of freed memory resident without this.
     global _malloc_trim
     if _malloc_trim is None:
         try:

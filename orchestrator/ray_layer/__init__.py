@@ -6,8 +6,9 @@ actors and tasks (Ray Serve's controller pattern):
 - runtime.py: in-process Ray or attaching to a cluster, shipping the project's code there
   (runtime_env py_modules) or checking the cluster's own installation, and the environment
   (credentials) actors receive without it reaching Ray's logs.
-- actors.py: FrontendActor (one gRPC front end), ControlLoopActor (lease reaper, deadlines),
-  verify_blob (adapter verification as a Ray task).
+- actors.py: FrontendActor (one gRPC front end, with TLS and an HTTP listener), ControlLoopActor
+  (Orchestrator.control_tick: lease reaper, deadlines, campaigns, rollouts), verify_blob (adapter
+  verification as a Ray task) and unwrap_ray_errors (a task's own error, not Ray's wrapper).
 - deployment.py: where they run (front ends spread over ingress nodes, the control loop
   restartable anywhere) and supervision (lost front ends replaced, endpoints health-checked).
 - probe.py: the versions and code digest compared between the driver and every node.
@@ -15,8 +16,8 @@ actors and tasks (Ray Serve's controller pattern):
 
 from __future__ import annotations
 
-from orchestrator.ray_layer.actors import CONTROL_ACTOR_NAME, Endpoint
-from orchestrator.ray_layer.deployment import Deployment, describe, health_check
+from orchestrator.ray_layer.actors import CONTROL_ACTOR_NAME, Endpoint, unwrap_ray_errors
+from orchestrator.ray_layer.deployment import Deployment, describe, health_check, port_open
 from orchestrator.ray_layer.runtime import (
     CODE_MODES,
     INGRESS_RESOURCE,
@@ -43,5 +44,7 @@ __all__ = [
     "health_check",
     "init_ray",
     "node_count",
+    "port_open",
     "ray_env",
+    "unwrap_ray_errors",
 ]

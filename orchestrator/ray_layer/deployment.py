@@ -11,13 +11,16 @@ Where things run on a cluster:
 
 `Deployment.supervise()` (the serve command calls it every few seconds) replaces a front end
 whose actor died (its node was lost) with a new one placed the same way, and health-checks each
-endpoint over gRPC from the driver; one that keeps failing is killed and replaced.
+endpoint from the driver; one that keeps failing is killed and replaced. A plaintext endpoint
+gets a gRPC health check; a TLS one (whose clients must present certificates the serve process
+does not hold) a TCP connect, while the actor's own liveness is checked by ping either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +33,11 @@ from orchestrator.ray_layer.actors import (
     ControlLoopActor,
     Endpoint,
     FrontendActor,
+    FrontendServing,
     config_to_dict,
 )
 from orchestrator.ray_layer.runtime import INGRESS_RESOURCE, DeploymentError, ForwardedEnv, ingress_capacity
+from pocketlora.tls import TlsConfig, open_channel
 
 log = logging.getLogger("pocketlora.orchestrator")
 START_TIMEOUT_S = 300.0
@@ -45,17 +50,28 @@ HEALTH_TIMEOUT_S = 10.0
 UNHEALTHY_LIMIT = 6
 
 
-def health_check(address: str, timeout_s: float = 5.0) -> bool:
-    """True when the gRPC health service at `address` answers SERVING."""
+def health_check(address: str, timeout_s: float = 5.0, tls: TlsConfig | None = None) -> bool:
+    """True when the gRPC health service at `address` answers SERVING (over TLS with `tls`, a
+    client's material: the CA that signed the server, and a client certificate for mutual TLS)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def port_open(address: str, timeout_s: float = 5.0) -> bool:
+    """True when a TCP connection to `address` (HOST:PORT) succeeds."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -81,8 +97,15 @@ class Deployment:
         listen: str = "127.0.0.1:0",
         replicas: int = 1,
         env: ForwardedEnv | None = None,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        http_listen: str = "",
     ) -> None:
+        """Front ends serve TLS when `tls` is given (client certificates required when it has a
+        CA); with `http_listen` (HOST:PORT) replica i also serves HTTP on PORT + i (port 0: each
+        picks a free one)."""
         self.db_url, self.store_url, self.listen = db_url, store_url, listen
+        self.tls, self.insecure, self.http_listen = tls, insecure, http_listen
         self.config = config_to_dict(config)
         self.env = env or ForwardedEnv.from_environ()
         self.expected = probe.fingerprint()
@@ -135,7 +158,14 @@ class Deployment:
             num_cpus=0, resources={INGRESS_RESOURCE: 1}, max_restarts=0, max_concurrency=64
         )(FrontendActor)
         replica.actor = frontend_cls.options(scheduling_strategy="SPREAD").remote(
-            replica.index, self.db_url, self.store_url, self.config, self.listen, self.env, self.expected
+            replica.index,
+            self.db_url,
+            self.store_url,
+            self.config,
+            self.listen,
+            self.env,
+            self.expected,
+            FrontendServing(self.tls, self.insecure, _http_for(self.http_listen, replica.index)),
         )
         replica.starting = replica.actor.start.remote()
         replica.endpoint = None
@@ -169,6 +199,16 @@ class Deployment:
     def ports(self) -> list[int]:
         """Bound ports, one per serving front end."""
         return [e.port for e in self.endpoints()]
+
+    def http_ports(self) -> list[int]:
+        """Each serving front end's HTTP port (0 for one without a listener)."""
+        return [e.http_port for e in self.endpoints()]
+
+    def healthy(self, endpoint: Endpoint, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+        """The driver's check of one endpoint: gRPC health when plaintext, a TCP connect over TLS."""
+        if self.tls is None:
+            return health_check(endpoint.address, timeout_s)
+        return port_open(endpoint.address, timeout_s)
 
     def _control_stats(self, timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:
         import ray
@@ -226,7 +266,7 @@ class Deployment:
         if time.monotonic() - replica.checked_at < HEALTH_EVERY_S:
             return []
         replica.checked_at = time.monotonic()
-        if health_check(replica.endpoint.address, HEALTH_TIMEOUT_S):
+        if self.healthy(replica.endpoint):
             replica.failed_checks = 0
             return []
         replica.failed_checks += 1
@@ -236,6 +276,14 @@ class Deployment:
             ray.kill(replica.actor)
         self._launch(replica)
         return [f"front end {replica.index} failed {UNHEALTHY_LIMIT} health checks; replaced"]
+
+
+def _http_for(http_listen: str, index: int) -> str:
+    """Replica `index`'s HTTP listener: PORT + index, or port 0 (any) for all."""
+    if not http_listen:
+        return ""
+    host, port = http_listen.rsplit(":", 1)
+    return f"{host}:{int(port) + index if int(port) else 0}"
 
 
 def _last_line(exc: Exception) -> str:
@@ -250,4 +298,5 @@ def _where(endpoint: Endpoint) -> str:
 
 def describe(endpoint: Endpoint) -> str:
     """One line for an endpoint, as the serve command prints it."""
-    return f"front end {endpoint.replica} serving on {_where(endpoint)}"
+    http = f", HTTP on port {endpoint.http_port}" if endpoint.http_port else ""
+    return f"front end {endpoint.replica} serving on {_where(endpoint)}{http}"

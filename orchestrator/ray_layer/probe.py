@@ -24,8 +24,9 @@ SERVER_DISTRIBUTIONS = (
     "grpcio-reflection",
     "protobuf",
     "psycopg",
-    "psycopg-pool",
     "minio",
+    "prometheus-client",
+    "aiohttp",
 )
 MISSING = "missing"
 

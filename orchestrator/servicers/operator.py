@@ -1,33 +1,43 @@
-"""OperatorService: operator and dashboard calls over the domain service."""
+"""OperatorService: operator and dashboard calls over the domain service (campaigns, rollouts and
+gate policies in fleet_rpcs.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 import grpc
 
+from orchestrator.feed import ChangeFeed
+from orchestrator.limits import Gatekeeper
+from orchestrator.polls import PollRunner
+from orchestrator.service import Orchestrator
 from orchestrator.servicers import convert
-from orchestrator.servicers.base import ServicerBase, bearer
+from orchestrator.servicers import convert_fleet as cf
 from orchestrator.servicers.errors import rpc
+from orchestrator.servicers.fleet_rpcs import FleetRpcs
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
-WATCH_POLL_S = 0.25
 
+class OperatorServicer(FleetRpcs, pb_grpc.OperatorServiceServicer):
+    """The operator-facing API; every call needs an operator token whose role allows it."""
 
-class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
-    """The operator-facing API; every call needs the operator token."""
-
-    async def _operator(self, context: grpc.aio.ServicerContext) -> None:
-        self.orch.identity.authenticate_operator(bearer(context))
+    def __init__(
+        self, orch: Orchestrator, polls: PollRunner, executor: Executor, gate: Gatekeeper, feed: ChangeFeed
+    ) -> None:
+        super().__init__(orch, polls, executor, gate)
+        self.feed = feed
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.SubmitJobResponse:
-        await self._operator(context)
+        who = await self._principal(context, "SubmitJob")
         deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        job, created = await self._run(
+        job, created = await self._change(
+            who,
+            "SubmitJob",
+            request.device_id,
             self.orch.fleet.submit_job,
             request.request_id,
             request.device_id,
@@ -38,43 +48,26 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
         return pb.SubmitJobResponse(job=convert.job_pb(job), created=created)
 
     @rpc
-    async def SubmitCampaign(
-        self, request: pb.SubmitCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SubmitCampaignResponse:
-        await self._operator(context)
-        deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        campaign, counts, created = await self._run(
-            self.orch.fleet.submit_campaign,
-            request.request_id,
-            request.name,
-            convert.selector(request.selector),
-            convert.training_dict(request.training),
-            request.max_attempts,
-            deadline,
-        )
-        return pb.SubmitCampaignResponse(campaign=convert.campaign_pb(campaign, counts), created=created)
-
-    @rpc
-    async def GetCampaign(
-        self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetCampaignResponse:
-        await self._operator(context)
-        campaign, counts = await self._run(self.orch.queries.get_campaign, request.campaign_id)
-        return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
-
-    @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
-        await self._operator(context)
-        return pb.CancelJobResponse(job=convert.job_pb(await self._run(self.orch.fleet.cancel_job, request.job_id)))
+        who = await self._principal(context, "CancelJob")
+        job = await self._change(who, "CancelJob", request.job_id, self.orch.fleet.cancel_job, request.job_id)
+        return pb.CancelJobResponse(job=convert.job_pb(job))
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
-        await self._operator(context)
+        await self._principal(context, "GetJob")
         return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.queries.get_job, request.job_id)))
 
     @rpc
+    async def GetJobHistory(
+        self, request: pb.GetJobHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobHistoryResponse:
+        await self._principal(context, "GetJobHistory")
+        return convert.history_pb(await self._run(self.orch.queries.job_history, request.job_id))
+
+    @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
-        await self._operator(context)
+        await self._principal(context, "ListJobs")
         flt = convert.job_filter(request.filter)
         jobs, token = await self._run(self.orch.queries.list_jobs, flt, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[convert.job_pb(j) for j in jobs], next_page_token=token)
@@ -83,26 +76,23 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def WatchJobs(
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
-        """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
-        await self._operator(context)
+        """Stream job changes from the process's change feed (which sees every replica's writes)."""
+        principal = await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
-        cursor = await self._run(self.orch.queries.watch_cursor)
-        if request.include_initial:
-            jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
-            for job in reversed(jobs):
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-        while not context.done():
-            changed, cursor = await self._run(self.orch.queries.jobs_changed_after, cursor, flt, 500)
-            for job in changed:
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-            if not changed:
-                await asyncio.sleep(WATCH_POLL_S)
+        with self.gate.watch(principal.name):
+            async with self.feed.subscribe(flt) as changes:
+                if request.include_initial:
+                    jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
+                    for job in reversed(jobs):
+                        yield pb.WatchJobsResponse(job=convert.job_pb(job))
+                async for job in changes:
+                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
 
     @rpc
     async def ListDevices(
         self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDevicesResponse:
-        await self._operator(context)
+        await self._principal(context, "ListDevices")
         devices, token = await self._run(
             self.orch.queries.list_devices, convert.selector(request.selector), request.page_size, request.page_token
         )
@@ -110,7 +100,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
 
     @rpc
     async def GetDevice(self, request: pb.GetDeviceRequest, context: grpc.aio.ServicerContext) -> pb.GetDeviceResponse:
-        await self._operator(context)
+        await self._principal(context, "GetDevice")
         return pb.GetDeviceResponse(
             device=convert.device_pb(await self._run(self.orch.queries.get_device, request.device_id))
         )
@@ -119,7 +109,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAdaptersResponse:
-        await self._operator(context)
+        await self._principal(context, "ListAdapters")
         adapters, token = await self._run(
             self.orch.queries.list_adapters, request.device_id, request.name, request.page_size, request.page_token
         )
@@ -129,7 +119,7 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def GetAdapter(
         self, request: pb.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAdapterResponse:
-        await self._operator(context)
+        await self._principal(context, "GetAdapter")
         return pb.GetAdapterResponse(
             adapter=convert.adapter_pb(await self._run(self.orch.queries.get_adapter, request.adapter_id))
         )
@@ -138,50 +128,65 @@ class OperatorServicer(ServicerBase, pb_grpc.OperatorServiceServicer):
     async def ActivateAdapter(
         self, request: pb.ActivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.ActivateAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "ActivateAdapter")
         selector = convert.selector(request.selector) if request.HasField("selector") else None
-        devices = await self._run(
-            functools.partial(
-                self.orch.fleet.activate_adapter,
-                request.adapter_id,
-                name=request.adapter_name,
-                selector=selector,
-                campaign_id=request.campaign_id,
-                canary_percent=request.canary_percent,
-            )
+        target = request.adapter_id or request.adapter_name or request.campaign_id
+        activate = functools.partial(
+            self.orch.fleet.activate_adapter,
+            name=request.adapter_name,
+            selector=selector,
+            campaign_id=request.campaign_id,
+            canary_percent=request.canary_percent,
+            eval_gate=cf.eval_gate(request.eval_gate, request.HasField("eval_gate")),
         )
-        return pb.ActivateAdapterResponse(device_ids=devices)
+        done = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
+        return cf.activation_pb(done)
 
     @rpc
     async def DeactivateAdapter(
         self, request: pb.DeactivateAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeactivateAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "DeactivateAdapter")
         selector = convert.selector(request.selector) if request.HasField("selector") else None
-        devices = await self._run(self.orch.fleet.deactivate_adapter, request.device_id, selector)
+        devices = await self._change(
+            who, "DeactivateAdapter", request.device_id, self.orch.fleet.deactivate_adapter, request.device_id, selector
+        )
         return pb.DeactivateAdapterResponse(device_ids=devices)
 
     @rpc
     async def RollbackAdapter(
         self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RollbackAdapterResponse:
-        await self._operator(context)
+        who = await self._principal(context, "RollbackAdapter")
         return pb.RollbackAdapterResponse(
-            desired_adapter_id=await self._run(self.orch.fleet.rollback_adapter, request.device_id)
+            desired_adapter_id=await self._change(
+                who, "RollbackAdapter", request.device_id, self.orch.fleet.rollback_adapter, request.device_id
+            )
         )
 
     @rpc
     async def GetFleetSummary(
         self, request: pb.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetFleetSummaryResponse:
-        await self._operator(context)
+        await self._principal(context, "GetFleetSummary")
         return convert.summary_pb(await self._run(self.orch.fleet.fleet_summary))
 
     @rpc
     async def CreateEnrollmentToken(
         self, request: pb.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateEnrollmentTokenResponse:
-        await self._operator(context)
+        who = await self._principal(context, "CreateEnrollmentToken")
         ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 86400.0
-        token, expires = await self._run(self.orch.identity.create_enrollment_token, ttl, request.description)
-        return pb.CreateEnrollmentTokenResponse(token=token, expires_at=convert.ts(expires))
+        token, record = await self._change(
+            who,
+            "CreateEnrollmentToken",
+            request.description,
+            self.orch.identity.create_enrollment_token,
+            ttl,
+            request.description,
+            request.max_devices,
+            dict(request.labels),
+        )
+        return pb.CreateEnrollmentTokenResponse(
+            token=token, expires_at=convert.ts(record.expires_at), token_id=record.token_id
+        )

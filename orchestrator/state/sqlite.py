@@ -1,7 +1,7 @@
 """SQLite backend: one file, WAL, the embedded default for one orchestrator process.
 
 Group commit. SQLite has one writer and, with synchronous=FULL, every COMMIT waits for an
-fsync of the WAL (3-5 ms on the disks measured): one COMMIT per request caps a busy
+fsync of the WAL (milliseconds on ordinary disks): one COMMIT per request caps a busy
 orchestrator at a few hundred writes per second. So transactions share commits: each
 `transaction()` runs its body inside a SAVEPOINT of one open physical transaction (a body that
 fails rolls back only its own savepoint), and one COMMIT makes every savepoint released since
@@ -11,9 +11,9 @@ the next batch. Every caller still waits until the COMMIT covering its work has 
 `transaction()` returns, so the contract is unchanged: an acknowledged write is durable (and,
 with FULL, survives power loss). If a COMMIT fails, every member of its batch raises.
 
-Inline calls (`run_inline`, used by the device-poll RPCs). Handing each poll to a thread pool
-costs more CPU than the poll's SQL (future plumbing, a loop wake-up, GIL hand-offs between
-16 threads: measured 0.78 -> 0.52 ms of server CPU per call without it). So the event loop
+Inline calls (`run_inline`, used by the device-poll runner in orchestrator/polls.py). Handing
+each poll to a thread pool costs more CPU than the poll's SQL (future plumbing, a loop
+wake-up, GIL hand-offs between threads). So the event loop
 runs a poll's bodies itself, in the open batch, and only the COMMIT (the fsync) goes to one
 committer thread: the loop defers the COMMIT to a callback queued behind the requests already
 ready, so every poll that arrived meanwhile joins the batch, and each caller's coroutine
@@ -39,9 +39,11 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator import metrics
 from orchestrator.state.base import StateStore, Tx
 from orchestrator.state.schema import LATEST, MIGRATIONS
-from orchestrator.state.sql import Dialect, SqlTx
+from orchestrator.state.sql import SqlTx
+from orchestrator.state.sql_base import Dialect
 
 # A batch is committed at the latest once it holds this many transactions, even with callers
 # still queued (the queue is bounded by the threads calling in, but a cap keeps latency bounded).
@@ -142,6 +144,7 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = BUSY_TIMEOUT_MS / 1
 class SqliteStore(StateStore):
     """State in one SQLite file, shared by the threads of one process."""
 
+    # Threads queue on the connection lock and share one group commit: more callers, bigger batches.
     worker_threads = 16
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
@@ -177,6 +180,15 @@ class SqliteStore(StateStore):
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """A savepoint in the shared batch; returns once the COMMIT covering it is durable."""
+        started = time.perf_counter()
+        try:
+            with self._transaction() as tx:
+                yield tx
+        finally:
+            metrics.transaction_seconds("sqlite", time.perf_counter() - started)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Tx]:
         if self._owner == threading.get_ident():
             raise RuntimeError("SqliteStore transactions do not nest")
         inline = _INLINE.get()
@@ -348,6 +360,8 @@ class SqliteStore(StateStore):
         try:
             self._conn.execute("COMMIT")
             self.commits += 1
+            if batch.members:
+                metrics.commit_batch(batch.members)
         except BaseException as exc:
             batch.error = exc
             if self._conn.in_transaction:

@@ -134,7 +134,7 @@ def test_sysfs_two_batteries_average(tmp_path: Path) -> None:
 def test_psutil_on_this_machine_reports_missing_sensors_as_none(tmp_path: Path) -> None:
     sensors = PsutilSensors(tmp_path)
     first = sensors.read()
-    # PLATFORM.md: no battery and no thermal sensors here; first cpu reading is not a measurement.
+    # docs/platform.md: no battery and no thermal sensors here; first cpu reading is not a measurement.
     assert first.source == "psutil"
     assert first.cpu_load_pct is None
     assert first.free_storage_bytes is not None

@@ -12,7 +12,7 @@ from adapters_store import upload_key, upload_to_url
 from orchestrator.gc import run_gc
 from protos.pocketlora.v1 import agent_service_pb2 as apb
 from protos.pocketlora.v1 import operator_service_pb2 as opb
-from tests.orchestrator.test_api import _train, enroll, lease, submit
+from tests.support.api import enroll, lease, submit, train
 from tests.support.orch import FakeClock, ServerThread, fake_adapter_blob, op_md
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def test_gc_keeps_what_devices_need_and_removes_the_rest(tmp_path: Path) -> None
         versions = []
         for seed in range(4):
             submit(srv, "phone-1")
-            versions.append(_train(srv, tmp_path, "phone-1", md, seed=seed).adapter)
+            versions.append(train(srv, tmp_path, "phone-1", md, seed=seed).adapter)
         srv.operator.ActivateAdapter(opb.ActivateAdapterRequest(adapter_id=versions[0].adapter_id), metadata=op_md())
         # A failed attempt's upload that nobody promoted.
         submit(srv, "phone-1")

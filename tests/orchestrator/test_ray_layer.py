@@ -80,7 +80,7 @@ def local_ray() -> Iterator[None]:
 def test_a_lost_front_end_is_replaced_and_serves_again(local_ray: None, tmp_path: Path) -> None:
     import ray
 
-    config = OrchestratorConfig(operator_token="op-token", reap_interval_s=0.5)
+    config = OrchestratorConfig(bootstrap_token="op-token", reap_interval_s=0.5)
     deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", f"file://{tmp_path / 'blobs'}", config, replicas=2)
     try:
         endpoints = deployment.start()
@@ -103,7 +103,7 @@ def test_a_lost_front_end_is_replaced_and_serves_again(local_ray: None, tmp_path
 
 
 def test_an_actor_running_other_code_stops_start_up_with_one_line(local_ray: None, tmp_path: Path) -> None:
-    config = OrchestratorConfig(operator_token="op-token")
+    config = OrchestratorConfig(bootstrap_token="op-token")
     deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", f"file://{tmp_path / 'blobs'}", config)
     deployment.expected = {**deployment.expected, "code": "0" * 64}  # as if the driver ran other code
     with pytest.raises(DeploymentError) as info:

@@ -152,7 +152,8 @@ def test_expired_jobs(state: StateStore) -> None:
 
 
 def test_list_jobs_pages_and_filters(state: StateStore) -> None:
-    jobs = [_job(campaign_id="c1" if i % 2 else "") for i in range(7)]
+    # One job per device per campaign (a unique index), so each job has its own device.
+    jobs = [_job(f"dev-{i}", campaign_id="c1" if i % 2 else "") for i in range(7)]
     with state.transaction() as tx:
         for j in jobs:
             tx.insert_job(j)
@@ -284,16 +285,13 @@ def test_adapters_and_versions(state: StateStore) -> None:
         assert tx.referenced_blob_keys() == {"blobs/sha256/2"}
 
 
-def test_campaigns_and_tokens(state: StateStore) -> None:
+def test_campaigns(state: StateStore) -> None:
     c = CampaignRecord(new_id("cmp"), "spring", {"labels": {"a": "b"}}, "req-1", time.time(), 3)
     with state.transaction() as tx:
         tx.insert_campaign(c)
-        tx.add_enrollment_token("hash", 99.0, "note")
     with state.transaction() as tx:
         assert tx.get_campaign(c.campaign_id) == c
         assert tx.get_campaign_by_request("req-1") == c
-        assert tx.enrollment_token_expiry("hash") == 99.0
-        assert tx.enrollment_token_expiry("nope") is None
 
 
 def test_state_survives_reopen(state_url: str) -> None:

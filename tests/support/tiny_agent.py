@@ -12,6 +12,7 @@ from typing import Any
 from agent.agent import Agent, AgentConfig
 from agent.gate import Gate, GatePolicy
 from agent.sensors import TraceSensors
+from pocketlora.tls import TlsConfig
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.tiny_models import make_tiny_llama
 
@@ -39,8 +40,11 @@ def tiny_agent(
     device_id: str,
     enrollment_token: str,
     listener: Callable[[str, dict[str, Any]], None] | None = None,
+    tls: TlsConfig | None = None,
+    store_tls: TlsConfig | None = None,
 ) -> tuple[Agent, AgentConfig]:
-    """An Agent (not started) with a tiny base model, the codes dataset and a cool, charging device."""
+    """An Agent (not started) with a tiny base model, the codes dataset and a cool, charging device
+    (dialling the orchestrator over TLS with `tls`, the store's https with `store_tls`)."""
     base = make_tiny_llama(tmp / "base", hidden=64, layers=2)
     work = tmp / device_id
     (work / "datasets").mkdir(parents=True)
@@ -58,6 +62,8 @@ def tiny_agent(
         enrollment_token=enrollment_token,
         tick_s=0.2,
         progress_every_s=0.5,
+        tls=tls,
+        store_tls=store_tls,
     )
     return Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=listener), cfg
 

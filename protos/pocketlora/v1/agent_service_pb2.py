@@ -27,13 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos.pocketlora.v1 import types_pb2 as pocketlora_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pocketlora/v1/agent_service.proto\x12\rpocketlora.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pocketlora/v1/types.proto\"U\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1b.pocketlora.v1.Capabilities\"_\n\x0e\x45nrollResponse\x12\x19\n\x11\x64\x65vice_credential\x18\x01 \x01(\t\x12\x32\n\x0fnext_poll_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pocketlora.v1.JobState\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.pocketlora.v1.JobProgress\"\x9e\x02\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x05power\x18\x02 \x01(\x0b\x32\x19.pocketlora.v1.PowerState\x12\x10\n\x08\x65ligible\x18\x03 \x01(\x08\x12<\n\x12\x65ligibility_reason\x18\x04 \x01(\x0e\x32 .pocketlora.v1.EligibilityReason\x12\x1a\n\x12\x65ligibility_detail\x18\x05 \x01(\t\x12*\n\x07running\x18\x06 \x01(\x0b\x32\x19.pocketlora.v1.RunningJob\x12\x19\n\x11\x61\x63tive_adapter_id\x18\x07 \x01(\t\x12\x1a\n\x12\x66ree_storage_bytes\x18\x08 \x01(\x04\"}\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\r\"\xe0\x01\n\x11HeartbeatResponse\x12\x16\n\x0e\x63\x61ncel_job_ids\x18\x01 \x03(\t\x12\x32\n\x0f\x64\x65sired_adapter\x18\x02 \x01(\x0b\x32\x19.pocketlora.v1.AdapterRef\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0fnext_poll_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rstale_job_ids\x18\x05 \x03(\t\"0\n\x0fLeaseJobRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03R\x04wait\"\x8b\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08training\x18\x05 \x01(\x0b\x32\x1b.pocketlora.v1.TrainingSpec\x12\x12\n\nupload_url\x18\x06 \x01(\t\x12\x39\n\x15upload_url_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x61taset_url\x18\x08 \x01(\t\"u\n\x10LeaseJobResponse\x12-\n\nassignment\x18\x01 \x01(\x0b\x32\x19.pocketlora.v1.Assignment\x12\x32\n\x0fnext_poll_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xca\x01\n\x15ReportProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pocketlora.v1.JobState\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.pocketlora.v1.JobProgress\x12\x36\n\x0cpause_reason\x18\x05 \x01(\x0e\x32 .pocketlora.v1.EligibilityReason\"\xb7\x01\n\x16ReportProgressResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\x12\x12\n\nupload_url\x18\x03 \x01(\t\x12\x39\n\x15upload_url_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xce\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..pocketlora.v1.CompleteJobRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x13\x43ompleteJobResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.pocketlora.v1.Adapter\"v\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12.\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x19.pocketlora.v1.ErrorClass\x12\x0f\n\x07message\x18\x04 \x01(\t\"M\n\x0f\x46\x61ilJobResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.pocketlora.v1.JobState\"2\n\x1cGetAdapterDownloadUrlRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x88\x01\n\x1dGetAdapterDownloadUrlResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.pocketlora.v1.AdapterRef\x12\x0b\n\x03url\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe5\x04\n\x0c\x41gentService\x12\x45\n\x06\x45nroll\x12\x1c.pocketlora.v1.EnrollRequest\x1a\x1d.pocketlora.v1.EnrollResponse\x12N\n\tHeartbeat\x12\x1f.pocketlora.v1.HeartbeatRequest\x1a .pocketlora.v1.HeartbeatResponse\x12K\n\x08LeaseJob\x12\x1e.pocketlora.v1.LeaseJobRequest\x1a\x1f.pocketlora.v1.LeaseJobResponse\x12]\n\x0eReportProgress\x12$.pocketlora.v1.ReportProgressRequest\x1a%.pocketlora.v1.ReportProgressResponse\x12T\n\x0b\x43ompleteJob\x12!.pocketlora.v1.CompleteJobRequest\x1a\".pocketlora.v1.CompleteJobResponse\x12H\n\x07\x46\x61ilJob\x12\x1d.pocketlora.v1.FailJobRequest\x1a\x1e.pocketlora.v1.FailJobResponse\x12r\n\x15GetAdapterDownloadUrl\x12+.pocketlora.v1.GetAdapterDownloadUrlRequest\x1a,.pocketlora.v1.GetAdapterDownloadUrlResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pocketlora/v1/agent_service.proto\x12\rpocketlora.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pocketlora/v1/types.proto\"U\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x1b.pocketlora.v1.Capabilities\"_\n\x0e\x45nrollResponse\x12\x19\n\x11\x64\x65vice_credential\x18\x01 \x01(\t\x12\x32\n\x0fnext_poll_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pocketlora.v1.JobState\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.pocketlora.v1.JobProgress\"\xd7\x02\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12(\n\x05power\x18\x02 \x01(\x0b\x32\x19.pocketlora.v1.PowerState\x12\x10\n\x08\x65ligible\x18\x03 \x01(\x08\x12<\n\x12\x65ligibility_reason\x18\x04 \x01(\x0e\x32 .pocketlora.v1.EligibilityReason\x12\x1a\n\x12\x65ligibility_detail\x18\x05 \x01(\t\x12*\n\x07running\x18\x06 \x01(\x0b\x32\x19.pocketlora.v1.RunningJob\x12\x19\n\x11\x61\x63tive_adapter_id\x18\x07 \x01(\t\x12\x1a\n\x12\x66ree_storage_bytes\x18\x08 \x01(\x04\x12\x37\n\x10\x61\x64\x61pter_refusals\x18\t \x03(\x0b\x32\x1d.pocketlora.v1.AdapterRefusal\"}\n\nAdapterRef\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x62\x61se_fingerprint\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\r\"\xab\x02\n\x11HeartbeatResponse\x12\x16\n\x0e\x63\x61ncel_job_ids\x18\x01 \x03(\t\x12\x32\n\x0f\x64\x65sired_adapter\x18\x02 \x01(\x0b\x32\x19.pocketlora.v1.AdapterRef\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0fnext_poll_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rstale_job_ids\x18\x05 \x03(\t\x12.\n\x0bgate_policy\x18\x06 \x01(\x0b\x32\x19.pocketlora.v1.GatePolicy\x12\x19\n\x11gate_policy_names\x18\x07 \x03(\t\"0\n\x0fLeaseJobRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03R\x04wait\"\x84\x03\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\x12\x34\n\x10lease_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08training\x18\x05 \x01(\x0b\x32\x1b.pocketlora.v1.TrainingSpec\x12\x12\n\nupload_url\x18\x06 \x01(\t\x12\x39\n\x15upload_url_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x61taset_url\x18\x08 \x01(\t\x12\x42\n\rupload_fields\x18\t \x03(\x0b\x32+.pocketlora.v1.Assignment.UploadFieldsEntry\x1a\x33\n\x11UploadFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x10LeaseJobResponse\x12-\n\nassignment\x18\x01 \x01(\x0b\x32\x19.pocketlora.v1.Assignment\x12\x32\n\x0fnext_poll_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xca\x01\n\x15ReportProgressRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.pocketlora.v1.JobState\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x1a.pocketlora.v1.JobProgress\x12\x36\n\x0cpause_reason\x18\x05 \x01(\x0e\x32 .pocketlora.v1.EligibilityReason\"\xbc\x02\n\x16ReportProgressResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\x12\x12\n\nupload_url\x18\x03 \x01(\t\x12\x39\n\x15upload_url_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12N\n\rupload_fields\x18\x05 \x03(\x0b\x32\x37.pocketlora.v1.ReportProgressResponse.UploadFieldsEntry\x1a\x33\n\x11UploadFieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..pocketlora.v1.CompleteJobRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x13\x43ompleteJobResponse\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.pocketlora.v1.Adapter\"v\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x04\x12.\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x19.pocketlora.v1.ErrorClass\x12\x0f\n\x07message\x18\x04 \x01(\t\"M\n\x0f\x46\x61ilJobResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.pocketlora.v1.JobState\"2\n\x1cGetAdapterDownloadUrlRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x88\x01\n\x1dGetAdapterDownloadUrlResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.pocketlora.v1.AdapterRef\x12\x0b\n\x03url\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17RotateCredentialRequest\"5\n\x18RotateCredentialResponse\x12\x19\n\x11\x64\x65vice_credential\x18\x01 \x01(\t2\xca\x05\n\x0c\x41gentService\x12\x45\n\x06\x45nroll\x12\x1c.pocketlora.v1.EnrollRequest\x1a\x1d.pocketlora.v1.EnrollResponse\x12N\n\tHeartbeat\x12\x1f.pocketlora.v1.HeartbeatRequest\x1a .pocketlora.v1.HeartbeatResponse\x12K\n\x08LeaseJob\x12\x1e.pocketlora.v1.LeaseJobRequest\x1a\x1f.pocketlora.v1.LeaseJobResponse\x12]\n\x0eReportProgress\x12$.pocketlora.v1.ReportProgressRequest\x1a%.pocketlora.v1.ReportProgressResponse\x12T\n\x0b\x43ompleteJob\x12!.pocketlora.v1.CompleteJobRequest\x1a\".pocketlora.v1.CompleteJobResponse\x12H\n\x07\x46\x61ilJob\x12\x1d.pocketlora.v1.FailJobRequest\x1a\x1e.pocketlora.v1.FailJobResponse\x12r\n\x15GetAdapterDownloadUrl\x12+.pocketlora.v1.GetAdapterDownloadUrlRequest\x1a,.pocketlora.v1.GetAdapterDownloadUrlResponse\x12\x63\n\x10RotateCredential\x12&.pocketlora.v1.RotateCredentialRequest\x1a\'.pocketlora.v1.RotateCredentialResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pocketlora.v1.agent_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ASSIGNMENT_UPLOADFIELDSENTRY']._loaded_options = None
+  _globals['_ASSIGNMENT_UPLOADFIELDSENTRY']._serialized_options = b'8\001'
+  _globals['_REPORTPROGRESSRESPONSE_UPLOADFIELDSENTRY']._loaded_options = None
+  _globals['_REPORTPROGRESSRESPONSE_UPLOADFIELDSENTRY']._serialized_options = b'8\001'
   _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_ENROLLREQUEST']._serialized_start=144
@@ -43,35 +47,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNNINGJOB']._serialized_start=329
   _globals['_RUNNINGJOB']._serialized_end=464
   _globals['_HEARTBEATREQUEST']._serialized_start=467
-  _globals['_HEARTBEATREQUEST']._serialized_end=753
-  _globals['_ADAPTERREF']._serialized_start=755
-  _globals['_ADAPTERREF']._serialized_end=880
-  _globals['_HEARTBEATRESPONSE']._serialized_start=883
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1107
-  _globals['_LEASEJOBREQUEST']._serialized_start=1109
-  _globals['_LEASEJOBREQUEST']._serialized_end=1157
-  _globals['_ASSIGNMENT']._serialized_start=1160
-  _globals['_ASSIGNMENT']._serialized_end=1427
-  _globals['_LEASEJOBRESPONSE']._serialized_start=1429
-  _globals['_LEASEJOBRESPONSE']._serialized_end=1546
-  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1549
-  _globals['_REPORTPROGRESSREQUEST']._serialized_end=1751
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=1754
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1937
-  _globals['_COMPLETEJOBREQUEST']._serialized_start=1940
-  _globals['_COMPLETEJOBREQUEST']._serialized_end=2146
-  _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._serialized_start=2100
-  _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._serialized_end=2146
-  _globals['_COMPLETEJOBRESPONSE']._serialized_start=2148
-  _globals['_COMPLETEJOBRESPONSE']._serialized_end=2210
-  _globals['_FAILJOBREQUEST']._serialized_start=2212
-  _globals['_FAILJOBREQUEST']._serialized_end=2330
-  _globals['_FAILJOBRESPONSE']._serialized_start=2332
-  _globals['_FAILJOBRESPONSE']._serialized_end=2409
-  _globals['_GETADAPTERDOWNLOADURLREQUEST']._serialized_start=2411
-  _globals['_GETADAPTERDOWNLOADURLREQUEST']._serialized_end=2461
-  _globals['_GETADAPTERDOWNLOADURLRESPONSE']._serialized_start=2464
-  _globals['_GETADAPTERDOWNLOADURLRESPONSE']._serialized_end=2600
-  _globals['_AGENTSERVICE']._serialized_start=2603
-  _globals['_AGENTSERVICE']._serialized_end=3216
+  _globals['_HEARTBEATREQUEST']._serialized_end=810
+  _globals['_ADAPTERREF']._serialized_start=812
+  _globals['_ADAPTERREF']._serialized_end=937
+  _globals['_HEARTBEATRESPONSE']._serialized_start=940
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1239
+  _globals['_LEASEJOBREQUEST']._serialized_start=1241
+  _globals['_LEASEJOBREQUEST']._serialized_end=1289
+  _globals['_ASSIGNMENT']._serialized_start=1292
+  _globals['_ASSIGNMENT']._serialized_end=1680
+  _globals['_ASSIGNMENT_UPLOADFIELDSENTRY']._serialized_start=1629
+  _globals['_ASSIGNMENT_UPLOADFIELDSENTRY']._serialized_end=1680
+  _globals['_LEASEJOBRESPONSE']._serialized_start=1682
+  _globals['_LEASEJOBRESPONSE']._serialized_end=1799
+  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1802
+  _globals['_REPORTPROGRESSREQUEST']._serialized_end=2004
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=2007
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=2323
+  _globals['_REPORTPROGRESSRESPONSE_UPLOADFIELDSENTRY']._serialized_start=1629
+  _globals['_REPORTPROGRESSRESPONSE_UPLOADFIELDSENTRY']._serialized_end=1680
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=2326
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=2532
+  _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._serialized_start=2486
+  _globals['_COMPLETEJOBREQUEST_METRICSENTRY']._serialized_end=2532
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=2534
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=2596
+  _globals['_FAILJOBREQUEST']._serialized_start=2598
+  _globals['_FAILJOBREQUEST']._serialized_end=2716
+  _globals['_FAILJOBRESPONSE']._serialized_start=2718
+  _globals['_FAILJOBRESPONSE']._serialized_end=2795
+  _globals['_GETADAPTERDOWNLOADURLREQUEST']._serialized_start=2797
+  _globals['_GETADAPTERDOWNLOADURLREQUEST']._serialized_end=2847
+  _globals['_GETADAPTERDOWNLOADURLRESPONSE']._serialized_start=2850
+  _globals['_GETADAPTERDOWNLOADURLRESPONSE']._serialized_end=2986
+  _globals['_ROTATECREDENTIALREQUEST']._serialized_start=2988
+  _globals['_ROTATECREDENTIALREQUEST']._serialized_end=3013
+  _globals['_ROTATECREDENTIALRESPONSE']._serialized_start=3015
+  _globals['_ROTATECREDENTIALRESPONSE']._serialized_end=3068
+  _globals['_AGENTSERVICE']._serialized_start=3071
+  _globals['_AGENTSERVICE']._serialized_end=3785
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,11 @@ class AgentServiceStub:
                 request_serializer=pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlResponse.FromString,
                 _registered_method=True)
+        self.RotateCredential = channel.unary_unary(
+                '/pocketlora.v1.AgentService/RotateCredential',
+                request_serializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -126,6 +131,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateCredential(self, request, context):
+        """Issues a new credential; the current one stays valid until the new one is first used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +175,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetAdapterDownloadUrl,
                     request_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlResponse.SerializeToString,
+            ),
+            'RotateCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCredential,
+                    request_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +372,33 @@ class AgentService:
             '/pocketlora.v1.AgentService/GetAdapterDownloadUrl',
             pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlRequest.SerializeToString,
             pocketlora_dot_v1_dot_agent__service__pb2.GetAdapterDownloadUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.AgentService/RotateCredential',
+            pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.SerializeToString,
+            pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

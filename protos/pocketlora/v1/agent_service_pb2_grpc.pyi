@@ -55,6 +55,8 @@ class AgentServiceStub:
     """FailJob reports a failed attempt."""
     GetAdapterDownloadUrl: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetAdapterDownloadUrlRequest, _agent_service_pb2.GetAdapterDownloadUrlResponse]
     """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+    RotateCredential: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RotateCredentialRequest, _agent_service_pb2.RotateCredentialResponse]
+    """Issues a new credential; the current one stays valid until the new one is first used."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -77,6 +79,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """FailJob reports a failed attempt."""
     GetAdapterDownloadUrl: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetAdapterDownloadUrlRequest, _agent_service_pb2.GetAdapterDownloadUrlResponse]  # type: ignore[assignment]
     """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+    RotateCredential: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RotateCredentialRequest, _agent_service_pb2.RotateCredentialResponse]  # type: ignore[assignment]
+    """Issues a new credential; the current one stays valid until the new one is first used."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is called by device agents."""
@@ -138,5 +142,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.GetAdapterDownloadUrlResponse, _abc.Awaitable[_agent_service_pb2.GetAdapterDownloadUrlResponse]]:
         """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+
+    @_abc_1.abstractmethod
+    def RotateCredential(
+        self,
+        request: _agent_service_pb2.RotateCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.RotateCredentialResponse, _abc.Awaitable[_agent_service_pb2.RotateCredentialResponse]]:
+        """Issues a new credential; the current one stays valid until the new one is first used."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
