@@ -38,6 +38,8 @@ KUBE = ROOT / "deploy" / "kubernetes"
 COMPOSE_SECRETS = (
     "MINIO_ROOT_USER",
     "MINIO_ROOT_PASSWORD",
+    "ORCHESTRATOR_S3_ACCESS_KEY",
+    "ORCHESTRATOR_S3_SECRET_KEY",
     "POSTGRES_PASSWORD",
     "POCKETLORA_OPERATOR_TOKEN",
     "POCKETLORA_ENROLLMENT_TOKEN",
@@ -61,6 +63,7 @@ class Proc:
     probe_ports: set[int] = field(default_factory=set)  # gRPC probes on its own ports
     image: str = ""
     mounts: dict[str, str] = field(default_factory=dict)  # container path -> compose volume or "secret:NAME/KEY"
+    networks: set[str] = field(default_factory=set)  # compose networks it is on (empty: not modelled)
 
 
 def parse(argv: list[str]) -> Any:
@@ -90,10 +93,16 @@ def compose_procs() -> list[Proc]:
         entry = svc.get("entrypoint", ["pocketlora"] if ours else [])
         command = svc.get("command", "")
         argv = [*entry, *(shlex.split(command) if isinstance(command, str) else command)]
-        aliases = set(svc.get("networks", {}).get("default", {}).get("aliases", []))
+        networks = svc.get("networks", ["default"])
+        aliases = (
+            {a for n in networks for a in (networks[n] or {}).get("aliases", [])}
+            if isinstance(networks, dict)
+            else set()
+        )
         test = svc.get("healthcheck", {}).get("test", [])
         proc = Proc(f"compose service {name}", argv, dict(svc.get("environment", {})), {name, *aliases}, image=image)
         proc.mounts = {v.split(":")[1]: v for v in svc.get("volumes", [])}
+        proc.networks = set(networks)
         if test and test[0] == "CMD" and test[1] in ("pocketlora", "ray"):
             proc.checks.append(test[1:])
         if not ours:
@@ -265,44 +274,46 @@ def _ports(procs: list[Proc]) -> dict[str, set[int]]:
     return out
 
 
-def _reaches(procs: list[Proc], address: str, who: str) -> None:
+def _reaches(procs: list[Proc], address: str, who: str, client: Proc | None = None) -> list[Proc]:
+    """The processes `address` reaches (from `client`'s networks when given); each must listen there."""
     host, port = _hostport(address)
     ports = _ports(procs)
-    reached = [p for p in procs if host in p.names]
-    assert reached, f"{who} dials {address}: nothing answers to {host!r}"
+    shared = (lambda p: bool(p.networks & client.networks)) if client and client.networks else (lambda p: True)
+    reached = [p for p in procs if host in p.names and shared(p)]
+    assert reached, f"{who} dials {address}: nothing on its networks answers to {host!r}"
     for p in reached:
         assert port in ports[p.where], f"{who} dials {address}: {p.where} does not listen on {port}"
+    return reached
 
 
 def test_every_address_dialled_is_listened_on(procs: list[Proc]) -> None:
     serve_proc, serve = _serve(procs)
-    _reaches(procs, serve.params["ray_address"], serve_proc.where)
+    _reaches(procs, serve.params["ray_address"], serve_proc.where, serve_proc)
     assert sum(_ingress_units(p) for p in procs) >= serve.params["replicas"], "ingress nodes fit every front end"
     ports = _ports(procs)
     for p in procs:
         if p.argv[:2] == ["ray", "start"] and not parse(p.argv).params["head"]:
-            _reaches(procs, parse(p.argv).params["address"], p.where)
+            _reaches(procs, parse(p.argv).params["address"], p.where, p)
         assert p.probe_ports <= ports[p.where], f"{p.where}: a probe dials a port nothing there listens on"
         for check in _health_checks(p):
             address = check.params["address"]
             if is_loopback(_hostport(address)[0]):  # its own front end
                 assert _hostport(address)[1] in ports[p.where], f"{p.where}: health check on {address}"
             else:
-                _reaches(procs, address, f"{p.where} health check")
+                _reaches(procs, address, f"{p.where} health check", p)
     # Clients (devices; the serve process's own health check) reach every front end by one name.
-    clients = [(p.where, ctx.params["orchestrator"]) for p, ctx in _ours(procs, "agent", "run")]
-    clients += [(serve_proc.where, c.params["address"]) for c in _health_checks(serve_proc)]
-    for who, address in clients:
-        _reaches(procs, address, who)
-        host = _hostport(address)[0]
-        missed = [p.where for p in procs if _ingress_units(p) and host not in p.names]
-        assert not missed, f"{who} dials {address}, which does not reach {missed}"
+    clients = [(p, ctx.params["orchestrator"]) for p, ctx in _ours(procs, "agent", "run")]
+    clients += [(serve_proc, c.params["address"]) for c in _health_checks(serve_proc)]
+    for client, address in clients:
+        reached = _reaches(procs, address, client.where, client)
+        missed = [p.where for p in procs if _ingress_units(p) and p not in reached]
+        assert not missed, f"{client.where} dials {address}, which does not reach {missed}"
     # The stores, where the file deploys them too (the Kubernetes files leave PostgreSQL and S3 to you).
     db = psycopg.conninfo.conninfo_to_dict(serve.params["db"])
     endpoint = re.search(r"endpoint=([^&]+)", serve.params["store"])
     for address in (f"{db['host']}:{db.get('port', 5432)}", endpoint.group(1) if endpoint else ""):
         if any(address.split(":")[0] in p.names for p in procs):
-            _reaches(procs, address, serve_proc.where)
+            _reaches(procs, address, serve_proc.where, serve_proc)
 
 
 def _tls_files(ctx: Any) -> list[str]:
@@ -383,7 +394,8 @@ def test_compose_volumes_are_writable_and_agents_have_datasets() -> None:
         folder = str(ctx.params["datasets_dir"])
         shipped = [src for dst, src in copies.items() if dst.startswith(folder + "/") and dst.endswith(".jsonl")]
         assert shipped and all((ROOT / src).is_file() for src in shipped), f"{p.where}: no datasets in {folder}"
-    assert all("healthcheck" in svc for svc in services.values()), "every compose service has a health check"
+    long_running = [svc for svc in services.values() if svc.get("restart") != "no"]  # not one-shot init jobs
+    assert all("healthcheck" in svc for svc in long_running), "every long-running compose service has a health check"
 
 
 def test_docker_compose_config_passes_with_the_secrets_and_refuses_without() -> None:

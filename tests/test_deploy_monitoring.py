@@ -68,5 +68,6 @@ def test_prometheus_scrapes_every_replica_port_where_front_ends_run() -> None:
     serve = _serve(procs)[1]
     http = _hostport(serve.params["http_listen"])[1]
     assert {_hostport(t)[1] for t in targets} == set(range(http, http + serve.params["replicas"]))
+    prometheus = next(p for p in procs if p.where == "compose service prometheus")
     for target in targets:
-        _reaches(procs, target, "prometheus")
+        _reaches(procs, target, prometheus.where, prometheus)
