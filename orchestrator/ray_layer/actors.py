@@ -40,9 +40,14 @@ CONTROL_ACTOR_NAME = "pocketlora-control"
 # Resource requests. The control loop asks for a sliver of CPU so it never lands on a head
 # configured with no CPUs (the usual production head); front ends ask for the ingress resource.
 CONTROL_CPUS = 0.1
-# One CPU per verification: a few workers per node that stay up and take verifications in turn
-# (each takes milliseconds), rather than a new worker process (seconds to start) per concurrent one.
-VERIFY_CPUS = 1.0
+# Just under half a CPU per verification: a few workers per node that stay up and take
+# verifications in turn (each takes milliseconds), rather than a new worker process (seconds to
+# start) per concurrent one; and two of them still fit on a one-CPU node that also holds the
+# control loop (a whole CPU would never be free there again).
+VERIFY_CPUS = 0.45
+# How long a front end waits for its warm-up task before serving anyway (it only saves the first
+# verification a worker start).
+WARM_UP_S = 30.0
 VERIFY_RETRIES = 3
 # A front end's threads for blocking calls: CompleteJob holds one while its verification task
 # runs elsewhere, so there are more than a local store needs.
@@ -207,7 +212,12 @@ class FrontendActor:
 
         from orchestrator.server import build_orchestrator, start_server
 
-        await ray.remote(**_verify_options())(warm_up).remote()
+        warming = ray.remote(**_verify_options())(warm_up).remote()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(warming.future()), WARM_UP_S)
+        except TimeoutError:
+            log.warning("no verification worker free within %.0f s; serving without a warm one", WARM_UP_S)
+            ray.cancel(warming)
         verifier = ray_verifier(self.store_url, self.env)
         orch = build_orchestrator(self.db_url, self.store_url, config_from_dict(self.config), verifier=verifier)
         serving = self.serving
