@@ -29,7 +29,7 @@ from adapters_store.keys import blob_key, dataset_key, upload_key, validate_key
 from adapters_store.manifest import AdapterManifest
 from adapters_store.s3 import S3BlobStore
 from adapters_store.transfer import download_from_url, upload_to_url
-from adapters_store.url import open_store
+from adapters_store.url import check_store_url, open_store
 from adapters_store.verify import promote_upload, verify_and_promote, verify_upload
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "TransferError",
     "UploadTarget",
     "blob_key",
+    "check_store_url",
     "collect_garbage",
     "dataset_key",
     "download_from_url",

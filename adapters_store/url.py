@@ -18,6 +18,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from adapters_store.base import BlobStore
@@ -35,21 +36,35 @@ def open_store(url: str, *, env: Mapping[str, str] | None = None, create: bool =
     create=False opens a store that must exist already (its root or bucket): one that is not
     there raises StoreUnavailable instead of being made empty.
     """
-    env = os.environ if env is None else env
+    kind, args = _parse(url, os.environ if env is None else env)
+    if kind == "file":
+        from adapters_store.fs import FileBlobStore
+
+        return FileBlobStore(**args, create=create)
+    from adapters_store.s3 import S3BlobStore
+
+    return S3BlobStore(**args, create=create)
+
+
+def check_store_url(url: str, *, env: Mapping[str, str] | None = None) -> None:
+    """Raise StoreConfigError if the URL or the environment it needs (credentials) is wrong,
+    without connecting to anything (for start-up checks and deployment files)."""
+    _parse(url, os.environ if env is None else env)
+
+
+def _parse(url: str, env: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(url)
     if parts.scheme == "file":
-        return _open_file(url, parts.netloc, parts.path, parts.query, env, create)
+        return "file", _file_args(url, parts.netloc, parts.path, parts.query, env)
     if parts.scheme == "s3":
-        return _open_s3(parts.netloc, parts.path, parts.query, env, create)
+        return "s3", _s3_args(parts.netloc, parts.path, parts.query, env)
     shown = parts.scheme or "(none)"
     raise StoreConfigError(
         f"store URL: unknown scheme {shown!r} (use file:///abs/path or s3://bucket?endpoint=host:port)"
     )
 
 
-def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
-    from adapters_store.fs import FileBlobStore
-
+def _file_args(url: str, netloc: str, path: str, query: str, env: Mapping[str, str]) -> dict[str, Any]:
     if netloc not in ("", "localhost") or not path.startswith("/"):
         raise StoreConfigError(f"store URL {url!r}: file URLs need an absolute path (file:///abs/path)")
     if query:
@@ -64,12 +79,10 @@ def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, s
             raise StoreConfigError("POCKETLORA_URL_SECRET must be at least 16 bytes (32 hex digits)")
     else:
         secret = _PROCESS_SECRET
-    return FileBlobStore(Path(path), url_secret=secret, create=create)
+    return {"root": Path(path), "url_secret": secret}
 
 
-def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
-    from adapters_store.s3 import S3BlobStore
-
+def _s3_args(netloc: str, path: str, query: str, env: Mapping[str, str]) -> dict[str, Any]:
     bucket = netloc
     if not bucket:
         raise StoreConfigError("store URL: s3:// needs a bucket (s3://bucket?endpoint=host:port)")
@@ -110,13 +123,12 @@ def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str], create:
             f"S3 store: missing credentials {', '.join(missing)} (or POCKETLORA_S3_ACCESS_KEY / POCKETLORA_S3_SECRET_KEY)"
         )
     assert access is not None and secret is not None
-    return S3BlobStore(
-        bucket,
-        endpoint=endpoint,
-        access_key=access,
-        secret_key=secret,
-        secure=secure_s in ("true", "1"),
-        region=region,
-        create=create,
-        ca_file=Path(ca) if ca else None,
-    )
+    return {
+        "bucket": bucket,
+        "endpoint": endpoint,
+        "access_key": access,
+        "secret_key": secret,
+        "secure": secure_s in ("true", "1"),
+        "region": region,
+        "ca_file": Path(ca) if ca else None,
+    }

@@ -1,7 +1,8 @@
 """Shared pieces of the orchestrator benchmarks: seeding, a server subprocess, medians.
 
-The orchestrator under test always runs in a process of its own (start_server over an
-Orchestrator, no Ray), so the load generator never shares its event loop or GIL with it.
+The orchestrator under test always runs in a process of its own, so the load generator never
+shares its event loop or GIL with it: start_server over an Orchestrator (no Ray), or the Ray
+deployment on a cluster (start_ray_deployment).
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ def start_server_process(db_url: str, tmp: Path, **config: Any) -> tuple[subproc
     return proc, line.removeprefix("serving ")
 
 
+def start_ray_deployment(
+    ray_address: str, db_url: str, tmp: Path, replicas: int, **config: Any
+) -> tuple[subprocess.Popen[str], str, int]:
+    """Run `python benchmarks/_common.py serve-ray ...`: the orchestrator deployed on a Ray cluster
+    as `pocketlora orchestrator serve --ray-address` deploys it (code shipped, front ends on the
+    ingress nodes, supervised); waits for it and returns (process, address, live nodes)."""
+    args = [sys.executable, str(Path(__file__).resolve()), "serve-ray", ray_address, db_url, str(tmp), str(replicas)]
+    args += [f"{k}={v}" for k, v in config.items()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "POCKETLORA_URL_SECRET": secrets.token_hex(32)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp, start_new_session=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("serving "):
+        proc.kill()
+        raise RuntimeError(f"the Ray deployment did not start: {line!r}")
+    address, nodes = line.removeprefix("serving ").split(" nodes=")
+    return proc, address, int(nodes)
+
+
 def stop_process(proc: subprocess.Popen[str]) -> None:
     """Terminate a server process, then kill it if it lingers."""
     proc.terminate()
@@ -119,26 +139,18 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
         proc.wait(10)
 
 
-def _serve(db_url: str, tmp: str, *overrides: str) -> None:
-    import asyncio
-    import signal
-
-    from adapters_store import FileBlobStore
+def _config(overrides: tuple[str, ...]) -> tuple[Any, dict[str, float]]:
+    """An OrchestratorConfig from KEY=VALUE overrides (`limits.NAME` sets a field of its Limits),
+    and the overrides that are not config fields (threads, reap_every)."""
     from orchestrator.config import Limits, OrchestratorConfig
-    from orchestrator.server import start_server
-    from orchestrator.service import Orchestrator
-    from orchestrator.state import open_state
 
     config: dict[str, Any] = {}
     limits: dict[str, int | float] = {}
-    threads = 0
-    reap_every = 0.0
+    other: dict[str, float] = {}
     for item in overrides:
         key, value = item.split("=", 1)
-        if key == "threads":
-            threads = int(value)
-        elif key == "reap_every":
-            reap_every = float(value)
+        if key in ("threads", "reap_every"):
+            other[key] = float(value)
         elif key.startswith("limits."):
             name = key.removeprefix("limits.")
             limits[name] = type(getattr(Limits, name))(float(value))
@@ -147,6 +159,20 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
     cfg = OrchestratorConfig(
         bootstrap_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, limits=Limits(**limits), **config
     )
+    return cfg, other
+
+
+def _serve(db_url: str, tmp: str, *overrides: str) -> None:
+    import asyncio
+    import signal
+
+    from adapters_store import FileBlobStore
+    from orchestrator.server import start_server
+    from orchestrator.service import Orchestrator
+    from orchestrator.state import open_state
+
+    cfg, other = _config(overrides)
+    threads, reap_every = int(other.get("threads", 0)), other.get("reap_every", 0.0)
     store = FileBlobStore(Path(tmp) / "blobs", url_secret=secrets.token_bytes(32))
     orch = Orchestrator(open_state(db_url), store, cfg)
 
@@ -169,6 +195,27 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
     asyncio.run(main())
 
 
+def _serve_ray(ray_address: str, db_url: str, tmp: str, replicas: str, *overrides: str) -> None:
+    import signal
+    import threading
+
+    from orchestrator.ray_layer import Deployment, init_ray, node_count
+
+    cfg, _ = _config(overrides)
+    init_ray(ray_address, code="ship")
+    deployment = Deployment(
+        db_url, f"file://{tmp}/blobs", cfg, listen=f"127.0.0.1:{free_port()}", replicas=int(replicas)
+    )
+    endpoints = deployment.start()
+    print(f"serving {endpoints[0].address} nodes={node_count()}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(2.0):
+        for event in deployment.supervise():
+            print(event, file=sys.stderr, flush=True)
+    deployment.stop()
+
+
 def median(values: list[float]) -> float:
     """The median, 0 for no values."""
     return float(statistics.median(values)) if values else 0.0
@@ -184,3 +231,5 @@ def p99(values: list[float]) -> float:
 
 if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] == "serve":
     _serve(*sys.argv[2:])
+if __name__ == "__main__" and len(sys.argv) >= 6 and sys.argv[1] == "serve-ray":
+    _serve_ray(*sys.argv[2:])

@@ -1,6 +1,7 @@
 """Fleet simulation: thousands of simulated agents through the real gRPC API.
 
     python benchmarks/fleet_sim.py [--quick] [--agents N] [--jobs N] [--procs N] [--real-agents N]
+    python benchmarks/fleet_sim.py --ray-address ADDR --replicas 2 [--db postgresql://...]
 
 The orchestrator runs as start_server over an Orchestrator in a process of its own (no Ray: the
 control loop's reaper runs in that process every 0.5 s, as ControlLoopActor would), over SQLite
@@ -19,6 +20,12 @@ URL and calls CompleteJob.
   job under a new attempt. Jobs are per device, so only that device can pick the job up again.
 - 2% of attempts fail with a TRANSIENT error and are retried by the orchestrator.
 
+With --ray-address the orchestrator is deployed on that Ray cluster instead, as
+`pocketlora orchestrator serve --ray-address ADDR --replicas N` deploys it (code shipped, front
+ends on the ingress nodes), over PostgreSQL (--db, else a temporary server); the same simulation
+first runs against the single-process SQLite server, and the JSON adds replicas, nodes and the
+ratio of the two jobs_per_s figures.
+
 Asserts every job ends SUCCEEDED or FAILED within its attempt limit, none lost, none completed
 twice (by acknowledgements and by registered adapter versions). Then measures campaign fan-out:
 one SubmitCampaign to 10,000 devices seeded through the state store. With --campaign, then runs
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +57,7 @@ from benchmarks._common import (
     ONE_PEER_FLEET,
     OPERATOR_TOKEN,
     ROOT,
+    start_ray_deployment,
     start_server_process,
     stop_process,
 )
@@ -143,6 +152,51 @@ def seed_fanout_devices(db_url: str, n: int) -> None:
         store.close()
 
 
+# ----------------------------------------------------------------------------- on a Ray cluster
+def single_process_baseline(argv: list[str]) -> dict[str, Any]:
+    """The same simulation against the single-process SQLite server (this script without the
+    Ray flags, in a subprocess); its JSON line."""
+    drop = {"--ray-address", "--replicas", "--db"}
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in drop:
+            skip = "=" not in arg
+        else:
+            rest.append(arg)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the single-process baseline failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def start_orchestrator(args: argparse.Namespace, tmp: Path, stack: contextlib.ExitStack) -> tuple[Any, str, str]:
+    """The server under test: (process, address, db URL)."""
+    if not args.ray_address:
+        db_url = args.db or f"sqlite:///{tmp / 'state.db'}"
+        server, address = start_server_process(
+            db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5, **ONE_PEER_FLEET
+        )
+        return server, address, db_url
+    db_url = args.db
+    if not db_url:
+        from tests.support.postgres import PostgresServer
+
+        db_url = stack.enter_context(PostgresServer()).create_database()
+    server, address, args.nodes = start_ray_deployment(
+        args.ray_address,
+        db_url,
+        tmp,
+        args.replicas,
+        lease_s=LEASE_S,
+        retry_base_s=0.5,
+        reap_interval_s=0.5,
+        **ONE_PEER_FLEET,
+    )
+    return server, address, db_url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 agents, 400 jobs, 2,000-device fan-out")
@@ -154,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-s", type=float, default=1.0, help="simulated training time per job")
     parser.add_argument("--db", default="", help="state URL (default: a fresh SQLite file)")
     parser.add_argument("--timeout-s", type=float, default=0, help="give up waiting for jobs after this")
+    parser.add_argument("--ray-address", default="", help="deploy the orchestrator on this Ray cluster")
+    parser.add_argument("--replicas", type=int, default=2, help="front ends on the Ray cluster")
     parser.add_argument("--campaign", action="store_true", help="then the campaign and rollout simulation")
     parser.add_argument("--campaign-only", action="store_true", help="only the campaign and rollout simulation")
     args = parser.parse_args(argv)
     if args.campaign_only:
         return campaign_phase(args, {})
+    baseline = single_process_baseline(sys.argv[1:] if argv is None else argv) if args.ray_address else {}
     agents = args.agents or (200 if args.quick else 2_000)
     real = agents // 10 if args.real_agents < 0 else min(args.real_agents, agents)
     jobs = args.jobs or (400 if args.quick else 5_000)
@@ -167,10 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     max_attempts = 6
 
     tmp = Path(tempfile.mkdtemp(prefix="pocketlora-fleet-"))
-    db_url = args.db or f"sqlite:///{tmp / 'state.db'}"
-    server, address = start_server_process(
-        db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5, **ONE_PEER_FLEET
-    )
+    stack = contextlib.ExitStack()
+    server, address, db_url = start_orchestrator(args, tmp, stack)
     procs: list[subprocess.Popen[str]] = []
     result: dict[str, Any] = {
         "agents": agents,
@@ -178,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": jobs,
         "db": db_url.split("?")[0].split(":")[0],
     }
+    if args.ray_address:
+        result.update(replicas=args.replicas, nodes=args.nodes)
     try:
         simulated = agents - real
         per = -(-simulated // args.procs)
@@ -278,10 +335,18 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 proc.kill()
         stop_process(server)
+        stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    if baseline:
+        result.update(
+            baseline_db="sqlite",
+            baseline_jobs_per_s=baseline["jobs_per_s"],
+            jobs_per_s_ratio=round(result["jobs_per_s"] / baseline["jobs_per_s"], 2),
+        )
 
+    where = f", Ray cluster: {args.replicas} front ends, {args.nodes} nodes" if args.ray_address else ""
     print(
-        f"fleet simulation: {agents:,} agents in {len(procs)} processes, {jobs:,} jobs, lease {LEASE_S:g} s, {result['db']}"
+        f"fleet simulation: {agents:,} agents in {len(procs)} processes, {jobs:,} jobs, lease {LEASE_S:g} s, {result['db']}{where}"
     )
     for key in (
         "succeeded",
@@ -298,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_per_s",
         "fanout_devices",
         "fanout_s",
+        *(("baseline_jobs_per_s", "jobs_per_s_ratio") if baseline else ()),
     ):
         print(f"  {key:<20}{result[key]}")
     ok = (

@@ -37,6 +37,8 @@ from protos.pocketlora.v1 import agent_service_pb2_grpc as agent_grpc
 from protos.pocketlora.v1 import operator_service_pb2_grpc as operator_grpc
 
 log = logging.getLogger("pocketlora.orchestrator")
+# Set to listen beyond loopback without a warning (deployments whose front ends bind 0.0.0.0).
+ALLOW_NON_LOOPBACK_ENV = "POCKETLORA_ALLOW_NON_LOOPBACK"
 
 # Bounded messages: a device never needs more than this, and a bad client cannot balloon memory.
 _OPTIONS = [

@@ -2,8 +2,8 @@
 
 The commands live by role (job_cli.py: jobs; watch_cli.py: job watch; operator_cli.py: devices, adapters, tokens, the
 summary; admin_cli.py: operators, tokens, device identities, the audit log; campaign_cli.py and
-rollout_cli.py: campaigns and rollouts; policy_cli.py: fleet gate policies; commands.py:
-servers, the agent, inference and the demo) and register themselves on the groups of
+rollout_cli.py: campaigns and rollouts; policy_cli.py: fleet gate policies; orchestrator_cli.py: the orchestrator's
+serve and health commands; commands.py: the agent, inference and the demo) and register themselves on the groups of
 cli_common.py (or their own) when imported here.
 """
 
@@ -12,11 +12,31 @@ from __future__ import annotations
 import os
 import sys
 
-from pocketlora import admin_cli, campaign_cli, commands, job_cli, operator_cli, policy_cli, rollout_cli, watch_cli
+from pocketlora import (
+    admin_cli,
+    campaign_cli,
+    commands,
+    job_cli,
+    operator_cli,
+    orchestrator_cli,
+    policy_cli,
+    rollout_cli,
+    watch_cli,
+)
 from pocketlora.cli_common import UserError, app, err
 from pocketlora.client import ClientError
 
-COMMAND_MODULES = (admin_cli, commands, job_cli, operator_cli, watch_cli, campaign_cli, rollout_cli, policy_cli)
+COMMAND_MODULES = (
+    admin_cli,
+    commands,
+    orchestrator_cli,
+    job_cli,
+    operator_cli,
+    watch_cli,
+    campaign_cli,
+    rollout_cli,
+    policy_cli,
+)
 
 
 def main() -> None:

@@ -134,10 +134,15 @@ def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfi
         raise UserError(str(exc)) from None
 
 
+def root_client_tls() -> TlsConfig | None:
+    """The client TLS settings given to the root command (--tls-* or POCKETLORA_TLS_*)."""
+    return client_tls(**_root_tls_files)
+
+
 def client(address: str, token: str) -> OperatorClient:
     if ":" not in address:
         raise UserError(f"--orchestrator {address!r} must be HOST:PORT")
-    return OperatorClient(address, operator_token(token), tls=client_tls(**_root_tls_files))
+    return OperatorClient(address, operator_token(token), tls=root_client_tls())
 
 
 def call(address: str, token: str, method: str, request: Any) -> Any:

@@ -1,10 +1,8 @@
-"""Long-running commands: `orchestrator serve`, `agent run`, `infer` and `demo`."""
+"""Long-running commands: `agent run`, `infer` and `demo` (`orchestrator serve` is in orchestrator_cli.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import signal
 import threading
 from pathlib import Path
@@ -13,7 +11,6 @@ from typing import Annotated
 import typer
 
 from pocketlora.cli_common import (
-    DEFAULT_STATE_DIR,
     TlsCa,
     TlsCert,
     TlsKey,
@@ -22,30 +19,9 @@ from pocketlora.cli_common import (
     app,
     client_tls,
     err,
-    orchestrator_app,
     out,
     parse_kv,
 )
-
-
-def _secret_file(path: Path, env: str) -> str:
-    """A secret from the environment, else from a 0600 file (created with a random value)."""
-    if os.environ.get(env):
-        return os.environ[env]
-    if path.is_file():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
-
-
-def _check_listen(listen: str, flag: str = "--listen") -> None:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
 def _base_model_folder(base_model: Path | None) -> Path:
@@ -60,113 +36,6 @@ def _base_model_folder(base_model: Path | None) -> Path:
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     return base_model
-
-
-@orchestrator_app.command("serve")
-def serve(
-    listen: Annotated[str, typer.Option(help="HOST:PORT for the gRPC API.")] = "127.0.0.1:50051",
-    db: Annotated[
-        str, typer.Option(help="sqlite:///path or postgresql://...")
-    ] = f"sqlite:///{DEFAULT_STATE_DIR}/state.db",
-    store: Annotated[
-        str,
-        typer.Option(
-            help="file:///abs/path or s3://bucket?endpoint=host:port (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."
-        ),
-    ] = "",
-    ray_address: Annotated[
-        str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
-    ] = "",
-    replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
-    http_listen: Annotated[
-        str,
-        typer.Option(
-            help="HOST:PORT for /metrics, the JSON API and the web console (default: off); replica i uses PORT+i."
-        ),
-    ] = "",
-    lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
-    state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
-    bootstrap: Annotated[
-        bool,
-        typer.Option(
-            "--bootstrap/--no-bootstrap",
-            help="Register the bootstrap operator token (POCKETLORA_OPERATOR_TOKEN, else STATE_DIR/operator-token)"
-            " as the first admin's when no admin exists yet.",
-        ),
-    ] = True,
-    tls_cert: Annotated[
-        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
-    ] = None,
-    tls_key: Annotated[
-        Path | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.", show_default=False)
-    ] = None,
-    tls_client_ca: Annotated[
-        Path | None,
-        typer.Option(
-            "--tls-client-ca",
-            help="Require client certificates signed by this CA (mutual TLS); a device's must name its id.",
-            show_default=False,
-        ),
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow plaintext gRPC on a non-loopback --listen address.")
-    ] = False,
-) -> None:
-    """Run the orchestrator: gRPC front ends and the control loop on Ray."""
-    from orchestrator.config import OrchestratorConfig
-    from orchestrator.errors import InvalidArgument
-    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
-    from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
-
-    _check_listen(listen)
-    if http_listen:
-        _check_listen(http_listen, "--http-listen")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
-        check_listen(listen, tls, insecure)
-    except TlsConfigError as exc:
-        raise UserError(str(exc)) from None
-    if insecure and tls is None:
-        err.print(f"[bold red]INSECURE:[/] plaintext gRPC on {listen}: tokens and credentials travel in clear")
-    store = store or f"file://{(state_dir / 'blobs').resolve()}"
-    operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
-    enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
-    os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
-    config = OrchestratorConfig(lease_s=lease_s, bootstrap_token=operator_token, enrollment_token=enrollment_token)
-    # Fail fast on bad URLs, with the field named, before Ray starts.
-    try:
-        from adapters_store import open_store
-        from orchestrator.state import open_state
-
-        open_state(db).close()
-        open_store(store).close()
-    except InvalidArgument as exc:
-        raise UserError(f"--{exc}") from None
-    except Exception as exc:
-        raise UserError(f"cannot open stores: {exc}") from None
-    init_ray(ray_address or None)
-    frontends, control, ports = start_orchestrator(
-        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure, http_listen=http_listen
-    )
-    host = listen.rpartition(":")[0]
-    security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
-    out.print(
-        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} "
-        f"({security}; db {db.split('@')[-1]}, {replicas} replica(s))"
-    )
-    if http_listen:
-        http_host = http_listen.rpartition(":")[0]
-        for port in http_ports(frontends):
-            out.print(f"web console on http://{http_host}:{port}/ (operator token required), metrics on /metrics")
-    if bootstrap:
-        out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
-    out.print(f"enrollment token in {state_dir / 'enrollment-token'}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    stop_orchestrator(frontends, control)
 
 
 @agent_app.command("run")

@@ -82,7 +82,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
     store_url = f"file://{work_dir / 'blobs'}"
 
     from orchestrator.config import OrchestratorConfig
-    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import Deployment, init_ray
 
     with console.status("starting the orchestrator on in-process Ray"):
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
@@ -90,11 +90,12 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         config = OrchestratorConfig(
             lease_s=30.0, bootstrap_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
         )
-        frontends, control, ports = start_orchestrator(db_url, store_url, config, http_listen="127.0.0.1:0")
-    address = f"127.0.0.1:{ports[0]}"
+        deployment = Deployment(db_url, store_url, config, http_listen="127.0.0.1:0")
+        endpoint = deployment.start()[0]
+    address = endpoint.address
     console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
     # The token rides in the URL's fragment, which the browser never sends: the page keeps it.
-    http = f"http://127.0.0.1:{http_ports(frontends)[0]}"
+    http = f"http://127.0.0.1:{endpoint.http_port}"
     console.print(f"web console: [bold]{http}/#token={operator_token}[/] (metrics: {http}/metrics)")
 
     agent_log = (work_dir / "agent.log").open("w")
@@ -166,7 +167,7 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         except subprocess.TimeoutExpired:
             agent.kill()
         agent_log.close()
-        stop_orchestrator(frontends, control)
+        deployment.stop()
         import ray
 
         ray.shutdown()

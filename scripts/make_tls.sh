@@ -4,7 +4,9 @@
 # writes DIR/ca.crt + ca.key (keep ca.key offline once done), DIR/server.crt + server.key for the
 # orchestrator (subjectAltName DNS:SERVER_NAME, DNS:localhost, IP:127.0.0.1), and for each device
 # DIR/DEVICE_ID.crt + .key naming the device as CN and as URI pocketlora-device:DEVICE_ID, which
-# is what binds a device certificate to its id under mutual TLS. Existing files are kept.
+# is what binds a device certificate to its id under mutual TLS, and DIR/probe.crt + probe.key, a
+# client certificate for health checks (`pocketlora --tls-cert ... orchestrator health`) that
+# names no device. Existing files are kept.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 DIR SERVER_NAME [DEVICE_ID...]" >&2
@@ -36,6 +38,7 @@ leaf() {
 }
 
 leaf server "$server" "subjectAltName=DNS:$server,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"
+leaf probe pocketlora-probe "extendedKeyUsage=clientAuth"
 for device in "$@"; do
   leaf "$device" "$device" "subjectAltName=URI:pocketlora-device:$device\nextendedKeyUsage=clientAuth"
 done

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,6 @@ from typing import Any
 import pytest
 
 from adapters_store import S3BlobStore
-from agent.agent import Agent, AgentConfig
-from agent.gate import Gate, GatePolicy
-from agent.sensors import TraceSensors
 from orchestrator.config import OrchestratorConfig
 from pocketlora.client import OperatorClient
 from pocketlora.tls import load_server_tls, load_tls
@@ -33,7 +29,7 @@ from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
 from tests.support.certs import TestCA
 from tests.support.seaweed import SeaweedServer, find_weed
-from tests.support.tiny_models import make_tiny_llama
+from tests.support.tiny_agent import codes_spec, start, tiny_agent
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -64,7 +60,7 @@ def cluster(
     over https; yields (address, store URL)."""
     import ray
 
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import Deployment, init_ray
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", https_seaweed.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", https_seaweed.secret_key)
@@ -75,11 +71,11 @@ def cluster(
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
     config = OrchestratorConfig(lease_s=20.0, bootstrap_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
-    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config, tls=tls)
+    deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", store_url, config, tls=tls)
     try:
-        yield f"127.0.0.1:{ports[0]}", store_url
+        yield deployment.start()[0].address, store_url
     finally:
-        stop_orchestrator(frontends, control)
+        deployment.stop()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -90,45 +86,22 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
     address, _ = cluster
     phone = ca.issue("e2e-phone", cn="e2e-phone", device_uri="e2e-phone")
     ops = ca.issue("ops", cn="e2e-operator")
-    base = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
-    device_dir = tmp_path / "device"
-    (device_dir / "datasets").mkdir(parents=True)
-    rows = [{"prompt": f"Say the code {i}.", "completion": " The secret code is PocketLoRA."} for i in range(16)]
-    (device_dir / "datasets" / "codes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    trace = tmp_path / "trace.jsonl"
-    trace.write_text(json.dumps({"t": 0, "charging": True, "battery": 90, "temp_c": 30}) + "\n")
-
     events: list[tuple[str, dict[str, Any]]] = []
-    cfg = AgentConfig(
-        orchestrator=address,
-        device_id="e2e-phone",
-        work_dir=device_dir,
-        base_model_dir=base,
-        base_model_id="tiny-llama",
-        datasets_dir=device_dir / "datasets",
-        enrollment_token=ENROLL,
-        tick_s=0.2,
-        progress_every_s=0.5,
+    agent, cfg = tiny_agent(
+        address,
+        tmp_path,
+        "e2e-phone",
+        ENROLL,
+        listener=lambda k, d: events.append((k, d)),
         tls=load_tls(ca=ca.cert_path, cert=phone.cert, key=phone.key),
         store_tls=load_tls(ca=ca.cert_path),
     )
-    agent = Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=lambda k, d: events.append((k, d)))
-    stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-    thread.start()
+    device_dir = cfg.work_dir
+    stop, thread = start(agent)
     client = OperatorClient(address, OPERATOR, tls=load_tls(ca=ca.cert_path, cert=ops.cert, key=ops.key))
     try:
         wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
-        spec = tpb.TrainingSpec(
-            adapter_name="codes",
-            base_model_id="tiny-llama",
-            dataset="codes",
-            learning_rate=5e-3,
-            max_steps=6,
-            max_seq_len=64,
-            seed=3,
-            lora=tpb.LoraSettings(rank=8, alpha=16, dropout=0.0),
-        )
+        spec = codes_spec()
         job = client.call(
             "SubmitJob", op.SubmitJobRequest(request_id="e2e-1", device_id="e2e-phone", training=spec)
         ).job

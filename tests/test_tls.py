@@ -172,3 +172,9 @@ def test_the_make_tls_script_makes_what_a_mutual_tls_deployment_needs(tmp_path: 
         with pytest.raises(grpc.RpcError) as info:
             srv.agent.Enroll(apb.EnrollRequest(device_id="edge-box-2"), metadata=op_md(ENROLL_TOKEN))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The probe certificate passes health checks (compose's container probes); no certificate does not.
+        from orchestrator.ray_layer import health_check
+
+        probe = load_tls(ca=tmp_path / "ca.crt", cert=tmp_path / "probe.crt", key=tmp_path / "probe.key")
+        assert health_check(srv.address, 10.0, probe)
+        assert not health_check(srv.address, 5.0, load_tls(ca=tmp_path / "ca.crt"))

@@ -1,14 +1,11 @@
-"""Repository checks that CI must run: generated code is fresh, the compose file is valid."""
+"""Repository checks that CI must run: generated code is fresh (deployment files: test_deploy.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +31,3 @@ def test_stale_generated_code_is_detected(tmp_path: Path) -> None:
         [sys.executable, "scripts/gen_protos.py", "--check"], cwd=copy, capture_output=True, text=True
     )
     assert result.returncode == 1 and "stale" in result.stdout
-
-
-def test_docker_compose_file_is_valid() -> None:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is required in CI (scripts/test.sh installs it)")
-        pytest.skip("docker-compose not installed")
-    result = subprocess.run([exe, "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr

@@ -41,16 +41,17 @@ def test_replicas_serve_http_and_replica_0_reports_the_control_loop(
 ) -> None:
     import ray
 
-    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import Deployment, init_ray
 
     monkeypatch.setenv("POCKETLORA_URL_SECRET", secrets.token_hex(32))
     ray_tmp = Path(tempfile.mkdtemp(prefix="plrm-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
-    config = OrchestratorConfig(lease_s=2.0, operator_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.3)
+    config = OrchestratorConfig(lease_s=2.0, bootstrap_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.3)
     db, store = f"sqlite:///{tmp_path / 'state.db'}", f"file://{tmp_path / 'blobs'}"
-    frontends, control, ports = start_orchestrator(db, store, config, replicas=2, http_listen="127.0.0.1:0")
+    deployment = Deployment(db, store, config, replicas=2, http_listen="127.0.0.1:0")
     try:
-        first, second = http_ports(frontends)
+        ports = [e.port for e in deployment.start()]
+        first, second = deployment.http_ports()
         assert first and second and first != second
         channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
         agent, operator = agrpc.AgentServiceStub(channel), ogrpc.OperatorServiceStub(channel)
@@ -71,6 +72,6 @@ def test_replicas_serve_http_and_replica_0_reports_the_control_loop(
             assert b"PocketLoRA console" in page.read()
         channel.close()
     finally:
-        stop_orchestrator(frontends, control)
+        deployment.stop()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
