@@ -247,6 +247,30 @@ GRADIENT_CHECKPOINTING_OFF: GradientCheckpointing.ValueType  # 2
 """Never recompute activations."""
 Global___GradientCheckpointing: _TypeAlias = GradientCheckpointing  # noqa: Y015
 
+class _InferenceRuntime:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InferenceRuntimeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InferenceRuntime.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INFERENCE_RUNTIME_UNSPECIFIED: _InferenceRuntime.ValueType  # 0
+    """Not set."""
+    INFERENCE_RUNTIME_ONNX: _InferenceRuntime.ValueType  # 1
+    """onnxruntime-genai with a runtime bundle (int4 base, LoRA adapters as .onnx_adapter files)."""
+    INFERENCE_RUNTIME_TORCH: _InferenceRuntime.ValueType  # 2
+    """transformers + peft in fp32 (needs torch on the device)."""
+
+class InferenceRuntime(_InferenceRuntime, metaclass=_InferenceRuntimeEnumTypeWrapper):
+    """InferenceRuntime is an engine a device can answer prompts with."""
+
+INFERENCE_RUNTIME_UNSPECIFIED: InferenceRuntime.ValueType  # 0
+"""Not set."""
+INFERENCE_RUNTIME_ONNX: InferenceRuntime.ValueType  # 1
+"""onnxruntime-genai with a runtime bundle (int4 base, LoRA adapters as .onnx_adapter files)."""
+INFERENCE_RUNTIME_TORCH: InferenceRuntime.ValueType  # 2
+"""transformers + peft in fp32 (needs torch on the device)."""
+Global___InferenceRuntime: _TypeAlias = InferenceRuntime  # noqa: Y015
+
 @_typing.final
 class Capabilities(_message.Message):
     """Capabilities describe what a device can do; sent at enrollment."""
@@ -284,6 +308,7 @@ class Capabilities(_message.Message):
     BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    INFERENCE_RUNTIMES_FIELD_NUMBER: _builtins.int
     ram_bytes: _builtins.int
     """Total physical memory in bytes."""
     free_storage_bytes: _builtins.int
@@ -311,6 +336,10 @@ class Capabilities(_message.Message):
         enrollment token fixes.
         """
 
+    @_builtins.property
+    def inference_runtimes(self) -> _containers.RepeatedScalarFieldContainer[Global___InferenceRuntime.ValueType]:
+        """Inference runtimes the device can run, preferred first."""
+
     def __init__(
         self,
         *,
@@ -325,10 +354,11 @@ class Capabilities(_message.Message):
         base_fingerprint: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         memory_budget_bytes: _builtins.int = ...,
+        inference_runtimes: _abc.Iterable[Global___InferenceRuntime.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "inference_runtimes", b"inference_runtimes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
