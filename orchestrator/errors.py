@@ -6,7 +6,8 @@ OrchestratorError
 ├── AlreadyExists        a conflicting create
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
-└── PermissionDenied     a valid caller acting on what is not theirs
+├── PermissionDenied     a valid caller acting on what is not theirs
+└── Unavailable          not ready yet (a runtime form being made): ask again later
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class PermissionDenied(OrchestratorError):
 
 class ResourceExhausted(OrchestratorError):
     """The caller is over one of its limits; it may retry later."""
+
+
+class Unavailable(OrchestratorError):
+    """What was asked for is being produced; the caller should ask again later."""
 
 
 T = TypeVar("T")

@@ -8,6 +8,9 @@ actors with one factory each (Ray Serve's controller pattern):
 - ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
   it after a crash, and it holds no state of its own (everything is in the state store).
 - verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end.
+- export_bundle / convert_adapter: runtime bundles (exported once per base, started by the
+  control loop) and adapters' .onnx_adapter forms (after verification, from a front end) as
+  Ray tasks (orchestrator.runtime_forms decides when).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from adapters_store.runtime_bundle import BundleRef, BundleSettings
 from orchestrator.config import Limits, OrchestratorConfig
 from orchestrator.pace import PacePolicy
 
@@ -96,6 +100,48 @@ def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str,
         store.close()
 
 
+def _export_bundle(store_url: str, base_model_id: str, base_dir: str, settings: dict[str, Any]) -> str:
+    from adapters_store import open_store
+    from orchestrator.runtime_forms import local_exporter
+
+    store = open_store(store_url)
+    try:
+        bundle = BundleSettings(settings["precision"], tuple(settings["targets"]), settings["max_rank"])
+        return local_exporter(store, base_model_id, base_dir, bundle).to_json()
+    finally:
+        store.close()
+
+
+def _convert_adapter(store_url: str, sha256: str, key: str, bundle_json: str) -> dict[str, Any]:
+    from adapters_store import open_store
+    from orchestrator.runtime_forms import local_converter
+
+    store = open_store(store_url)
+    try:
+        return local_converter(store, sha256, key, BundleRef.from_json(bundle_json))
+    finally:
+        store.close()
+
+
+def _ray_forms(store_url: str, *, exports: bool) -> dict[str, Any]:
+    """RuntimeForms options that run exports and conversions as Ray tasks."""
+    import ray
+
+    # An export runs the model builder (a CPU-heavy child process): one CPU of the cluster.
+    export = ray.remote(num_cpus=1, max_retries=1)(_export_bundle)
+    convert = ray.remote(num_cpus=0, max_retries=2)(_convert_adapter)
+
+    def exporter(_store: Any, base_model_id: str, base_dir: str, settings: BundleSettings) -> BundleRef:
+        body = {"precision": settings.precision, "targets": list(settings.targets), "max_rank": settings.max_rank}
+        return BundleRef.from_json(ray.get(export.remote(store_url, base_model_id, base_dir, body)))
+
+    def converter(_store: Any, sha256: str, key: str, bundle: BundleRef) -> dict[str, Any]:
+        result: dict[str, Any] = ray.get(convert.remote(store_url, sha256, key, bundle.to_json()))
+        return result
+
+    return {"exporter": exporter, "converter": converter, "exports": exports}
+
+
 class FrontendActor:
     """One gRPC front end; becomes a Ray actor through `frontend_actor()`."""
 
@@ -116,7 +162,13 @@ class FrontendActor:
             # Runs on an executor thread of this actor; ray.get blocks only that thread.
             return ray.get(verify.remote(store_url, key, sha256, size))
 
-        orch = build_orchestrator(self.db_url, self.store_url, _config_from(self.config), verifier=ray_verifier)
+        orch = build_orchestrator(
+            self.db_url,
+            self.store_url,
+            _config_from(self.config),
+            verifier=ray_verifier,
+            forms=_ray_forms(store_url, exports=False),
+        )
         self.running = await start_server(orch, self.listen)
         return int(self.running.port)
 
@@ -134,7 +186,9 @@ class ControlLoopActor:
     def __init__(self, db_url: str, store_url: str, config: dict[str, Any]) -> None:
         from orchestrator.server import build_orchestrator
 
-        self.orch = build_orchestrator(db_url, store_url, _config_from(config))
+        self.orch = build_orchestrator(
+            db_url, store_url, _config_from(config), forms=_ray_forms(store_url, exports=True)
+        )
         self.interval = self.orch.config.reap_interval_s
         self.reaped = 0
         self.ticks = 0
@@ -144,6 +198,10 @@ class ControlLoopActor:
         """Reap expired leases and deadlines until stop() is called."""
         loop = asyncio.get_running_loop()
         self._stopping = self._stopping or asyncio.Event()
+        forms = self.orch.runtimes.forms
+        if forms is not None:
+            # Bases without a bundle are exported once, in the background (Ray tasks).
+            await loop.run_in_executor(None, forms.ensure_bundles)
         while not self._stopping.is_set():
             try:
                 self.reaped += await loop.run_in_executor(None, self.orch.jobs.reap)

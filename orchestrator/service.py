@@ -6,6 +6,7 @@
     jobs      (lifecycle.py)  a job's life once queued: lease, heartbeat, reports, completion, reaping
     fleet     (fleet.py)      operator changes: submissions, campaigns, cancellation, activation
     queries   (queries.py)    operator reads and watches
+    runtimes  (runtimes.py)   runtime bundles and adapters' .onnx_adapter forms for devices
 
 Nothing here knows gRPC or Ray: servicers convert requests and call one method of one role; the
 Ray layer runs `jobs.reap` on a timer and adapter verification as tasks.
@@ -24,6 +25,8 @@ from orchestrator.identity import Identity
 from orchestrator.lifecycle import JobLifecycle, Verifier, local_verifier
 from orchestrator.operators import Operators
 from orchestrator.queries import Queries
+from orchestrator.runtime_forms import RuntimeForms
+from orchestrator.runtimes import RuntimeDownloads
 from orchestrator.state.base import StateStore
 
 
@@ -38,6 +41,7 @@ class Orchestrator:
         *,
         clock: Callable[[], float] = time.time,
         verifier: Verifier = local_verifier,
+        runtime_forms: RuntimeForms | None = None,
     ) -> None:
         self.state = state
         self.blobs = blobs
@@ -46,11 +50,15 @@ class Orchestrator:
         self.identity = Identity(state, config, clock)
         self.operators = Operators(state, config, clock)
         self.audit = AuditLog(state, clock)
-        self.jobs = JobLifecycle(state, blobs, config, self.identity, clock, verifier)
+        # A verified adapter gets its runtime form in the background (None: no bundles here).
+        on_verified = runtime_forms.adapter_verified if runtime_forms is not None else None
+        self.jobs = JobLifecycle(state, blobs, config, self.identity, clock, verifier, on_verified)
+        self.runtimes = RuntimeDownloads(self.jobs, self.identity, runtime_forms, config, clock)
         self.fleet = FleetOps(state, config, clock)
         self.queries = Queries(state, clock)
 
     def close(self) -> None:
         """Release the stores."""
+        self.runtimes.close()
         self.state.close()
         self.blobs.close()

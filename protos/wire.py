@@ -2,7 +2,7 @@
 
 - The metadata key that names the calling device.
 - The enums domain code works with (job states, error classes, eligibility reasons, operator
-  roles). Each is a
+  roles, inference runtimes). Each is a
   StrEnum whose values are the proto enum's names without the enum's prefix
   (`JobState.QUEUED` <-> `JOB_STATE_QUEUED` = 1), so they read well in logs, JSON and SQL.
 - One pair of helpers between those enums and the proto numbers (`to_pb` / `from_pb`) and one
@@ -99,6 +99,13 @@ class Role(enum.StrEnum):
         return order.index(self) >= order.index(needed)
 
 
+class InferenceRuntime(enum.StrEnum):
+    """An engine a device answers prompts with."""
+
+    ONNX = "ONNX"
+    TORCH = "TORCH"
+
+
 E = TypeVar("E", bound=enum.StrEnum)
 
 # Domain enum -> (its proto enum wrapper, the proto names' prefix).
@@ -107,6 +114,7 @@ _PROTO = {
     ErrorClass: (tpb.ErrorClass, "ERROR_CLASS_"),
     EligibilityReason: (tpb.EligibilityReason, "ELIGIBILITY_REASON_"),
     Role: (admin_pb.Role, "ROLE_"),
+    InferenceRuntime: (tpb.InferenceRuntime, "INFERENCE_RUNTIME_"),
 }
 _TO_PB: dict[enum.StrEnum, int] = {}
 _FROM_PB: dict[tuple[type[enum.StrEnum], int], enum.StrEnum] = {}

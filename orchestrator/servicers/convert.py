@@ -150,6 +150,10 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
+def _runtime(number: int) -> wire.InferenceRuntime | None:
+    return wire.from_pb(wire.InferenceRuntime, number)
+
+
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
     return {
@@ -163,8 +167,20 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "base_model_id": caps.base_model_id[:200],
         "base_fingerprint": caps.base_fingerprint[:100],
         "memory_budget_bytes": caps.memory_budget_bytes,
+        "inference_runtimes": [str(r) for r in map(_runtime, caps.inference_runtimes) if r is not None],
         "labels": dict(caps.labels),
     }
+
+
+def runtime_form(form: dict[str, Any]) -> agent_pb.RuntimeForm:
+    """An adapter's .onnx_adapter form as stored (adapters_store.onnx_adapter.form_manifest)."""
+    return agent_pb.RuntimeForm(
+        form=agent_pb.ADAPTER_FORM_ONNX_ADAPTER,
+        sha256=str(form["sha256"]),
+        size_bytes=int(form["size"]),
+        bundle_sha256=str(form["bundle_sha256"]),
+        manifest_json=json.dumps(form, sort_keys=True),
+    )
 
 
 def power_dict(power: pb.PowerState) -> dict[str, Any]:
@@ -179,6 +195,8 @@ def power_dict(power: pb.PowerState) -> dict[str, Any]:
 def device_pb(device: DeviceRecord) -> pb.Device:
     """A stored device as the API shows it."""
     caps = {k: v for k, v in device.capabilities.items() if k != "labels"}
+    names = [wire.from_pb_name(wire.InferenceRuntime, n) for n in caps.get("inference_runtimes", [])]
+    caps["inference_runtimes"] = [wire.to_pb(r) for r in names if r is not None]
     cap_pb = pb.Capabilities(labels=device.reported_labels, **caps)
     power = pb.PowerState(has_battery=bool(device.power.get("has_battery")))
     for name in ("charging", "battery_pct", "temperature_c"):
