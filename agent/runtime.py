@@ -1,11 +1,7 @@
-"""The inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
+"""The torch inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
 
-    AdapterRuntimeError         base of everything raised on purpose; messages name adapter and file
-    ├── AdapterLoadError        unusable folder: pickled .bin, no safetensors, bad config or shapes
-    │   └── IncompatibleAdapter manifest.json names a different base fingerprint
-    ├── AdapterNotLoaded        the name is not resident (never loaded, unloaded or evicted)
-    ├── AdapterBusy             unload of the active adapter (activate another one or None first)
-    └── RuntimeClosed           close() was called
+Its interface and error tree (agent.runtime_base) are shared with the onnxruntime-genai backend
+(agent.ort_runtime); both are re-exported here.
 
 Concurrency: peft keeps the active adapter as attributes on every LoRA layer (`set_adapter`
 writes `_active_adapter`, `disable_adapter_layers` writes `_disable_adapters`), and its per-call
@@ -32,70 +28,43 @@ torch, transformers and peft are imported lazily: importing this module is cheap
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-from adapters_store.blob import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, ensure_safetensors
-from adapters_store.errors import AdapterFormatError
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
+from agent.adapter_files import check_adapter_dir, manifest_fingerprint, strip_sha
+from agent.runtime_base import (
+    AdapterBusy,
+    AdapterLoadError,
+    AdapterNotLoaded,
+    AdapterRuntimeError,
+    GenerateRequest,
+    GenerationResult,
+    IncompatibleAdapter,
+    RuntimeClosed,
+    StreamChunk,
+)
 
-_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# peft stores adapters as ModuleDict keys; a '.' would break module paths.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Config keys that do not change the adapter's modules: a slot is reusable when the rest matches.
-_CONFIG_IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+__all__ = [
+    "AdapterBusy",
+    "AdapterLoadError",
+    "AdapterNotLoaded",
+    "AdapterRuntime",
+    "AdapterRuntimeError",
+    "GenerationResult",
+    "IncompatibleAdapter",
+    "RuntimeClosed",
+]
+
 _MAX_FREE_SLOTS = 2
 _UNKNOWN = object()  # "which adapter the layers have applied" after peft changed it behind us
-
-
-class AdapterRuntimeError(Exception):
-    """Base of the runtime's deliberate errors."""
-
-
-class AdapterLoadError(AdapterRuntimeError):
-    """The adapter folder cannot be loaded (format, config or shape problem)."""
-
-
-class IncompatibleAdapter(AdapterLoadError):
-    """The adapter was trained on a different base model."""
-
-    def __init__(self, name: str, adapter_fingerprint: str, base_fingerprint: str) -> None:
-        super().__init__(
-            f"adapter {name!r} was trained on base {adapter_fingerprint}, "
-            f"but this runtime serves base {base_fingerprint}"
-        )
-        self.adapter_fingerprint = adapter_fingerprint
-        self.base_fingerprint = base_fingerprint
-
-
-class AdapterNotLoaded(AdapterRuntimeError, LookupError):
-    """The named adapter is not resident."""
-
-
-class AdapterBusy(AdapterRuntimeError):
-    """The adapter is active and cannot be unloaded."""
-
-
-class RuntimeClosed(AdapterRuntimeError):
-    """The runtime was closed."""
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """Generated text, the adapter that produced it (None = base), new tokens and wall seconds."""
-
-    text: str
-    adapter: str | None
-    tokens: int
-    seconds: float
 
 
 @dataclass
@@ -112,54 +81,6 @@ class _Slot:
     config_key: str
     tensors: dict[str, Any]  # saved-name -> tensor sharing storage with the LoRA parameter
     nbytes: int
-
-
-def _strip_sha(fingerprint: str) -> str:
-    return fingerprint.removeprefix("sha256:")
-
-
-def _check_adapter_dir(name: str, adapter_dir: Path) -> tuple[Path, str]:
-    """Return (safetensors weights, config key) of a loadable adapter folder, or raise why not."""
-    if not _NAME.fullmatch(name):
-        raise AdapterLoadError(f"adapter name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
-    if not adapter_dir.is_dir():
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} is not a directory")
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLED_SUFFIXES)
-        if pickled:
-            raise AdapterLoadError(
-                f"adapter {name!r}: {adapter_dir} holds only pickled weights ({', '.join(pickled)}); "
-                f"PocketLoRA loads only {WEIGHTS_NAME} (unpickling can run code)"
-            )
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} has no {WEIGHTS_NAME}")
-    try:
-        ensure_safetensors(weights)  # also catches a pickle renamed to .safetensors
-    except AdapterFormatError as exc:
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir}: {exc}") from None
-    try:
-        config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"adapter {name!r}: unreadable {CONFIG_NAME}: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"adapter {name!r}: {CONFIG_NAME} must be a JSON object")
-    key = {k: v for k, v in config.items() if k not in _CONFIG_IGNORED}
-    return weights, json.dumps(key, sort_keys=True)
-
-
-def _manifest_fingerprint(name: str, adapter_dir: Path) -> str | None:
-    """Return manifest.json's base_fingerprint, None when the folder has no manifest."""
-    path = adapter_dir / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"adapter {name!r}: unreadable {MANIFEST_NAME}: {exc}") from None
-    value = manifest.get("base_fingerprint") if isinstance(manifest, dict) else None
-    if not isinstance(value, str):
-        raise AdapterLoadError(f"adapter {name!r}: {MANIFEST_NAME} has no base_fingerprint string")
-    return value
 
 
 class AdapterRuntime:
@@ -222,10 +143,10 @@ class AdapterRuntime:
         """Load an adapter from a peft folder (safetensors only) without activating it; return bytes."""
         self._check_open()
         adapter_dir = Path(adapter_dir)
-        weights, config_key = _check_adapter_dir(name, adapter_dir)
+        weights, config_key = check_adapter_dir(name, adapter_dir)
         if expected_fingerprint_check:
-            theirs = _manifest_fingerprint(name, adapter_dir)
-            if theirs is not None and _strip_sha(theirs) != _strip_sha(self._base_fingerprint):
+            theirs = manifest_fingerprint(name, adapter_dir)
+            if theirs is not None and strip_sha(theirs) != strip_sha(self._base_fingerprint):
                 raise IncompatibleAdapter(name, theirs, self._base_fingerprint)
         nbytes = weights.stat().st_size
         with self._model_lock:
@@ -398,16 +319,8 @@ class AdapterRuntime:
                 self._peft.set_adapter(slot, inference_mode=True)
         self._applied = slot
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int = 48,
-        adapter: str | EllipsisType | None = ...,
-        chat: bool = True,
-    ) -> GenerationResult:
-        """Greedy-generate a reply with the adapter pinned at admission (default: the active one)."""
-        started = time.perf_counter()
+    def _pin(self, adapter: str | EllipsisType | None) -> tuple[str | None, _Resident | None]:
+        """Resolve and pin a request's adapter at admission (default: the active one)."""
         self._check_open()
         with self._state:
             name = self._active if adapter is ... else adapter
@@ -418,17 +331,50 @@ class AdapterRuntime:
                     raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
                 res.pins += 1
                 self._residents.move_to_end(name)
+        return name, res
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 48,
+        adapter: str | EllipsisType | None = ...,
+        chat: bool = True,
+    ) -> GenerationResult:
+        """Greedy-generate a reply with the adapter pinned at admission (default: the active one)."""
+        started = time.perf_counter()
+        name, res = self._pin(adapter)
         try:
             with self._model_lock:
                 self._check_open()
                 self._apply_locked(None if res is None else res.slot)
-                text, tokens = self._generate_locked(prompt, max_new_tokens, chat)
+                text, ids = self._generate_locked(prompt, max_new_tokens, chat)
                 self._unpin(res)
                 res = None
                 self._trim_locked()
         finally:
             self._unpin(res)  # only when the generation raised
-        return GenerationResult(text, name, tokens, time.perf_counter() - started)
+        eos = self._tokenizer.eos_token_id
+        kept = tuple(i for i in ids if i != eos)
+        finish = "eos" if len(kept) < len(ids) else "length"
+        return GenerationResult(
+            text, name, len(ids), time.perf_counter() - started, finish_reason=finish, token_ids=kept
+        )
+
+    def stream(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        """Stream a reply token by token; the adapter is pinned when iteration starts, and the
+        model stays with this request until the stream ends or is closed."""
+        from agent.torch_stream import stream_tokens
+
+        name, res = self._pin(request.adapter)
+        try:
+            with self._model_lock:
+                self._check_open()
+                self._apply_locked(None if res is None else res.slot)
+                yield from stream_tokens(self._model, self._tokenizer, request, name)
+        finally:
+            self._unpin(res)
+            self._trim_nowait()
 
     def _unpin(self, res: _Resident | None) -> None:
         if res is None:
@@ -438,7 +384,7 @@ class AdapterRuntime:
             if res.draining and res.pins == 0:
                 self._free[res.slot] = None
 
-    def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, int]:
+    def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, list[int]]:
         """Tokenize, generate greedily and decode (model lock held; fast tokenizers are not
         safe to share between threads either)."""
         from transformers import GenerationConfig
@@ -463,7 +409,7 @@ class AdapterRuntime:
         with self._torch.inference_mode():
             out = self._model.generate(**enc, generation_config=config)
         new = out[0, n_in:]
-        return str(tok.decode(new, skip_special_tokens=True)), int(new.shape[0])
+        return str(tok.decode(new, skip_special_tokens=True)), [int(i) for i in new]
 
     def close(self) -> None:
         """Release the model; later calls raise RuntimeClosed."""
