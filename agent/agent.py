@@ -64,6 +64,8 @@ class AgentConfig:
     serve_adapters: bool = True
     # Rotate the device credential once it is this old (0: never).
     rotate_credential_after_s: float = 30 * 86400
+    runtime: str = "auto"  # onnx | torch | auto (agent.serving)
+    inference_listen: str = ""  # DeviceInferenceService address for apps; "" = none
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -101,6 +103,8 @@ class Agent:
             self.base_fingerprint,
             self._emit,
             torch_threads=config.torch_threads,
+            runtime=config.runtime,
+            listen=config.inference_listen,
         )
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
@@ -108,11 +112,6 @@ class Agent:
             # Restarted mid-job: resume from the checkpoint once the gate allows.
             self.job.state = JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
-
-    @property
-    def runtime(self) -> Any:
-        """The inference runtime child (None until the first adapter switch)."""
-        return self.adapters.runtime
 
     # ------------------------------------------------------------------ plumbing
     def _emit(self, kind: str, **data: Any) -> None:
@@ -137,6 +136,7 @@ class Agent:
         caps = detect_capabilities(
             self.cfg.work_dir, self.cfg.base_model_id, self.base_fingerprint, self.cfg.labels, budget
         )
+        caps.inference_runtimes.extend(self.adapters.serving.advertised())  # type: ignore[arg-type]
         delay = 1.0
         while True:
             try:

@@ -1,8 +1,10 @@
 """The agent's handle on the inference runtime, which runs in a child process.
 
-The polling agent must stay torch-free and light, so the base model lives in
-`python -m agent.runtime_host`; this class speaks to it with one JSON object per line.
-Loading an adapter never reloads the base: the child keeps it resident (agent.runtime).
+The polling agent must stay light (no torch, no model in its memory), so the model lives in
+`python -m agent.runtime_host`; this class speaks to it with one JSON object per line. The
+child holds the torch runtime (a base model folder) or the ORT one (a runtime bundle), and
+serves DeviceInferenceService to apps when given an address. Loading an adapter never
+reloads the base: the child keeps it resident.
 """
 
 from __future__ import annotations
@@ -22,22 +24,36 @@ class RuntimeHostError(Exception):
 class RuntimeHost:
     """A child process holding the base model and its resident adapters."""
 
-    def __init__(self, base_model_dir: Path, *, torch_threads: int = 0, max_resident_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        backend: str = "torch",
+        threads: int = 0,
+        max_resident_bytes: int = 256 * 2**20,
+        serve: str = "",
+    ) -> None:
         cmd = [
             sys.executable,
             "-m",
             "agent.runtime_host",
-            "--base-model",
-            str(base_model_dir),
+            "--backend",
+            backend,
+            "--model",
+            str(model_dir),
             "--max-resident-bytes",
             str(max_resident_bytes),
+            "--threads",
+            str(threads),
         ]
-        if torch_threads:
-            cmd += ["--torch-threads", str(torch_threads)]
+        if serve:
+            cmd += ["--serve", serve]
+        self.backend = backend
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._lock = threading.Lock()
-        self._loaded: set[str] = set()
-        self.call("ping")  # wait until the base model is loaded
+        hello = self.call("ping")  # waits until the model is loaded
+        self.base_fingerprint = str(hello["base_fingerprint"])
+        self.address = str(hello["address"])  # where DeviceInferenceService listens ("" if not served)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one command and wait for its reply."""

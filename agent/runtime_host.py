@@ -1,4 +1,10 @@
-"""Child process serving the inference runtime over stdin/stdout (one JSON object per line)."""
+"""Child process serving an inference runtime: JSON commands on stdin/stdout from the agent,
+and (with --serve) DeviceInferenceService for apps on the device.
+
+Backends: `torch` (agent.runtime: transformers + peft on a Hugging Face base folder) or `onnx`
+(agent.ort_runtime: onnxruntime-genai on a runtime bundle; this process then imports neither
+torch nor transformers).
+"""
 
 from __future__ import annotations
 
@@ -10,28 +16,41 @@ from pathlib import Path
 from typing import Any
 
 
+def _runtime(args: argparse.Namespace) -> Any:
+    if args.backend == "onnx":
+        from agent.ort_runtime import OrtRuntime
+
+        return OrtRuntime(args.model, max_resident_bytes=args.max_resident_bytes, threads=args.threads or None)
+    from agent.runtime import AdapterRuntime
+
+    return AdapterRuntime(args.model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.threads or None)
+
+
 def main() -> int:
-    """Load the base once, then answer commands until stdin closes."""
+    """Load the model once, then answer commands until stdin closes."""
     parser = argparse.ArgumentParser(description="PocketLoRA inference runtime host")
-    parser.add_argument("--base-model", required=True, type=Path)
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument("--model", required=True, type=Path, help="base model folder (torch) or runtime bundle (onnx)")
     parser.add_argument("--max-resident-bytes", type=int, default=256 * 2**20)
-    parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--serve", default="", help="DeviceInferenceService address: unix:/path or 127.0.0.1:PORT")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Replies go on the real stdout; anything libraries print goes to stderr.
     out = sys.stdout
     sys.stdout = sys.stderr
-    from agent.runtime import AdapterRuntime
+    runtime = _runtime(args)
+    server, address = None, ""
+    if args.serve:
+        from agent.inference_server import serve_inference
 
-    runtime = AdapterRuntime(
-        args.base_model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.torch_threads or None
-    )
+        server, address = serve_inference(runtime, args.serve, args.backend)
 
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd.get("op")
         if op == "ping":
-            return {"base_fingerprint": runtime.base_fingerprint}
+            return {"base_fingerprint": runtime.base_fingerprint, "address": address, "backend": args.backend}
         if op == "has":
             return {"resident": cmd["name"] in runtime.resident()}
         if op == "load":
@@ -57,6 +76,8 @@ def main() -> int:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+    if server is not None:
+        server.stop(grace=2).wait()
     runtime.close()
     return 0
 

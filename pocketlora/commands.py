@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,18 @@ def _secret_file(path: Path, env: str) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def _runtime_bases(values: list[str]) -> dict[str, str]:
+    """--runtime-base [ID=]DIR values as {id: absolute folder}."""
+    bases = {}
+    for value in values:
+        base_id, sep, folder = value.partition("=")
+        path = Path(folder if sep else value).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise typer.BadParameter(f"{value!r}: no config.json in {path}", param_hint="--runtime-base")
+        bases[base_id if sep else path.name] = str(path)
+    return bases
 
 
 def _check_listen(listen: str) -> None:
@@ -61,6 +74,13 @@ def serve(
             " as the first admin's when no admin exists yet.",
         ),
     ] = True,
+    runtime_base: Annotated[
+        list[str],
+        typer.Option(
+            help="[ID=]DIR of a base model to export a runtime bundle for (ONNX devices); repeatable. ID defaults to the folder name."
+        ),
+    ] = [],  # noqa: B006
+    bundle_precision: Annotated[str, typer.Option(help="Bundle weights: int4 | fp32.")] = "int4",
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
@@ -68,12 +88,20 @@ def serve(
     from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
 
     _check_listen(listen)
+    if bundle_precision not in ("int4", "fp32"):
+        raise typer.BadParameter(f"{bundle_precision!r} is not int4 or fp32", param_hint="--bundle-precision")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
     operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
     os.environ.setdefault("POCKETLORA_URL_SECRET", secrets.token_hex(32))
-    config = OrchestratorConfig(lease_s=lease_s, bootstrap_token=operator_token, enrollment_token=enrollment_token)
+    config = OrchestratorConfig(
+        lease_s=lease_s,
+        bootstrap_token=operator_token,
+        enrollment_token=enrollment_token,
+        runtime_bases=_runtime_bases(runtime_base),
+        bundle_precision=bundle_precision,
+    )
     # Fail fast on bad URLs, with the field named, before Ray starts.
     try:
         from adapters_store import open_store
@@ -128,13 +156,34 @@ def agent_run(
     min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+    runtime: Annotated[
+        str, typer.Option(help="Inference runtime: onnx | torch | auto (onnx when installed and exported).")
+    ] = "auto",
+    inference_listen: Annotated[
+        str,
+        typer.Option(
+            help="Inference API for apps: unix:/path | 127.0.0.1:PORT | off (default: WORK_DIR/inference.sock)."
+        ),
+    ] = "",
 ) -> None:
-    """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
+    """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters, serve apps."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
 
     labels = parse_kv(label, "--label")
+    if runtime not in ("auto", "onnx", "torch"):
+        raise typer.BadParameter(f"{runtime!r} is not one of onnx, torch, auto", param_hint="--runtime")
+    if inference_listen == "off":
+        listen = ""
+    else:
+        listen = inference_listen or f"unix:{(work_dir / 'inference.sock').resolve()}"
+        try:
+            from agent.inference_server import check_listen
+
+            check_listen(listen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--inference-listen") from None
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
@@ -160,54 +209,85 @@ def agent_run(
         labels=labels,
         memory_budget_mb=memory_budget_mb,
         torch_threads=torch_threads,
+        runtime=runtime,
+        inference_listen=listen,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         Agent(cfg, source, Gate(policy)).run(stop)
-    except EnrollmentError as exc:
+    except (EnrollmentError, ValueError) as exc:  # ValueError: --runtime onnx without onnxruntime-genai
         raise UserError(str(exc)) from None
 
 
 @app.command("infer")
 def infer(
-    base_model: Annotated[Path, typer.Option(help="Folder of the base model.")],
     prompt: Annotated[str, typer.Option(help="The user message.")],
-    adapter: Annotated[
-        Path | None,
+    connect: Annotated[
+        str,
         typer.Option(
-            help="Adapter folder (adapter_model.safetensors + adapter_config.json) or packed .safetensors blob."
+            help="The agent's inference API: unix:/path or 127.0.0.1:PORT (default: WORK_DIR/inference.sock)."
         ),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 64,
+    ] = "",
+    work_dir: Annotated[Path, typer.Option(help="The agent's work dir, to find its socket.")] = Path(
+        ".pocketlora/agent"
+    ),
+    adapter: Annotated[
+        str,
+        typer.Option(
+            help="Remote: a resident adapter's name (default: the active one). Local: an adapter file or folder."
+        ),
+    ] = "",
+    base: Annotated[bool, typer.Option("--base", help="Answer with the base model, no adapter.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Run the runtime in this process instead.")] = False,
+    bundle: Annotated[Path | None, typer.Option(help="Local ONNX runtime: the runtime bundle folder.")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local torch runtime: the base model folder.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0: greedy.")] = 0.0,
+    stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable).")] = [],  # noqa: B006
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt without the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
 ) -> None:
-    """Generate an answer with the base model, or with an adapter hot-loaded onto it."""
-    if not (base_model / "config.json").is_file():
-        raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
-    if adapter is not None and not adapter.exists():
-        raise UserError(f"--adapter {adapter}: no such file or folder")
+    """Answer a prompt through the device agent's inference API, or in-process with --local."""
+    import dataclasses
+    import json
+
+    import grpc
+
     from adapters_store.errors import StoreError
-    from agent.runtime import AdapterRuntime
+    from agent.runtime_base import AdapterRuntimeError, collect
+    from pocketlora import infer as inf
 
-    runtime = AdapterRuntime(base_model)
-    name = None
-    if adapter is not None:
-        try:
-            if adapter.is_file():
-                import tempfile
-
-                from adapters_store import unpack_adapter
-
-                tmp = Path(tempfile.mkdtemp())
-                unpack_adapter(adapter, tmp)
-                adapter = tmp
-            runtime.load("adapter", adapter)
-        except (StoreError, ValueError, OSError) as exc:
-            raise UserError(f"--adapter {adapter}: {exc}") from None
-        name = "adapter"
-    runtime.activate(name)
-    print(runtime.generate(prompt, max_new_tokens=max_new_tokens).text)
+    local = local or bundle is not None or base_model is not None
+    ask = inf.Ask(prompt, adapter or None, base, max_new_tokens, temperature, tuple(stop), raw)
+    if local:
+        if (bundle is None) == (base_model is None):
+            raise UserError("--local needs exactly one of --bundle (ONNX runtime) or --base-model (torch runtime)")
+        model, backend = (bundle, "onnx") if bundle is not None else (base_model, "torch")
+        assert model is not None
+        wanted = "genai_config.json" if backend == "onnx" else "config.json"
+        if not (model / wanted).is_file():
+            raise UserError(f"--{'bundle' if backend == 'onnx' else 'base-model'} {model}: no {wanted} there")
+        if adapter and not Path(adapter).exists():
+            raise UserError(f"--adapter {adapter}: no such file or folder")
+        chunks = inf.local(model, backend, Path(adapter) if adapter else None, ask)
+    else:
+        address = connect or f"unix:{(work_dir / 'inference.sock').resolve()}"
+        chunks = inf.remote(address, ask)
+    started = time.perf_counter()
+    try:
+        if as_json:
+            result = collect(chunks, started)
+            print(json.dumps(dataclasses.asdict(result)))
+            return
+        for chunk in chunks:
+            print(chunk.text, end="", flush=True)
+        print()
+    except grpc.RpcError as exc:
+        raise UserError(f"inference API: {exc.code().name}: {exc.details()}") from None
+    except (AdapterRuntimeError, StoreError, OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
 
 
 @app.command("demo")
