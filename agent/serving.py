@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from protos.wire import InferenceRuntime
 
 log = logging.getLogger("pocketlora.agent")
 RUNTIME_CHOICES = ("auto", "onnx", "torch")
+RETRY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Serving:
         self.listen = listen
         self.host: RuntimeHost | None = None
         self.backend = "" if runtime == "auto" else runtime  # decided at the first start in auto
+        self._retry_at = 0.0  # after a failed start, wait before asking the orchestrator again
 
     def advertised(self) -> list[int]:
         """The runtimes to report at enrollment, preferred first."""
@@ -88,6 +91,14 @@ class Serving:
         """Start the runtime child if it is not running; Later when its model is not here yet."""
         if self.host is not None:
             return Outcome("active")
+        if time.monotonic() < self._retry_at:
+            return Outcome("later", "waiting before asking for the runtime bundle again")
+        outcome = self._start()
+        if outcome.kind != "active":
+            self._retry_at = time.monotonic() + RETRY_S
+        return outcome
+
+    def _start(self) -> Outcome:
         if self.backend in ("", "onnx") and (self.choice == "onnx" or installed("onnx")):
             try:
                 bundle = self._ensure_bundle()
@@ -95,7 +106,7 @@ class Serving:
                 if exc.code() == grpc.StatusCode.NOT_FOUND and self.choice == "auto" and installed("torch"):
                     log.info("no runtime bundle for this base (%s); using the torch runtime", exc.details())
                     self.backend = "torch"
-                    return self.start()
+                    return self._start()
                 return Outcome("later", f"runtime bundle: {exc.code().name}: {exc.details()}")
             except (TransferError, StoreError) as exc:
                 return Outcome("later", f"runtime bundle download: {exc}")

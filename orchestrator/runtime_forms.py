@@ -249,9 +249,9 @@ class RuntimeForms:
         bundle, form = self.adapter_form(adapter)
         return form, self.store.presign_get(adapter_form_key(adapter.sha256, bundle.sha256), ttl_s)
 
-    def close(self) -> None:
-        """Stop taking work; running work finishes in the background."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, *, wait: bool = False) -> None:
+        """Stop taking work; work already running finishes (waited for with wait=True)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _log_failure(key: str, future: Future[Any]) -> None:

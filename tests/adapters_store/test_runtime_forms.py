@@ -45,7 +45,10 @@ def test_settings_validate_and_identify(tiny_bundle: TinyBundle) -> None:
     fingerprint = read_bundle_manifest(tiny_bundle.bundle).base_fingerprint
     assert bundle_link_key(fingerprint, a).startswith("runtimes/onnx/bases/")
     assert bundle_key("ab" * 32) == f"runtimes/onnx/sha256/{'ab' * 32}.tar"
-    assert adapter_form_manifest_key("cd" * 32, "ab" * 32) == adapter_form_key("cd" * 32, "ab" * 32)[: -len(".onnx_adapter")] + ".json"
+    assert (
+        adapter_form_manifest_key("cd" * 32, "ab" * 32)
+        == adapter_form_key("cd" * 32, "ab" * 32)[: -len(".onnx_adapter")] + ".json"
+    )
 
 
 def test_manifest_round_trips_and_names_bad_fields(tiny_bundle: TinyBundle) -> None:

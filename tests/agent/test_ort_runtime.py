@@ -81,7 +81,9 @@ def test_load_does_not_activate_and_swaps_are_per_request(
     assert rt.active == "beta"
 
 
-def test_unload_and_reload(rt: OrtRuntime, tiny_bundle: TinyBundle, references: dict[str | None, tuple[int, ...]]) -> None:
+def test_unload_and_reload(
+    rt: OrtRuntime, tiny_bundle: TinyBundle, references: dict[str | None, tuple[int, ...]]
+) -> None:
     rt.load("alpha", tiny_bundle.forms["alpha"])
     rt.activate("alpha")
     with pytest.raises(AdapterBusy, match="active"):
@@ -239,6 +241,16 @@ with OrtRuntime({str(tiny_bundle.bundle)!r}) as rt:
     rt.load("alpha", {str(tiny_bundle.forms["alpha"])!r})
     assert rt.generate("hello world", max_new_tokens=4, adapter="alpha").tokens == 4
 heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_idle_agent_modules_import_no_torch() -> None:
+    code = """
+import sys
+import agent.agent, agent.serving, agent.inference_server, agent.runtime_host, agent.ort_runtime, pocketlora.infer
+heavy = sorted(m for m in ("torch", "transformers", "peft", "onnx") if m in sys.modules)
 assert not heavy, heavy
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
