@@ -302,10 +302,15 @@ def demo(
     trace_speed: Annotated[
         float, typer.Option(min=0.1, max=100.0, help="Speed-up of the simulated sensor trace.")
     ] = 1.0,
+    runtime: Annotated[
+        str, typer.Option(help="The device's inference runtime: onnx (int4 bundle) | torch (fp32).")
+    ] = "onnx",
 ) -> None:
     """Run the whole PocketLoRA loop on this machine with SmolLM2-135M and a simulated device."""
     from pocketlora.demo import run_demo
 
+    if runtime not in ("onnx", "torch"):
+        raise typer.BadParameter(f"{runtime!r} is not onnx or torch", param_hint="--runtime")
     if dataset is not None:
         from agent.training.datasets import read_records
         from agent.training.errors import DatasetError
@@ -317,7 +322,7 @@ def demo(
         except DatasetError as exc:
             raise UserError(f"--dataset {exc}") from None
     try:
-        run_demo(work_dir, dataset=dataset, epochs=epochs, trace_speed=trace_speed)
+        run_demo(work_dir, dataset=dataset, epochs=epochs, trace_speed=trace_speed, runtime=runtime)
     except KeyboardInterrupt:
         err.print("demo interrupted")
         raise typer.Exit(130) from None
