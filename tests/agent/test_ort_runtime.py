@@ -149,7 +149,7 @@ def test_refusals(rt: OrtRuntime, tiny_bundle: TinyBundle, tmp_path: Path) -> No
     (tmp_path / "junk.onnx_adapter").write_bytes(b"\x00" * 100)
     with pytest.raises(AdapterLoadError, match="not an ONNX Runtime adapter"):
         rt.load("junk", tmp_path / "junk.onnx_adapter")
-    with pytest.raises(AdapterLoadError, match="no adapter.onnx_adapter"):
+    with pytest.raises(AdapterLoadError, match=r"no adapter\.onnx_adapter"):
         rt.load("empty", tmp_path)
     with pytest.raises(AdapterLoadError, match="not LoRA inputs"):
         _write_adapter(tmp_path / "wrong.onnx_adapter", {"model.embed_tokens.weight": (4, 4)})
