@@ -109,7 +109,7 @@ def test_onnx_device_serves_its_activated_adapter_to_apps(
         job = client.call("SubmitJob", op.SubmitJobRequest(request_id="onnx-1", device_id="onnx-phone", training=spec))
 
         # The API comes up once the bundle (exported by a Ray task) is on the device: the base answers.
-        wait_for(lambda: agent.runtime is not None, 240, "the runtime bundle to reach the device")
+        wait_for(lambda: agent.adapters.runtime is not None, 240, "the runtime bundle to reach the device")
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             stub = ipb_grpc.DeviceInferenceServiceStub(channel)
             plain = _ask(stub)
@@ -145,7 +145,7 @@ def test_onnx_device_serves_its_activated_adapter_to_apps(
                 len(bundles) == 1
                 and json.loads((bundles[0] / "pocketlora-bundle.json").read_text())["settings"]["precision"] == "int4"
             )
-            runtime = agent.runtime
+            runtime = agent.adapters.runtime
             assert runtime is not None and runtime.backend == "onnx"
             assert "libtorch" not in Path(f"/proc/{runtime.proc.pid}/maps").read_text()
 
@@ -153,7 +153,7 @@ def test_onnx_device_serves_its_activated_adapter_to_apps(
             client.call("RollbackAdapter", op.RollbackAdapterRequest(device_id="onnx-phone"))
             wait_for(lambda: not stub.ListResidentAdapters(ipb.ListResidentAdaptersRequest()).adapters, 60, "rollback")
             assert _ask(stub)[-1].stats.token_ids == plain[-1].stats.token_ids
-            assert agent.runtime is runtime
+            assert agent.adapters.runtime is runtime
         kinds = [k for k, _ in events]
         assert "adapter_active" in kinds and "adapter_refused" not in kinds
     finally:

@@ -94,8 +94,8 @@ class ServerThread:
             asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        if self.orch.runtime_forms is not None:
-            self.orch.runtime_forms.close(wait=True)
+        if self.orch.runtimes.forms is not None:
+            self.orch.runtimes.forms.close(wait=True)  # an export or conversion still running
         self.orch.state.close()
         self.store.close()
 
