@@ -26,7 +26,7 @@ import grpc
 from adapters_store import download_from_url
 from adapters_store.errors import StoreError, TransferError
 from adapters_store.runtime_bundle import unpack_bundle
-from agent.client import DeviceClient
+from agent.client import CallError, DeviceClient
 from agent.inference import RuntimeHost
 from protos import wire
 from protos.wire import InferenceRuntime
@@ -102,12 +102,12 @@ class Serving:
         if self.backend in ("", "onnx") and (self.choice == "onnx" or installed("onnx")):
             try:
                 bundle = self._ensure_bundle()
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND and self.choice == "auto" and installed("torch"):
-                    log.info("no runtime bundle for this base (%s); using the torch runtime", exc.details())
+            except CallError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND and self.choice == "auto" and installed("torch"):
+                    log.info("no runtime bundle for this base (%s); using the torch runtime", exc.details)
                     self.backend = "torch"
                     return self._start()
-                return Outcome("later", f"runtime bundle: {exc.code().name}: {exc.details()}")
+                return Outcome("later", f"runtime bundle: {exc.code.name}: {exc.details}")
             except (TransferError, StoreError) as exc:
                 return Outcome("later", f"runtime bundle download: {exc}")
             self.backend = "onnx"
