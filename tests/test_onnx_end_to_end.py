@@ -44,7 +44,7 @@ def cluster(tmp_path: Path, tiny_bundle: TinyBundle, monkeypatch: pytest.MonkeyP
     init_ray(num_cpus=2, tmp_root=ray_tmp)
     config = OrchestratorConfig(
         lease_s=20.0,
-        operator_token=OPERATOR,
+        bootstrap_token=OPERATOR,
         enrollment_token=ENROLL,
         reap_interval_s=0.5,
         runtime_bases={"tiny-llama": str(tiny_bundle.base)},
