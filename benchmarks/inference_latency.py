@@ -20,7 +20,9 @@ tokens after the chat template), generating 16 new greedy tokens:
     bundle_bytes         the int4 bundle as devices download it (tar)
 
 Adapters are random but small (B ~ N(0, 0.02)), so the answers move without turning into noise.
-Both runtimes get 2 threads. Prints a table, then one JSON line (last line).
+Both runtimes get the same number of threads (--threads, default 2: the machine's cores). On a
+loaded machine, 2 threads per runtime oversubscribe the cores and torch's OpenMP threads suffer
+most; --threads 1 compares them without that. Prints a table, then one JSON line (last line).
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ PROMPTS = [
     "Why is the sky blue?",
 ]
 NEW_TOKENS = 16
-THREADS = 2
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GOALS = {
     "ort_p50_ms": ("<=", 250.0),
@@ -128,8 +129,8 @@ def prepare(work: Path, say: Any) -> dict[str, Any]:
         paths[precision] = str(work / precision)
     pack_bundle(work / "int4", work / "int4.tar")
     paths["bundle_bytes"] = (work / "int4.tar").stat().st_size
-    for folder in ("peft", "forms"):  # adapters are made afresh each run (seeded)
-        shutil.rmtree(work / folder, ignore_errors=True)
+    for sub in ("peft", "forms"):  # adapters are made afresh each run (seeded)
+        shutil.rmtree(work / sub, ignore_errors=True)
     for i, name in enumerate(("persona", "other")):
         peft = make_adapter(base, work / "peft" / name, seed=i)
         paths["peft"][name] = str(peft)
@@ -178,12 +179,12 @@ def worker(kind: str, job: dict[str, Any]) -> dict[str, Any]:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         from agent.runtime import AdapterRuntime
 
-        runtime = AdapterRuntime(Path(job["base"]), torch_threads=THREADS)
+        runtime = AdapterRuntime(Path(job["base"]), torch_threads=job["threads"])
         adapters = job["peft"]
     else:
         from agent.ort_runtime import OrtRuntime
 
-        runtime = OrtRuntime(Path(job["bundle"]), threads=THREADS)
+        runtime = OrtRuntime(Path(job["bundle"]), threads=job["threads"])
         adapters = job["forms"]
     out: dict[str, Any] = {}
     runtime.load("persona", Path(adapters["persona"]))
@@ -227,7 +228,7 @@ def report(res: dict[str, Any], met: dict[str, bool], meta: dict[str, Any]) -> N
     """The table: every figure, with its goal when it has one."""
     print(f"\nSmolLM2-135M-Instruct, {NEW_TOKENS} new greedy tokens, LoRA r=8 on {'/'.join(TARGETS)} active")
     print(
-        f"{THREADS} threads, chat prompts of at most {meta['prompt_tokens']} tokens, {meta['samples']} generations each"
+        f"{meta['threads']} threads, chat prompts of at most {meta['prompt_tokens']} tokens, {meta['samples']} generations each"
     )
     rows = [
         ("eager_p50_ms", "torch eager fp32, median", ""),
@@ -252,6 +253,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one latency prompt, 5 runs (under 3 minutes)")
     parser.add_argument("--runs", type=int, default=0, help="generations per latency prompt (>= 5)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each runtime (default 2)")
     parser.add_argument("--work-dir", type=Path, help="keep the exported bundles here (default: a temp dir)")
     parser.add_argument("--worker", choices=("torch", "ort"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -270,7 +272,13 @@ def main() -> int:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         paths = prepare(work, say)
-        common = {"runs": runs, "prompts": prompts, "base": paths["base"], "peft": paths["peft"]}
+        common = {
+            "runs": runs,
+            "prompts": prompts,
+            "threads": args.threads,
+            "base": paths["base"],
+            "peft": paths["peft"],
+        }
         eager = run_worker("torch", common)
         say("torch eager measured")
         ort = run_worker("ort", {**common, "bundle": paths["int4"], "forms": paths["forms"]["int4"]})
@@ -294,12 +302,17 @@ def main() -> int:
     ops = {"<=": float.__le__, ">=": float.__ge__}
     value = {**res, "rss_ratio": res["ort_rss_mb"] / res["eager_rss_mb"]}
     met = {k: ops[op](float(value[k]), bound) for k, (op, bound) in GOALS.items()}
-    meta = {"prompt_tokens": max(eager["prompt_tokens"], ort["prompt_tokens"]), "samples": runs * prompts}
+    meta = {
+        "prompt_tokens": max(eager["prompt_tokens"], ort["prompt_tokens"]),
+        "samples": runs * prompts,
+        "threads": args.threads,
+    }
     report(res, met, meta)
     res.update(
         runs=runs,
         prompts=prompts,
         prompt_tokens=meta["prompt_tokens"],
+        threads=args.threads,
         goals_met=all(met.values()),
         load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
         seconds=round(time.perf_counter() - started, 1),
