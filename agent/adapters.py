@@ -87,8 +87,11 @@ class AdapterSwitcher:
 
     def _start(self) -> bool:
         """Start the runtime child if needed; False (said once per reason) when not possible yet."""
+        was_running = self.serving.host is not None
         started = self.serving.start()
         if started.kind == "active":
+            if not was_running and self.serving.host is not None:
+                self.emit("runtime_started", runtime=self.serving.backend, api=self.serving.host.address)
             return True
         if started.reason != self._pending and not started.reason.startswith("waiting"):
             self.emit("runtime_pending", reason=started.reason)
