@@ -184,7 +184,7 @@ def run_demo(
         client.close()
         agent.send_signal(signal.SIGTERM)
         try:
-            agent.wait(30)
+            agent.wait(90)  # the agent waits up to 60 s for training to checkpoint, then kills it
         except subprocess.TimeoutExpired:
             agent.kill()
         agent_log.close()
