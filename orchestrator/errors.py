@@ -7,6 +7,7 @@ OrchestratorError
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
 ├── PermissionDenied     a valid caller acting on what is not theirs
+├── ResourceExhausted    the caller is over one of its limits; it may retry later
 └── Unavailable          not ready yet (a runtime form being made): ask again later
 """
 
