@@ -20,9 +20,7 @@ import itertools
 import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
@@ -31,10 +29,9 @@ from adapters_store.errors import AdapterFormatError
 from adapters_store.onnx_adapter import FORM_NAME, check_form
 from adapters_store.runtime_bundle import read_bundle_manifest
 from agent.adapter_files import manifest_fingerprint, strip_sha
+from agent.residency import Residency, Resident
 from agent.runtime_base import (
-    AdapterBusy,
     AdapterLoadError,
-    AdapterNotLoaded,
     BadRequest,
     GenerateRequest,
     GenerationResult,
@@ -45,15 +42,6 @@ from agent.runtime_base import (
     check_name,
     collect,
 )
-
-
-@dataclass
-class _Resident:
-    name: str
-    handle: str  # the name onnxruntime-genai knows it by: unique per load
-    nbytes: int
-    pins: int = 0
-    draining: bool = False  # unloaded while pinned: freed when the last request ends
 
 
 class OrtRuntime:
@@ -74,7 +62,6 @@ class OrtRuntime:
             self.manifest = read_bundle_manifest(self.bundle_dir)
         except AdapterFormatError as exc:
             raise AdapterLoadError(str(exc)) from None
-        self.max_resident_bytes = max_resident_bytes
         config = og.Config(str(self.bundle_dir))
         if threads:
             options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
@@ -87,11 +74,10 @@ class OrtRuntime:
         genai = json.loads((self.bundle_dir / "genai_config.json").read_text())
         self._context = int(genai["model"].get("context_length", 2048))
         self._has_template = any(self.bundle_dir.glob("chat_template.jinja")) or _config_has_template(self.bundle_dir)
-        self._state = threading.Lock()  # registry, active, pins; and every og.Adapters call
+        self._og_lock = threading.Lock()  # every og.Adapters call (load, unload, binding one)
         self._slots = threading.BoundedSemaphore(max_concurrent)  # generations at once
-        self._residents: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
+        self._reg = Residency(max_resident_bytes)
         self._handles = itertools.count()
-        self._active: str | None = None
         self._closed = False
 
     @property
@@ -102,16 +88,27 @@ class OrtRuntime:
     @property
     def active(self) -> str | None:
         """The adapter new requests use by default; None means the base model."""
-        return self._active
+        return self._reg.active
+
+    @property
+    def max_resident_bytes(self) -> int:
+        """Budget of resident adapters' bytes."""
+        return self._reg.max_bytes
 
     def resident(self) -> dict[str, int]:
         """Return resident adapters and their bytes, least recently used first."""
-        with self._state:
-            return {r.name: r.nbytes for r in self._residents.values()}
+        return self._reg.sizes()
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeClosed("the adapter runtime is closed")
+
+    def _release(self, handles: list[str | None]) -> None:
+        """Unload from onnxruntime-genai what the registry let go."""
+        with self._og_lock:
+            for handle in handles:
+                if handle is not None and not self._closed:
+                    self._adapters.unload(handle)
 
     def load(self, name: str, path: Path) -> int:
         """Load an .onnx_adapter (a file, or a folder holding adapter.onnx_adapter and maybe
@@ -128,6 +125,7 @@ class OrtRuntime:
                 raise IncompatibleAdapter(name, theirs, self.base_fingerprint)
         if not file.is_file():
             raise AdapterLoadError(f"adapter {name!r}: no {file.name} at {file.parent}")
+        self._reg.check_free(name)
         try:
             params = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
             check_form({k: tuple(v.shape()) for k, v in params.items()}, self.manifest)
@@ -136,73 +134,27 @@ class OrtRuntime:
         except (RuntimeError, ValueError) as exc:  # not an adapter file at all
             raise AdapterLoadError(f"adapter {name!r}: {file.name} is not an ONNX Runtime adapter: {exc}") from None
         nbytes = file.stat().st_size
-        with self._state:
+        handle = f"{name}.{next(self._handles)}"  # unique per load: a drained one may linger
+        with self._og_lock:
             self._check_open()
-            if name in self._residents:
-                raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
-            handle = f"{name}.{next(self._handles)}"
             self._adapters.load(str(file), handle)
-            self._residents[name] = _Resident(name, handle, nbytes)
-            self._evict_locked(keep=name)
+        try:
+            evicted = self._reg.add(name, handle, nbytes)
+        except AdapterLoadError:  # loaded under the same name meanwhile
+            self._release([handle])
+            raise
+        self._release(list(evicted))
         return nbytes
-
-    def _evict_locked(self, keep: str) -> None:
-        """Unload least recently used adapters until under budget (state lock held)."""
-        total = sum(r.nbytes for r in self._residents.values())
-        for res in list(self._residents.values()):
-            if total <= self.max_resident_bytes:
-                return
-            if res.name in (keep, self._active) or res.pins > 0:
-                continue
-            del self._residents[res.name]
-            self._adapters.unload(res.handle)
-            total -= res.nbytes
 
     def activate(self, name: str | None) -> None:
         """Make a resident adapter (or None, the base) the default for new requests."""
         self._check_open()
-        with self._state:
-            if name is not None:
-                if name not in self._residents:
-                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-                self._residents.move_to_end(name)
-            self._active = name
+        self._reg.activate(name)
 
     def unload(self, name: str) -> None:
         """Drop a resident adapter; refuses the active one (AdapterBusy)."""
         self._check_open()
-        with self._state:
-            res = self._residents.get(name)
-            if res is None:
-                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-            if name == self._active:
-                raise AdapterBusy(f"adapter {name!r} is active; activate another adapter or None first")
-            del self._residents[name]
-            if res.pins > 0:
-                res.draining = True
-            else:
-                self._adapters.unload(res.handle)
-
-    def _pin(self, adapter: str | EllipsisType | None) -> tuple[str | None, _Resident | None]:
-        with self._state:
-            self._check_open()
-            name = self._active if adapter is ... else adapter
-            if name is None:
-                return None, None
-            res = self._residents.get(name)
-            if res is None:
-                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-            res.pins += 1
-            self._residents.move_to_end(name)
-            return name, res
-
-    def _unpin(self, res: _Resident | None) -> None:
-        if res is None:
-            return
-        with self._state:
-            res.pins -= 1
-            if res.draining and res.pins == 0 and not self._closed:
-                self._adapters.unload(res.handle)
+        self._release([self._reg.remove(name)])
 
     def _encode(self, request: GenerateRequest) -> list[int]:
         if request.chat and self._has_template:
@@ -219,16 +171,17 @@ class OrtRuntime:
     def stream(self, request: GenerateRequest) -> Iterator[StreamChunk]:
         """Stream a reply; the adapter is pinned when iteration starts (see the module docstring)."""
         started = time.perf_counter()
-        name, res = self._pin(request.adapter)
+        self._check_open()
+        name, res = self._reg.pin(request.adapter)
         try:
             ids = self._encode(request)
             with self._slots:
                 yield from self._decode(request, ids, name, res, started)
         finally:
-            self._unpin(res)
+            self._release([self._reg.unpin(res)])
 
     def _decode(
-        self, request: GenerateRequest, ids: list[int], name: str | None, res: _Resident | None, started: float
+        self, request: GenerateRequest, ids: list[int], name: str | None, res: Resident | None, started: float
     ) -> Iterator[StreamChunk]:
         og = self._og
         params = og.GeneratorParams(self._model)
@@ -241,7 +194,7 @@ class OrtRuntime:
         params.set_search_options(**search)
         generator = og.Generator(self._model, params)
         if res is not None:
-            with self._state:
+            with self._og_lock:
                 generator.set_active_adapter(self._adapters, res.handle)
         generator.append_tokens(ids)
         detok = self._tokenizer.create_stream()
@@ -290,10 +243,9 @@ class OrtRuntime:
 
     def close(self) -> None:
         """Release the model; later calls raise RuntimeClosed."""
-        with self._state:
+        with self._og_lock:
             self._closed = True
-            self._residents.clear()
-            self._active = None
+        self._reg.clear()
         # Unreferenced, onnxruntime-genai frees the adapters, then the model.
         self._adapters = self._model = self._tokenizer = None
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
 from agent.adapter_files import check_adapter_dir, manifest_fingerprint, strip_sha
+from agent.residency import Residency, Resident
 from agent.runtime_base import (
     AdapterBusy,
     AdapterLoadError,
@@ -68,15 +69,6 @@ _UNKNOWN = object()  # "which adapter the layers have applied" after peft change
 
 
 @dataclass
-class _Resident:
-    name: str
-    slot: str  # peft adapter name; "pl_<n>" never collides with peft's "lora_" prefix check
-    nbytes: int
-    pins: int = 0
-    draining: bool = False  # unloaded while pinned: free the slot when the last pin goes
-
-
-@dataclass
 class _Slot:
     config_key: str
     tensors: dict[str, Any]  # saved-name -> tensor sharing storage with the LoRA parameter
@@ -100,7 +92,6 @@ class AdapterRuntime:
             torch.set_num_threads(torch_threads)  # process-wide: torch has no per-model setting
         self._torch = torch
         self.base_model_dir = Path(base_model_dir)
-        self.max_resident_bytes = max_resident_bytes
         # Headers only: fails fast on a folder without safetensors weights, before the big load.
         self._base_fingerprint = model_fingerprint(self.base_model_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_dir)
@@ -109,13 +100,12 @@ class AdapterRuntime:
         self._model: Any = model.eval()
         self._peft: Any = None  # the PeftModel wrapper, created by the first load
         self._model_lock = threading.Lock()  # every touch of module state; see module docstring
-        # Guards registry, active and pins; never held while waiting for the model lock.
+        self._reg = Residency(max_resident_bytes)  # names -> slots, LRU, active, pins
+        # Guards the slot tables; never held while waiting for the model lock.
         self._state = threading.Lock()
-        self._residents: OrderedDict[str, _Resident] = OrderedDict()  # oldest use first
         self._slots: dict[str, _Slot] = {}  # every adapter peft holds, bound or free
         self._free: OrderedDict[str, None] = OrderedDict()  # unbound slots, oldest first
         self._next_slot = 0
-        self._active: str | None = None
         self._applied: object = None  # slot the layers currently apply, None = base (model lock)
         self._layers_enabled = True
         self._closed = False
@@ -128,12 +118,23 @@ class AdapterRuntime:
     @property
     def active(self) -> str | None:
         """The adapter new requests use by default; None means the base model."""
-        return self._active
+        return self._reg.active
+
+    @property
+    def max_resident_bytes(self) -> int:
+        """Budget of resident adapters' bytes (free slots count against it too)."""
+        return self._reg.max_bytes
 
     def resident(self) -> dict[str, int]:
         """Return resident adapters and their weight bytes, least recently used first."""
+        return self._reg.sizes()
+
+    def _free_slots(self, slots: list[str | None]) -> None:
+        """Slots the registry let go become reusable (trimmed by the next model-lock holder)."""
         with self._state:
-            return {r.name: r.nbytes for r in self._residents.values()}
+            for slot in slots:
+                if slot is not None:
+                    self._free[slot] = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -151,9 +152,8 @@ class AdapterRuntime:
         nbytes = weights.stat().st_size
         with self._model_lock:
             self._check_open()
+            self._reg.check_free(name)
             with self._state:
-                if name in self._residents:
-                    raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
                 slot = next((s for s in self._free if self._slots[s].config_key == config_key), None)
                 if slot is not None:
                     del self._free[slot]
@@ -162,9 +162,7 @@ class AdapterRuntime:
             else:
                 slot = self._new_slot_locked(name, adapter_dir, weights, config_key)
             self._slots[slot].nbytes = nbytes
-            with self._state:
-                self._residents[name] = _Resident(name, slot, nbytes)
-                self._evict_locked(keep=name)
+            self._free_slots(list(self._reg.add(name, slot, nbytes)))
             self._trim_locked()
         return nbytes
 
@@ -172,7 +170,7 @@ class AdapterRuntime:
         """Inject a new peft adapter from the folder and map its tensors (model lock held)."""
         from peft import PeftModel, get_peft_model_state_dict
 
-        slot = f"pl_{self._next_slot}"
+        slot = f"pl_{self._next_slot}"  # never collides with peft's "lora_" prefix check
         self._next_slot += 1
         # peft picks adapter_model.safetensors over a .bin (load_peft_weights) and we checked it
         # exists, so torch.load is never reached.
@@ -233,22 +231,10 @@ class AdapterRuntime:
                 self._peft.delete_adapter(slot)
         self._applied = _UNKNOWN
 
-    def _evict_locked(self, keep: str) -> None:
-        """Free least recently used adapters until under budget (state lock held)."""
-        total = sum(r.nbytes for r in self._residents.values())
-        for res in list(self._residents.values()):
-            if total <= self.max_resident_bytes:
-                return
-            if res.name in (keep, self._active) or res.pins > 0:
-                continue
-            del self._residents[res.name]
-            self._free[res.slot] = None
-            total -= res.nbytes
-
     def _trim_locked(self) -> None:
         """Delete free slots beyond the count cap or the byte budget (model lock held)."""
+        bound = sum(self._reg.sizes().values())
         with self._state:
-            bound = sum(r.nbytes for r in self._residents.values())
             doomed = []
             free_bytes = sum(self._slots[s].nbytes for s in self._free)
             while self._free and (len(self._free) > _MAX_FREE_SLOTS or bound + free_bytes > self.max_resident_bytes):
@@ -270,38 +256,20 @@ class AdapterRuntime:
     def activate(self, name: str | None) -> None:
         """Make a resident adapter (or None, the base) the default for new requests."""
         self._check_open()
-        with self._state:
-            if name is not None:
-                if name not in self._residents:
-                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-                self._residents.move_to_end(name)
-            self._active = name
+        self._reg.activate(name)
         # Apply now if the model is idle, so the next request starts without the switch cost;
         # if a request is running, the next request applies its own pinned adapter anyway.
         if self._model_lock.acquire(blocking=False):
             try:
-                with self._state:
-                    current = self._active
-                    slot = None if current is None else self._residents[current].slot
                 if not self._closed:
-                    self._apply_locked(slot)
+                    self._apply_locked(self._reg.active_handle())
             finally:
                 self._model_lock.release()
 
     def unload(self, name: str) -> None:
         """Drop a resident adapter; refuses the active one (AdapterBusy)."""
         self._check_open()
-        with self._state:
-            res = self._residents.get(name)
-            if res is None:
-                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-            if name == self._active:
-                raise AdapterBusy(f"adapter {name!r} is active; activate another adapter or None first")
-            del self._residents[name]
-            if res.pins > 0:
-                res.draining = True  # the last in-flight request frees the slot
-            else:
-                self._free[res.slot] = None
+        self._free_slots([self._reg.remove(name)])  # None while pinned: the last request frees it
         self._trim_nowait()
 
     def _apply_locked(self, slot: str | None) -> None:
@@ -319,19 +287,10 @@ class AdapterRuntime:
                 self._peft.set_adapter(slot, inference_mode=True)
         self._applied = slot
 
-    def _pin(self, adapter: str | EllipsisType | None) -> tuple[str | None, _Resident | None]:
+    def _pin(self, adapter: str | EllipsisType | None) -> tuple[str | None, Resident | None]:
         """Resolve and pin a request's adapter at admission (default: the active one)."""
         self._check_open()
-        with self._state:
-            name = self._active if adapter is ... else adapter
-            res: _Resident | None = None
-            if name is not None:
-                res = self._residents.get(name)
-                if res is None:
-                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-                res.pins += 1
-                self._residents.move_to_end(name)
-        return name, res
+        return self._reg.pin(adapter)
 
     def generate(
         self,
@@ -347,7 +306,7 @@ class AdapterRuntime:
         try:
             with self._model_lock:
                 self._check_open()
-                self._apply_locked(None if res is None else res.slot)
+                self._apply_locked(None if res is None else res.handle)
                 text, ids = self._generate_locked(prompt, max_new_tokens, chat)
                 self._unpin(res)
                 res = None
@@ -370,19 +329,14 @@ class AdapterRuntime:
         try:
             with self._model_lock:
                 self._check_open()
-                self._apply_locked(None if res is None else res.slot)
+                self._apply_locked(None if res is None else res.handle)
                 yield from stream_tokens(self._model, self._tokenizer, request, name)
         finally:
             self._unpin(res)
             self._trim_nowait()
 
-    def _unpin(self, res: _Resident | None) -> None:
-        if res is None:
-            return
-        with self._state:
-            res.pins -= 1
-            if res.draining and res.pins == 0:
-                self._free[res.slot] = None
+    def _unpin(self, res: Resident | None) -> None:
+        self._free_slots([self._reg.unpin(res)])
 
     def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, list[int]]:
         """Tokenize, generate greedily and decode (model lock held; fast tokenizers are not
@@ -417,11 +371,10 @@ class AdapterRuntime:
             self._closed = True
             self._peft = None
             self._model = None
+            self._reg.clear()
             with self._state:
-                self._residents.clear()
                 self._slots.clear()
                 self._free.clear()
-                self._active = None
 
     def __enter__(self) -> AdapterRuntime:
         return self

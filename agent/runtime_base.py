@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import EllipsisType
 from typing import Protocol
 
@@ -213,12 +214,21 @@ class InferenceBackend(Protocol):
 
     def resident(self) -> dict[str, int]: ...
 
-    def load(self, name: str, path: object) -> int: ...
+    def load(self, name: str, path: Path) -> int: ...
 
     def activate(self, name: str | None) -> None: ...
 
     def unload(self, name: str) -> None: ...
 
     def stream(self, request: GenerateRequest) -> Iterator[StreamChunk]: ...
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 48,
+        adapter: str | EllipsisType | None = ...,
+        chat: bool = True,
+    ) -> GenerationResult: ...
 
     def close(self) -> None: ...

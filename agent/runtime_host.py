@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.runtime_base import InferenceBackend
 
-def _runtime(args: argparse.Namespace) -> Any:
+
+def _runtime(args: argparse.Namespace) -> InferenceBackend:
     if args.backend == "onnx":
         from agent.ort_runtime import OrtRuntime
 
