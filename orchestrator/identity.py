@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import audit, validation
+from orchestrator.access_records import EnrollmentTokenRecord
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import DeviceRecord, EnrollmentTokenRecord, JobFilter, JobState, new_id
+from orchestrator.domain import DeviceRecord, JobFilter, JobState, new_id
 from orchestrator.errors import InvalidArgument, PermissionDenied, Unauthenticated, found
 from orchestrator.state.base import StateStore, Tx
 

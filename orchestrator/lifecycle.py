@@ -14,8 +14,7 @@ JobRecord (domain.py); this module decides which transition applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from adapters_store import BlobStore, IntegrityError, UploadTarget, upload_key, verify_and_promote
@@ -29,6 +28,7 @@ from orchestrator.gate_policies import GatePolicies
 from orchestrator.identity import DeviceCall, Identity, require_device
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
+from orchestrator.reports import HeartbeatInput, HeartbeatResult, LeaseResult, ProgressResult, validate_heartbeat
 from orchestrator.state.base import StateStore, Tx
 
 # (store, upload key, sha256, size) -> (sha256, size, blob key, manifest dict). Injected so the
@@ -37,68 +37,12 @@ Verifier = Callable[[BlobStore, str, str, int], tuple[str, int, str, dict[str, A
 
 # Fleet size and queue depth steer the pace; counting them on every poll would cost a scan.
 _FLEET_STATS_S = 5.0
-# Refusals a heartbeat may carry (the agent reports its most recent ones).
-MAX_REFUSALS = 32
-_INT64_MAX = 2**63 - 1
 
 
 def local_verifier(store: BlobStore, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
     """Read the uploaded blob back, check it, promote it to its content address."""
     info, blob_key, manifest = verify_and_promote(store, key, sha256, size)
     return info.sha256, info.size, blob_key, manifest.to_dict()
-
-
-@dataclass
-class HeartbeatInput:
-    """What a device reports in a heartbeat."""
-
-    power: dict[str, Any] = field(default_factory=dict)
-    eligible: bool = False
-    eligibility_reason: str = ""
-    eligibility_detail: str = ""
-    running_job_id: str = ""
-    running_epoch: int = 0
-    running_state: JobState | None = None
-    progress: Progress | None = None
-    active_adapter_id: str = ""
-    free_storage_bytes: int = 0
-    adapter_refusals: dict[str, str] = field(default_factory=dict)  # adapter id -> why
-
-
-@dataclass
-class HeartbeatResult:
-    """What the device should do next."""
-
-    cancel_job_ids: list[str]  # cancelled by an operator: discard the work
-    desired_adapter: AdapterRecord | None
-    lease_expires_at: float
-    next_poll_s: float
-    stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
-    gate_policy: dict[str, Any] = field(default_factory=dict)  # the fleet's thresholds for it
-    gate_policy_names: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LeaseResult:
-    """At most one leased job, with its presigned URLs."""
-
-    job: JobRecord | None
-    upload_url: str
-    upload_url_expires_at: float
-    dataset_url: str
-    next_poll_s: float
-    upload_fields: Mapping[str, str] = field(default_factory=dict)  # a POST form when set
-
-
-@dataclass
-class ProgressResult:
-    """The renewed lease and, with UPLOADING, a fresh upload URL."""
-
-    lease_expires_at: float
-    cancel_requested: bool
-    upload_url: str = ""
-    upload_url_expires_at: float = 0.0
-    upload_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class FleetStats:
@@ -405,23 +349,6 @@ def completed_before(
         return None
     adapter = tx.get_adapter(job.adapter_id) if job.adapter_id else None
     return adapter if adapter is not None and (adapter.sha256, adapter.size_bytes) == (sha256, size) else None
-
-
-def validate_heartbeat(hb: HeartbeatInput) -> None:
-    """Refuse malformed ids in a heartbeat; free text is kept, cleaned (validation.device_text)."""
-    if hb.running_job_id:
-        validation.object_id(hb.running_job_id, "running.job_id")
-    validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
-    hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
-    # Reports are kept, not refused: a uint64 past what the store's signed 64-bit columns hold
-    # is no real storage size or epoch, and means the same capped (an epoch that never matches).
-    hb.free_storage_bytes = min(hb.free_storage_bytes, _INT64_MAX)
-    hb.running_epoch = min(hb.running_epoch, _INT64_MAX)
-    if len(hb.adapter_refusals) > MAX_REFUSALS:
-        raise InvalidArgument("adapter_refusals", f"{len(hb.adapter_refusals)} entries, above {MAX_REFUSALS}")
-    for adapter_id in hb.adapter_refusals:
-        validation.object_id(adapter_id, "adapter_refusals.adapter_id")
-    hb.adapter_refusals = {k: validation.device_text(v, 300) for k, v in hb.adapter_refusals.items()}
 
 
 def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:

@@ -31,7 +31,8 @@ from orchestrator import metrics
 from orchestrator.domain import DeviceRecord, JobState, Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
 from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
-from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
+from orchestrator.lifecycle import JobLifecycle
+from orchestrator.reports import HeartbeatInput, HeartbeatResult, LeaseResult, validate_heartbeat
 from orchestrator.state.base import StateStore
 from orchestrator.state.pg_functions import ILLEGAL_TRANSITION
 from orchestrator.state.postgres import PostgresStore

@@ -17,7 +17,7 @@ import grpc
 from orchestrator.audit import Actor
 from orchestrator.errors import InvalidArgument, PermissionDenied
 from orchestrator.identity import DeviceCall
-from orchestrator.lifecycle import HeartbeatInput
+from orchestrator.reports import HeartbeatInput
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer, metadata_value
 from orchestrator.servicers.convert_fleet import policy_pb

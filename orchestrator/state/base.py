@@ -14,20 +14,22 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from orchestrator.domain import (
-    AdapterRecord,
+from orchestrator.access_records import (
     AuditEvent,
     AuditFilter,
+    EnrollmentTokenRecord,
+    OperatorRecord,
+    OperatorTokenRecord,
+)
+from orchestrator.domain import (
+    AdapterRecord,
     CampaignRecord,
     CampaignState,
     DeviceRecord,
-    EnrollmentTokenRecord,
     GatePolicyRecord,
     JobEvent,
     JobFilter,
     JobRecord,
-    OperatorRecord,
-    OperatorTokenRecord,
     ProgressPoint,
     RolloutRecord,
     RolloutState,

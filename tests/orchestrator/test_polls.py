@@ -21,8 +21,8 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, JobFilter, JobState, Progress
 from orchestrator.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from orchestrator.identity import DeviceCall
-from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.polls import POOL_SIZE, InlinePolls, PgPolls, PollRunner, ThreadPolls
+from orchestrator.reports import HeartbeatInput
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
 from orchestrator.state.postgres import PostgresStore
