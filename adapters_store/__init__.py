@@ -3,7 +3,7 @@
 Torch-free: the orchestrator and an idle agent import this package.
 """
 
-from adapters_store.base import BlobStore
+from adapters_store.base import BlobStore, UploadTarget
 from adapters_store.blob import (
     BlobInfo,
     ensure_safetensors,
@@ -19,6 +19,7 @@ from adapters_store.errors import (
     InvalidKey,
     StoreConfigError,
     StoreError,
+    StoreUnavailable,
     TransferError,
 )
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
@@ -43,7 +44,9 @@ __all__ = [
     "S3BlobStore",
     "StoreConfigError",
     "StoreError",
+    "StoreUnavailable",
     "TransferError",
+    "UploadTarget",
     "blob_key",
     "collect_garbage",
     "dataset_key",

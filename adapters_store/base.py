@@ -11,6 +11,13 @@ Contract:
   `stat` and `last_modified` return None instead; `delete` of a missing key is a no-op.
 - Presigned URLs grant exactly one method (PUT or GET) on exactly one key until they expire;
   the holder needs no credentials, and any other use of the URL is refused with HTTP 403.
+- `presign_upload` is what devices get: one key, until expiry, at most max_bytes (the store
+  refuses a larger body; S3 through a POST policy's content-length-range, the file store's
+  server through a signed limit).
+- `get_file` and `hash_object` never read more than max_bytes when given one: IntegrityError
+  "too_large" instead.
+- An outage (unreachable endpoint, a 5xx, a store root that is gone) raises StoreUnavailable,
+  never BlobNotFound: a caller must not take "cannot look" for "is not there".
 - Backend failures surface as StoreError subclasses; messages never contain credentials or
   URL signatures.
 """
@@ -21,15 +28,25 @@ import abc
 import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from adapters_store.blob import BlobInfo
-from adapters_store.errors import StoreError
+from adapters_store.errors import IntegrityError, StoreError
 from adapters_store.keys import validate_key
 
 _MAX_PRESIGN_S = 7 * 24 * 3600  # S3's limit for SigV4 presigned URLs
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Where a device uploads one blob: a PUT of the bytes to url or, when fields are set, a
+    multipart form POST to url with those fields before the file (an S3 presigned POST policy)."""
+
+    url: str
+    fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class BlobStore(abc.ABC):
@@ -39,7 +56,7 @@ class BlobStore(abc.ABC):
     def put_file(self, key: str, path: Path) -> BlobInfo:
         """Upload a local file to key and return its sha256/size."""
 
-    def get_file(self, key: str, dest: Path) -> BlobInfo:
+    def get_file(self, key: str, dest: Path, max_bytes: int | None = None) -> BlobInfo:
         """Download key to dest (atomically) and return the sha256/size of what was written."""
         validate_key(key)
         dest = Path(dest)
@@ -49,22 +66,24 @@ class BlobStore(abc.ABC):
         try:
             with open(tmp, "wb") as f:
                 for chunk in self._iter_chunks(key):
+                    size += len(chunk)
+                    _check_cap(key, size, max_bytes)
                     f.write(chunk)
                     h.update(chunk)
-                    size += len(chunk)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return BlobInfo(sha256=h.hexdigest(), size=size)
 
-    def hash_object(self, key: str) -> BlobInfo:
+    def hash_object(self, key: str, max_bytes: int | None = None) -> BlobInfo:
         """Stream the stored object back and return its sha256/size; BlobNotFound if missing."""
         validate_key(key)
         h = hashlib.sha256()
         size = 0
         for chunk in self._iter_chunks(key):
-            h.update(chunk)
             size += len(chunk)
+            _check_cap(key, size, max_bytes)
+            h.update(chunk)
         return BlobInfo(sha256=h.hexdigest(), size=size)
 
     @abc.abstractmethod
@@ -96,6 +115,10 @@ class BlobStore(abc.ABC):
         """Return a URL that lets its holder PUT exactly this key for expires_s seconds."""
 
     @abc.abstractmethod
+    def presign_upload(self, key: str, expires_s: int, max_bytes: int) -> UploadTarget:
+        """Return how a device may upload 1..max_bytes bytes to exactly this key for expires_s seconds."""
+
+    @abc.abstractmethod
     def presign_get(self, key: str, expires_s: int) -> str:
         """Return a URL that lets its holder GET exactly this key for expires_s seconds."""
 
@@ -113,6 +136,18 @@ class BlobStore(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_cap(key: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise IntegrityError(key, "too_large", f"more than {max_bytes} bytes")
+
+
+def check_max_bytes(max_bytes: int) -> int:
+    """Return max_bytes if it is a positive int, else raise."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise StoreError(f"max_bytes must be a positive int, got {max_bytes!r}")
+    return max_bytes
 
 
 def check_expires(expires_s: int) -> int:

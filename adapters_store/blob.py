@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from adapters_store.errors import AdapterFormatError
 from adapters_store.fingerprint import SafetensorsHeaderError, read_safetensors_header
+from adapters_store.limits import MAX_ADAPTER_HEADER_BYTES, MAX_CONFIG_BYTES, JsonLimitError, load_json
 from adapters_store.manifest import AdapterManifest
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,7 +60,7 @@ def _looks_pickled(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5
 
 
-def ensure_safetensors(path: Path) -> dict[str, Any]:
+def ensure_safetensors(path: Path, max_header_bytes: int | None = None) -> dict[str, Any]:
     """Return the header of a well-formed safetensors file; AdapterFormatError otherwise."""
     path = Path(path)
     try:
@@ -69,7 +70,7 @@ def ensure_safetensors(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise AdapterFormatError(f"{path.name}: no such file") from None
     try:
-        header = read_safetensors_header(path)
+        header = read_safetensors_header(path, *([max_header_bytes] if max_header_bytes else []))
     except SafetensorsHeaderError as exc:
         if _looks_pickled(head):
             raise AdapterFormatError(
@@ -152,13 +153,24 @@ def _read_adapter_config(adapter_dir: Path) -> str:
     return text
 
 
+def _parse_config(config_text: str, name: str) -> dict[str, Any]:
+    """The peft config carried in a blob's metadata, bounded like every untrusted JSON."""
+    try:
+        config = load_json(config_text, f"{name}: {META_CONFIG} metadata", max_bytes=MAX_CONFIG_BYTES)
+    except JsonLimitError as exc:
+        raise AdapterFormatError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{name}: {META_CONFIG} metadata must be a JSON object")
+    return config
+
+
 def _check_config_matches(config_text: str, manifest: AdapterManifest) -> None:
     """Refuse a manifest whose rank/alpha disagree with the weights' own config."""
-    config = json.loads(config_text)
+    config = _parse_config(config_text, CONFIG_NAME)
     r, alpha = config.get("r"), config.get("lora_alpha")
     if r is not None and r != manifest.rank:
         raise AdapterFormatError(f"manifest field 'rank' is {manifest.rank}, adapter_config r is {r}")
-    if isinstance(alpha, int | float) and float(alpha) != manifest.alpha:
+    if isinstance(alpha, int | float) and alpha != manifest.alpha:  # exact, no float overflow
         raise AdapterFormatError(f"manifest field 'alpha' is {manifest.alpha}, adapter_config lora_alpha is {alpha}")
 
 
@@ -191,7 +203,7 @@ def pack_adapter(adapter_dir: Path, manifest: AdapterManifest, out: Path) -> Blo
 
 
 def _blob_metadata(blob: Path) -> dict[str, str]:
-    meta = ensure_safetensors(blob).get("__metadata__") or {}
+    meta = ensure_safetensors(blob, MAX_ADAPTER_HEADER_BYTES).get("__metadata__") or {}
     for key in (META_CONFIG, META_MANIFEST):
         if key not in meta:
             raise AdapterFormatError(f"{Path(blob).name}: not a PocketLoRA blob (no {key!r} metadata)")
@@ -216,9 +228,7 @@ def unpack_adapter(blob: Path, dest_dir: Path) -> AdapterManifest:
     blob, dest_dir = Path(blob), Path(dest_dir)
     meta = _blob_metadata(blob)
     manifest = AdapterManifest.from_json(meta[META_MANIFEST])
-    config = json.loads(meta[META_CONFIG])
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{blob.name}: {META_CONFIG} metadata must be a JSON object")
+    _parse_config(meta[META_CONFIG], blob.name)
     dest_dir.mkdir(parents=True, exist_ok=True)
     # The weights keep the extra metadata: safetensors and peft ignore unknown metadata keys.
     shutil.copyfile(blob, dest_dir / WEIGHTS_NAME)

@@ -2,24 +2,48 @@
 
     StoreError                  base: anything the store refuses or cannot do
     ├── BlobNotFound            the key holds no object
-    ├── IntegrityError          an object is missing or its bytes are not the ones announced
+    ├── IntegrityError          an object is missing, too large, or its bytes are not the ones announced
     ├── AdapterFormatError      a file is not a well-formed PocketLoRA adapter (or not safetensors)
     │   └── IncompatibleForm    an adapter cannot take a bundle's runtime form (other base, targets, rank)
     ├── TransferError           a presigned upload/download got a non-2xx HTTP answer
     ├── InvalidKey              a key is malformed (leading '/', '..', empty segment, bad charset)
-    └── StoreConfigError        a store URL or its environment is incomplete or wrong
+    ├── StoreConfigError        a store URL or its environment is incomplete or wrong
+    └── StoreUnavailable        the store cannot be reached or failed on its side: nothing was
+                                decided, the same call may succeed later
 
-Messages name the field or key at fault and never contain credentials or URL signatures.
+Messages name the field or key at fault and never contain credentials, URL signatures or
+local paths. Every error survives pickling (PortableError): verification runs as a Ray task,
+and its errors must reach the caller as the same class with the same fields.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-IntegrityReason = Literal["missing", "size_mismatch", "sha256_mismatch"]
+IntegrityReason = Literal["missing", "size_mismatch", "sha256_mismatch", "too_large"]
 
 
-class StoreError(Exception):
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Recreate a PortableError without its __init__: same class, message and fields."""
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
+
+class PortableError(Exception):
+    """An error that pickles and unpickles to the same class, message and fields.
+
+    Exception's own pickling calls `cls(*self.args)`, which breaks for any __init__ whose
+    parameters are not the message (IntegrityError(key, reason, detail)); Ray then raises a
+    wrapper the caller's `except` never matches. This rebuilds the object without __init__.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class StoreError(PortableError):
     """Base class of every adapter store error."""
 
 
@@ -67,3 +91,7 @@ class InvalidKey(StoreError):
 
 class StoreConfigError(StoreError):
     """A store URL or the environment it reads is incomplete or wrong."""
+
+
+class StoreUnavailable(StoreError):
+    """The store is unreachable or failed on its side (an outage, not a verdict on the data)."""

@@ -13,6 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from adapters_store.limits import JsonLimitError, load_json
+
 # A safetensors header is a little-endian u64 length followed by that many bytes of JSON.
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -21,22 +23,25 @@ class SafetensorsHeaderError(ValueError):
     """The file is not a well-formed safetensors file."""
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Return the parsed JSON header of a safetensors file (tensor entries and `__metadata__`)."""
+def read_safetensors_header(path: Path, max_header_bytes: int = _MAX_HEADER_BYTES) -> dict[str, Any]:
+    """Return the parsed JSON header of a safetensors file (tensor entries and `__metadata__`).
+
+    Headers longer than max_header_bytes, malformed or deeply nested raise SafetensorsHeaderError.
+    """
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise SafetensorsHeaderError(f"{path}: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw_len)
-        if n <= 0 or n > _MAX_HEADER_BYTES:
+        if n <= 0 or n > max_header_bytes:
             raise SafetensorsHeaderError(f"{path}: implausible safetensors header length {n}")
         raw = f.read(n)
     if len(raw) != n:
         raise SafetensorsHeaderError(f"{path}: truncated safetensors header")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsHeaderError(f"{path}: safetensors header is not JSON") from exc
+        header = load_json(raw, "safetensors header", max_bytes=max_header_bytes)
+    except JsonLimitError as exc:
+        raise SafetensorsHeaderError(f"{path}: {exc}") from None
     if not isinstance(header, dict):
         raise SafetensorsHeaderError(f"{path}: safetensors header is not a JSON object")
     return header

@@ -1,9 +1,12 @@
 """Filesystem blob store with presigned URLs served by an embedded loopback HTTP server.
 
 Used in development, single-machine deployments and tests. Presigned URLs mimic S3's: an
-HMAC over (method, key, expiry) made with a secret only the store holds, so a device can PUT or
-GET one key for a while without any credential. Objects live under root/objects/<key>; uploads
-are streamed to root/tmp and renamed into place, so readers never see a partial object.
+HMAC over (method, key, expiry and, for uploads, a byte limit) made with a secret only the
+store holds, so a device can PUT or GET one key for a while without any credential. The server
+refuses a PUT above the signed limit (and above max_upload_bytes) before reading its body.
+Objects live under root/objects/<key>; uploads are streamed to root/tmp and renamed into place,
+so readers never see a partial object. A root that disappeared (an unmounted volume) is an
+outage (StoreUnavailable), not a store full of missing keys.
 """
 
 from __future__ import annotations
@@ -22,22 +25,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from adapters_store.base import BlobStore, check_expires, check_prefix
+from adapters_store.base import BlobStore, UploadTarget, check_expires, check_max_bytes, check_prefix
 from adapters_store.blob import BlobInfo, sha256_file
-from adapters_store.errors import BlobNotFound, InvalidKey, StoreError
+from adapters_store.errors import BlobNotFound, InvalidKey, StoreError, StoreUnavailable
 from adapters_store.keys import validate_key
+from adapters_store.limits import MAX_BLOB_BYTES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD_BYTES = 512 * 2**20
+DEFAULT_MAX_UPLOAD_BYTES = MAX_BLOB_BYTES
 _CHUNK = 1 << 20
 _DRAIN_LIMIT = 1 << 20  # bytes of a refused body read so a small client still sees the status
 
 
-def sign(secret: bytes, method: str, key: str, expires: int) -> str:
-    """Return the hex HMAC-SHA256 that authorises `method` on `key` until `expires`."""
-    msg = f"{method}\n{key}\n{expires}".encode()
-    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+def sign(secret: bytes, method: str, key: str, expires: int, limit: str = "") -> str:
+    """Return the hex HMAC-SHA256 that authorises `method` on `key` until `expires` (and, when
+    given, for bodies of at most `limit` bytes)."""
+    msg = f"{method}\n{key}\n{expires}" + (f"\n{limit}" if limit else "")
+    return hmac.new(secret, msg.encode(), hashlib.sha256).hexdigest()
 
 
 class FileBlobStore(BlobStore):
@@ -50,14 +55,20 @@ class FileBlobStore(BlobStore):
         host: str = "127.0.0.1",
         port: int = 0,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        create: bool = True,
     ) -> None:
         if len(url_secret) < 16:
             raise StoreError("url_secret must be at least 16 bytes")
         self.root = Path(root).resolve()
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
-        self._objects.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        if create:
+            self._objects.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        elif not (self._objects.is_dir() and self._tmp.is_dir()):
+            # A store that was created before and is not there now is an unmounted volume: an
+            # empty store made here would answer "missing" for every upload.
+            raise StoreUnavailable(f"the file store under {self.root.name!r} is not there")
         self._secret = url_secret
         self._host = host
         self._port = port
@@ -72,9 +83,14 @@ class FileBlobStore(BlobStore):
     # -- local paths ---------------------------------------------------------------------------
 
     def _path(self, key: str) -> Path:
-        return self._objects / validate_key(key)
+        path = self._objects / validate_key(key)
+        if not self._objects.is_dir():
+            raise StoreUnavailable(f"the file store's objects directory under {self.root.name!r} is gone")
+        return path
 
     def _tmp_path(self) -> Path:
+        if not self._tmp.is_dir():
+            raise StoreUnavailable(f"the file store's tmp directory under {self.root.name!r} is gone")
         return self._tmp / f"{secrets.token_hex(8)}.part"
 
     def _install(self, tmp: Path, key: str) -> None:
@@ -158,15 +174,20 @@ class FileBlobStore(BlobStore):
         """Return a URL for one PUT of key, valid expires_s seconds."""
         return self._presign("PUT", key, expires_s)
 
+    def presign_upload(self, key: str, expires_s: int, max_bytes: int) -> UploadTarget:
+        """Return a PUT URL for key whose body the server caps at max_bytes."""
+        return UploadTarget(self._presign("PUT", key, expires_s, str(check_max_bytes(max_bytes))))
+
     def presign_get(self, key: str, expires_s: int) -> str:
         """Return a URL for GETs of key, valid expires_s seconds."""
         return self._presign("GET", key, expires_s)
 
-    def _presign(self, method: str, key: str, expires_s: int) -> str:
+    def _presign(self, method: str, key: str, expires_s: int, limit: str = "") -> str:
         validate_key(key)
         expires = int(time.time()) + check_expires(expires_s)
-        sig = sign(self._secret, method, key, expires)
-        return f"{self.url_base}/{key}?method={method}&expires={expires}&sig={sig}"
+        sig = sign(self._secret, method, key, expires, limit)
+        extra = f"&max={limit}" if limit else ""
+        return f"{self.url_base}/{key}?method={method}&expires={expires}{extra}&sig={sig}"
 
     # -- embedded HTTP server ------------------------------------------------------------------
 
@@ -204,23 +225,28 @@ class FileBlobStore(BlobStore):
         if thread is not None:
             thread.join(timeout=5)
 
-    def authorise(self, method: str, key: str, query: str) -> bool:
-        """Return whether a request's query string grants `method` on `key` now."""
+    def authorise(self, method: str, key: str, query: str) -> int | None:
+        """Return the byte limit a request's query string grants for `method` on `key` now
+        (max_upload_bytes unless the URL signs a lower one), or None when it grants nothing."""
         try:
             params = parse_qs(query, strict_parsing=True, max_num_fields=8)
         except ValueError:
-            return False
+            return None
         values = {name: params.get(name, []) for name in ("method", "expires", "sig")}
-        if any(len(v) != 1 for v in values.values()):
-            return False
+        limits = params.get("max", [])
+        if any(len(v) != 1 for v in values.values()) or len(limits) > 1:
+            return None
         (granted,), (expires_s,), (sig,) = values.values()
-        if granted != method or not expires_s.isdigit():
-            return False
+        limit = limits[0] if limits else ""
+        if granted != method or not expires_s.isdigit() or (limit and not limit.isdigit()):
+            return None
         expires = int(expires_s)
-        expected = sign(self._secret, method, key, expires)
+        expected = sign(self._secret, method, key, expires, limit)
         # Compare first so timing does not tell an attacker how far a forgery got.
         valid = hmac.compare_digest(expected.encode(), sig.encode())
-        return valid and time.time() <= expires
+        if not valid or time.time() > expires:
+            return None
+        return min(int(limit), self.max_upload_bytes) if limit else self.max_upload_bytes
 
 
 class _Server(ThreadingHTTPServer):
@@ -252,26 +278,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         log.debug("%s %s -> %d", self.command, urlsplit(self.path).path, status)
 
-    def _authorised_key(self) -> str | None:
+    def _authorised_key(self) -> tuple[str, int] | None:
+        """The key a request may act on and its byte limit, or None."""
         parts = urlsplit(self.path)
         key = parts.path[1:]
         try:
             validate_key(key)  # raw path, never unquoted: '%2e%2e' stays harmless
         except InvalidKey:
             return None
-        return key if self.server.store.authorise(self.command, key, parts.query) else None
+        limit = self.server.store.authorise(self.command, key, parts.query)
+        return None if limit is None else (key, limit)
 
     def do_GET(self) -> None:
-        key = self._authorised_key()
-        if key is None:
+        granted = self._authorised_key()
+        if granted is None:
             self._reply(403, b"forbidden\n")
             return
         store = self.server.store
-        path = store._path(key)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
+            f = open(store._path(granted[0]), "rb")  # noqa: SIM115 - closed below
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             self._reply(404, b"not found\n")
+            return
+        except StoreUnavailable:
+            self._reply(503, b"store unavailable\n")
             return
         with f:
             size = os.fstat(f.fileno()).st_size
@@ -282,18 +312,19 @@ class _Handler(BaseHTTPRequestHandler):
             shutil.copyfileobj(f, self.wfile, _CHUNK)
 
     def do_PUT(self) -> None:
-        key = self._authorised_key()
+        granted = self._authorised_key()
         length_s = self.headers.get("Content-Length")
-        if key is None:
+        if granted is None:
             self._drain(length_s)
             self._reply(403, b"forbidden\n", close=True)
             return
+        key, limit = granted
         if self.headers.get("Transfer-Encoding") or length_s is None or not length_s.isdigit():
             self._reply(411, b"Content-Length required\n", close=True)
             return
         length = int(length_s)
         store = self.server.store
-        if length > store.max_upload_bytes:
+        if length > limit:
             self._drain(length_s)
             self._reply(413, b"upload too large\n", close=True)
             return
@@ -311,6 +342,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(400, b"body shorter than Content-Length\n", close=True)
                 return
             store._install(tmp, key)
+        except (StoreUnavailable, OSError):  # the root is gone, the disk full, or the client left
+            self._reply(503, b"store unavailable\n", close=True)
+            return
         except StoreError:
             self._reply(409, b"key collides with another key\n", close=True)
             return

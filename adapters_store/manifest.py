@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from adapters_store.errors import AdapterFormatError
+from adapters_store.limits import MAX_MANIFEST_BYTES, JsonLimitError, load_json
 
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"(sha256:)?[0-9a-f]{64}")
@@ -66,9 +67,12 @@ class AdapterManifest:
             raise _fail("rank", self.rank, "must be an int > 0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
             raise _fail("alpha", self.alpha, "must be a number")
+        try:
+            self.alpha = float(self.alpha)  # an int too large for a float overflows here
+        except OverflowError:
+            raise _fail("alpha", self.alpha, "must be finite and > 0") from None
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise _fail("alpha", self.alpha, "must be finite and > 0")
-        self.alpha = float(self.alpha)
         if (
             not isinstance(self.target_modules, list)
             or not self.target_modules
@@ -126,11 +130,11 @@ class AdapterManifest:
 
     @classmethod
     def from_json(cls, s: str | bytes) -> AdapterManifest:
-        """Parse a manifest from JSON text."""
+        """Parse a manifest from JSON text (bounded in size and depth: it comes from a device)."""
         try:
-            d = json.loads(s)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterFormatError(f"manifest is not valid JSON: {exc}") from None
+            d = load_json(s, "manifest", max_bytes=MAX_MANIFEST_BYTES)
+        except JsonLimitError as exc:
+            raise AdapterFormatError(str(exc)) from None
         return cls.from_dict(d)
 
 

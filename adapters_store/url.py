@@ -1,7 +1,10 @@
 """Open a blob store from one URL, so every component is configured the same way.
 
     file:///abs/path                                     FileBlobStore (presigned URLs on loopback)
-    s3://bucket?endpoint=host:port[&secure=true][&region=r]   S3BlobStore
+    s3://bucket?endpoint=host:port[&secure=true][&region=r][&ca=/abs/ca.pem]   S3BlobStore
+
+`secure=true` speaks https to the endpoint, verified against the system's roots, or only against
+the CA certificate `ca` names (a private CA; it implies secure=true).
 
 Credentials never go in the URL: S3 keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 (or POCKETLORA_S3_ACCESS_KEY / POCKETLORA_S3_SECRET_KEY); the file store's URL-signing secret
@@ -23,24 +26,28 @@ from adapters_store.errors import StoreConfigError
 _PROCESS_SECRET = secrets.token_bytes(32)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _ENDPOINT = re.compile(r"[A-Za-z0-9.-]+:[0-9]{1,5}|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]:[0-9]{1,5}")
-_S3_PARAMS = frozenset({"endpoint", "secure", "region"})
+_S3_PARAMS = frozenset({"endpoint", "secure", "region", "ca"})
 
 
-def open_store(url: str, *, env: Mapping[str, str] | None = None) -> BlobStore:
-    """Return the blob store a URL names; StoreConfigError (one line) if it is unusable."""
+def open_store(url: str, *, env: Mapping[str, str] | None = None, create: bool = True) -> BlobStore:
+    """Return the blob store a URL names; StoreConfigError (one line) if it is unusable.
+
+    create=False opens a store that must exist already (its root or bucket): one that is not
+    there raises StoreUnavailable instead of being made empty.
+    """
     env = os.environ if env is None else env
     parts = urlsplit(url)
     if parts.scheme == "file":
-        return _open_file(url, parts.netloc, parts.path, parts.query, env)
+        return _open_file(url, parts.netloc, parts.path, parts.query, env, create)
     if parts.scheme == "s3":
-        return _open_s3(parts.netloc, parts.path, parts.query, env)
+        return _open_s3(parts.netloc, parts.path, parts.query, env, create)
     shown = parts.scheme or "(none)"
     raise StoreConfigError(
         f"store URL: unknown scheme {shown!r} (use file:///abs/path or s3://bucket?endpoint=host:port)"
     )
 
 
-def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, str]) -> BlobStore:
+def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
     from adapters_store.fs import FileBlobStore
 
     if netloc not in ("", "localhost") or not path.startswith("/"):
@@ -57,10 +64,10 @@ def _open_file(url: str, netloc: str, path: str, query: str, env: Mapping[str, s
             raise StoreConfigError("POCKETLORA_URL_SECRET must be at least 16 bytes (32 hex digits)")
     else:
         secret = _PROCESS_SECRET
-    return FileBlobStore(Path(path), url_secret=secret)
+    return FileBlobStore(Path(path), url_secret=secret, create=create)
 
 
-def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> BlobStore:
+def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str], create: bool) -> BlobStore:
     from adapters_store.s3 import S3BlobStore
 
     bucket = netloc
@@ -84,9 +91,14 @@ def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> Blob
         raise StoreConfigError("store URL: s3:// needs an endpoint (?endpoint=host:port)")
     if not _ENDPOINT.fullmatch(endpoint):
         raise StoreConfigError(f"store URL: endpoint must be host:port, got {endpoint!r}")
-    secure_s = params.get("secure", ["false"])[0].lower()
+    ca = params.get("ca", [""])[0]
+    if "ca" in params and not ca.startswith("/"):
+        raise StoreConfigError(f"store URL: ca must be an absolute path to a PEM CA certificate, got {ca!r}")
+    secure_s = params.get("secure", ["true" if ca else "false"])[0].lower()
     if secure_s not in ("true", "false", "1", "0"):
         raise StoreConfigError(f"store URL: secure must be true or false, got {secure_s!r}")
+    if ca and secure_s in ("false", "0"):
+        raise StoreConfigError("store URL: ca applies to https only; drop secure=false")
     region = params.get("region", ["us-east-1"])[0]
     if not region:
         raise StoreConfigError("store URL: region must not be empty")
@@ -105,4 +117,6 @@ def _open_s3(netloc: str, path: str, query: str, env: Mapping[str, str]) -> Blob
         secret_key=secret,
         secure=secure_s in ("true", "1"),
         region=region,
+        create=create,
+        ca_file=Path(ca) if ca else None,
     )

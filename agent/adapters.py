@@ -6,15 +6,19 @@ runtime: the .onnx_adapter for ONNX, the safetensors blob for torch) through a p
 checks its sha256 and size, asks the runtime child to load it and then activates it; the base
 model stays resident, and the adapter that was active before is unloaded once requests pinned
 to it finish. An adapter that cannot be used here (another base, bad bytes, a form that cannot
-exist, a load failure) is refused and remembered with its reason, so it is not fetched again on
-every heartbeat; one that is not ready yet (a bundle or form being made, a failed download) is
-tried again on a later heartbeat.
+exist, a load or activation failure, a runtime child that will not start) is refused and
+remembered with its reason, so it is not fetched again on every heartbeat; the agent reports its
+most recent refusals in every heartbeat, for operators and for rollouts, which halt on them. So
+is an adapter whose id is not a well-formed id: it never becomes a file name here, and the
+download is capped at the store's blob limit whatever size the reply announces. One that is not
+ready yet (a bundle or form being made, a failed download) is tried again on a later heartbeat.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +28,16 @@ from adapters_store.errors import StoreError, TransferError
 from adapters_store.onnx_adapter import FORM_NAME
 from agent.client import DeviceClient, Gone, Transient
 from agent.inference import RuntimeHost, RuntimeHostError
+from agent.jobs import id_path
 from agent.serving import Outcome, Serving
 from protos.pocketlora.v1 import agent_service_pb2 as pb
+from protos.wire import is_id
 
 log = logging.getLogger("pocketlora.agent")
 
 Emit = Callable[..., None]
+# Refusals kept (and reported in heartbeats): the most recent ones.
+REFUSALS_KEPT = 16
 
 
 class AdapterSwitcher:
@@ -46,8 +54,10 @@ class AdapterSwitcher:
         torch_threads: int = 0,
         runtime: str = "auto",
         listen: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
+        self.ssl_context = ssl_context  # for https presigned URLs (None: the system's roots)
         self.dir = work_dir / "adapters"
         self.base_fingerprint = base_fingerprint
         self.emit = emit
@@ -59,6 +69,7 @@ class AdapterSwitcher:
             base_fingerprint=base_fingerprint,
             threads=torch_threads,
             listen=listen,
+            ssl_context=ssl_context,
         )
         self.active_adapter_id = ""
         self.refused: dict[str, str] = {}  # adapter id -> why this device will not run it
@@ -78,6 +89,14 @@ class AdapterSwitcher:
             return
         if not self._start():
             return
+        if desired and not is_id(desired):
+            self._refuse(desired, "not a valid adapter id")
+            return
+        started = self._start()
+        if started.kind == "refused" and ref is not None:  # the runtime cannot run it here
+            self._refuse(ref.adapter_id, started.reason)
+        if started.kind != "active":
+            return
         if ref is None:
             self._activate("")
         elif ref.base_fingerprint and ref.base_fingerprint != self.base_fingerprint:
@@ -85,21 +104,20 @@ class AdapterSwitcher:
         elif self._host().has(ref.adapter_id) or self._fetch_and_load(ref):
             self._activate(ref.adapter_id, name=ref.name, version=ref.version)
 
-    def _start(self) -> bool:
-        """Start the runtime child if needed; False (said once per reason) when not possible yet."""
+    def _start(self) -> Outcome:
+        """Start the runtime child if needed; says why not (once per reason) when it did not."""
         was_running = self.serving.host is not None
         started = self.serving.start()
         if started.kind == "active":
             if not was_running and self.serving.host is not None:
                 self.emit("runtime_started", runtime=self.serving.backend, api=self.serving.host.address)
-            return True
-        if started.reason != self._pending and not started.reason.startswith("waiting"):
+        elif started.reason != self._pending and not started.reason.startswith("waiting"):
             self.emit("runtime_pending", reason=started.reason)
             self._pending = started.reason
-        return False
+        return started
 
     def _host(self) -> RuntimeHost:
-        assert self.serving.host is not None  # _start() returned True
+        assert self.serving.host is not None  # _start() returned active
         return self.serving.host
 
     def _fetch_and_load(self, ref: pb.AdapterRef) -> bool:
@@ -111,11 +129,12 @@ class AdapterSwitcher:
         if fetched.kind == "refused":
             self._refuse(ref.adapter_id, fetched.reason)
             return False
+        folder = id_path(self.dir, ref.adapter_id, "adapter id")
         try:
-            self._host().load(ref.adapter_id, self.dir / ref.adapter_id)
+            self._host().load(ref.adapter_id, folder)
         except RuntimeHostError as exc:
-            shutil.rmtree(self.dir / ref.adapter_id, ignore_errors=True)
-            self._refuse(ref.adapter_id, str(exc))
+            shutil.rmtree(folder, ignore_errors=True)
+            self._refuse(ref.adapter_id, f"load failed: {exc}")
             return False
         return True
 
@@ -128,14 +147,18 @@ class AdapterSwitcher:
             return Outcome("later", f"{exc.code.name}: {exc.details}")
         except Gone as exc:  # the form cannot exist, or the adapter is not this device's
             return Outcome("refused", exc.details)
-        folder = self.dir / ref.adapter_id
+        folder = id_path(self.dir, ref.adapter_id, "adapter id")
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             if onnx:
                 form = got.runtime_form
                 folder.mkdir(exist_ok=True)
                 download_from_url(
-                    got.url, folder / FORM_NAME, expected_sha256=form.sha256, expected_size=form.size_bytes
+                    got.url,
+                    folder / FORM_NAME,
+                    expected_sha256=form.sha256,
+                    expected_size=form.size_bytes,
+                    ssl_context=self.ssl_context,
                 )
                 (folder / "manifest.json").write_text(form.manifest_json or "{}", encoding="utf-8")
             else:
@@ -149,15 +172,23 @@ class AdapterSwitcher:
     def _fetch_safetensors(self, url: str, ref: pb.AdapterRef, folder: Path) -> None:
         from adapters_store import unpack_adapter
 
-        blob = self.dir / f"{ref.adapter_id}.safetensors"
+        blob = folder.with_name(f"{ref.adapter_id}.safetensors")
         try:
-            download_from_url(url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes)
+            download_from_url(
+                url, blob, expected_sha256=ref.sha256, expected_size=ref.size_bytes, ssl_context=self.ssl_context
+            )
             unpack_adapter(blob, folder)
         finally:
             blob.unlink(missing_ok=True)
 
     def _activate(self, adapter_id: str, **about: Any) -> None:
-        self._host().activate(adapter_id or None)
+        try:
+            self._host().activate(adapter_id or None)
+        except RuntimeHostError as exc:
+            if not adapter_id:
+                raise  # the base always activates; a runtime that cannot is a bug to see
+            self._refuse(adapter_id, f"activation failed: {exc}")
+            return
         previous, self.active_adapter_id = self.active_adapter_id, adapter_id
         self.emit("adapter_active", adapter_id=adapter_id, runtime=self.serving.backend, **about)
         self._unload(previous)
@@ -170,10 +201,12 @@ class AdapterSwitcher:
             self._host().unload(adapter_id)
         except RuntimeHostError as exc:  # already evicted by the runtime's byte cap
             log.info("unload of %s: %s", adapter_id, exc)
-        shutil.rmtree(self.dir / adapter_id, ignore_errors=True)
+        shutil.rmtree(id_path(self.dir, adapter_id, "adapter id"), ignore_errors=True)
 
     def _refuse(self, adapter_id: str, reason: str) -> None:
-        self.refused[adapter_id] = reason
+        self.refused[adapter_id] = reason[:300]
+        while len(self.refused) > REFUSALS_KEPT:
+            del self.refused[next(iter(self.refused))]
         self.emit("adapter_refused", adapter_id=adapter_id, reason=reason)
 
     def close(self) -> None:

@@ -18,23 +18,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters_store import upload_to_url
 from adapters_store.errors import StoreError
 from adapters_store.fingerprint import model_fingerprint
+from agent import handin
 from agent.adapters import AdapterSwitcher
-from agent.client import CallError, DeviceClient, Gone, Refused, Transient, detect_capabilities
+from agent.client import CallError, DeviceClient, Gone, Invalid, Refused, Transient, detect_capabilities
+from agent.fleet_gate import FleetGate, fleet_fields
 from agent.gate import Eligibility, Gate
 from agent.jobs import (
     JobSetupError,
     LocalJob,
+    UntrustedId,
     fetch_shipped_dataset,
-    pack_output,
+    public_message,
     resolve_dataset,
     training_spec,
 )
 from agent.reports import heartbeat_request, progress_pb
 from agent.sensors import SensorReading, SensorSource
 from agent.training.runner import Outcome, TrainingProcess, write_spec
+from pocketlora.tls import TlsConfig
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.wire import EligibilityReason, ErrorClass, JobState
 
@@ -60,12 +63,13 @@ class AgentConfig:
     progress_every_s: float = 2.0
     memory_budget_mb: int = 0
     torch_threads: int = 0
-    # Run the inference runtime (a child process) so desired adapters are loaded and activated.
-    serve_adapters: bool = True
-    # Rotate the device credential once it is this old (0: never).
-    rotate_credential_after_s: float = 30 * 86400
+    serve_adapters: bool = True  # run the inference runtime child that loads and activates desired adapters
+    rotate_credential_after_s: float = 30 * 86400  # rotate the device credential once it is this old (0: never)
     runtime: str = "auto"  # onnx | torch | auto (agent.serving)
     inference_listen: str = ""  # DeviceInferenceService address for apps; "" = none
+    tls: TlsConfig | None = None  # to the orchestrator (None: plaintext)
+    store_tls: TlsConfig | None = None  # the CA presigned-URL transfers trust (None: the system's roots)
+    local_veto: bool = False  # the fleet's gate policy may only tighten the local one, never loosen it
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -86,13 +90,15 @@ class Agent:
         self.gate = gate
         self.listener = listener
         config.work_dir.mkdir(parents=True, exist_ok=True)
-        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir)
+        self.client = DeviceClient(config.orchestrator, config.device_id, config.work_dir, tls=config.tls)
+        self.transfer_ssl = config.store_tls.ssl_context() if config.store_tls is not None else None
         self.base_fingerprint = model_fingerprint(config.base_model_dir)
         self.job: LocalJob | None = LocalJob.load(config.work_dir)
         self.proc: TrainingProcess | None = None
         self.pausing = False
         self.next_heartbeat = 0.0
         self.next_lease = 0.0
+        self.completion = handin.Completion()
         self.last_progress_report = 0.0
         self.eligibility: Eligibility | None = None
         self.reading: SensorReading | None = None
@@ -105,12 +111,15 @@ class Agent:
             torch_threads=config.torch_threads,
             runtime=config.runtime,
             listen=config.inference_listen,
+            ssl_context=self.transfer_ssl,
         )
+        self.fleet_gate = FleetGate(gate, veto=config.local_veto)
         self._events: list[dict[str, Any]] = []
         self._events_lock = threading.Lock()
         if self.job is not None:
-            # Restarted mid-job: resume from the checkpoint once the gate allows.
-            self.job.state = JobState.PAUSED
+            # Restarted mid-job: resume from the checkpoint once the gate allows, or, when the
+            # adapter was already uploaded, ask again for it to be completed.
+            self.job.state = JobState.UPLOADING if self.job.uploaded_sha256 else JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
 
     # ------------------------------------------------------------------ plumbing
@@ -232,7 +241,7 @@ class Agent:
             if ev.get("event") == "progress" and self.job is not None:
                 self.job.progress = {k: ev.get(k, 0) for k in ("step", "total_steps", "epoch", "loss", "tokens_seen")}
                 self._emit("progress", job_id=self.job.job_id, **self.job.progress)
-            elif ev.get("event") in ("plan", "checkpoint", "resumed"):
+            elif ev.get("event") in ("plan", "checkpoint", "resumed", "evaluated"):
                 self._emit(ev["event"], **{k: v for k, v in ev.items() if k != "event"})
 
     def _report(
@@ -270,22 +279,14 @@ class Agent:
         if not reply.HasField("assignment"):
             return
         a = reply.assignment
-        from google.protobuf import json_format
-
-        training = json_format.MessageToDict(a.training, preserving_proto_field_name=True)
-        self.job = LocalJob(
-            a.job_id,
-            a.lease_epoch,
-            a.attempt,
-            training,
-            state=JobState.LEASED,
-            upload_url=a.upload_url,
-            dataset_url=a.dataset_url,
-        )
+        try:
+            self.job = LocalJob.from_assignment(a)
+        except UntrustedId as exc:  # its id would name a folder: never used
+            self._emit("assignment_refused", reason=str(exc))
+            return
         self.job.save(self.cfg.work_dir)
-        self._emit(
-            "leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=training.get("adapter_name")
-        )
+        adapter = self.job.training.get("adapter_name")
+        self._emit("leased", job_id=a.job_id, attempt=a.attempt, epoch=a.lease_epoch, adapter=adapter)
         self._start_training()
 
     def _start_training(self) -> None:
@@ -299,7 +300,7 @@ class Agent:
                     f"job needs base {self.job.training.get('base_model_id')!r}, device has {self.cfg.base_model_id!r}",
                 )
             if self.job.training.get("dataset_object"):
-                dataset = fetch_shipped_dataset(self.job, job_dir)
+                dataset = fetch_shipped_dataset(self.job, job_dir, ssl_context=self.transfer_ssl)
             else:
                 dataset = resolve_dataset(self.cfg.datasets_dir, str(self.job.training.get("dataset", "")))
             spec = training_spec(
@@ -319,6 +320,10 @@ class Agent:
 
     def _drive_job(self, elig: Eligibility) -> None:
         assert self.job is not None
+        if self.job.uploaded_sha256:
+            if self.completion.due():
+                self._complete()
+            return
         if self.job.state == JobState.PAUSED and self.proc is None:
             if elig.eligible:
                 self._emit("resuming", job_id=self.job.job_id)
@@ -366,31 +371,43 @@ class Agent:
             return
         job_dir = LocalJob.folder(self.cfg.work_dir, self.job.job_id)
         try:
-            blob, info = pack_output(self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id)
-            upload_to_url(reply.upload_url or self.job.upload_url, blob)
+            handin.upload(
+                self.job, job_dir, self.cfg.device_id, self.cfg.base_model_id, reply, ssl_context=self.transfer_ssl
+            )
         except (StoreError, OSError, KeyError, ValueError) as exc:
             self._fail(ErrorClass.UPLOAD_FAILED, f"upload failed: {exc}")
             return
-        self._emit("uploaded", job_id=self.job.job_id, sha256=info.sha256, size=info.size)
-        metrics = {
-            "final_loss": float(self.job.progress.get("loss", 0.0) or 0.0),
-            "steps": float(self.job.progress.get("step", 0)),
-        }
+        self.job.save(self.cfg.work_dir)
+        self._emit("uploaded", job_id=self.job.job_id, sha256=self.job.uploaded_sha256, size=self.job.uploaded_size)
+        self.completion.reset()
+        self._complete()
+
+    def _complete(self) -> None:
+        """CompleteJob for the uploaded adapter; "not now" is retried (handin.Completion)."""
+        assert self.job is not None
         try:
-            done = self.client.complete_job(self.job.job_id, self.job.lease_epoch, info.sha256, info.size, metrics)
+            done = self.completion.call(self.client, self.job, LocalJob.folder(self.cfg.work_dir, self.job.job_id))
         except Gone as exc:
             self._abandon(f"completion refused: {exc.details}", keep_folder=False)
             return
-        self._emit(
-            "completed", job_id=self.job.job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version
-        )
-        LocalJob.forget(self.cfg.work_dir, self.job.job_id)
+        except Invalid as exc:
+            self._fail(ErrorClass.UPLOAD_FAILED, f"completion refused: {exc.details}")
+            return
+        job_id = self.job.job_id
+        if done is None:
+            self._emit(
+                "complete_retry", job_id=job_id, reason=self.completion.last_reason, retry_in_s=self.completion.delay
+            )
+            return
+        self._emit("completed", job_id=job_id, adapter_id=done.adapter.adapter_id, version=done.adapter.version)
+        LocalJob.forget(self.cfg.work_dir, job_id)
         self.job = None
         self.next_lease = time.monotonic() + 1.0
 
     def _fail(self, error: ErrorClass, message: str) -> None:
         assert self.job is not None
         retry = False
+        message = public_message(message)  # no local paths or tracebacks leave the device
         with contextlib.suppress(Gone):  # the job moved on without us: nothing left to report
             retry = self.client.fail_job(self.job.job_id, self.job.lease_epoch, error, message).will_retry
         self._emit("failed", job_id=self.job.job_id, error_class=error.value, message=message, will_retry=retry)
@@ -404,11 +421,19 @@ class Agent:
         assert self.reading is not None and self.eligibility is not None
         running = self.job if self.job is not None and self.job.state in _REPORTED else None
         req = heartbeat_request(
-            self.cfg.device_id, self.reading, self.eligibility, self.adapters.active_adapter_id, running
+            self.cfg.device_id,
+            self.reading,
+            self.eligibility,
+            self.adapters.active_adapter_id,
+            running,
+            self.adapters.refused,
         )
         reply = self.client.heartbeat(req)
-        wait = reply.next_poll_after.ToNanoseconds() / 1e9
-        self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        self.next_heartbeat = time.monotonic() + max(reply.next_poll_after.ToNanoseconds() / 1e9, 0.2)
+        fleet = fleet_fields(reply.gate_policy if reply.HasField("gate_policy") else None)
+        changed = self.fleet_gate.apply(fleet, list(reply.gate_policy_names))
+        if changed:
+            self._emit("gate_policy", detail=changed, **fleet)
         if self.job is not None and self.job.job_id in reply.cancel_job_ids:
             self._abandon("cancelled by an operator", keep_folder=False)
         elif self.job is not None and self.job.job_id in reply.stale_job_ids:
@@ -416,4 +441,9 @@ class Agent:
             # from the checkpoint kept in its folder (as on a refused ReportProgress).
             self._abandon("no longer leased to this device", keep_folder=True)
         if self.cfg.serve_adapters:
+            refused = len(self.adapters.refused)
             self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)
+            if len(self.adapters.refused) != refused:
+                self.next_heartbeat = 0.0  # tell the orchestrator now: a rollout may be waiting on it
+            elif self.adapters.serving.loading:  # look again soon: the desired adapter waits for it
+                self.next_heartbeat = min(self.next_heartbeat, time.monotonic() + 2.0)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import psutil
 
+from pocketlora.tls import TlsConfig, describe_failure, open_channel
 from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import agent_service_pb2_grpc as pb_grpc
@@ -73,10 +74,14 @@ _ERRORS: dict[grpc.StatusCode, type[CallError]] = {
 }
 
 
-def map_error(method: str, exc: grpc.RpcError) -> CallError:
-    """The error-tree member for a failed call (Invalid for every code not listed above)."""
+def map_error(method: str, exc: grpc.RpcError, tls: TlsConfig | None = None) -> CallError:
+    """The error-tree member for a failed call (Invalid for every code not listed above); a
+    connection failure that TLS explains says so first."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else "") or str(exc)
+    tls_problem = describe_failure(details, tls) if code == grpc.StatusCode.UNAVAILABLE else None
+    if tls_problem:
+        details = f"{tls_problem} ({details})"
     return _ERRORS.get(code, Invalid)(method, code, details)
 
 
@@ -104,14 +109,17 @@ def detect_capabilities(
 
 
 class DeviceClient:
-    """AgentService calls carrying this device's credential."""
+    """AgentService calls carrying this device's credential (over TLS when `tls`)."""
 
-    def __init__(self, address: str, device_id: str, work_dir: Path, *, timeout_s: float = 20.0) -> None:
+    def __init__(
+        self, address: str, device_id: str, work_dir: Path, *, timeout_s: float = 20.0, tls: TlsConfig | None = None
+    ) -> None:
         self.address = address
         self.device_id = device_id
         self.timeout_s = timeout_s
+        self.tls = tls
         self._cred_path = work_dir / "credential.json"
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, tls)
         self.stub = pb_grpc.AgentServiceStub(self.channel)
         self._credential = self._load_credential()
 
@@ -132,7 +140,7 @@ class DeviceClient:
         try:
             answer = fn(request, metadata=metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise map_error(type(request).__name__.removesuffix("Request"), exc) from None
+            raise map_error(type(request).__name__.removesuffix("Request"), exc, self.tls) from None
         return cast(R, answer)
 
     def _call(self, reply: type[R], fn: Callable[..., Any], request: Any) -> R:

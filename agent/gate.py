@@ -13,6 +13,8 @@ sensor that is unreadable under a "deny" policy reports SENSOR_UNKNOWN:
     3. battery   BATTERY_LOW below min_battery_pct
     4. storage   SENSOR_UNKNOWN, or STORAGE_LOW below min_free_storage_bytes
     5. cpu       CPU_BUSY above max_cpu_load_pct
+    6. hours     OUTSIDE_HOURS outside [start_hour, end_hour) local time, when both are set
+                 (a window with end_hour < start_hour wraps past midnight)
 
 Missing-sensor policy (psutil reports no battery and no temperature on many machines):
 
@@ -34,7 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,9 @@ class GatePolicy:
     no_battery: str = "external_power"
     unknown_temperature: str = "allow"
     unknown_charging: str = "deny"
+    # Train only in [start_hour, end_hour) of the device's local time; None for any hour.
+    start_hour: int | None = None
+    end_hour: int | None = None
 
     def __post_init__(self) -> None:
         """Reject values that would make the gate meaningless, naming the field and value."""
@@ -88,6 +95,25 @@ class GatePolicy:
         for name in ("unknown_temperature", "unknown_charging"):
             if getattr(self, name) not in _UNKNOWN_CHOICES:
                 raise ValueError(f"{name} must be one of {_UNKNOWN_CHOICES}, got {getattr(self, name)!r}")
+        self._check_hours()
+
+    def _check_hours(self) -> None:
+        if (self.start_hour is None) != (self.end_hour is None):
+            raise ValueError(f"start_hour and end_hour go together, got {self.start_hour!r} and {self.end_hour!r}")
+        for name in ("start_hour", "end_hour"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 23):
+                raise ValueError(f"{name} must be None or an hour 0-23, got {value!r}")
+        if self.start_hour is not None and self.start_hour == self.end_hour:
+            raise ValueError(f"end_hour must differ from start_hour ({self.start_hour!r}): the window would be empty")
+
+    def allows_hour(self, hour: int) -> bool:
+        """True when training may run in this hour of the day."""
+        if self.start_hour is None or self.end_hour is None:
+            return True
+        if self.start_hour < self.end_hour:
+            return self.start_hour <= hour < self.end_hour
+        return hour >= self.start_hour or hour < self.end_hour
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatePolicy:
@@ -151,8 +177,9 @@ def _deny(reason: Reason, detail: str) -> Eligibility:
 class Gate:
     """Stateful evaluator of a GatePolicy; the state is the thermal hysteresis latch."""
 
-    def __init__(self, policy: GatePolicy | None = None) -> None:
+    def __init__(self, policy: GatePolicy | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.policy = policy if policy is not None else GatePolicy()
+        self.clock = clock  # for the hours-of-the-day window, in local time
         self._hot = False
 
     @property
@@ -225,6 +252,12 @@ class Gate:
         cpu = reading.cpu_load_pct
         if p.max_cpu_load_pct is not None and cpu is not None and cpu > p.max_cpu_load_pct:
             return _deny(Reason.CPU_BUSY, f"CPU load {cpu:.0f}% > {p.max_cpu_load_pct:.0f}% maximum")
+
+        hour = time.localtime(self.clock()).tm_hour
+        if not p.allows_hour(hour):
+            return _deny(
+                Reason.OUTSIDE_HOURS, f"local hour {hour} is outside the {p.start_hour}:00-{p.end_hour}:00 window"
+            )
 
         parts = [
             power_note or ("charging" if charging else "on battery"),

@@ -32,6 +32,7 @@ class RuntimeHost:
         threads: int = 0,
         max_resident_bytes: int = 256 * 2**20,
         serve: str = "",
+        wait: bool = True,
     ) -> None:
         cmd = [
             sys.executable,
@@ -51,9 +52,20 @@ class RuntimeHost:
         self.backend = backend
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._lock = threading.Lock()
-        hello = self.call("ping")  # waits until the model is loaded
+        self.base_fingerprint = ""
+        self.address = ""  # where DeviceInferenceService listens ("" if not served)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until the child has loaded its model (RuntimeHostError when it could not)."""
+        try:
+            hello = self.call("ping")
+        except RuntimeHostError:
+            self.kill()  # a child that answered with an error may still be running
+            raise
         self.base_fingerprint = str(hello["base_fingerprint"])
-        self.address = str(hello["address"])  # where DeviceInferenceService listens ("" if not served)
+        self.address = str(hello["address"])
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one command and wait for its reply."""
@@ -103,4 +115,10 @@ class RuntimeHost:
                     self.proc.stdin.close()
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+                self.kill()
+
+    def kill(self) -> None:
+        """Stop the child at once (one still loading its model holds nothing to save)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -24,9 +24,15 @@ def progress_pb(progress: dict[str, Any]) -> tpb.JobProgress:
 
 
 def heartbeat_request(
-    device_id: str, reading: SensorReading, eligibility: Eligibility, active_adapter_id: str, running: LocalJob | None
+    device_id: str,
+    reading: SensorReading,
+    eligibility: Eligibility,
+    active_adapter_id: str,
+    running: LocalJob | None,
+    refused: dict[str, str] | None = None,
 ) -> pb.HeartbeatRequest:
-    """The device's state as a heartbeat: power, gate, active adapter and the job it runs."""
+    """The device's state as a heartbeat: power, gate, active adapter, the job it runs, and the
+    adapters it refused with why."""
     power = tpb.PowerState(has_battery=bool(reading.has_battery))
     if reading.charging is not None:
         power.charging = reading.charging
@@ -42,6 +48,7 @@ def heartbeat_request(
         eligibility_detail=eligibility.detail,
         active_adapter_id=active_adapter_id,
         free_storage_bytes=reading.free_storage_bytes or 0,
+        adapter_refusals=[tpb.AdapterRefusal(adapter_id=k, reason=v) for k, v in (refused or {}).items()],
     )
     if running is not None:
         req.running.CopyFrom(

@@ -87,8 +87,16 @@ def seed(db_url: str, devices: int, jobs: int, *, now: float | None = None) -> f
     return time.perf_counter() - t0
 
 
+# The load generators speak for a whole fleet from one loopback address, where each real device
+# has its own: the per-peer budget for calls the credential cache cannot vouch for (a guard
+# against one unauthenticated flooder) would otherwise refuse most of their calls.
+ONE_PEER_FLEET = {"limits.unverified_per_s": 1e9, "limits.unverified_burst": 10**9}
+
+
 def start_server_process(db_url: str, tmp: Path, **config: Any) -> tuple[subprocess.Popen[str], str]:
-    """Run `python benchmarks/_common.py serve ...` and wait until it prints its address."""
+    """Run `python benchmarks/_common.py serve ...` and wait until it prints its address.
+
+    `config` holds OrchestratorConfig fields; `limits.NAME` keys set fields of its Limits."""
     args = [sys.executable, str(Path(__file__).resolve()), "serve", db_url, str(tmp)]
     args += [f"{k}={v}" for k, v in config.items()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -116,12 +124,13 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
     import signal
 
     from adapters_store import FileBlobStore
-    from orchestrator.config import OrchestratorConfig
+    from orchestrator.config import Limits, OrchestratorConfig
     from orchestrator.server import start_server
     from orchestrator.service import Orchestrator
     from orchestrator.state import open_state
 
     config: dict[str, Any] = {}
+    limits: dict[str, int | float] = {}
     threads = 0
     reap_every = 0.0
     for item in overrides:
@@ -130,9 +139,14 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
             threads = int(value)
         elif key == "reap_every":
             reap_every = float(value)
+        elif key.startswith("limits."):
+            name = key.removeprefix("limits.")
+            limits[name] = type(getattr(Limits, name))(float(value))
         else:
             config[key] = float(value)
-    cfg = OrchestratorConfig(bootstrap_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, **config)
+    cfg = OrchestratorConfig(
+        bootstrap_token=OPERATOR_TOKEN, enrollment_token=ENROLL_TOKEN, limits=Limits(**limits), **config
+    )
     store = FileBlobStore(Path(tmp) / "blobs", url_secret=secrets.token_bytes(32))
     orch = Orchestrator(open_state(db_url), store, cfg)
 
@@ -144,8 +158,8 @@ def _serve(db_url: str, tmp: str, *overrides: str) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         while not stop.is_set():
             if reap_every:
-                # The control loop's reaper, as ControlLoopActor runs it (here without Ray).
-                await loop.run_in_executor(None, orch.jobs.reap)
+                # The control loop's passes, as ControlLoopActor runs them (here without Ray).
+                await loop.run_in_executor(None, orch.control_tick)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), reap_every or 3600)
         await running.stop(0.5)

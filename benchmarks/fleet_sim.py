@@ -18,8 +18,10 @@ UPLOADING, PUTs a real packed adapter blob to the presigned URL and calls Comple
 
 Asserts every job ends SUCCEEDED or FAILED within its attempt limit, none lost, none completed
 twice (by acknowledgements and by registered adapter versions). Then measures campaign fan-out:
-one SubmitCampaign to 10,000 devices seeded through the state store. Prints a table, then one
-JSON line (the last line).
+one SubmitCampaign to 10,000 devices seeded through the state store. With --campaign, then runs
+the campaign and staged-rollout simulation of campaign_sim.py (late enrollees, a rollout, an
+injected bad adapter) over --agents devices and adds its fields; --campaign-only runs just that.
+Prints a table, then one JSON line (the last line).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
     ENROLL_TOKEN,
+    ONE_PEER_FLEET,
     OPERATOR_TOKEN,
     ROOT,
     start_server_process,
@@ -178,7 +181,8 @@ async def run_agents(address: str, first: int, count: int, tmp: Path, seed_: int
                 blob, info = await asyncio.to_thread(
                     fake_adapter_blob, tmp, device_id=device_id, job_id=a.job_id, attempt=a.attempt
                 )
-                await asyncio.to_thread(upload_to_url, up.upload_url or a.upload_url, blob)
+                target = up if up.upload_url else a
+                await asyncio.to_thread(upload_to_url, target.upload_url, blob, fields=dict(target.upload_fields))
                 blob.unlink()
                 await stub.CompleteJob(
                     apb.CompleteJobRequest(
@@ -319,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-s", type=float, default=1.0, help="simulated training time per job")
     parser.add_argument("--db", default="", help="state URL (default: a fresh SQLite file)")
     parser.add_argument("--timeout-s", type=float, default=0, help="give up waiting for jobs after this")
+    parser.add_argument("--campaign", action="store_true", help="then the campaign and rollout simulation")
+    parser.add_argument("--campaign-only", action="store_true", help="only the campaign and rollout simulation")
     args = parser.parse_args(argv)
+    if args.campaign_only:
+        return campaign_phase(args, {})
     agents = args.agents or (200 if args.quick else 2_000)
     jobs = args.jobs or (400 if args.quick else 5_000)
     fanout = args.fanout or (2_000 if args.quick else 10_000)
@@ -328,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="pocketlora-fleet-"))
     db_url = args.db or f"sqlite:///{tmp / 'state.db'}"
-    server, address = start_server_process(db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5)
+    server, address = start_server_process(
+        db_url, tmp, lease_s=LEASE_S, retry_base_s=0.5, reap_every=0.5, **ONE_PEER_FLEET
+    )
     procs: list[subprocess.Popen[str]] = []
     result: dict[str, Any] = {"agents": agents, "jobs": jobs, "db": db_url.split("?")[0].split(":")[0]}
     try:
@@ -446,7 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         "fanout_s",
     ):
         print(f"  {key:<20}{result[key]}")
-    print(json.dumps(result))
     ok = (
         result["lost"] == 0
         and result["double_completed"] == 0
@@ -454,7 +463,24 @@ def main(argv: list[str] | None = None) -> int:
         and result["succeeded_without_adapter"] == 0
         and result["succeeded"] + result["failed"] == result["jobs"]
     )
+    if args.campaign:
+        return campaign_phase(args, result, ok)
+    print(json.dumps(result))
     return 0 if ok else 1
+
+
+def campaign_phase(args: argparse.Namespace, result: dict[str, Any], ok: bool = True) -> int:
+    """The campaign and staged-rollout simulation (campaign_sim.py), its fields added to result."""
+    from benchmarks import campaign_sim
+
+    devices = args.agents or (200 if args.quick else 2_000)
+    got = campaign_sim.run_campaign_sim(devices, 0.25, args.procs, args.train_s, args.timeout_s or 900)
+    print(f"campaign simulation: {devices:,} devices ({got['late_devices']:,} enrolling late)")
+    for key in ("campaign_jobs", "late_enrollees_served", "rollout_steps", "rollout_halted", "rolled_back_devices"):
+        print(f"  {key:<22}{got[key]}")
+    result.update({k if k not in result else f"campaign_{k}": v for k, v in got.items()})
+    print(json.dumps(result))
+    return 0 if ok and campaign_sim.ok(got) else 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (
+    ONE_PEER_FLEET,
     device_credential,
     device_id,
     median,
@@ -174,7 +175,7 @@ def run_orchestrator(
 ) -> tuple[float, float, float | None]:
     seeded = seed(db_url, devices, jobs)
     print(f"  {label}: seeded {devices:,} devices and {jobs:,} jobs in {seeded:.1f} s", file=sys.stderr)
-    proc, address = start_server_process(db_url, tmp)
+    proc, address = start_server_process(db_url, tmp, **ONE_PEER_FLEET)
     try:
         rate, tail, errors, cpu_ms = measure(address, devices, runs, seconds, proc.pid)
     finally:

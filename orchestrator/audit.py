@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator import validation
-from orchestrator.domain import AuditEvent, AuditFilter, new_id
+from orchestrator.access_records import AuditEvent, AuditFilter
+from orchestrator.domain import new_id
 from orchestrator.errors import OrchestratorError
 from orchestrator.state.base import StateStore, Tx
 

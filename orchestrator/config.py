@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adapters_store.limits import MAX_BLOB_BYTES
 from orchestrator.domain import RetryPolicy
 from orchestrator.pace import PacePolicy
 
@@ -29,6 +30,9 @@ class OrchestratorConfig:
     upload_url_s: float = 600.0
     download_url_s: float = 300.0
     reap_interval_s: float = 1.0
+    # Largest adapter blob a device may upload: the store refuses larger bodies (S3 through the
+    # POST policy's content-length-range) and CompleteJob refuses to announce one.
+    max_adapter_bytes: int = MAX_BLOB_BYTES
     # Device credential hashes are cached this long. Credentials rotate only on enroll, which
     # refreshes this replica's cache at once; on other replicas an old credential may still be
     # accepted for up to this long. 0 reads the store on every call.
@@ -36,6 +40,12 @@ class OrchestratorConfig:
     # A poll that changes nothing else rewrites the device row (last_seen) at most this often:
     # last_seen may lag by this much, and polls stay read-only transactions. 0 writes every poll.
     last_seen_write_s: float = 5.0
+    # The campaign fan-out looks again at devices changed this long before its last pass, so an
+    # enrollment in flight then (or stamped by a replica whose clock runs behind) is not missed.
+    campaign_rescan_s: float = 10.0
+    # Each replica re-reads the operators' gate policies at most this often; a policy set through
+    # a replica reaches the devices polling that replica at once, the others within this long.
+    gate_policy_refresh_s: float = 2.0
     pace: PacePolicy = field(default_factory=PacePolicy)
     limits: Limits = field(default_factory=Limits)
     # Least memory a training job on each known base model needs on a device (NF4, gradient
@@ -64,7 +74,9 @@ class OrchestratorConfig:
         for name in ("lease_s", "retry_base_s", "retry_max_s", "upload_url_s", "download_url_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("credential_cache_s", "last_seen_write_s"):
+        if not 0 < self.max_adapter_bytes <= MAX_BLOB_BYTES:
+            raise ValueError(f"max_adapter_bytes must be between 1 and {MAX_BLOB_BYTES}, got {self.max_adapter_bytes}")
+        for name in ("credential_cache_s", "last_seen_write_s", "campaign_rescan_s", "gate_policy_refresh_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.bundle_precision not in ("int4", "fp32"):

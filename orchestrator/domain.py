@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import FailedPrecondition
+from protos.wire import CampaignState as CampaignState
 from protos.wire import ErrorClass as ErrorClass
 from protos.wire import JobState as JobState
 from protos.wire import Role as Role
+from protos.wire import RolloutState as RolloutState
+from protos.wire import TargetOutcome as TargetOutcome
 
 # Transitions a device may report while it holds the lease (the orchestrator itself also moves
 # jobs to QUEUED on expiry/retry, to FAILED, SUCCEEDED and CANCELLED).
@@ -212,6 +215,11 @@ class DeviceRecord:
     # device's first call with it, so a device that crashed mid-rotation keeps its old one.
     next_credential_hash: str = ""
     revoked_at: float = 0.0
+    # When labels or capabilities were last written (enrollment): campaigns look at devices
+    # changed since their last fan-out.
+    profile_at: float = 0.0
+    # adapter id -> why the device refuses to run it, as its heartbeats report.
+    adapter_refusals: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,9 +241,33 @@ class AdapterRecord:
     blob_key: str
 
 
+@dataclass(frozen=True)
+class JobEvent:
+    """One recorded state change of a job."""
+
+    at: float
+    state: JobState
+    attempt: int
+    message: str = ""
+    error_class: str = ""
+
+
+@dataclass(frozen=True)
+class ProgressPoint:
+    """One recorded progress report of an attempt (the loss curve's points)."""
+
+    at: float
+    attempt: int
+    step: int
+    total_steps: int
+    loss: float | None
+    tokens_seen: int
+
+
 @dataclass
 class CampaignRecord:
-    """A group of jobs created from one spec for every device matching a selector."""
+    """One spec trained on every device matching a selector, including devices that enroll or
+    start matching while the campaign is open (until its deadline or target count)."""
 
     campaign_id: str
     name: str
@@ -243,6 +275,75 @@ class CampaignRecord:
     request_id: str
     created_at: float
     job_count: int = 0
+    state: CampaignState = CampaignState.ACTIVE
+    training: dict[str, Any] = field(default_factory=dict)
+    max_attempts: int = 0
+    deadline: float = 0.0  # no job is created after it; each job fails if unfinished by then
+    target_count: int = 0  # most jobs it creates; 0 for no limit
+    scanned_until: float = 0.0  # devices changed before this were looked at by the fan-out
+    updated_at: float = 0.0
+
+    def room(self, now: float) -> int:
+        """How many more jobs it may create now (0 once closed; -1 for no limit)."""
+        if self.state != CampaignState.ACTIVE or not self.training or (self.deadline and now >= self.deadline):
+            return 0
+        return max(self.target_count - self.job_count, 0) if self.target_count else -1
+
+    def move(self, state: CampaignState, now: float) -> None:
+        """Change state; a cancelled campaign stays cancelled."""
+        if self.state == CampaignState.CANCELLED:
+            raise FailedPrecondition(f"campaign {self.campaign_id} was cancelled")
+        self.state = state
+        self.updated_at = now
+
+
+@dataclass
+class RolloutRecord:
+    """A staged activation of one campaign's adapters: step k gives the adapter to steps[k]% of
+    the devices whose adapter passed the gate, once the devices of step k-1 are healthy."""
+
+    rollout_id: str
+    campaign_id: str
+    steps: list[int]
+    state: RolloutState = RolloutState.RUNNING
+    current_step: int = 0
+    assigned_step: int = -1  # the last step whose devices were given the adapter
+    eval_gate: dict[str, Any] = field(default_factory=dict)  # EvalGate fields; empty for none
+    min_healthy_share: float = 0.9
+    max_failure_share: float = 0.1
+    bake_s: float = 0.0
+    message: str = ""
+    request_id: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    step_started_at: float = 0.0
+    eligible_devices: int = 0
+    gate_refused_devices: int = 0
+
+
+@dataclass
+class RolloutTarget:
+    """One device of a rollout: the adapter it was given at which step, and how that went."""
+
+    rollout_id: str
+    device_id: str
+    adapter_id: str
+    step: int
+    previous_adapter_id: str  # what the device wanted before; a rollback goes back to it
+    outcome: TargetOutcome = TargetOutcome.PENDING
+    reason: str = ""
+    changed_at: float = 0.0
+
+
+@dataclass
+class GatePolicyRecord:
+    """An operator's gate thresholds for the devices a selector matches (only the set fields)."""
+
+    name: str
+    selector: dict[str, Any]
+    policy: dict[str, Any]
+    priority: int = 0
+    updated_at: float = 0.0
 
 
 @dataclass
@@ -276,6 +377,17 @@ class DeviceSelector:
     base_model_id: str = ""
     device_ids: tuple[str, ...] = ()
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceSelector:
+        """A selector stored as its dataclass dict (JSON lists become tuples again)."""
+        return cls(
+            labels={str(k): str(v) for k, v in data.get("labels", {}).items()},
+            min_ram_bytes=int(data.get("min_ram_bytes", 0)),
+            requires_4bit=bool(data.get("requires_4bit", False)),
+            base_model_id=str(data.get("base_model_id", "")),
+            device_ids=tuple(data.get("device_ids", ())),
+        )
+
     def matches(self, device: DeviceRecord) -> bool:
         """True when the device satisfies every set condition."""
         caps = device.capabilities
@@ -286,68 +398,3 @@ class DeviceSelector:
             and (not self.base_model_id or caps.get("base_model_id") == self.base_model_id)
             and (not self.device_ids or device.device_id in self.device_ids)
         )
-
-
-@dataclass
-class OperatorRecord:
-    """A named operator identity."""
-
-    name: str
-    role: Role
-    created_at: float
-    created_by: str = ""
-
-
-@dataclass
-class OperatorTokenRecord:
-    """A bearer token of an operator, stored as its sha256; its role may be below the operator's."""
-
-    token_id: str
-    token_hash: str
-    operator: str
-    role: Role
-    description: str
-    created_at: float
-    expires_at: float  # 0: never
-    revoked_at: float = 0.0
-
-
-@dataclass
-class EnrollmentTokenRecord:
-    """A token devices enroll with, stored as its sha256."""
-
-    token_id: str
-    token_hash: str
-    description: str
-    created_at: float
-    expires_at: float
-    max_devices: int = 0  # 0: any number; 1: single use
-    uses: int = 0
-    revoked_at: float = 0.0
-    labels: dict[str, str] = field(default_factory=dict)  # fixed on every device enrolled with it
-    created_by: str = ""
-
-
-@dataclass
-class AuditEvent:
-    """One mutating call: who, when, what, on what, and how it ended."""
-
-    event_id: str
-    at: float
-    actor: str
-    actor_kind: str  # operator | device | bootstrap
-    action: str  # the RPC's name
-    target: str
-    result: str  # OK or the status code's name
-    detail: str = ""
-
-
-@dataclass
-class AuditFilter:
-    """Filters for listing audit events; empty fields match everything."""
-
-    actor: str = ""
-    action: str = ""
-    target: str = ""
-    since: float = 0.0
-    until: float = 0.0

@@ -7,16 +7,25 @@ OrchestratorError
 ├── FailedPrecondition   an illegal transition, e.g. a report carrying a stale lease epoch
 ├── Unauthenticated      no or wrong credential
 ├── PermissionDenied     a valid caller acting on what is not theirs
-├── ResourceExhausted    the caller is over one of its limits; it may retry later
-└── Unavailable          not ready yet (a runtime form being made): ask again later
+├── ResourceExhausted    the caller is over one of its limits (too many calls, a watch that
+│                        fell behind): retry later
+└── Unavailable          a dependency (the adapter store, the verification task) is down, the
+                         server is stopping, or what was asked for is still being made (a
+                         runtime form): nothing was decided, the caller should retry the same
+                         call later (maybe elsewhere)
+
+Every error pickles to the same class and fields (PortableError), so it crosses Ray task and
+actor boundaries intact.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
+from adapters_store.errors import PortableError
 
-class OrchestratorError(Exception):
+
+class OrchestratorError(PortableError):
     """Base of every error the orchestrator reports to a caller."""
 
 
@@ -53,7 +62,8 @@ class ResourceExhausted(OrchestratorError):
 
 
 class Unavailable(OrchestratorError):
-    """What was asked for is being produced; the caller should ask again later."""
+    """Something the call needs is down for now, still being made, or the server is stopping;
+    the same call may succeed later, maybe on another replica."""
 
 
 T = TypeVar("T")

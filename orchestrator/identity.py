@@ -15,6 +15,9 @@ Labels that selectors target are set by admins (or fixed by the enrollment token
 reports about itself is kept apart (`reported_labels`) and never used to target it. A revoked
 device is refused by every replica within `credential_cache_s`, the time a replica trusts its
 cache of recently checked credentials.
+
+Under mutual TLS a device's certificate also binds its id: a call (enrollment included) whose
+device id is not one its verified client certificate names is refused before anything else.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import audit, validation
+from orchestrator.access_records import EnrollmentTokenRecord
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import DeviceRecord, EnrollmentTokenRecord, JobFilter, JobState, new_id
+from orchestrator.domain import DeviceRecord, JobFilter, JobState, new_id
 from orchestrator.errors import InvalidArgument, PermissionDenied, Unauthenticated, found
 from orchestrator.state.base import StateStore, Tx
 
@@ -46,16 +50,26 @@ def hash_secret(secret: str) -> str:
 @dataclass(frozen=True)
 class DeviceCall:
     """Who a device call says it comes from: the device named in its metadata, the credential
-    it carries, and the device id its request body names (if any)."""
+    it carries, the device id its request body names (if any), and the device ids its verified
+    client certificate names (None: the connection carries no client certificate)."""
 
     device_id: str
     credential: str
     claimed: str = ""
+    certified: tuple[str, ...] | None = None
 
     @property
     def actor(self) -> Actor:
         """The device as the audit log names it."""
         return Actor("device", self.device_id)
+
+
+def check_certificate(device_id: str, certified: tuple[str, ...] | None) -> None:
+    """Refuse a device id that the caller's client certificate does not name (no I/O, so it
+    runs first: it reveals nothing about the device the call names)."""
+    if certified is not None and device_id not in certified:
+        named = ", ".join(repr(n) for n in certified) or "no device"
+        raise PermissionDenied(f"the client certificate is for {named}, not device {device_id!r}")
 
 
 class Identity:
@@ -85,6 +99,7 @@ class Identity:
         credential is checked."""
         if not call.device_id or not call.credential:
             raise Unauthenticated("device id and credential metadata are required")
+        check_certificate(call.device_id, call.certified)
         if not self.vouched(call):
             digest = hash_secret(call.credential)
             if device is None or not device.credential_hash:
@@ -116,14 +131,22 @@ class Identity:
         self._credentials[device_id] = (credential_hash, self.clock())
 
     # ------------------------------------------------------------------ enrollment
-    def enroll(self, enrollment_token: str, device_id: str, capabilities: dict[str, Any]) -> str:
-        """Register a new device (or one an admin reset); return its credential."""
+    def enroll(
+        self,
+        enrollment_token: str,
+        device_id: str,
+        capabilities: dict[str, Any],
+        certified: tuple[str, ...] | None = None,
+    ) -> str:
+        """Register a new device (or one an admin reset); return its credential. `certified`: the
+        device ids the caller's client certificate names (None: no certificate)."""
         caps = dict(capabilities)
         credential = "pldev_" + secrets.token_urlsafe(32)
         now = self.clock()
         with self.state.transaction() as tx:
             token = self._use_token(tx, enrollment_token, now)  # first: a stranger learns nothing
             validation.device_id(device_id)
+            check_certificate(device_id, certified)
             raw = caps.pop("labels", {})
             reported = validation.labels({str(k): str(v) for k, v in raw.items()}, "capabilities.labels")
             device = tx.get_device(device_id, for_update=True)
@@ -137,6 +160,7 @@ class Identity:
             device = device or DeviceRecord(device_id=device_id, credential_hash="", enrolled_at=now)
             device.credential_hash, device.next_credential_hash = hash_secret(credential), ""
             device.capabilities, device.reported_labels, device.last_seen = caps, reported, now
+            device.profile_at = now  # what campaign selectors match changed: campaigns look again
             if token is not None:
                 device.labels = {**device.labels, **token.labels}
             tx.upsert_device(device)
@@ -216,7 +240,9 @@ class Identity:
         """Replace the labels selectors target."""
         validation.device_id(device_id)
         labels = validation.labels(dict(labels), "labels")
-        return self._administer(actor, "SetDeviceLabels", device_id, {"labels": labels}, detail=str(sorted(labels)))
+        # profile_at: the device may match campaign selectors it did not before; they look again.
+        values = {"labels": labels, "profile_at": self.clock()}
+        return self._administer(actor, "SetDeviceLabels", device_id, values, detail=str(sorted(labels)))
 
     def reset_device(self, actor: Actor, device_id: str) -> DeviceRecord:
         """Drop the device's credential (and a revocation): it may enroll again with a token."""

@@ -15,18 +15,20 @@ JobRecord (domain.py); this module decides which transition applies.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_store import BlobStore, IntegrityError, upload_key, verify_and_promote
-from adapters_store.errors import AdapterFormatError
+from adapters_store import BlobStore, IntegrityError, UploadTarget, upload_key, verify_and_promote
+from adapters_store.errors import AdapterFormatError, StoreUnavailable
+from orchestrator import metrics as telemetry  # `metrics` is also CompleteJob's reported metrics
 from orchestrator import validation
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, DeviceRecord, ErrorClass, JobRecord, JobState, Progress, new_id
-from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from orchestrator.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from orchestrator.gate_policies import GatePolicies
 from orchestrator.identity import DeviceCall, Identity, require_device
 from orchestrator.pace import next_poll_after
 from orchestrator.placement import placement_problem
+from orchestrator.reports import HeartbeatInput, HeartbeatResult, LeaseResult, ProgressResult, validate_heartbeat
 from orchestrator.state.base import StateStore, Tx
 
 # (store, upload key, sha256, size) -> (sha256, size, blob key, manifest dict). Injected so the
@@ -41,54 +43,6 @@ def local_verifier(store: BlobStore, key: str, sha256: str, size: int) -> tuple[
     """Read the uploaded blob back, check it, promote it to its content address."""
     info, blob_key, manifest = verify_and_promote(store, key, sha256, size)
     return info.sha256, info.size, blob_key, manifest.to_dict()
-
-
-@dataclass
-class HeartbeatInput:
-    """What a device reports in a heartbeat."""
-
-    power: dict[str, Any] = field(default_factory=dict)
-    eligible: bool = False
-    eligibility_reason: str = ""
-    eligibility_detail: str = ""
-    running_job_id: str = ""
-    running_epoch: int = 0
-    running_state: JobState | None = None
-    progress: Progress | None = None
-    active_adapter_id: str = ""
-    free_storage_bytes: int = 0
-
-
-@dataclass
-class HeartbeatResult:
-    """What the device should do next."""
-
-    cancel_job_ids: list[str]  # cancelled by an operator: discard the work
-    desired_adapter: AdapterRecord | None
-    lease_expires_at: float
-    next_poll_s: float
-    stale_job_ids: list[str] = field(default_factory=list)  # lease lost: stop, keep checkpoints
-
-
-@dataclass
-class LeaseResult:
-    """At most one leased job, with its presigned URLs."""
-
-    job: JobRecord | None
-    upload_url: str
-    upload_url_expires_at: float
-    dataset_url: str
-    next_poll_s: float
-
-
-@dataclass
-class ProgressResult:
-    """The renewed lease and, with UPLOADING, a fresh upload URL."""
-
-    lease_expires_at: float
-    cancel_requested: bool
-    upload_url: str = ""
-    upload_url_expires_at: float = 0.0
 
 
 class FleetStats:
@@ -125,6 +79,7 @@ class JobLifecycle:
         identity: Identity,
         clock: Callable[[], float],
         verifier: Verifier = local_verifier,
+        policies: GatePolicies | None = None,
         on_verified: Callable[[AdapterRecord], None] | None = None,
     ) -> None:
         self.state = state
@@ -133,6 +88,7 @@ class JobLifecycle:
         self.identity = identity
         self.clock = clock
         self.verifier = verifier
+        self.policies = policies or GatePolicies(state, config, clock)
         self.on_verified = on_verified  # told of every adapter registered, after its commit
         self.fleet = FleetStats(clock)
 
@@ -162,8 +118,10 @@ class JobLifecycle:
             cancel, stale, lease_expires_at = self._renew_running(tx, device.device_id, hb, now)
             record_device_report(tx, device, hb, now, self.config.last_seen_write_s)
             desired = tx.get_adapter(device.desired_adapter_id) if device.desired_adapter_id else None
+            policy, names = self.policies.for_device(tx, device)
             self.fleet.read(tx)
-        return HeartbeatResult(cancel, desired, lease_expires_at, self.pace(running=bool(hb.running_job_id)), stale)
+        pace = self.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, lease_expires_at, pace, stale, policy, names)
 
     def _renew_running(
         self, tx: Tx, device_id: str, hb: HeartbeatInput, now: float
@@ -177,6 +135,7 @@ class JobLifecycle:
         if job.state == JobState.CANCELLED:
             return [hb.running_job_id], [], 0.0
         if not job.state.leased or job.lease_epoch != hb.running_epoch:
+            telemetry.fenced_report("heartbeat")
             return [], [hb.running_job_id], 0.0
         if hb.running_state is not None and hb.running_state != job.state:
             job.move(hb.running_state, now, hb.eligibility_reason)
@@ -212,15 +171,17 @@ class JobLifecycle:
         """The reply for a lease decision: presigned URLs for a leased job, and the pace."""
         if job is None:
             return LeaseResult(None, "", 0.0, "", self.pace(running=False))
-        upload_url, upload_exp = self._upload_url(job, now)
+        upload, upload_exp = self._upload_target(job, now)
         shipped = job.training.get("dataset_object", "")
         dataset_url = self.blobs.presign_get(shipped, int(self.config.lease_s)) if shipped else ""
-        return LeaseResult(job, upload_url, upload_exp, dataset_url, self.pace(running=True))
+        return LeaseResult(job, upload.url, upload_exp, dataset_url, self.pace(running=True), upload.fields)
 
-    def _upload_url(self, job: JobRecord, now: float) -> tuple[str, float]:
-        # Scoped to this job's attempt key and no longer-lived than its lease.
+    def _upload_target(self, job: JobRecord, now: float) -> tuple[UploadTarget, float]:
+        # Scoped to this job's attempt key, capped in size, and no longer-lived than its lease.
         ttl = int(min(self.config.upload_url_s, self.config.lease_s))
-        return self.blobs.presign_put(upload_key(job.job_id, job.attempt), ttl), now + ttl
+        with telemetry.blob_operation("presign_put"):
+            target = self.blobs.presign_upload(upload_key(job.job_id, job.attempt), ttl, self.config.max_adapter_bytes)
+        return target, now + ttl
 
     # ------------------------------------------------------------------ reports
     def report_progress(
@@ -243,7 +204,8 @@ class JobLifecycle:
             tx.save_job(job)
         result = ProgressResult(job.lease_expires_at, cancel_requested=False)
         if state == JobState.UPLOADING:
-            result.upload_url, result.upload_url_expires_at = self._upload_url(job, now)
+            upload, result.upload_url_expires_at = self._upload_target(job, now)
+            result.upload_url, result.upload_fields = upload.url, upload.fields
         return result
 
     def complete(
@@ -253,23 +215,40 @@ class JobLifecycle:
 
         The blob is read back and checked outside any transaction (it can take a while); the
         lease is checked before and again after, so a job re-leased meanwhile is never completed
-        by its old holder.
+        by its old holder. Idempotent: a retry of a completion that already succeeded (same
+        lease, same sha256 and size) returns the same adapter. A store outage answers
+        Unavailable and changes nothing, so the device can retry the same call.
         """
         with self.state.transaction() as tx:
             self.identity.admit(call, tx)
             validation.sha256_hex(sha256)
-            if size <= 0:
-                raise InvalidArgument("size_bytes", "must be positive")
-            attempt = self._own(tx, call.device_id, job_id, epoch).attempt
+            if not 0 < size <= self.config.max_adapter_bytes:
+                raise InvalidArgument("size_bytes", f"must be between 1 and {self.config.max_adapter_bytes}")
+            validation.object_id(job_id, "job_id")
+            job = tx.get_job(job_id)
+            done = completed_before(tx, job, call.device_id, epoch, sha256, size)
+            if done is not None:
+                return done
+            attempt = own_job(job, call.device_id, job_id, epoch).attempt
         try:
-            sha, real_size, blob_key, manifest = self.verifier(self.blobs, upload_key(job_id, attempt), sha256, size)
+            with telemetry.blob_operation("verify"):
+                sha, real_size, blob_key, manifest = self.verifier(
+                    self.blobs, upload_key(job_id, attempt), sha256, size
+                )
         except (IntegrityError, AdapterFormatError) as exc:
+            telemetry.verification(exc.reason if isinstance(exc, IntegrityError) else "format")
             # Bytes that are not a well-formed adapter for this attempt fail it like a bad digest.
             self.fail(call, job_id, epoch, ErrorClass.INTEGRITY, f"uploaded adapter rejected: {exc}")
             raise FailedPrecondition(f"uploaded adapter rejected: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the adapter store is unavailable ({exc}); the upload is kept, retry") from exc
         now = self.clock()
         with self.state.transaction() as tx:
-            job = self._own(tx, call.device_id, job_id, epoch)
+            job = tx.get_job(job_id, for_update=True)
+            done = completed_before(tx, job, call.device_id, epoch, sha, real_size)
+            if done is not None:  # a concurrent retry recorded it first
+                return done
+            job = own_job(job, call.device_id, job_id, epoch)
             name = str(job.training.get("adapter_name", "adapter"))
             adapter = AdapterRecord(
                 adapter_id=new_id("ad"),
@@ -287,6 +266,7 @@ class JobLifecycle:
                 blob_key=blob_key,
             )
             tx.insert_adapter(adapter)
+            telemetry.verification("ok")
             job.succeed(adapter.adapter_id, now)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
@@ -303,6 +283,7 @@ class JobLifecycle:
             job.fail_attempt(error, validation.device_text(message, 500), now, self.config.retry)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
+        telemetry.attempt_failed(error.value, requeued=job.state == JobState.QUEUED)
         return job.state == JobState.QUEUED, job.state
 
     def adapter_download(self, call: DeviceCall, adapter_id: str) -> tuple[AdapterRecord, str, float]:
@@ -316,7 +297,9 @@ class JobLifecycle:
         if adapter.device_id != call.device_id:
             raise PermissionDenied(f"adapter {adapter_id} belongs to another device")
         ttl = int(self.config.download_url_s)
-        return adapter, self.blobs.presign_get(adapter.blob_key, ttl), self.clock() + ttl
+        with telemetry.blob_operation("presign_get"):
+            url = self.blobs.presign_get(adapter.blob_key, ttl)
+        return adapter, url, self.clock() + ttl
 
     def _own(self, tx: Tx, device_id: str, job_id: str, epoch: int) -> JobRecord:
         validation.object_id(job_id, "job_id")
@@ -336,6 +319,12 @@ class JobLifecycle:
                         ErrorClass.LEASE_EXPIRED, "the device stopped renewing its lease", now, self.config.retry
                     )
                 tx.save_job(job)
+        for job in jobs:  # counted once committed
+            if job.last_error_class == ErrorClass.DEADLINE_EXCEEDED.value:
+                telemetry.deadline_missed()
+            else:
+                telemetry.lease_expired()
+                telemetry.attempt_failed(ErrorClass.LEASE_EXPIRED.value, requeued=job.state == JobState.QUEUED)
         return len(jobs)
 
 
@@ -348,6 +337,7 @@ def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> J
     if job.state == JobState.CANCELLED:
         raise FailedPrecondition(f"job {job_id} was cancelled")
     if not job.state.leased or job.lease_epoch != epoch:
+        telemetry.fenced_report("report")
         raise FailedPrecondition(
             f"stale lease on job {job_id}: epoch {epoch} is not the current lease "
             f"(epoch {job.lease_epoch}, state {job.state.value})"
@@ -355,12 +345,14 @@ def own_job(job: JobRecord | None, device_id: str, job_id: str, epoch: int) -> J
     return job
 
 
-def validate_heartbeat(hb: HeartbeatInput) -> None:
-    """Refuse malformed ids in a heartbeat; free text is kept, cleaned (validation.device_text)."""
-    if hb.running_job_id:
-        validation.object_id(hb.running_job_id, "running.job_id")
-    validation.optional_object_id(hb.active_adapter_id, "active_adapter_id")
-    hb.eligibility_detail = validation.device_text(hb.eligibility_detail, 200)
+def completed_before(
+    tx: Tx, job: JobRecord | None, device_id: str, epoch: int, sha256: str, size: int
+) -> AdapterRecord | None:
+    """The adapter an earlier CompleteJob of this very lease registered for these bytes, if any."""
+    if job is None or (job.state, job.device_id, job.lease_epoch) != (JobState.SUCCEEDED, device_id, epoch):
+        return None
+    adapter = tx.get_adapter(job.adapter_id) if job.adapter_id else None
+    return adapter if adapter is not None and (adapter.sha256, adapter.size_bytes) == (sha256, size) else None
 
 
 def claim_fitting_job(tx: Tx, device: DeviceRecord, now: float) -> JobRecord | None:
@@ -405,6 +397,7 @@ def record_device_report(
         "eligibility_detail": hb.eligibility_detail,
         "active_adapter_id": hb.active_adapter_id,
         "running_job_id": hb.running_job_id,
+        "adapter_refusals": hb.adapter_refusals,
     }
     values = {k: v for k, v in fields.items() if getattr(device, k) != v}
     storage = hb.free_storage_bytes and hb.free_storage_bytes != device.capabilities.get("free_storage_bytes")

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator import audit, validation
+from orchestrator.access_records import OperatorRecord, OperatorTokenRecord
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
-from orchestrator.domain import OperatorRecord, OperatorTokenRecord, Role, new_id
+from orchestrator.domain import Role, new_id
 from orchestrator.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -27,10 +27,12 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.domain import Progress
+from orchestrator import metrics
+from orchestrator.domain import DeviceRecord, JobState, Progress
 from orchestrator.errors import FailedPrecondition, InvalidArgument, Unauthenticated
-from orchestrator.identity import DeviceCall, hash_secret, require_device
-from orchestrator.lifecycle import HeartbeatInput, HeartbeatResult, JobLifecycle, LeaseResult, validate_heartbeat
+from orchestrator.identity import DeviceCall, check_certificate, hash_secret, require_device
+from orchestrator.lifecycle import JobLifecycle
+from orchestrator.reports import HeartbeatInput, HeartbeatResult, LeaseResult, validate_heartbeat
 from orchestrator.state.base import StateStore
 from orchestrator.state.pg_functions import ILLEGAL_TRANSITION
 from orchestrator.state.postgres import PostgresStore
@@ -102,9 +104,9 @@ _LEASE = (
     "SELECT outcome, job_json FROM pocketlora_lease(%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text)"
 )
 _HEARTBEAT = (
-    "SELECT outcome, lease_expires_at, adapter_json FROM pocketlora_heartbeat("
+    "SELECT outcome, lease_expires_at, adapter_json, device_labels, device_caps FROM pocketlora_heartbeat("
     "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
-    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint)"
+    " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint, %s::text)"
 )
 # Proto epochs are uint64; the column is signed 64-bit.
 _INT64_MAX = 2**63 - 1
@@ -176,6 +178,7 @@ class PgPolls(PollRunner):
         self.config = jobs.config
         self.clock = jobs.clock
         self.fallback = ThreadPolls(jobs, executor)
+        self.executor = executor
         self._conns = AsyncConnections(store.url, POOL_SIZE)
 
     async def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -194,6 +197,7 @@ class PgPolls(PollRunner):
         """None when the cache vouches for the caller; else the hash the function checks."""
         if not call.device_id or not call.credential:
             raise Unauthenticated("device id and credential metadata are required")
+        check_certificate(call.device_id, call.certified)
         return None if self.identity.vouched(call) else hash_secret(call.credential)
 
     def _admitted(self, call: DeviceCall, cred_hash: str | None, outcome: str) -> None:
@@ -218,6 +222,8 @@ class PgPolls(PollRunner):
         if outcome in _GENERIC:
             return await self.fallback.lease(call)
         self._admitted(call, cred_hash, outcome)
+        if outcome == "leased":
+            metrics.transition(JobState.LEASED.value)
         await self._fleet()
         return self.jobs.lease_reply(row_to_job(json.loads(job_json)) if job_json else None, now)
 
@@ -246,9 +252,10 @@ class PgPolls(PollRunner):
             hb.eligibility_reason,
             hb.eligibility_detail,
             hb.active_adapter_id,
-            hb.free_storage_bytes,
+            min(hb.free_storage_bytes, _INT64_MAX),
+            json.dumps(hb.adapter_refusals, sort_keys=True),
         )
-        outcome, expires, adapter_json = await self._one(_HEARTBEAT, params)
+        outcome, expires, adapter_json, labels, caps = await self._one(_HEARTBEAT, params)
         if outcome in _GENERIC:
             return await self.fallback.heartbeat(call, hb)
         self._admitted(call, cred_hash, outcome)
@@ -256,7 +263,20 @@ class PgPolls(PollRunner):
         desired = row_to_adapter(json.loads(adapter_json)) if adapter_json else None
         cancel = [hb.running_job_id] if outcome == "cancel" else []
         stale = [hb.running_job_id] if outcome == "stale" else []
-        return HeartbeatResult(cancel, desired, float(expires), self.jobs.pace(running=bool(hb.running_job_id)), stale)
+        if stale:
+            metrics.fenced_report("heartbeat")
+        policy, names = await self._gate_policy(call.device_id, labels, caps)
+        pace = self.jobs.pace(running=bool(hb.running_job_id))
+        return HeartbeatResult(cancel, desired, float(expires), pace, stale, policy, names)
+
+    async def _gate_policy(self, device_id: str, labels: str, caps: str) -> tuple[dict[str, Any], list[str]]:
+        """The fleet's gate policy for the device (policies re-read on a thread when stale)."""
+        policies = self.jobs.policies
+        if policies.stale():
+            await asyncio.get_running_loop().run_in_executor(self.executor, policies.refresh)
+        if not policies.any():
+            return {}, []
+        return policies.match(DeviceRecord(device_id, "", json.loads(caps), json.loads(labels)))
 
     async def close(self) -> None:
         await self._conns.close()

@@ -1,4 +1,5 @@
-"""Read-only views for operators and dashboards: jobs, devices, adapters, campaigns, watches.
+"""Read-only views for operators and dashboards: jobs, devices, adapters, watches (campaigns and
+rollouts are read through campaigns.py and rollouts.py).
 
 Lists are keyset-paged: the page token is the last id of the previous page (jobs and adapters
 newest first, devices by id). A watch follows the store's cursor over committed job changes, so
@@ -11,7 +12,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from orchestrator import validation
-from orchestrator.domain import AdapterRecord, CampaignRecord, DeviceRecord, DeviceSelector, JobFilter, JobRecord
+from orchestrator.domain import (
+    AdapterRecord,
+    DeviceRecord,
+    DeviceSelector,
+    JobEvent,
+    JobFilter,
+    JobRecord,
+    ProgressPoint,
+)
 from orchestrator.errors import InvalidArgument, found
 from orchestrator.state.base import StateStore, WatchCursor
 
@@ -39,6 +48,14 @@ class Queries:
         with self.state.transaction() as tx:
             jobs = tx.list_jobs(flt, size + 1, page_token)
         return _page(jobs, size, lambda j: j.job_id)
+
+    def job_history(self, job_id: str) -> tuple[JobRecord, list[JobEvent], list[ProgressPoint]]:
+        """The job, its state changes and its recorded progress points, oldest first."""
+        validation.object_id(job_id, "job_id")
+        with self.state.transaction() as tx:
+            job = found(tx.get_job(job_id), "job", job_id)
+            events, points = tx.job_history(job_id)
+        return job, events, points
 
     def watch_cursor(self) -> WatchCursor:
         """Where a watch starts: every change committed from now on comes after it."""
@@ -92,13 +109,6 @@ class Queries:
         with self.state.transaction() as tx:
             adapters = tx.list_adapters(device_id, name, size + 1, page_token)
         return _page(adapters, size, lambda a: a.adapter_id)
-
-    def get_campaign(self, campaign_id: str) -> tuple[CampaignRecord, dict[str, int]]:
-        """The campaign and its jobs counted by state."""
-        validation.object_id(campaign_id, "campaign_id")
-        with self.state.transaction() as tx:
-            campaign = found(tx.get_campaign(campaign_id), "campaign", campaign_id)
-            return campaign, tx.count_jobs_by_state(campaign_id)
 
 
 def check_filter(flt: JobFilter) -> None:

@@ -4,13 +4,18 @@ Plain classes hold the logic (orchestrator.service.Orchestrator); this module tu
 actors with one factory each (Ray Serve's controller pattern):
 
 - FrontendActor: one gRPC front end (async actor); `--replicas N` starts N of them on one port
-  (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports.
-- ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines); Ray restarts
-  it after a crash, and it holds no state of its own (everything is in the state store).
-- verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end.
+  (SO_REUSEPORT lets the kernel spread connections) or on consecutive ports. With an HTTP
+  listener, replica i serves it on the HTTP port + i (each replica is its own Prometheus
+  target), and replica 0's /metrics adds the control loop's counters (lease expiries...).
+- ControlLoopActor: the named control loop (lease reaper, retry timers, deadlines, campaign
+  fan-out, rollout steps: Orchestrator.control_tick); Ray restarts it after a crash, and it holds
+  no state of its own (everything is in the state store).
+- verify_blob: adapter verification as a Ray task, so reading a blob back never blocks a front end;
+  its errors come back as the domain errors they were (`unwrap_ray_errors`), never as Ray's
+  traceback-carrying wrappers.
 - export_bundle / convert_adapter: runtime bundles (exported once per base, started by the
   control loop) and adapters' .onnx_adapter forms (after verification, from a front end) as
-  Ray tasks (orchestrator.runtime_forms decides when).
+  Ray tasks (orchestrator.runtime_forms decides when), their errors unwrapped the same way.
 """
 
 from __future__ import annotations
@@ -20,15 +25,19 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from adapters_store.runtime_bundle import BundleRef, BundleSettings
 from orchestrator.config import Limits, OrchestratorConfig
+from orchestrator.errors import Unavailable
 from orchestrator.pace import PacePolicy
+from pocketlora.tls import TlsConfig
 
 log = logging.getLogger("pocketlora.orchestrator")
+T = TypeVar("T")
 CONTROL_ACTOR_NAME = "pocketlora-control"
 NAMESPACE = "pocketlora"
 
@@ -93,11 +102,35 @@ def _verify_blob(store_url: str, key: str, sha256: str, size: int) -> tuple[str,
     from adapters_store import open_store
     from orchestrator.lifecycle import local_verifier
 
-    store = open_store(store_url)
+    # The front end created the store; one that is not there now is an outage, not an empty store.
+    store = open_store(store_url, create=False)
     try:
         return local_verifier(store, key, sha256, size)
     finally:
         store.close()
+
+
+def unwrap_ray_errors(fn: Callable[[], T], what: str) -> T:
+    """Run fn (a ray.get) and raise what the task raised, not Ray's wrapper of it.
+
+    Ray wraps a task's exception in a RayTaskError whose text is a coloured traceback with the
+    worker's PID and file paths; callers match on the domain error, and replies must never
+    carry that text. The wrapped error (every domain error pickles intact) is re-raised as it
+    was; a task that could not run at all (its worker died, the cluster is gone) is Unavailable.
+    """
+    import ray.exceptions
+
+    try:
+        return fn()
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            raise cause from None
+        log.warning("%s task failed inside Ray: %s", what, type(cause).__name__)
+        raise Unavailable(f"{what} could not run; retry") from None
+    except ray.exceptions.RayError as exc:
+        log.warning("%s task could not run: %s", what, type(exc).__name__)
+        raise Unavailable(f"{what} could not run; retry") from None
 
 
 def _export_bundle(store_url: str, base_model_id: str, base_dir: str, settings: dict[str, Any]) -> str:
@@ -133,10 +166,13 @@ def _ray_forms(store_url: str, *, exports: bool) -> dict[str, Any]:
 
     def exporter(_store: Any, base_model_id: str, base_dir: str, settings: BundleSettings) -> BundleRef:
         body = {"precision": settings.precision, "targets": list(settings.targets), "max_rank": settings.max_rank}
-        return BundleRef.from_json(ray.get(export.remote(store_url, base_model_id, base_dir, body)))
+        got = unwrap_ray_errors(lambda: ray.get(export.remote(store_url, base_model_id, base_dir, body)), "export")
+        return BundleRef.from_json(got)
 
     def converter(_store: Any, sha256: str, key: str, bundle: BundleRef) -> dict[str, Any]:
-        result: dict[str, Any] = ray.get(convert.remote(store_url, sha256, key, bundle.to_json()))
+        result: dict[str, Any] = unwrap_ray_errors(
+            lambda: ray.get(convert.remote(store_url, sha256, key, bundle.to_json())), "conversion"
+        )
         return result
 
     return {"exporter": exporter, "converter": converter, "exports": exports}
@@ -145,8 +181,21 @@ def _ray_forms(store_url: str, *, exports: bool) -> dict[str, Any]:
 class FrontendActor:
     """One gRPC front end; becomes a Ray actor through `frontend_actor()`."""
 
-    def __init__(self, db_url: str, store_url: str, config: dict[str, Any], listen: str) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        store_url: str,
+        config: dict[str, Any],
+        listen: str,
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        http_listen: str = "",
+        replica: int = 0,
+    ) -> None:
         self.db_url, self.store_url, self.config, self.listen = db_url, store_url, config, listen
+        # PEM bytes read once by the caller: a replica on another node needs no files there.
+        self.tls, self.insecure = tls, insecure
+        self.http_listen, self.replica = http_listen, replica
         self.running: Any = None
 
     async def start(self) -> int:
@@ -160,7 +209,7 @@ class FrontendActor:
 
         def ray_verifier(_store: Any, key: str, sha256: str, size: int) -> tuple[str, int, str, dict[str, Any]]:
             # Runs on an executor thread of this actor; ray.get blocks only that thread.
-            return ray.get(verify.remote(store_url, key, sha256, size))
+            return unwrap_ray_errors(lambda: ray.get(verify.remote(store_url, key, sha256, size)), "verification")
 
         orch = build_orchestrator(
             self.db_url,
@@ -169,8 +218,15 @@ class FrontendActor:
             verifier=ray_verifier,
             forms=_ray_forms(store_url, exports=False),
         )
-        self.running = await start_server(orch, self.listen)
+        remote = _control_loop_metrics if self.replica == 0 else None
+        self.running = await start_server(
+            orch, self.listen, tls=self.tls, insecure=self.insecure, http_listen=self.http_listen, remote_metrics=remote
+        )
         return int(self.running.port)
+
+    async def http_port(self) -> int:
+        """The HTTP listener's port (0 without one)."""
+        return int(self.running.http_port) if self.running is not None else 0
 
     async def stop(self) -> None:
         """Stop serving."""
@@ -191,11 +247,13 @@ class ControlLoopActor:
         )
         self.interval = self.orch.config.reap_interval_s
         self.reaped = 0
+        self.campaign_jobs = 0
+        self.rollout_changes = 0
         self.ticks = 0
         self._stopping: asyncio.Event | None = None
 
     async def run(self) -> None:
-        """Reap expired leases and deadlines until stop() is called."""
+        """Run the control loop's passes until stop() is called."""
         loop = asyncio.get_running_loop()
         self._stopping = self._stopping or asyncio.Event()
         forms = self.orch.runtimes.forms
@@ -204,9 +262,12 @@ class ControlLoopActor:
             await loop.run_in_executor(None, forms.ensure_bundles)
         while not self._stopping.is_set():
             try:
-                self.reaped += await loop.run_in_executor(None, self.orch.jobs.reap)
+                done = await loop.run_in_executor(None, self.orch.control_tick)
+                self.reaped += done.reaped
+                self.campaign_jobs += done.campaign_jobs
+                self.rollout_changes += done.rollout_changes
             except Exception:  # keep the loop alive through a passing store error
-                log.exception("reaper tick failed")
+                log.exception("control loop tick failed")
             self.ticks += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.interval)
@@ -218,13 +279,46 @@ class ControlLoopActor:
 
     async def stats(self) -> dict[str, int]:
         """How much the loop has done."""
-        return {"ticks": self.ticks, "reaped": self.reaped}
+        return {
+            "ticks": self.ticks,
+            "reaped": self.reaped,
+            "campaign_jobs": self.campaign_jobs,
+            "rollout_changes": self.rollout_changes,
+        }
+
+    async def metrics_snapshot(self) -> list[Any]:
+        """This process's domain metrics (lease expiries, deadlines...), for a front end's /metrics."""
+        from orchestrator import metrics
+
+        return metrics.snapshot()
+
+
+def _control_loop_metrics() -> list[Any]:
+    """The control loop's domain metrics; none when it cannot be reached now (a scrape must not fail)."""
+    import ray
+
+    try:
+        control = ray.get_actor(CONTROL_ACTOR_NAME, namespace=NAMESPACE)
+        return list(ray.get(control.metrics_snapshot.remote(), timeout=2.0))
+    except Exception:
+        log.warning("control loop metrics unavailable for this scrape")
+        return []
 
 
 def start_orchestrator(
-    db_url: str, store_url: str, config: OrchestratorConfig, *, listen: str = "127.0.0.1:0", replicas: int = 1
+    db_url: str,
+    store_url: str,
+    config: OrchestratorConfig,
+    *,
+    listen: str = "127.0.0.1:0",
+    replicas: int = 1,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+    http_listen: str = "",
 ) -> tuple[list[Any], Any, list[int]]:
-    """Start the control loop and `replicas` front ends; returns (front ends, control actor, ports)."""
+    """Start the control loop and `replicas` front ends (each serving TLS when `tls` is given);
+    returns (front ends, control actor, ports). With `http_listen`, replica i serves HTTP on its
+    port + i (port 0: each picks a free one)."""
     import ray
 
     cfg = asdict(config)
@@ -237,12 +331,23 @@ def start_orchestrator(
     frontends, ports = [], []
     for i in range(replicas):
         # Port 0 gives each replica its own port; a fixed port is shared through SO_REUSEPORT.
-        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}")
+        http = ""
+        if http_listen:
+            http_host, http_port = http_listen.rsplit(":", 1)
+            http = f"{http_host}:{int(http_port) + i if int(http_port) else 0}"
+        actor = frontend_cls.remote(db_url, store_url, cfg, f"{host}:{port}", tls, insecure, http, i)
         bound = ray.get(actor.start.remote())
         frontends.append(actor)
         ports.append(bound)
         log.info("front end %d serving on %s:%d", i, host, bound)
     return frontends, control, ports
+
+
+def http_ports(frontends: list[Any]) -> list[int]:
+    """Each front end's HTTP port (0 for one without a listener)."""
+    import ray
+
+    return [int(p) for p in ray.get([actor.http_port.remote() for actor in frontends])]
 
 
 def stop_orchestrator(frontends: list[Any], control: Any) -> None:

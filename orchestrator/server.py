@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -17,16 +18,21 @@ from grpc_reflection.v1alpha import reflection
 from adapters_store import open_store
 from adapters_store.runtime_bundle import BundleSettings
 from orchestrator.config import OrchestratorConfig
+from orchestrator.feed import ChangeFeed
+from orchestrator.http.server import HttpServer, start_http
 from orchestrator.lifecycle import Verifier, local_verifier
 from orchestrator.limits import Gatekeeper, LimitsInterceptor
+from orchestrator.metrics import Sample
 from orchestrator.operators import BOOTSTRAP_ADMIN
 from orchestrator.polls import PollRunner, open_poll_runner
 from orchestrator.runtime_forms import RuntimeForms
 from orchestrator.service import Orchestrator
 from orchestrator.servicers.admin import AdminServicer
 from orchestrator.servicers.agent import AgentServicer
+from orchestrator.servicers.interceptor import RpcMetrics
 from orchestrator.servicers.operator import OperatorServicer
 from orchestrator.state import open_state
+from pocketlora.tls import TlsConfig, check_listen
 from protos.pocketlora.v1 import admin_service_pb2, agent_service_pb2, operator_service_pb2
 from protos.pocketlora.v1 import admin_service_pb2_grpc as admin_grpc
 from protos.pocketlora.v1 import agent_service_pb2_grpc as agent_grpc
@@ -87,9 +93,20 @@ class RunningServer:
     orch: Orchestrator
     polls: PollRunner
     executor: ThreadPoolExecutor
+    feed: ChangeFeed
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP listener's port (0 when there is none)."""
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Stop serving, then release the poll runner and the executor."""
+        """End the watches (their clients hear the server is stopping), stop serving HTTP, then
+        gRPC, then release the poll runner and the executor."""
+        await self.feed.close()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.polls.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -101,20 +118,33 @@ async def start_server(
     *,
     threads: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+    http_listen: str = "",
+    remote_metrics: Callable[[], Iterable[Sample]] | None = None,
 ) -> RunningServer:
     """Start AgentService, OperatorService, health and reflection on `listen`; returns the bound
-    port. `interceptors` wrap every call (metrics, tracing, load shedding)."""
-    host = listen.rsplit(":", 1)[0]
-    if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
-        log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
+    port. Every call is counted and timed (RpcMetrics); `interceptors` wrap calls after that
+    (tracing, load shedding). With `tls` the port serves TLS only (and requires client
+    certificates when `tls.ca` is set); plaintext beyond loopback is refused unless `insecure`
+    (TlsConfigError). `http_listen` (HOST:PORT) also serves /metrics, the JSON API and the web
+    console (orchestrator/http/); `remote_metrics` adds another process's domain metrics to
+    /metrics (the Ray control loop's)."""
+    check_listen(listen, tls, insecure)
     executor = ThreadPoolExecutor(max_workers=threads or orch.state.worker_threads, thread_name_prefix="orch")
     if orch.operators.ensure_bootstrap_admin():
         log.info("registered the bootstrap token as the first admin's (operator %r)", BOOTSTRAP_ADMIN)
     polls = open_poll_runner(orch.state, orch.jobs, executor)
     gate = Gatekeeper(orch.config.limits, orch.identity, orch.operators)
-    server = grpc.aio.server(options=_OPTIONS, interceptors=[LimitsInterceptor(gate), *interceptors])
+    loop = asyncio.get_running_loop()
+
+    async def run(fn: Callable[..., Any], *args: Any) -> Any:
+        return await loop.run_in_executor(executor, fn, *args)
+
+    feed = ChangeFeed(orch.queries, run)
+    server = grpc.aio.server(options=_OPTIONS, interceptors=[RpcMetrics(), LimitsInterceptor(gate), *interceptors])
     agent_grpc.add_AgentServiceServicer_to_server(AgentServicer(orch, polls, executor, gate), server)
-    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor, gate), server)
+    operator_grpc.add_OperatorServiceServicer_to_server(OperatorServicer(orch, polls, executor, gate, feed), server)
     admin_grpc.add_AdminServiceServicer_to_server(AdminServicer(orch, polls, executor, gate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -126,13 +156,27 @@ async def start_server(
         health.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, orch, polls, executor)
+    running = RunningServer(server, port, orch, polls, executor, feed)
+    if http_listen:
+        _warn_if_exposed(http_listen)
+        try:
+            running.http = await start_http(orch, feed, run, http_listen, gate, remote_metrics=remote_metrics)
+        except BaseException:
+            await running.stop(0)
+            raise
+    return running
+
+
+def _warn_if_exposed(listen: str) -> None:
+    host = listen.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]") and not os.environ.get("POCKETLORA_ALLOW_NON_LOOPBACK"):
+        log.warning("listening on %s: the orchestrator is reachable beyond this machine", listen)
 
 
 def new_secret() -> str:

@@ -6,11 +6,10 @@ import re
 from typing import Any
 
 from orchestrator.errors import InvalidArgument
+from protos.wire import ID_PATTERN as _ID_RE
+from protos.wire import NAME_PATTERN as _NAME_RE
+from protos.wire import is_name as is_name  # one grammar for both ends of the wire
 
-# fullmatch, not match with "$": "$" also matches before a trailing newline, so "phone-1\n"
-# passed as an id and named a different row than "phone-1".
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # C0/C1 control characters: never meaningful in a key or a name, and PostgreSQL refuses NUL in
 # TEXT outright (so a NUL must be refused as a bad argument before it reaches SQL).
@@ -80,11 +79,6 @@ def labels(value: dict[str, str], field: str) -> dict[str, str]:
     return value
 
 
-def is_name(value: str) -> bool:
-    """True for a name (adapter, dataset, module): 1-64 letters, digits, '.', '_', '-'."""
-    return _NAME_RE.fullmatch(value) is not None
-
-
 def name(value: str, field: str) -> str:
     """An adapter or dataset name: 1-64 letters, digits, '.', '_' or '-'."""
     if not _NAME_RE.fullmatch(value):
@@ -140,6 +134,9 @@ def training_spec(spec: dict[str, Any], field: str = "training") -> dict[str, An
     for mod in lora.get("target_modules", []):
         if not _NAME_RE.fullmatch(mod):
             raise InvalidArgument(f"{field}.lora.target_modules", f"{mod[:64]!r} is not a module name")
+    share = float(spec.get("eval_share", 0))
+    if not 0 <= share <= 0.5:
+        raise InvalidArgument(f"{field}.eval_share", f"{share} is outside 0-0.5")
     lr = float(spec.get("learning_rate", 0))
     if not 0 <= lr < 1:
         raise InvalidArgument(f"{field}.learning_rate", f"{lr} is outside [0, 1)")

@@ -1,9 +1,10 @@
 """The `pocketlora` command line: `pocketlora --help` lists every command.
 
-The commands live by role (job_cli.py: jobs; operator_cli.py: devices, adapters, tokens, the
-summary; admin_cli.py: operators, tokens, device identities, the audit log; commands.py:
-servers, the agent, inference and the demo) and register themselves on the shared groups of
-cli_common.py when imported here.
+The commands live by role (job_cli.py: jobs; watch_cli.py: job watch; operator_cli.py: devices, adapters, tokens, the
+summary; admin_cli.py: operators, tokens, device identities, the audit log; campaign_cli.py and
+rollout_cli.py: campaigns and rollouts; policy_cli.py: fleet gate policies; commands.py:
+servers, the agent and the demo; infer_cli.py: inference) and register themselves on the groups of
+cli_common.py (or their own) when imported here.
 """
 
 from __future__ import annotations
@@ -11,11 +12,31 @@ from __future__ import annotations
 import os
 import sys
 
-from pocketlora import admin_cli, commands, job_cli, operator_cli
+from pocketlora import (
+    admin_cli,
+    campaign_cli,
+    commands,
+    infer_cli,
+    job_cli,
+    operator_cli,
+    policy_cli,
+    rollout_cli,
+    watch_cli,
+)
 from pocketlora.cli_common import UserError, app, err
 from pocketlora.client import ClientError
 
-COMMAND_MODULES = (admin_cli, commands, job_cli, operator_cli)
+COMMAND_MODULES = (
+    admin_cli,
+    commands,
+    infer_cli,
+    job_cli,
+    operator_cli,
+    watch_cli,
+    campaign_cli,
+    rollout_cli,
+    policy_cli,
+)
 
 
 def main() -> None:

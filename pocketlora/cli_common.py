@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from rich.console import Console
 
 from pocketlora.client import OperatorClient
+from pocketlora.tls import TlsConfig, TlsConfigError, load_tls
 from protos import wire
 
 app = typer.Typer(
@@ -48,7 +49,12 @@ err = Console(stderr=True)
 
 DEFAULT_STATE_DIR = Path(".pocketlora")
 Address = Annotated[
-    str, typer.Option("--orchestrator", envvar="POCKETLORA_ORCHESTRATOR", help="Orchestrator HOST:PORT.")
+    str,
+    typer.Option(
+        "--orchestrator",
+        envvar="POCKETLORA_ORCHESTRATOR",
+        help="Orchestrator HOST:PORT (over TLS: pocketlora --tls-ca CA ..., or POCKETLORA_TLS_CA).",
+    ),
 ]
 Token = Annotated[
     str,
@@ -60,6 +66,43 @@ Token = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Client-side TLS: options of the root command for every operator command (`pocketlora --tls-ca
+# CA job list`, as docker's --tlscacert), and of `agent run`; any of them turns TLS on.
+TlsCa = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="POCKETLORA_TLS_CA",
+        help="Use TLS; verify the orchestrator against this CA certificate (PEM).",
+        show_default=False,
+    ),
+]
+TlsCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        envvar="POCKETLORA_TLS_CERT",
+        help="Use TLS; present this client certificate (PEM) for mutual TLS.",
+        show_default=False,
+    ),
+]
+TlsKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-key", envvar="POCKETLORA_TLS_KEY", help="The private key (PEM) of --tls-cert.", show_default=False
+    ),
+]
+
+
+# What the root command was given (set before any command runs; one command per process).
+_root_tls_files: dict[str, Path | None] = {}
+
+
+@app.callback()
+def client_options(tls_ca: TlsCa = None, tls_cert: TlsCert = None, tls_key: TlsKey = None) -> None:
+    """PocketLoRA: on-device LoRA personalisation for fleets. The --tls-* options (or
+    POCKETLORA_TLS_*) apply to every command that calls the orchestrator."""
+    _root_tls_files.update(ca=tls_ca, cert=tls_cert, key=tls_key)
 
 
 class UserError(Exception):
@@ -83,10 +126,18 @@ def operator_token(token: str) -> str:
     )
 
 
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> TlsConfig | None:
+    """The client TLS settings the --tls-* options name (None: plaintext); one line if unusable."""
+    try:
+        return load_tls(ca=ca, cert=cert, key=key)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
 def client(address: str, token: str) -> OperatorClient:
     if ":" not in address:
         raise UserError(f"--orchestrator {address!r} must be HOST:PORT")
-    return OperatorClient(address, operator_token(token))
+    return OperatorClient(address, operator_token(token), tls=client_tls(**_root_tls_files))
 
 
 def call(address: str, token: str, method: str, request: Any) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from pocketlora.tls import TlsConfig, describe_failure, open_channel
 from protos.pocketlora.v1 import admin_service_pb2_grpc as admin_grpc
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import operator_service_pb2_grpc as op_grpc
@@ -22,10 +23,14 @@ class ClientError(Exception):
         self.code = code
 
 
-def describe_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
-    """One line for a failed call: unreachable servers are named, statuses shown plainly."""
+def describe_rpc_error(exc: grpc.RpcError, address: str, tls: TlsConfig | None = None) -> ClientError:
+    """One line for a failed call: unreachable servers are named, TLS failures explained,
+    statuses shown plainly."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    tls_problem = describe_failure(details or "", tls) if code == grpc.StatusCode.UNAVAILABLE else None
+    if tls_problem:
+        return ClientError(f"cannot talk to the orchestrator at {address}: {tls_problem} ({details})", code)
     if (
         code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         and "connect" in (details or "").lower()
@@ -38,13 +43,15 @@ def describe_rpc_error(exc: grpc.RpcError, address: str) -> ClientError:
 
 
 class OperatorClient:
-    """OperatorService and AdminService with the operator token attached to every call."""
+    """OperatorService and AdminService with the operator token attached to every call (over TLS
+    when `tls`)."""
 
-    def __init__(self, address: str, token: str, *, timeout_s: float = 15.0) -> None:
+    def __init__(self, address: str, token: str, *, timeout_s: float = 15.0, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.tls = tls
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, tls)
         self.stub = op_grpc.OperatorServiceStub(self.channel)
         self.admin_stub = admin_grpc.AdminServiceStub(self.channel)
 
@@ -54,7 +61,7 @@ class OperatorClient:
             stub = self.stub if hasattr(self.stub, method) else self.admin_stub
             return getattr(stub, method)(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
-            raise describe_rpc_error(exc, self.address) from None
+            raise describe_rpc_error(exc, self.address, self.tls) from None
 
     def watch(self, request: op.WatchJobsRequest) -> Iterator[op.WatchJobsResponse]:
         """Stream job changes until the caller stops iterating."""
@@ -63,7 +70,7 @@ class OperatorClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED:
                 return
-            raise describe_rpc_error(exc, self.address) from None
+            raise describe_rpc_error(exc, self.address, self.tls) from None
 
     def close(self) -> None:
         """Close the channel."""

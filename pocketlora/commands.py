@@ -1,4 +1,4 @@
-"""Long-running commands: `orchestrator serve`, `agent run`, `infer` and `demo`."""
+"""Long-running commands: `orchestrator serve`, `agent run` and `demo` (`infer`: infer_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,25 @@ import os
 import secrets
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pocketlora.cli_common import DEFAULT_STATE_DIR, UserError, agent_app, app, err, orchestrator_app, out, parse_kv
+from pocketlora.cli_common import (
+    DEFAULT_STATE_DIR,
+    TlsCa,
+    TlsCert,
+    TlsKey,
+    UserError,
+    agent_app,
+    app,
+    client_tls,
+    err,
+    orchestrator_app,
+    out,
+    parse_kv,
+)
 
 
 def _secret_file(path: Path, env: str) -> str:
@@ -42,10 +54,10 @@ def _runtime_bases(values: list[str]) -> dict[str, str]:
     return bases
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, flag: str = "--listen") -> None:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint="--listen")
+        raise typer.BadParameter(f"{listen!r} must be HOST:PORT", param_hint=flag)
 
 
 @orchestrator_app.command("serve")
@@ -64,6 +76,12 @@ def serve(
         str, typer.Option(help="Attach to this Ray cluster instead of starting one in-process.")
     ] = "",
     replicas: Annotated[int, typer.Option(min=1, max=64, help="gRPC front-end actors.")] = 1,
+    http_listen: Annotated[
+        str,
+        typer.Option(
+            help="HOST:PORT for /metrics, the JSON API and the web console (default: off); replica i uses PORT+i."
+        ),
+    ] = "",
     lease_s: Annotated[float, typer.Option(min=1.0, help="Lease length in seconds.")] = 60.0,
     state_dir: Annotated[Path, typer.Option(help="Where tokens are kept.")] = DEFAULT_STATE_DIR,
     bootstrap: Annotated[
@@ -81,16 +99,43 @@ def serve(
         ),
     ] = [],  # noqa: B006
     bundle_precision: Annotated[str, typer.Option(help="Bundle weights: int4 | fp32.")] = "int4",
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.", show_default=False)
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-client-ca",
+            help="Require client certificates signed by this CA (mutual TLS); a device's must name its id.",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow plaintext gRPC on a non-loopback --listen address.")
+    ] = False,
 ) -> None:
     """Run the orchestrator: gRPC front ends and the control loop on Ray."""
     from orchestrator.config import OrchestratorConfig
     from orchestrator.errors import InvalidArgument
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
+    from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
     if bundle_precision not in ("int4", "fp32"):
         raise typer.BadParameter(f"{bundle_precision!r} is not int4 or fp32", param_hint="--bundle-precision")
+    if http_listen:
+        _check_listen(http_listen, "--http-listen")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        tls = load_server_tls(tls_cert, tls_key, tls_client_ca)
+        check_listen(listen, tls, insecure)
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if insecure and tls is None:
+        err.print(f"[bold red]INSECURE:[/] plaintext gRPC on {listen}: tokens and credentials travel in clear")
     store = store or f"file://{(state_dir / 'blobs').resolve()}"
     operator_token = _secret_file(state_dir / "operator-token", "POCKETLORA_OPERATOR_TOKEN") if bootstrap else ""
     enrollment_token = _secret_file(state_dir / "enrollment-token", "POCKETLORA_ENROLLMENT_TOKEN")
@@ -114,11 +159,19 @@ def serve(
     except Exception as exc:
         raise UserError(f"cannot open stores: {exc}") from None
     init_ray(ray_address or None)
-    frontends, control, ports = start_orchestrator(db, store, config, listen=listen, replicas=replicas)
-    host = listen.rpartition(":")[0]
-    out.print(
-        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} (db {db.split('@')[-1]}, {replicas} replica(s))"
+    frontends, control, ports = start_orchestrator(
+        db, store, config, listen=listen, replicas=replicas, tls=tls, insecure=insecure, http_listen=http_listen
     )
+    host = listen.rpartition(":")[0]
+    security = "plaintext" if tls is None else "TLS, client certificates required" if tls.ca else "TLS"
+    out.print(
+        f"orchestrator serving on {', '.join(f'{host}:{p}' for p in sorted(set(ports)))} "
+        f"({security}; db {db.split('@')[-1]}, {replicas} replica(s))"
+    )
+    if http_listen:
+        http_host = http_listen.rpartition(":")[0]
+        for port in http_ports(frontends):
+            out.print(f"web console on http://{http_host}:{port}/ (operator token required), metrics on /metrics")
     if bootstrap:
         out.print(f"bootstrap admin token in {state_dir / 'operator-token'} (it creates the first admin)")
     out.print(f"enrollment token in {state_dir / 'enrollment-token'}")
@@ -154,6 +207,14 @@ def agent_run(
     temp_high: Annotated[float | None, typer.Option(help="Pause at this temperature (°C).")] = None,
     temp_low: Annotated[float | None, typer.Option(help="Resume below this temperature (°C).")] = None,
     min_battery: Annotated[float | None, typer.Option(min=0, max=100, help="Minimum battery percent.")] = None,
+    local_veto: Annotated[
+        bool,
+        typer.Option(
+            "--local-veto",
+            help="The fleet's gate policy may tighten these thresholds but never loosen them "
+            "(without it they are defaults the fleet's operators may override).",
+        ),
+    ] = False,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
     runtime: Annotated[
@@ -165,11 +226,25 @@ def agent_run(
             help="Inference API for apps: unix:/path | 127.0.0.1:PORT | off (default: WORK_DIR/inference.sock)."
         ),
     ] = "",
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    store_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA certificate (PEM) for https presigned URLs when the store's CA is private (default: --tls-ca).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option(help="Serve Prometheus metrics on this loopback HOST:PORT (default: off).")
+    ] = "",
 ) -> None:
     """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters, serve apps."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
+    from pocketlora.tls import TlsConfig, TlsConfigError, is_loopback, load_tls
 
     labels = parse_kv(label, "--label")
     if runtime not in ("auto", "onnx", "torch"):
@@ -184,6 +259,24 @@ def agent_run(
             check_listen(listen)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--inference-listen") from None
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    try:
+        store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
+    except TlsConfigError as exc:
+        raise UserError(str(exc)) from None
+    if store_tls is None and tls is not None and tls.ca is not None:
+        store_tls = TlsConfig(ca=tls.ca)
+    observed = None
+    if metrics_listen:  # prometheus_client is imported only then: an idle agent stays light
+        from agent.metrics import AgentMetrics, check_loopback
+
+        observed = AgentMetrics()
+        try:
+            check_loopback(metrics_listen)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                str(exc).removeprefix("--metrics-listen "), param_hint="--metrics-listen"
+            ) from None
     if not (base_model / "config.json").is_file():
         raise UserError(f"--base-model {base_model}: no config.json there (a HF model folder is needed)")
     try:
@@ -198,6 +291,10 @@ def agent_run(
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if tls is None and not is_loopback(orchestrator.rpartition(":")[0]):
+        logging.getLogger("pocketlora.agent").warning(
+            "plaintext gRPC to %s: the device credential travels in clear (pass --tls-ca)", orchestrator
+        )
     cfg = AgentConfig(
         orchestrator=orchestrator,
         device_id=device_id,
@@ -211,82 +308,21 @@ def agent_run(
         torch_threads=torch_threads,
         runtime=runtime,
         inference_listen=listen,
+        tls=tls,
+        store_tls=store_tls,
+        local_veto=local_veto,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        Agent(cfg, source, Gate(policy)).run(stop)
+        agent = Agent(cfg, source, Gate(policy), listener=observed.on_event if observed else None)
+        if observed is not None:
+            observed.agent = agent
+            observed.serve(metrics_listen)
+            out.print(f"agent metrics on http://{metrics_listen}/metrics")
+        agent.run(stop)
     except (EnrollmentError, ValueError) as exc:  # ValueError: --runtime onnx without onnxruntime-genai
-        raise UserError(str(exc)) from None
-
-
-@app.command("infer")
-def infer(
-    prompt: Annotated[str, typer.Option(help="The user message.")],
-    connect: Annotated[
-        str,
-        typer.Option(
-            help="The agent's inference API: unix:/path or 127.0.0.1:PORT (default: WORK_DIR/inference.sock)."
-        ),
-    ] = "",
-    work_dir: Annotated[Path, typer.Option(help="The agent's work dir, to find its socket.")] = Path(
-        ".pocketlora/agent"
-    ),
-    adapter: Annotated[
-        str,
-        typer.Option(
-            help="Remote: a resident adapter's name (default: the active one). Local: an adapter file or folder."
-        ),
-    ] = "",
-    base: Annotated[bool, typer.Option("--base", help="Answer with the base model, no adapter.")] = False,
-    local: Annotated[bool, typer.Option("--local", help="Run the runtime in this process instead.")] = False,
-    bundle: Annotated[Path | None, typer.Option(help="Local ONNX runtime: the runtime bundle folder.")] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Local torch runtime: the base model folder.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0: greedy.")] = 0.0,
-    stop: Annotated[list[str], typer.Option("--stop", help="Stop string (repeatable).")] = [],  # noqa: B006
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt without the chat template.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
-) -> None:
-    """Answer a prompt through the device agent's inference API, or in-process with --local."""
-    import dataclasses
-    import json
-
-    import grpc
-
-    from adapters_store.errors import StoreError
-    from agent.runtime_base import AdapterRuntimeError, collect
-    from pocketlora import infer as inf
-
-    local = local or bundle is not None or base_model is not None
-    ask = inf.Ask(prompt, adapter or None, base, max_new_tokens, temperature, tuple(stop), raw)
-    if local:
-        if (bundle is None) == (base_model is None):
-            raise UserError("--local needs exactly one of --bundle (ONNX runtime) or --base-model (torch runtime)")
-        model, backend = (bundle, "onnx") if bundle is not None else (base_model, "torch")
-        assert model is not None
-        wanted = "genai_config.json" if backend == "onnx" else "config.json"
-        if not (model / wanted).is_file():
-            raise UserError(f"--{'bundle' if backend == 'onnx' else 'base-model'} {model}: no {wanted} there")
-        if adapter and not Path(adapter).exists():
-            raise UserError(f"--adapter {adapter}: no such file or folder")
-        chunks = inf.local(model, backend, Path(adapter) if adapter else None, ask)
-    else:
-        address = connect or f"unix:{(work_dir / 'inference.sock').resolve()}"
-        chunks = inf.remote(address, ask)
-    started = time.perf_counter()
-    try:
-        if as_json:
-            result = collect(chunks, started)
-            print(json.dumps(dataclasses.asdict(result)))
-            return
-        for chunk in chunks:
-            print(chunk.text, end="", flush=True)
-        print()
-    except grpc.RpcError as exc:
-        raise UserError(f"inference API: {exc.code().name}: {exc.details()}") from None
-    except (AdapterRuntimeError, StoreError, OSError, ValueError) as exc:
         raise UserError(str(exc)) from None
 
 

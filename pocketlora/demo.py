@@ -96,7 +96,7 @@ def run_demo(
     store_url = f"file://{work_dir / 'blobs'}"
 
     from orchestrator.config import OrchestratorConfig
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import http_ports, init_ray, start_orchestrator, stop_orchestrator
 
     with console.status("starting the orchestrator on in-process Ray"):
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
@@ -108,12 +108,15 @@ def run_demo(
             reap_interval_s=1.0,
             runtime_bases={"SmolLM2-135M-Instruct": str(base)} if runtime == "onnx" else {},
         )
-        frontends, control, ports = start_orchestrator(db_url, store_url, config)
+        frontends, control, ports = start_orchestrator(db_url, store_url, config, http_listen="127.0.0.1:0")
     address = f"127.0.0.1:{ports[0]}"
     console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
     if runtime == "onnx":
         console.print("orchestrator: exporting SmolLM2's int4 runtime bundle for ONNX devices (a Ray task)")
     socket = agent_dir / "inference.sock"
+    # The token rides in the URL's fragment, which the browser never sends: the page keeps it.
+    http = f"http://127.0.0.1:{http_ports(frontends)[0]}"
+    console.print(f"web console: [bold]{http}/#token={operator_token}[/] (metrics: {http}/metrics)")
 
     agent_log = (work_dir / "agent.log").open("w")
     env = {**os.environ, "POCKETLORA_ENROLLMENT_TOKEN": enroll_token}

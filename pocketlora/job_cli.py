@@ -1,24 +1,22 @@
-"""Job commands: submit (with a dataset on the device or shipped through the store), list, get,
-cancel and watch.
+"""Job commands: submit (with a dataset on the device or shipped through the store), list, get
+and cancel (watch is in watch_cli.py).
 
 Every failure a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from pocketlora import spec_options as so
 from pocketlora.cli_common import (
     Address,
     AsJson,
     Token,
-    UserError,
     call,
     client,
     dump,
@@ -56,65 +54,28 @@ def _jobs_table(jobs: list[Any]) -> Table:
 @job_app.command("submit")
 def job_submit(
     device_id: Annotated[str, typer.Option("--device-id", help="Device that trains the adapter.")],
-    dataset: Annotated[
-        str, typer.Option("--dataset", help="Name of a dataset in the device's dataset directory.")
-    ] = "",
-    dataset_file: Annotated[
-        Path | None,
-        typer.Option("--dataset-file", help="Or: a local JSONL file to ship to the device through the store."),
-    ] = None,
-    store: Annotated[
-        str,
-        typer.Option(
-            "--store",
-            envvar="POCKETLORA_STORE",
-            help="Store URL for --dataset-file (credentials from the environment).",
-        ),
-    ] = "",
-    adapter_name: Annotated[
-        str, typer.Option("--adapter-name", help="Adapter name (versions count per device and name).")
-    ] = "personal",
-    base_model_id: Annotated[
-        str, typer.Option("--base-model-id", help="Base model the device must have.")
-    ] = "SmolLM2-135M-Instruct",
-    rank: Annotated[int, typer.Option(min=1, max=256, help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (0: the default).")] = 0.0,
-    learning_rate: Annotated[
-        float, typer.Option("--lr", min=0.0, max=1.0, help="AdamW learning rate (0: 2e-4).")
-    ] = 0.0,
-    epochs: Annotated[int, typer.Option(min=0, help="Passes over the data (0: 1).")] = 0,
-    max_steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from epochs).")] = 0,
-    max_seq_len: Annotated[int, typer.Option(min=0, help="Longest example in tokens (0: 256).")] = 0,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
-    quantization: Annotated[str, typer.Option(help="nf4 or none.")] = "nf4",
-    max_attempts: Annotated[int, typer.Option(min=0, max=100, help="Attempts (0: 6).")] = 0,
-    request_id: Annotated[str, typer.Option(help="Idempotency key (default: random).")] = "",
+    dataset: so.Dataset = "",
+    dataset_file: so.DatasetFile = None,
+    store: so.Store = "",
+    adapter_name: so.AdapterName = "personal",
+    base_model_id: so.BaseModelId = so.DEFAULT_BASE,
+    rank: so.Rank = 8,
+    alpha: so.Alpha = 0.0,
+    learning_rate: so.LearningRate = 0.0,
+    epochs: so.Epochs = 0,
+    max_steps: so.MaxSteps = 0,
+    max_seq_len: so.MaxSeqLen = 0,
+    seed: so.Seed = 0,
+    quantization: so.Quantization = "nf4",
+    eval_share: so.EvalShare = 0.0,
+    max_attempts: so.MaxAttempts = 0,
+    request_id: so.RequestId = "",
     address: Address = DEFAULT_ADDRESS,
     token: Token = "",
     as_json: AsJson = False,
 ) -> None:
     """Queue a training job for one device."""
-    if quantization not in ("nf4", "none"):
-        raise typer.BadParameter(f"{quantization!r} is not nf4 or none", param_hint="--quantization")
-    if bool(dataset) == (dataset_file is not None):
-        raise typer.BadParameter(
-            "give exactly one of --dataset (on the device) and --dataset-file (shipped)", param_hint="--dataset"
-        )
-    shipped, shipped_sha = ("", "") if dataset_file is None else _ship_dataset(dataset_file, store)
-    spec = tpb.TrainingSpec(
-        adapter_name=adapter_name,
-        base_model_id=base_model_id,
-        dataset=dataset,
-        dataset_object=shipped,
-        dataset_sha256=shipped_sha,
-        lora=tpb.LoraSettings(rank=rank, alpha=alpha, dropout=-1),
-        quantization=tpb.QUANTIZATION_NF4 if quantization == "nf4" else tpb.QUANTIZATION_NONE,
-        learning_rate=learning_rate,
-        epochs=epochs,
-        max_steps=max_steps,
-        max_seq_len=max_seq_len,
-        seed=seed,
-    )
+    spec = so.spec_from(locals())
     with client(address, token) as c:
         reply = c.call(
             "SubmitJob",
@@ -128,32 +89,6 @@ def job_submit(
         out.print(
             f"{'submitted' if reply.created else 'already submitted'} job [bold]{reply.job.job_id}[/] for {device_id} ({state_name(reply.job.state)})"
         )
-
-
-def _ship_dataset(path: Path, store_url: str) -> tuple[str, str]:
-    """Check a dataset file, then upload it to its content address; returns (key, sha256)."""
-    from adapters_store import dataset_key, open_store, sha256_file
-    from adapters_store.errors import StoreError
-    from agent.training.datasets import read_records
-    from agent.training.errors import DatasetError
-
-    if not path.is_file():
-        raise UserError(f"--dataset-file {path}: no such file")
-    try:
-        read_records(path)
-    except DatasetError as exc:
-        raise UserError(f"--dataset-file {exc}") from None
-    if not store_url:
-        raise UserError("--dataset-file needs --store (or POCKETLORA_STORE): the orchestrator's store URL")
-    digest = sha256_file(path)
-    key = dataset_key(digest)
-    try:
-        with open_store(store_url) as blobs:
-            if blobs.stat(key) is None:
-                blobs.put_file(key, path)
-    except StoreError as exc:
-        raise UserError(f"--store: {exc}") from None
-    return key, digest
 
 
 @job_app.command("list")
@@ -195,30 +130,3 @@ def job_cancel(job_id: str, address: Address = DEFAULT_ADDRESS, token: Token = "
     """Cancel a job; a training device stops on its next heartbeat."""
     job = call(address, token, "CancelJob", op.CancelJobRequest(job_id=job_id)).job
     show(job, as_json, f"job {job.job_id} is {state_name(job.state)}")
-
-
-@job_app.command("watch")
-def job_watch(
-    job_id: Annotated[str, typer.Argument(help="Stop when this job ends (default: watch every job).")] = "",
-    device_id: Annotated[str, typer.Option("--device-id")] = "",
-    address: Address = DEFAULT_ADDRESS,
-    token: Token = "",
-    as_json: AsJson = False,
-) -> None:
-    """Stream job changes as they happen."""
-    with client(address, token) as c:
-        if job_id:
-            c.call("GetJob", op.GetJobRequest(job_id=job_id))  # NOT_FOUND early, as one line
-        for change in c.watch(op.WatchJobsRequest(filter=tpb.JobFilter(device_id=device_id), include_initial=True)):
-            j = change.job
-            if job_id and j.job_id != job_id:
-                continue
-            if as_json:
-                print(json.dumps(dump(j)), flush=True)
-            else:
-                p = j.progress
-                out.print(
-                    f"{j.job_id} {state_name(j.state):<10} step {p.step}/{p.total_steps} loss {p.loss:.3f} {j.status_message}"
-                )
-            if job_id and j.state in (tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED):
-                return

@@ -138,6 +138,15 @@ def adapter_activate(
         str, typer.Option("--campaign-id", help="Or: a canary share of this campaign's devices.")
     ] = "",
     canary_percent: Annotated[int, typer.Option(min=0, max=100, help="With --campaign-id: the share, 1-100.")] = 0,
+    min_improvement: Annotated[
+        float | None,
+        typer.Option(
+            "--min-improvement",
+            min=-1.0,
+            max=0.99,
+            help="Eval gate: only adapters whose held-out loss is this much (relative) below their base's.",
+        ),
+    ] = None,
     address: Address = DEFAULT_ADDRESS,
     token: Token = "",
     as_json: AsJson = False,
@@ -150,12 +159,17 @@ def adapter_activate(
     )
     if name:
         request.selector.CopyFrom(tpb.DeviceSelector(labels=parse_kv(label, "--label")))
+    if min_improvement is not None:
+        request.eval_gate.CopyFrom(op.EvalGate(min_improvement=min_improvement))
     reply = call(address, token, "ActivateAdapter", request)
     show(
         reply,
         as_json,
         f"activated on {len(reply.device_ids)} device(s): {', '.join(reply.device_ids) or 'none changed'}",
     )
+    if not as_json:
+        for r in reply.refused:
+            out.print(f"  left out {r.device_id} ({r.adapter_id}): {r.reason}", highlight=False)
 
 
 @adapter_app.command("deactivate")

@@ -5,10 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# System tools the tests use: PostgreSQL server binaries and docker-compose (offline validation).
+# System tools the tests use: PostgreSQL server binaries, docker-compose (offline validation),
+# Chromium (the console's browser tests) and promtool (checks /metrics scrapes; from prometheus).
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+[ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null || need+=(chromium)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${need[*]}..." >&2

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     inherited = {
-        k: v for k, v in os.environ.items() if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("POCKETLORA_OPERATOR_TOKEN", "POCKETLORA_ORCHESTRATOR") and not k.startswith("POCKETLORA_TLS_")
     }
     full_env = {**inherited, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
@@ -195,3 +198,88 @@ def test_agent_enrollment_problems_are_one_line(server: ServerThread, tmp_path: 
     ]
     assert_one_line_error(cli(*args, env={}), "no enrollment token")
     assert_one_line_error(cli(*args, "--enrollment-token", "wrong", env={}), "enrollment refused", "UNAUTHENTICATED")
+
+
+class Lines:
+    """A process's stdout lines, read in a thread, to wait for what it printed."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def wait(self, needle: str, times: int = 1, timeout: float = 60.0) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: sum(needle in line for line in self.lines) >= times, timeout)
+            assert ok, f"{needle!r} x{times} not printed: {self.lines}"
+
+
+def _drive_job(server: ServerThread, job_id: str, device: str, credential: str, printed: Lines, prefix: str) -> None:
+    """Lease the job as its device would, report progress, pause, resume, then fail it for good,
+    each change once the watch has printed the one before (a watch sees a job's latest state)."""
+    from protos.pocketlora.v1 import types_pb2 as tpb
+    from tests.support.orch import dev_md
+
+    md = dev_md(device, credential)
+    printed.wait(f"{prefix}QUEUED")
+    a = server.agent.LeaseJob(apb.LeaseJobRequest(device_id=device), metadata=md).assignment
+    assert a.job_id == job_id
+    for n, (step, state, name) in enumerate(
+        (
+            (1, tpb.JOB_STATE_RUNNING, "RUNNING"),
+            (2, tpb.JOB_STATE_PAUSED, "PAUSED"),
+            (3, tpb.JOB_STATE_RUNNING, "RUNNING"),
+        )
+    ):
+        server.agent.ReportProgress(
+            apb.ReportProgressRequest(
+                job_id=a.job_id,
+                lease_epoch=a.lease_epoch,
+                state=state,
+                progress=tpb.JobProgress(step=step, total_steps=4, loss=2.0 / step),
+                pause_reason=tpb.ELIGIBILITY_REASON_TOO_HOT,
+            ),
+            metadata=md,
+        )
+        printed.wait(f"{prefix}{name}", times=2 if n == 2 else 1)
+    server.agent.FailJob(
+        apb.FailJobRequest(
+            job_id=a.job_id, lease_epoch=a.lease_epoch, error_class=tpb.ERROR_CLASS_DATASET_INVALID, message="bad rows"
+        ),
+        metadata=md,
+    )
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_job_watch_follows_a_job_to_its_end(server: ServerThread, as_json: bool) -> None:
+    env = {**os.environ, "POCKETLORA_OPERATOR_TOKEN": OPERATOR_TOKEN, "POCKETLORA_ORCHESTRATOR": server.address}
+    env["COLUMNS"] = "200"
+    device = f"watched-{as_json}".lower()
+    enrolled = server.agent.Enroll(apb.EnrollRequest(device_id=device), metadata=op_md(ENROLL_TOKEN))
+    sub = cli("job", "submit", "--device-id", device, "--dataset", "notes", "--json", env=env)
+    job_id = json.loads(sub.stdout)["job"]["job_id"]
+    cmd = [sys.executable, "-m", "pocketlora", "job", "watch", job_id, *(["--json"] if as_json else [])]
+    watch = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = Lines(watch)
+        _drive_job(server, job_id, device, enrolled.device_credential, printed, "JOB_STATE_" if as_json else "")
+        watch.wait(timeout=60)
+        printed.wait("FAILED")
+    finally:
+        watch.kill()
+    stdout = "".join(printed.lines)
+    assert watch.returncode == 1, stdout  # it failed for good: a script can tell
+    if as_json:
+        states = [json.loads(line)["state"] for line in stdout.splitlines()]
+        assert states[0] == "JOB_STATE_QUEUED" and states[-1] == "JOB_STATE_FAILED"
+        assert "JOB_STATE_PAUSED" in states and "JOB_STATE_RUNNING" in states
+    else:
+        for needle in ("QUEUED", "RUNNING", "PAUSED", "TOO_HOT", "FAILED", "bad rows", "3/4"):
+            assert needle in stdout, stdout

@@ -1,8 +1,12 @@
-"""The whole PocketLoRA loop with real parts: Ray, gRPC, SQLite, S3 on SeaweedFS, NF4 training.
+"""The whole PocketLoRA loop with real parts: Ray, gRPC, SQLite, S3 on SeaweedFS, NF4 training,
+all of it over TLS as a deployment beyond one machine runs it.
 
 A tiny Llama built from a config stands in for SmolLM2. The device agent runs here (it imports
 no torch); it trains in its child process, uploads through a presigned URL, the orchestrator
-verifies the blob, an operator activates it and the device's runtime hot-swaps it in.
+verifies the blob, an operator activates it and the device's runtime hot-swaps it in. A CA made
+for the test signs every certificate: the Ray front end requires client certificates (mutual
+TLS; the device's names its id), and S3 speaks https only, so the store, the device's upload and
+its adapter download all verify against the same CA.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from agent.gate import Gate, GatePolicy
 from agent.sensors import TraceSensors
 from orchestrator.config import OrchestratorConfig
 from pocketlora.client import OperatorClient
+from pocketlora.tls import load_server_tls, load_tls
 from protos.pocketlora.v1 import operator_service_pb2 as op
 from protos.pocketlora.v1 import types_pb2 as tpb
-from tests.support.seaweed import SeaweedServer
+from tests.support.certs import TestCA
+from tests.support.seaweed import SeaweedServer, find_weed
 from tests.support.tiny_models import make_tiny_llama
 from tests.support.waiting import wait_for
 
@@ -36,20 +42,40 @@ OPERATOR, ENROLL = "op-e2e-token", "enroll-e2e-token"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
-    """Orchestrator on in-process Ray, SQLite state, S3 store on SeaweedFS; yields (address, store URL)."""
+def ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "pki")
+
+
+@pytest.fixture
+def https_seaweed(ca: TestCA) -> Iterator[SeaweedServer]:
+    """SeaweedFS whose S3 port speaks https only, with a certificate from the test's CA."""
+    if find_weed() is None:
+        pytest.skip("weed binary not found")
+    issued = ca.issue("s3", cn="s3", server=True)
+    with SeaweedServer(tls=(issued.cert, issued.key, ca.cert_path)) as server:
+        yield server
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, ca: TestCA, https_seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, str]]:
+    """Orchestrator on in-process Ray serving mutual TLS, SQLite state, S3 store on SeaweedFS
+    over https; yields (address, store URL)."""
     import ray
 
     from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
-    store_url = f"s3://e2e-adapters?endpoint={seaweed.endpoint}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", https_seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", https_seaweed.secret_key)
+    store_url = f"s3://e2e-adapters?endpoint={https_seaweed.endpoint}&ca={ca.cert_path}"
+    server = ca.issue("orchestrator", cn="orchestrator", server=True)
+    tls = load_server_tls(server.cert, server.key, ca.cert_path)
     # Short: Ray's unix socket paths must fit in 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
     init_ray(num_cpus=2, tmp_root=ray_tmp)
     config = OrchestratorConfig(lease_s=20.0, bootstrap_token=OPERATOR, enrollment_token=ENROLL, reap_interval_s=0.5)
-    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
+    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config, tls=tls)
     try:
         yield f"127.0.0.1:{ports[0]}", store_url
     finally:
@@ -59,9 +85,11 @@ def cluster(tmp_path: Path, seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPa
 
 
 def test_whole_loop_trains_verifies_activates_and_changes_outputs(
-    cluster: tuple[str, str], tmp_path: Path, seaweed: SeaweedServer
+    cluster: tuple[str, str], tmp_path: Path, https_seaweed: SeaweedServer, ca: TestCA
 ) -> None:
     address, _ = cluster
+    phone = ca.issue("e2e-phone", cn="e2e-phone", device_uri="e2e-phone")
+    ops = ca.issue("ops", cn="e2e-operator")
     base = make_tiny_llama(tmp_path / "base", hidden=64, layers=2)
     device_dir = tmp_path / "device"
     (device_dir / "datasets").mkdir(parents=True)
@@ -81,12 +109,14 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
         enrollment_token=ENROLL,
         tick_s=0.2,
         progress_every_s=0.5,
+        tls=load_tls(ca=ca.cert_path, cert=phone.cert, key=phone.key),
+        store_tls=load_tls(ca=ca.cert_path),
     )
     agent = Agent(cfg, TraceSensors(trace), Gate(GatePolicy()), listener=lambda k, d: events.append((k, d)))
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
-    client = OperatorClient(address, OPERATOR)
+    client = OperatorClient(address, OPERATOR, tls=load_tls(ca=ca.cert_path, cert=ops.cert, key=ops.key))
     try:
         wait_for(lambda: client.call("ListDevices", op.ListDevicesRequest()).devices, 60, "enrollment")
         spec = tpb.TrainingSpec(
@@ -114,7 +144,14 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
         assert manifest["rank"] == 8 and manifest["device_id"] == "e2e-phone" and manifest["job_id"] == job.job_id
 
         # The stored blob is the one the device reported, byte for byte.
-        store = S3BlobStore("e2e-adapters", seaweed.endpoint, seaweed.access_key, seaweed.secret_key)
+        store = S3BlobStore(
+            "e2e-adapters",
+            https_seaweed.endpoint,
+            https_seaweed.access_key,
+            https_seaweed.secret_key,
+            secure=True,
+            ca_file=ca.cert_path,
+        )
         assert store.hash_object(adapter.blob_key).sha256 == adapter.sha256
         assert store.list_keys("uploads/") == []  # promoted to its content address
 

@@ -21,6 +21,7 @@ from adapters_store.fingerprint import SafetensorsHeaderError, model_fingerprint
 from agent.training.arch import read_config, resolve_targets
 from agent.training.datasets import dataset_sha256, read_records
 from agent.training.errors import DatasetError, IncompatibleBase, SpecError
+from agent.training.evaluation import split_holdout
 from agent.training.memory import plan_memory
 from agent.training.spec import TrainingSpec
 
@@ -79,7 +80,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     started = time.monotonic()
     job_dir = Path(job_dir)
     spec = read_spec(job_dir)
-    records = read_records(spec.dataset_path)
+    records, held_out = split_holdout(read_records(spec.dataset_path), spec.eval_share, spec.seed)
     config = read_config(spec.base_model_dir)
     resolve_targets(spec.target_modules, config)  # Unsupported before any heavy import
     try:
@@ -87,7 +88,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     except (FileNotFoundError, SafetensorsHeaderError) as exc:
         raise IncompatibleBase(f"{spec.base_model_dir}: unusable base weights: {exc}") from exc
     ds_sha = dataset_sha256(spec.dataset_path)
-    log.info("job %s: %d records, base %s", job_dir.name, len(records), fingerprint[:19])
+    log.info("job %s: %d records (%d held out), base %s", job_dir.name, len(records), len(held_out), fingerprint[:19])
 
     import torch
 
@@ -104,7 +105,8 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
 
     tokenizer = load_tokenizer(spec.base_model_dir)
     examples = examples_from_records(records, tokenizer, spec.max_seq_len, spec.dataset_path)
-    longest = max(len(e.input_ids) for e in examples)
+    eval_examples = _held_out_examples(held_out, tokenizer, spec)
+    longest = max(len(e.input_ids) for e in [*examples, *eval_examples])
 
     quantize, fallback_note = decide_quantization(spec)
     plan_spec = spec if quantize or spec.quantization == "none" else dataclasses.replace(spec, quantization="none")
@@ -152,6 +154,12 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     if outcome == "paused":
         return "paused"
 
+    figures: dict[str, Any] = {}
+    if eval_examples:
+        from agent.training.evaluation import evaluate
+
+        figures = evaluate(loaded.model, eval_examples, plan.micro_batch, cfg.pad_id, cfg.bf16_autocast)
+        emit({"event": "evaluated", **figures})
     manifest = {
         "spec": spec.to_dict(),
         "loss_curve": state.loss_curve,
@@ -166,6 +174,7 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
         "quantization": "nf4" if loaded.quantized else "none",
         "target_modules": loaded.target_modules,
         "notes": loaded.notes,
+        "eval": figures,
     }
     adapter_dir = publish_adapter(loaded.model, Path(spec.output_dir), manifest)
     metrics = {
@@ -177,9 +186,23 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
         "peak_rss_bytes": manifest["peak_rss_bytes"],
         "quantization": manifest["quantization"],
         "examples": len(examples),
+        **figures,
     }
     emit({"event": "done", "adapter_dir": str(adapter_dir), "metrics": metrics})
     return "done"
+
+
+def _held_out_examples(held_out: list[Any], tokenizer: Any, spec: TrainingSpec) -> list[Any]:
+    """Tokenized held-out records; none when none of them keeps a loss token (no evaluation)."""
+    from agent.training.datasets import examples_from_records
+
+    if not held_out:
+        return []
+    try:
+        return examples_from_records(held_out, tokenizer, spec.max_seq_len, spec.dataset_path)
+    except DatasetError:
+        log.warning("no held-out example keeps a loss token within max_seq_len; no evaluation")
+        return []
 
 
 def publish_adapter(model: Any, output_dir: Path, manifest: dict[str, Any]) -> Path:

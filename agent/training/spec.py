@@ -73,6 +73,8 @@ class TrainingSpec:
     # 0: one thread, so training stays a background job on a phone-class CPU.
     torch_threads: int = 0
     offload_optimizer: str = "auto"
+    # Share of the records held out of training to measure the base and the adapter on (0-0.5).
+    eval_share: float = 0.0
 
     def __post_init__(self) -> None:
         _check_str(self, "base_model_dir", nonempty=True)
@@ -110,6 +112,9 @@ class TrainingSpec:
         _check_int(self, "memory_budget_mb", minimum=0)
         _check_int(self, "torch_threads", minimum=0)
         _check_choice(self, "offload_optimizer", TRI_STATE)
+        _check_float(self, "eval_share", minimum=0)
+        if self.eval_share > 0.5:
+            raise SpecError(f"eval_share must be in [0, 0.5], got {self.eval_share!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the spec as a JSON-ready dict."""
@@ -149,7 +154,10 @@ class TrainingSpec:
     def identity(self) -> dict[str, Any]:
         """Return the fields a checkpoint must agree on to be resumed."""
         d = self.to_dict()
-        return {k: d[k] for k in IDENTITY_FIELDS}
+        identity = {k: d[k] for k in IDENTITY_FIELDS}
+        if self.eval_share:  # which records train; absent when none are held out, as before
+            identity["eval_share"] = self.eval_share
+        return identity
 
 
 def _check_str(spec: TrainingSpec, name: str, *, nonempty: bool) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from orchestrator.domain import AuditFilter
+from orchestrator.access_records import AuditFilter
 from orchestrator.errors import InvalidArgument
 from orchestrator.servicers import convert
 from orchestrator.servicers.admin_convert import (

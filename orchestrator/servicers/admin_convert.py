@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.domain import AuditEvent, EnrollmentTokenRecord, OperatorRecord, OperatorTokenRecord
+from orchestrator.access_records import AuditEvent, EnrollmentTokenRecord, OperatorRecord, OperatorTokenRecord
 from orchestrator.errors import InvalidArgument
 from orchestrator.servicers.convert import ts
 from protos import wire

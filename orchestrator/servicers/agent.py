@@ -1,9 +1,10 @@
 """AgentService: device calls. Each method converts, calls one domain method, converts back.
 
 Who the caller is travels as a DeviceCall (the device id in metadata, the bearer credential, the
-device id the request names); the domain checks it in the transaction it opens anyway. A request
-that fails conversion is refused only after its caller is authenticated, so a stranger learns
-nothing about what a valid request looks like.
+device id the request names, the device ids its verified client certificate names); the domain
+checks it in the transaction it opens anyway. A request that fails conversion is refused only
+after its caller is authenticated, so a stranger learns nothing about what a valid request looks
+like.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import grpc
 from orchestrator.audit import Actor
 from orchestrator.errors import InvalidArgument, PermissionDenied
 from orchestrator.identity import DeviceCall
-from orchestrator.lifecycle import HeartbeatInput
+from orchestrator.reports import HeartbeatInput
 from orchestrator.servicers import convert
 from orchestrator.servicers.base import ServicerBase, bearer, metadata_value
+from orchestrator.servicers.convert_fleet import policy_pb
 from orchestrator.servicers.errors import rpc
+from pocketlora.tls import certified_names
 from protos import wire
 from protos.pocketlora.v1 import agent_service_pb2 as pb
 from protos.pocketlora.v1 import agent_service_pb2_grpc as pb_grpc
@@ -44,8 +47,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         caps = convert.capabilities_dict(request.capabilities)
         try:
-            credential = await self._run(self.orch.identity.enroll, bearer(context), request.device_id, caps)
-        except PermissionDenied as exc:  # an attempt on an enrolled id: the audit log keeps it
+            credential = await self._run(
+                self.orch.identity.enroll, bearer(context), request.device_id, caps, _certified(context)
+            )
+        except PermissionDenied as exc:  # an enrolled id, or another device's certificate: audited
             actor = Actor("device", request.device_id[:128])
             await self._run(self.orch.audit.refused, actor, "Enroll", request.device_id[:128], exc)
             raise
@@ -68,7 +73,10 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             stale_job_ids=result.stale_job_ids,
             next_poll_after=convert.duration(result.next_poll_s),
             lease_expires_at=convert.ts(result.lease_expires_at),
+            gate_policy_names=result.gate_policy_names,
         )
+        if result.gate_policy:
+            reply.gate_policy.CopyFrom(policy_pb(result.gate_policy))
         if result.desired_adapter is not None:
             reply.desired_adapter.CopyFrom(convert.adapter_ref(result.desired_adapter))
         return reply
@@ -89,6 +97,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
                     upload_url=result.upload_url,
                     upload_url_expires_at=convert.ts(result.upload_url_expires_at),
                     dataset_url=result.dataset_url,
+                    upload_fields=result.upload_fields,
                 )
             )
         return reply
@@ -113,6 +122,7 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
             cancel_requested=result.cancel_requested,
             upload_url=result.upload_url,
             upload_url_expires_at=convert.ts(result.upload_url_expires_at),
+            upload_fields=result.upload_fields,
         )
 
     @rpc
@@ -179,8 +189,13 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
         )
 
 
+def _certified(context: grpc.aio.ServicerContext) -> tuple[str, ...] | None:
+    """The device ids the caller's verified client certificate names (None: no certificate)."""
+    return certified_names(context.auth_context())
+
+
 def _caller(context: grpc.aio.ServicerContext, claimed: str = "") -> DeviceCall:
-    return DeviceCall(metadata_value(context, DEVICE_HEADER), bearer(context), claimed)
+    return DeviceCall(metadata_value(context, DEVICE_HEADER), bearer(context), claimed, _certified(context))
 
 
 def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
@@ -191,7 +206,8 @@ def heartbeat_input(request: pb.HeartbeatRequest) -> HeartbeatInput:
         eligibility_reason=convert.reason_name(request.eligibility_reason),
         eligibility_detail=request.eligibility_detail,
         active_adapter_id=request.active_adapter_id,
-        free_storage_bytes=min(request.free_storage_bytes, 2**63 - 1),  # stored as a signed 64-bit number
+        free_storage_bytes=convert.byte_count(request.free_storage_bytes),
+        adapter_refusals={r.adapter_id: r.reason for r in request.adapter_refusals},
     )
     running = request.running if request.HasField("running") else None
     if running is not None and running.job_id:

@@ -4,7 +4,7 @@ and for operator-facing services the principal of each call."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -55,24 +55,39 @@ class OperatorServicerBase(ServicerBase):
     changes through `_change`, which audits a refused change."""
 
     async def _principal(self, context: grpc.aio.ServicerContext, action: str) -> Principal:
-        token = bearer(context)
-        operators = self.orch.operators
-        principal = operators.cached(token)
-        if principal is None:
-            principal = await self._run(operators.authenticate, token)
-        needed = REQUIRED_ROLE[action]
-        try:
-            operators.authorize(principal, needed, action)
-        except PermissionDenied as exc:
-            if needed != Role.VIEWER:
-                await self._run(self.orch.audit.refused, principal.actor, action, "", exc)
-            raise
-        return principal
+        return await principal_for(self.orch, self._run, bearer(context), action)
 
     async def _change(self, principal: Principal, action: str, target: str, fn: Callable[..., T], *args: Any) -> T:
         """Run a mutating domain call as the principal; a refusal is appended to the audit log."""
-        try:
-            return await self._run(fn, principal.actor, *args)
-        except OrchestratorError as exc:
-            await self._run(self.orch.audit.refused, principal.actor, action, target, exc)
-            raise
+        return await change_as(self.orch, self._run, principal, action, target, fn, *args)
+
+
+Runner = Callable[..., Awaitable[Any]]
+
+
+async def principal_for(orch: Orchestrator, run: Runner, token: str, action: str) -> Principal:
+    """Who an operator-facing call (gRPC or HTTP) comes from, checked against the role `action`
+    needs (roles.REQUIRED_ROLE); a refused change is audited."""
+    operators = orch.operators
+    principal = operators.cached(token)
+    if principal is None:
+        principal = await run(operators.authenticate, token)
+    needed = REQUIRED_ROLE[action]
+    try:
+        operators.authorize(principal, needed, action)
+    except PermissionDenied as exc:
+        if needed != Role.VIEWER:
+            await run(orch.audit.refused, principal.actor, action, "", exc)
+        raise
+    return principal
+
+
+async def change_as(
+    orch: Orchestrator, run: Runner, principal: Principal, action: str, target: str, fn: Callable[..., T], *args: Any
+) -> T:
+    """Run a mutating domain call as the principal; a refusal is appended to the audit log."""
+    try:
+        return await run(fn, principal.actor, *args)  # type: ignore[no-any-return]
+    except OrchestratorError as exc:
+        await run(orch.audit.refused, principal.actor, action, target, exc)
+        raise

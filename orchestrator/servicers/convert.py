@@ -12,14 +12,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from orchestrator.domain import (
     AdapterRecord,
-    CampaignRecord,
     DeviceRecord,
     DeviceSelector,
     ErrorClass,
+    JobEvent,
     JobFilter,
     JobRecord,
     JobState,
     Progress,
+    ProgressPoint,
 )
 from orchestrator.errors import InvalidArgument
 from protos import wire
@@ -150,6 +151,15 @@ def job_pb(job: JobRecord) -> pb.Job:
     )
 
 
+# Byte counts arrive as uint64 and are stored (and compared in SQL) as signed 64-bit integers.
+_MAX_BYTES = 2**63 - 1
+
+
+def byte_count(value: int) -> int:
+    """A device-reported byte count as the stores hold it: at most 2**63 - 1 (8 EiB)."""
+    return min(value, _MAX_BYTES)
+
+
 def _runtime(number: int) -> wire.InferenceRuntime | None:
     return wire.from_pb(wire.InferenceRuntime, number)
 
@@ -157,8 +167,8 @@ def _runtime(number: int) -> wire.InferenceRuntime | None:
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
     return {
-        "ram_bytes": caps.ram_bytes,
-        "free_storage_bytes": caps.free_storage_bytes,
+        "ram_bytes": byte_count(caps.ram_bytes),
+        "free_storage_bytes": byte_count(caps.free_storage_bytes),
         "cpu": caps.cpu[:200],
         "cpu_count": caps.cpu_count,
         "accelerator": caps.accelerator[:200],
@@ -166,7 +176,7 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "platform": caps.platform[:100],
         "base_model_id": caps.base_model_id[:200],
         "base_fingerprint": caps.base_fingerprint[:100],
-        "memory_budget_bytes": caps.memory_budget_bytes,
+        "memory_budget_bytes": byte_count(caps.memory_budget_bytes),
         "inference_runtimes": [str(r) for r in map(_runtime, caps.inference_runtimes) if r is not None],
         "labels": dict(caps.labels),
     }
@@ -218,6 +228,7 @@ def device_pb(device: DeviceRecord) -> pb.Device:
         reported_labels=device.reported_labels,
         revoked_at=ts(device.revoked_at),
         labels=device.labels,
+        adapter_refusals=[pb.AdapterRefusal(adapter_id=k, reason=v) for k, v in device.adapter_refusals.items()],
     )
 
 
@@ -249,18 +260,6 @@ def adapter_ref(a: AdapterRecord) -> agent_pb.AdapterRef:
         base_fingerprint=a.base_fingerprint,
         name=a.name,
         version=a.version,
-    )
-
-
-def campaign_pb(c: CampaignRecord, counts: dict[str, int]) -> op_pb.Campaign:
-    """A campaign with its jobs counted by state."""
-    return op_pb.Campaign(
-        campaign_id=c.campaign_id,
-        name=c.name,
-        job_count=c.job_count,
-        jobs_by_state=counts_by_state(counts),
-        created_at=ts(c.created_at),
-        selector=selector_pb(c.selector),
     )
 
 
@@ -297,6 +296,37 @@ def job_filter(f: pb.JobFilter) -> JobFilter:
     )
 
 
+def history_pb(history: tuple[JobRecord, list[JobEvent], list[ProgressPoint]]) -> op_pb.GetJobHistoryResponse:
+    """A job's recorded history; its creation is the first event."""
+    job, events, points = history
+    created = pb.JobEvent(at=ts(job.created_at), state=wire.to_pb(JobState.QUEUED), message="submitted")  # type: ignore[arg-type]
+    return op_pb.GetJobHistoryResponse(
+        events=[created, *(event_pb(e) for e in events)],
+        points=[
+            pb.ProgressPoint(
+                at=ts(p.at),
+                attempt=p.attempt,
+                step=min(p.step, 2**32 - 1),
+                total_steps=min(p.total_steps, 2**32 - 1),
+                loss=p.loss if p.loss is not None else float("nan"),
+                tokens_seen=p.tokens_seen,
+            )
+            for p in points
+        ],
+    )
+
+
+def event_pb(e: JobEvent) -> pb.JobEvent:
+    """One state change."""
+    return pb.JobEvent(
+        at=ts(e.at),
+        state=wire.to_pb(e.state),  # type: ignore[arg-type]
+        attempt=e.attempt,
+        message=e.message,
+        error_class=wire.to_pb(ErrorClass(e.error_class)) if e.error_class else 0,  # type: ignore[arg-type]
+    )
+
+
 def summary_pb(s: dict[str, Any]) -> op_pb.GetFleetSummaryResponse:
     """The fleet summary as the API shows it, counts keyed by the proto's enum names."""
     by_reason = {
@@ -311,4 +341,10 @@ def summary_pb(s: dict[str, Any]) -> op_pb.GetFleetSummaryResponse:
         device_count=s["device_count"],
         devices_online=s["devices_online"],
         adapter_count=s["adapter_count"],
+        queued_by_base_model=s["queued_by_base_model"],
+        devices_by_adapter_sync=s["devices_by_adapter_sync"],
+        finished_per_minute=[
+            op_pb.MinuteCount(minute=ts(minute), succeeded=ok, failed=bad)
+            for minute, ok, bad in s["finished_per_minute"]
+        ],
     )

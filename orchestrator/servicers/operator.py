@@ -1,25 +1,34 @@
-"""OperatorService: operator and dashboard calls over the domain service."""
+"""OperatorService: operator and dashboard calls over the domain service (campaigns, rollouts and
+gate policies in fleet_rpcs.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 import grpc
 
-from orchestrator.domain import JobFilter
+from orchestrator.feed import ChangeFeed
+from orchestrator.limits import Gatekeeper
+from orchestrator.polls import PollRunner
+from orchestrator.service import Orchestrator
 from orchestrator.servicers import convert
-from orchestrator.servicers.base import OperatorServicerBase
+from orchestrator.servicers import convert_fleet as cf
 from orchestrator.servicers.errors import rpc
+from orchestrator.servicers.fleet_rpcs import FleetRpcs
 from protos.pocketlora.v1 import operator_service_pb2 as pb
 from protos.pocketlora.v1 import operator_service_pb2_grpc as pb_grpc
 
-WATCH_POLL_S = 0.25
 
-
-class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
+class OperatorServicer(FleetRpcs, pb_grpc.OperatorServiceServicer):
     """The operator-facing API; every call needs an operator token whose role allows it."""
+
+    def __init__(
+        self, orch: Orchestrator, polls: PollRunner, executor: Executor, gate: Gatekeeper, feed: ChangeFeed
+    ) -> None:
+        super().__init__(orch, polls, executor, gate)
+        self.feed = feed
 
     @rpc
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.SubmitJobResponse:
@@ -39,34 +48,6 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
         return pb.SubmitJobResponse(job=convert.job_pb(job), created=created)
 
     @rpc
-    async def SubmitCampaign(
-        self, request: pb.SubmitCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SubmitCampaignResponse:
-        who = await self._principal(context, "SubmitCampaign")
-        deadline = convert.from_ts(request.deadline, "deadline") if request.HasField("deadline") else 0.0
-        campaign, counts, created = await self._change(
-            who,
-            "SubmitCampaign",
-            request.name,
-            self.orch.fleet.submit_campaign,
-            request.request_id,
-            request.name,
-            convert.selector(request.selector),
-            convert.training_dict(request.training),
-            request.max_attempts,
-            deadline,
-        )
-        return pb.SubmitCampaignResponse(campaign=convert.campaign_pb(campaign, counts), created=created)
-
-    @rpc
-    async def GetCampaign(
-        self, request: pb.GetCampaignRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetCampaignResponse:
-        await self._principal(context, "GetCampaign")
-        campaign, counts = await self._run(self.orch.queries.get_campaign, request.campaign_id)
-        return pb.GetCampaignResponse(campaign=convert.campaign_pb(campaign, counts))
-
-    @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.CancelJobResponse:
         who = await self._principal(context, "CancelJob")
         job = await self._change(who, "CancelJob", request.job_id, self.orch.fleet.cancel_job, request.job_id)
@@ -76,6 +57,13 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:
         await self._principal(context, "GetJob")
         return pb.GetJobResponse(job=convert.job_pb(await self._run(self.orch.queries.get_job, request.job_id)))
+
+    @rpc
+    async def GetJobHistory(
+        self, request: pb.GetJobHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobHistoryResponse:
+        await self._principal(context, "GetJobHistory")
+        return convert.history_pb(await self._run(self.orch.queries.job_history, request.job_id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
@@ -88,27 +76,17 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
     async def WatchJobs(
         self, request: pb.WatchJobsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobsResponse]:
-        """Stream job changes; follows the store's watch cursor, so it sees every replica's writes."""
+        """Stream job changes from the process's change feed (which sees every replica's writes)."""
         principal = await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
         with self.gate.watch(principal.name):
-            async for change in self._watch(request, flt, context):
-                yield change
-
-    async def _watch(
-        self, request: pb.WatchJobsRequest, flt: JobFilter, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchJobsResponse]:
-        cursor = await self._run(self.orch.queries.watch_cursor)
-        if request.include_initial:
-            jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
-            for job in reversed(jobs):
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-        while not context.done():
-            changed, cursor = await self._run(self.orch.queries.jobs_changed_after, cursor, flt, 500)
-            for job in changed:
-                yield pb.WatchJobsResponse(job=convert.job_pb(job))
-            if not changed:
-                await asyncio.sleep(WATCH_POLL_S)
+            async with self.feed.subscribe(flt) as changes:
+                if request.include_initial:
+                    jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
+                    for job in reversed(jobs):
+                        yield pb.WatchJobsResponse(job=convert.job_pb(job))
+                async for job in changes:
+                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
 
     @rpc
     async def ListDevices(
@@ -159,9 +137,10 @@ class OperatorServicer(OperatorServicerBase, pb_grpc.OperatorServiceServicer):
             selector=selector,
             campaign_id=request.campaign_id,
             canary_percent=request.canary_percent,
+            eval_gate=cf.eval_gate(request.eval_gate, request.HasField("eval_gate")),
         )
-        devices = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
-        return pb.ActivateAdapterResponse(device_ids=devices)
+        done = await self._change(who, "ActivateAdapter", target, activate, request.adapter_id)
+        return cf.activation_pb(done)
 
     @rpc
     async def DeactivateAdapter(

@@ -14,17 +14,26 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from orchestrator.domain import (
-    AdapterRecord,
+from orchestrator.access_records import (
     AuditEvent,
     AuditFilter,
-    CampaignRecord,
-    DeviceRecord,
     EnrollmentTokenRecord,
-    JobFilter,
-    JobRecord,
     OperatorRecord,
     OperatorTokenRecord,
+)
+from orchestrator.domain import (
+    AdapterRecord,
+    CampaignRecord,
+    CampaignState,
+    DeviceRecord,
+    GatePolicyRecord,
+    JobEvent,
+    JobFilter,
+    JobRecord,
+    ProgressPoint,
+    RolloutRecord,
+    RolloutState,
+    RolloutTarget,
 )
 
 # Where a watch stands: (a backend-defined order key, the last job id at that key).
@@ -57,8 +66,18 @@ class Tx(abc.ABC):
         """Write back a job read in this transaction; assigns it a new change_seq."""
 
     @abc.abstractmethod
+    def insert_campaign_job(self, job: JobRecord) -> bool:
+        """Insert a campaign's job unless that campaign already has a job for that device
+        (False then): one job per device per campaign, whoever inserts concurrently."""
+
+    @abc.abstractmethod
+    def campaign_devices(self, campaign_id: str, device_ids: list[str]) -> set[str]:
+        """Those of the devices that already have a job of the campaign."""
+
+    @abc.abstractmethod
     def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
         """QUEUED jobs of a device whose backoff has passed, oldest first, locked for update.
+        Jobs of a PAUSED campaign are not claimable.
 
         On PostgreSQL rows locked by another replica's transaction are skipped, so two
         replicas never hand out the same job.
@@ -99,14 +118,49 @@ class Tx(abc.ABC):
     def count_jobs_by_state(self, campaign_id: str = "") -> dict[str, int]:
         """Number of jobs in each state (of one campaign when given)."""
 
+    # --- history (written by save_job in the same transaction) and dashboard aggregates ---
+    @abc.abstractmethod
+    def job_history(self, job_id: str) -> tuple[list[JobEvent], list[ProgressPoint]]:
+        """The job's recorded state changes (oldest first) and progress points (by attempt, step).
+
+        save_job records an event whenever a job's state or attempt differs from what this
+        transaction read, and a progress point whenever its step enters a new bucket of the
+        attempt (a bounded sample: state/history.py)."""
+
+    @abc.abstractmethod
+    def finished_per_minute(self, since: float) -> dict[int, tuple[int, int]]:
+        """Jobs that ended since `since`, per minute (UNIX seconds // 60): (succeeded, failed or cancelled)."""
+
+    @abc.abstractmethod
+    def queued_by_base_model(self) -> dict[str, int]:
+        """QUEUED jobs by the base model they need (the largest few; the rest under "other")."""
+
+    @abc.abstractmethod
+    def adapter_sync_counts(self, online_since: float) -> dict[str, int]:
+        """Devices by adapter convergence: CONVERGED, REFUSED, OFFLINE or PENDING."""
+
+    @abc.abstractmethod
+    def count_failures_by_class(self, campaign_id: str) -> dict[str, int]:
+        """A campaign's FAILED jobs counted by the class of their last error."""
+
     # --- campaigns ---
     @abc.abstractmethod
     def insert_campaign(self, campaign: CampaignRecord) -> None:
         """Insert a campaign; AlreadyExists if its request_id is taken."""
 
     @abc.abstractmethod
-    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
+    def save_campaign(self, campaign: CampaignRecord) -> None:
+        """Write back a campaign read in this transaction."""
+
+    @abc.abstractmethod
+    def get_campaign(self, campaign_id: str, *, for_update: bool = False) -> CampaignRecord | None:
         """Return the campaign, or None."""
+
+    @abc.abstractmethod
+    def list_campaigns(
+        self, limit: int, before_campaign_id: str = "", states: tuple[CampaignState, ...] = ()
+    ) -> list[CampaignRecord]:
+        """Campaigns newest first (in one of `states` when given), ids below before_campaign_id."""
 
     @abc.abstractmethod
     def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
@@ -142,6 +196,18 @@ class Tx(abc.ABC):
     def iter_devices(self) -> Iterator[DeviceRecord]:
         """Every device by id, paged inside this transaction."""
         return every_row(self.list_devices, _device_key)
+
+    @abc.abstractmethod
+    def list_devices_changed(self, since: float, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
+        """Devices whose profile (labels, capabilities) was written at or after `since`, by id."""
+
+    def iter_devices_changed(self, since: float) -> Iterator[DeviceRecord]:
+        """Every device changed at or after `since`, by id, paged inside this transaction."""
+        return every_row(lambda n, after: self.list_devices_changed(since, n, after), _device_key)
+
+    @abc.abstractmethod
+    def get_devices(self, device_ids: list[str]) -> list[DeviceRecord]:
+        """The devices among these ids that exist, in no particular order."""
 
     @abc.abstractmethod
     def fleet_counts(self) -> tuple[int, int]:
@@ -239,6 +305,62 @@ class Tx(abc.ABC):
     def delete_adapter(self, adapter_id: str) -> None:
         """Forget an adapter version (garbage collection of superseded versions); idempotent."""
 
+    @abc.abstractmethod
+    def get_adapters(self, adapter_ids: list[str]) -> list[AdapterRecord]:
+        """The adapters among these ids that exist, in no particular order."""
+
+    # --- rollouts ---
+    @abc.abstractmethod
+    def insert_rollout(self, rollout: RolloutRecord) -> None:
+        """Insert a rollout; AlreadyExists if its non-empty request_id is taken."""
+
+    @abc.abstractmethod
+    def save_rollout(self, rollout: RolloutRecord) -> None:
+        """Write back a rollout read in this transaction."""
+
+    @abc.abstractmethod
+    def get_rollout(self, rollout_id: str, *, for_update: bool = False) -> RolloutRecord | None:
+        """Return the rollout, or None."""
+
+    @abc.abstractmethod
+    def get_rollout_by_request(self, request_id: str) -> RolloutRecord | None:
+        """Return the rollout started with this idempotency key, or None."""
+
+    @abc.abstractmethod
+    def list_rollouts(
+        self, campaign_id: str, states: tuple[RolloutState, ...], limit: int, before_rollout_id: str = ""
+    ) -> list[RolloutRecord]:
+        """Rollouts newest first, filtered by campaign and states when given."""
+
+    @abc.abstractmethod
+    def insert_rollout_targets(self, targets: list[RolloutTarget]) -> None:
+        """Add devices to a rollout; AlreadyExists when a device is in it already."""
+
+    @abc.abstractmethod
+    def save_rollout_target(self, target: RolloutTarget) -> None:
+        """Write back a rollout's device."""
+
+    @abc.abstractmethod
+    def list_rollout_targets(self, rollout_id: str, limit: int, after_device_id: str = "") -> list[RolloutTarget]:
+        """A rollout's devices by device id."""
+
+    def iter_rollout_targets(self, rollout_id: str) -> Iterator[RolloutTarget]:
+        """Every device of a rollout, by device id, paged inside this transaction."""
+        return every_row(lambda n, after: self.list_rollout_targets(rollout_id, n, after), _target_key)
+
+    # --- gate policies ---
+    @abc.abstractmethod
+    def put_gate_policy(self, policy: GatePolicyRecord) -> None:
+        """Create or replace the named gate policy."""
+
+    @abc.abstractmethod
+    def delete_gate_policy(self, name: str) -> bool:
+        """Remove the named gate policy; False when there was none."""
+
+    @abc.abstractmethod
+    def list_gate_policies(self) -> list[GatePolicyRecord]:
+        """Every gate policy, by (priority, name)."""
+
 
 class StateStore(abc.ABC):
     """A durable store of jobs, devices, campaigns and adapters."""
@@ -307,3 +429,7 @@ def _device_key(device: DeviceRecord) -> str:
 
 def _adapter_key(adapter: AdapterRecord) -> str:
     return adapter.adapter_id
+
+
+def _target_key(target: RolloutTarget) -> str:
+    return target.device_id

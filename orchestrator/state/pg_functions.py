@@ -5,14 +5,19 @@ what SQLite and every other path run); tests/orchestrator/test_polls.py runs the
 through both and compares the outcomes. A change to lease or heartbeat semantics changes both,
 in a new migration (`CREATE OR REPLACE FUNCTION`): released entries are never edited.
 
+Versions: V1 (migration 3); V2 (migration 5): the lease skips jobs of a PAUSED campaign, and the
+heartbeat also records the device's adapter refusals and returns the device's labels and
+capabilities (the gate policies that match it are merged in Python).
+
     pocketlora_lease(device, credential hash or NULL, now, lease_s, last_seen_write_s, empty progress)
         -> (outcome, job JSON)
        outcome: 'leased' | 'none' | 'slow' (the oldest due job may not fit: the caller runs the
        full placement in Python) | 'unauthenticated' | 'no_device'
     pocketlora_heartbeat(device, credential hash or NULL, now, lease_s, last_seen_write_s,
                          running job, epoch, state, progress JSON, pause reason,
-                         power JSON, eligible, reason, detail, active adapter, free storage)
-        -> (outcome, lease_expires_at, desired adapter JSON)
+                         power JSON, eligible, reason, detail, active adapter, free storage
+                         [, refusals JSON])
+        -> (outcome, lease_expires_at, desired adapter JSON [, labels JSON, capabilities JSON])
        outcome: 'ok' | 'cancel' | 'stale' | 'unauthenticated' | 'no_device'; an illegal
        transition raises SQLSTATE PLF01 with the message FailedPrecondition carries.
 
@@ -175,3 +180,151 @@ BEGIN
 END
 $fn$
 """
+
+
+# Migration 5: the polls also write what dashboards read (state/history.py keeps the same rules
+# for every other path): a job_events row when a job's state changes (at most 1000 per job), a
+# job_progress row when the step enters a new one of 500 buckets of the attempt's planned steps
+# (history.POINTS), and the adapters a device reports refusing. Progress is read from the JSON
+# text Python writes (json.dumps of Progress: `"step": 3, "total_steps": 10, ... "loss": 1.5`),
+# by pattern, since a NaN loss is not valid JSON.
+JOB_EVENT_V1 = r"""
+CREATE OR REPLACE FUNCTION pocketlora_job_event(
+    p_job TEXT, p_at DOUBLE PRECISION, p_state TEXT, p_attempt INT, p_message TEXT
+) RETURNS VOID LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF (SELECT COUNT(*) FROM job_events WHERE job_id = p_job) < 1000 THEN
+        INSERT INTO job_events (job_id, at, state, attempt, message, error_class)
+            VALUES (p_job, p_at, p_state, p_attempt, p_message, '');
+    END IF;
+END
+$fn$
+"""
+
+PROGRESS_BUCKET_V1 = r"""
+CREATE OR REPLACE FUNCTION pocketlora_progress_bucket(p_progress TEXT) RETURNS BIGINT
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+DECLARE
+    step BIGINT := COALESCE(substring(p_progress from '"step": ([0-9]+)')::NUMERIC, 0);
+    total BIGINT := COALESCE(substring(p_progress from '"total_steps": ([0-9]+)')::NUMERIC, 0);
+BEGIN
+    IF step <= 0 THEN RETURN 0; END IF;
+    IF total <= 0 THEN RETURN 1 + LEAST(step, 500); END IF;
+    RETURN 1 + LEAST(step * 500 / total, 500);
+END
+$fn$
+"""
+
+PROGRESS_POINT_V1 = r"""
+CREATE OR REPLACE FUNCTION pocketlora_progress_point(
+    p_job TEXT, p_attempt INT, p_old TEXT, p_new TEXT, p_at DOUBLE PRECISION
+) RETURNS VOID LANGUAGE plpgsql AS $fn$
+DECLARE
+    loss TEXT := substring(p_new from '"loss": ([^,}]+)');
+BEGIN
+    IF pocketlora_progress_bucket(p_new) <= pocketlora_progress_bucket(p_old) THEN
+        RETURN;
+    END IF;
+    INSERT INTO job_progress (job_id, attempt, step, total_steps, loss, tokens_seen, at) VALUES (
+        p_job, p_attempt,
+        COALESCE(substring(p_new from '"step": ([0-9]+)')::NUMERIC, 0),
+        COALESCE(substring(p_new from '"total_steps": ([0-9]+)')::NUMERIC, 0),
+        CASE WHEN loss IS NULL OR loss IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE loss::DOUBLE PRECISION END,
+        LEAST(COALESCE(substring(p_new from '"tokens_seen": ([0-9]+)')::NUMERIC, 0), 4611686018427387904),
+        p_at
+    ) ON CONFLICT DO NOTHING;
+END
+$fn$
+"""
+
+
+def _edit(sql: str, *changes: tuple[str, str]) -> str:
+    """A function's text with each (old, new) replaced; each old text must occur exactly once."""
+    for old, new in changes:
+        if sql.count(old) != 1:
+            raise AssertionError(f"migration text not found once: {old[:60]!r}")
+        sql = sql.replace(old, new)
+    return sql
+
+
+LEASE_V2 = _edit(
+    LEASE_V1,
+    (
+        "        RETURN QUERY SELECT 'leased'::TEXT, row_to_json(j)::TEXT;",
+        "        PERFORM pocketlora_job_event(j.job_id, p_now, 'LEASED', j.attempt, '');\n"
+        "        RETURN QUERY SELECT 'leased'::TEXT, row_to_json(j)::TEXT;",
+    ),
+)
+
+# The heartbeat gains the device's adapter refusals (p_refusals, JSON text like the column's).
+DROP_HEARTBEAT_V1 = (
+    "DROP FUNCTION pocketlora_heartbeat(TEXT, TEXT, DOUBLE PRECISION, DOUBLE PRECISION, DOUBLE PRECISION,"
+    " TEXT, BIGINT, TEXT, TEXT, TEXT, TEXT, BOOLEAN, TEXT, TEXT, TEXT, BIGINT)"
+)
+HEARTBEAT_V2 = _edit(
+    HEARTBEAT_V1,
+    ("p_active TEXT, p_free_storage BIGINT\n)", "p_active TEXT, p_free_storage BIGINT, p_refusals TEXT\n)"),
+    ("    allowed TEXT[];\n", "    allowed TEXT[];\n    old_state TEXT;\n    old_progress TEXT;\n"),
+    (
+        "        ELSE\n            IF p_state IS NOT NULL AND p_state <> j.state THEN",
+        "        ELSE\n            old_state := j.state;\n            old_progress := j.progress;\n"
+        "            IF p_state IS NOT NULL AND p_state <> j.state THEN",
+    ),
+    (
+        "                WHERE job_id = j.job_id;\n            expires := p_now + p_lease_s;",
+        "                WHERE job_id = j.job_id;\n            expires := p_now + p_lease_s;\n"
+        "            IF j.state <> old_state THEN\n"
+        "                PERFORM pocketlora_job_event(j.job_id, p_now, j.state, j.attempt, j.status_message);\n"
+        "            END IF;\n"
+        "            IF p_progress IS NOT NULL THEN\n"
+        "                PERFORM pocketlora_progress_point(j.job_id, j.attempt, old_progress, p_progress, p_now);\n"
+        "            END IF;",
+    ),
+    (
+        "            OR d.running_job_id <> p_job OR",
+        "            OR d.running_job_id <> p_job OR d.adapter_refusals <> p_refusals OR",
+    ),
+    (
+        "                capabilities = COALESCE(new_caps, capabilities),",
+        "                capabilities = COALESCE(new_caps, capabilities),\n"
+        "                adapter_refusals = CASE WHEN d.adapter_refusals <> p_refusals THEN p_refusals"
+        " ELSE adapter_refusals END,",
+    ),
+)
+
+# Migration 6: leases skip the jobs of paused campaigns, and the heartbeat also returns the
+# device's labels and capabilities (what the fleet's gate policies select on). The return type
+# changes, so V2 is dropped first (CREATE OR REPLACE cannot change it).
+LEASE_V3 = _edit(
+    LEASE_V2,
+    (
+        "WHERE device_id = p_device AND state = 'QUEUED' AND not_before <= p_now\n",
+        "WHERE device_id = p_device AND state = 'QUEUED' AND not_before <= p_now\n"
+        "            AND (campaign_id = '' OR campaign_id NOT IN\n"
+        "                 (SELECT campaign_id FROM campaigns WHERE state = 'PAUSED'))\n",
+    ),
+)
+
+DROP_HEARTBEAT_V2 = DROP_HEARTBEAT_V1.removesuffix(")") + ", TEXT)"
+
+HEARTBEAT_V3 = _edit(
+    HEARTBEAT_V2,
+    (
+        "RETURNS TABLE (outcome TEXT, lease_expires_at DOUBLE PRECISION, adapter_json TEXT)",
+        "RETURNS TABLE (outcome TEXT, lease_expires_at DOUBLE PRECISION, adapter_json TEXT, device_labels TEXT,\n"
+        "    device_caps TEXT)",
+    ),
+    (
+        "THEN 'no_device' ELSE 'unauthenticated' END,\n            0::DOUBLE PRECISION, NULL::TEXT;",
+        "THEN 'no_device' ELSE 'unauthenticated' END,\n            0::DOUBLE PRECISION, NULL::TEXT, NULL::TEXT, NULL::TEXT;",
+    ),
+    (
+        "RETURN QUERY SELECT 'unauthenticated'::TEXT, 0::DOUBLE PRECISION, NULL::TEXT;",
+        "RETURN QUERY SELECT 'unauthenticated'::TEXT, 0::DOUBLE PRECISION, NULL::TEXT, NULL::TEXT, NULL::TEXT;",
+    ),
+    (
+        "(SELECT row_to_json(a)::TEXT FROM adapters a WHERE a.adapter_id = d.desired_adapter_id);",
+        "(SELECT row_to_json(a)::TEXT FROM adapters a WHERE a.adapter_id = d.desired_adapter_id),\n"
+        "        d.labels, COALESCE(new_caps, d.capabilities);",
+    ),
+)

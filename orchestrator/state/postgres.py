@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from orchestrator import metrics
 from orchestrator.state.base import StateStore, Tx
 from orchestrator.state.schema import LATEST, MIGRATIONS, PostgresOnly
 from orchestrator.state.sql import SqlTx
@@ -29,6 +31,12 @@ class PostgresDialect(Dialect):
     change_xid = "pg_current_xact_id()::text::bigint"
     xid_horizon = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
     unique_errors = (psycopg.errors.UniqueViolation,)
+
+    def minute_of(self, column: str) -> str:
+        return f"FLOOR({column} / 60)::bigint"
+
+    def json_text(self, column: str, key: str) -> str:
+        return f"({column}::json ->> '{key}')"
 
 
 class PostgresStore(StateStore):
@@ -53,6 +61,7 @@ class PostgresStore(StateStore):
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """One READ COMMITTED transaction; rows read for update stay locked until it ends."""
+        started = time.perf_counter()
         conn = self._conn()
         try:
             with conn.transaction(), conn.cursor() as cur:
@@ -61,6 +70,8 @@ class PostgresStore(StateStore):
             # A broken connection is dropped so the next call reconnects.
             conn.close()
             raise
+        finally:
+            metrics.transaction_seconds("postgresql", time.perf_counter() - started)
 
     def migrate(self, target: int = 0) -> int:
         """Apply pending migrations under an advisory lock so replicas can start together."""

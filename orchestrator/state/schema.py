@@ -156,6 +156,104 @@ MIGRATIONS: list[list[str | PostgresOnly]] = [
         "CREATE INDEX audit_events_actor ON audit_events (actor, event_id)",
         "CREATE INDEX audit_events_target ON audit_events (target, event_id)",
     ],
+    # 5: what dashboards show. Each job's state changes (its timeline, and jobs ended per
+    # minute) and a bounded sample of its progress reports (the loss curve), written in the
+    # transaction that saves the job (state/history.py); and why a device refused adapters.
+    [
+        """CREATE TABLE job_events (
+            job_id TEXT NOT NULL,
+            at {float} NOT NULL,
+            state TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            message TEXT NOT NULL,
+            error_class TEXT NOT NULL
+        )""",
+        "CREATE INDEX job_events_job ON job_events (job_id, at)",
+        "CREATE INDEX job_events_at ON job_events (at, state)",
+        """CREATE TABLE job_progress (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step {bigint} NOT NULL,
+            total_steps {bigint} NOT NULL,
+            loss {float},
+            tokens_seen {bigint} NOT NULL,
+            at {float} NOT NULL,
+            PRIMARY KEY (job_id, attempt, step)
+        )""",
+        "ALTER TABLE devices ADD COLUMN adapter_refusals TEXT NOT NULL DEFAULT '{{}}'",
+        # The PostgreSQL polls write the same history (and take the refusals).
+        PostgresOnly(pg_functions.JOB_EVENT_V1),
+        PostgresOnly(pg_functions.PROGRESS_BUCKET_V1),
+        PostgresOnly(pg_functions.PROGRESS_POINT_V1),
+        PostgresOnly(pg_functions.LEASE_V2),
+        PostgresOnly(pg_functions.DROP_HEARTBEAT_V1),
+        PostgresOnly(pg_functions.HEARTBEAT_V2),
+    ],
+    # 6: living campaigns, staged rollouts, fleet gate policies, adapter refusals (their column
+    # came with 5).
+    # Campaigns keep their spec so devices enrolling later get a job; campaigns created before
+    # this version have no spec and stay CLOSED (a one-time snapshot, as they were made).
+    # One job per device per campaign is a unique index, so a fan-out that runs twice (two
+    # control loops, a retried tick) cannot create a second job. profile_at is when a device's
+    # labels and capabilities were last written: the fan-out looks only at devices changed
+    # since its last pass.
+    [
+        "ALTER TABLE campaigns ADD COLUMN state TEXT NOT NULL DEFAULT 'CLOSED'",
+        "ALTER TABLE campaigns ADD COLUMN training TEXT NOT NULL DEFAULT '{{}}'",
+        "ALTER TABLE campaigns ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN deadline {float} NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN target_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN scanned_until {float} NOT NULL DEFAULT 0",
+        "ALTER TABLE campaigns ADD COLUMN updated_at {float} NOT NULL DEFAULT 0",
+        "CREATE INDEX campaigns_state ON campaigns (state)",
+        "CREATE UNIQUE INDEX jobs_campaign_device ON jobs (campaign_id, device_id) WHERE campaign_id <> ''",
+        "ALTER TABLE devices ADD COLUMN profile_at {float} NOT NULL DEFAULT 0",
+        "CREATE INDEX devices_profile ON devices (profile_at)",
+        """CREATE TABLE rollouts (
+            rollout_id TEXT PRIMARY KEY,
+            campaign_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            steps TEXT NOT NULL,
+            current_step INTEGER NOT NULL,
+            assigned_step INTEGER NOT NULL,
+            eval_gate TEXT NOT NULL,
+            min_healthy_share {float} NOT NULL,
+            max_failure_share {float} NOT NULL,
+            bake_s {float} NOT NULL,
+            message TEXT NOT NULL,
+            request_id TEXT,
+            created_at {float} NOT NULL,
+            updated_at {float} NOT NULL,
+            step_started_at {float} NOT NULL,
+            eligible_devices INTEGER NOT NULL,
+            gate_refused_devices INTEGER NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX rollouts_request ON rollouts (request_id)",
+        "CREATE INDEX rollouts_campaign ON rollouts (campaign_id, rollout_id)",
+        "CREATE INDEX rollouts_state ON rollouts (state)",
+        """CREATE TABLE rollout_targets (
+            rollout_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            adapter_id TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            previous_adapter_id TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            changed_at {float} NOT NULL,
+            PRIMARY KEY (rollout_id, device_id)
+        )""",
+        """CREATE TABLE gate_policies (
+            name TEXT PRIMARY KEY,
+            selector TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            updated_at {float} NOT NULL
+        )""",
+        # The poll functions skip paused campaigns and return what gate policies select on (V3).
+        PostgresOnly(pg_functions.LEASE_V3),
+        PostgresOnly(pg_functions.DROP_HEARTBEAT_V2),
+        PostgresOnly(pg_functions.HEARTBEAT_V3),
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

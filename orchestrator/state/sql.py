@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.domain import (
     AdapterRecord,
-    CampaignRecord,
+    CampaignState,
     DeviceRecord,
     JobFilter,
     JobRecord,
@@ -17,9 +17,12 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import AlreadyExists
 from orchestrator.state.base import Tx, WatchCursor
+from orchestrator.state.history import HistoryTx
 from orchestrator.state.sql_access import AccessSql
+from orchestrator.state.sql_base import Dialect
+from orchestrator.state.sql_fleet import FleetSql
 
-_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels"}
+_JSON_DEVICE = {"capabilities", "labels", "power", "adapter_history", "reported_labels", "adapter_refusals"}
 _HELD = [JobState.LEASED.value, JobState.RUNNING.value, JobState.PAUSED.value, JobState.UPLOADING.value]
 _OPEN = [*_HELD, JobState.QUEUED.value]
 
@@ -85,16 +88,18 @@ def row_to_adapter(row: dict[str, Any]) -> AdapterRecord:
     return AdapterRecord(**row)
 
 
-def _row_to_campaign(row: dict[str, Any]) -> CampaignRecord:
-    row = dict(row)
-    row["selector"] = json.loads(row["selector"])
-    row["request_id"] = row["request_id"] or ""
-    return CampaignRecord(**row)
+def _in(values: list[Any]) -> str:
+    return ", ".join("?" for _ in values)
 
 
-class SqlTx(AccessSql, Tx):
+class SqlTx(HistoryTx, AccessSql, FleetSql, Tx):
     """The contract over a DB-API cursor whose rows are dicts (access control and audit rows in
-    sql_access.py)."""
+    sql_access.py, job history and dashboard aggregates in history.py; campaigns, rollouts and
+    gate policies in sql_fleet.py)."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        super().__init__(cursor, dialect)
+        self._seen = {}  # jobs read in this transaction: what a save changed (history.py)
 
     @staticmethod
     def _filter_sql(flt: JobFilter) -> tuple[str, list[Any]]:
@@ -133,6 +138,28 @@ class SqlTx(AccessSql, Tx):
         except self.d.unique_errors as exc:
             raise AlreadyExists(f"job {job.job_id} (request {job.request_id!r}) already exists") from exc
 
+    def insert_campaign_job(self, job: JobRecord) -> bool:
+        row = _job_to_row(job)
+        del row["change_seq"]
+        names, exprs = self._change_cols()
+        cols = ", ".join([*row, *names])
+        marks = ", ".join(["?"] * len(row) + exprs)
+        # Without a conflict target: the partial unique index (campaign_id, device_id) is the one
+        # that can clash, and both dialects skip any unique clash this way.
+        self._q(f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", list(row.values()))
+        return bool(self.cur.rowcount)
+
+    def campaign_devices(self, campaign_id: str, device_ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(device_ids), 500):
+            chunk = device_ids[i : i + 500]
+            rows = self._q(
+                f"SELECT device_id FROM jobs WHERE campaign_id = ? AND device_id IN ({_in(chunk)})",
+                [campaign_id, *chunk],
+            )
+            out.update(r["device_id"] for r in rows)
+        return out
+
     def insert_jobs(self, jobs: list[JobRecord]) -> None:
         # One prepared statement, many rows: a 10,000-device campaign is one round of executemany
         # instead of 10,000 statements built and parsed one by one.
@@ -152,13 +179,16 @@ class SqlTx(AccessSql, Tx):
         except self.d.unique_errors as exc:
             raise AlreadyExists(f"one of {len(jobs)} jobs already exists") from exc
 
+    def _jobs(self, rows: list[dict[str, Any]]) -> list[JobRecord]:
+        return [self._remember(row_to_job(r)) for r in rows]
+
     def get_job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         rows = self._q(f"SELECT * FROM jobs WHERE job_id = ?{self._lock(for_update)}", [job_id])
-        return row_to_job(rows[0]) if rows else None
+        return self._jobs(rows)[0] if rows else None
 
     def get_job_by_request(self, request_id: str) -> JobRecord | None:
         rows = self._q("SELECT * FROM jobs WHERE request_id = ?", [request_id])
-        return row_to_job(rows[0]) if rows else None
+        return self._jobs(rows)[0] if rows else None
 
     def save_job(self, job: JobRecord) -> None:
         row = _job_to_row(job)
@@ -167,14 +197,16 @@ class SqlTx(AccessSql, Tx):
         names, exprs = self._change_cols()
         sets = ", ".join([*(f"{c} = ?" for c in row), *(f"{n} = {e}" for n, e in zip(names, exprs, strict=True))])
         self._q(f"UPDATE jobs SET {sets} WHERE job_id = ?", [*row.values(), job.job_id])
+        self._record(job)
 
     def claimable_jobs(self, device_id: str, now: float, limit: int) -> list[JobRecord]:
         rows = self._q(
             "SELECT * FROM jobs WHERE device_id = ? AND state = ? AND not_before <= ?"
+            " AND (campaign_id = '' OR campaign_id NOT IN (SELECT campaign_id FROM campaigns WHERE state = ?))"
             f" ORDER BY created_at, job_id LIMIT ?{self.d.for_update}{self.d.skip_locked}",
-            [device_id, JobState.QUEUED.value, now, limit],
+            [device_id, JobState.QUEUED.value, now, CampaignState.PAUSED.value, limit],
         )
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def expired_jobs(self, now: float, limit: int) -> list[JobRecord]:
         held = ", ".join("?" for _ in _HELD)
@@ -185,7 +217,7 @@ class SqlTx(AccessSql, Tx):
             f" ORDER BY lease_expires_at LIMIT ?{self.d.for_update}{self.d.skip_locked}",
             [*_HELD, now, *_OPEN, now, JobState.PAUSED.value, limit],
         )
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def list_jobs(self, flt: JobFilter, limit: int, before_job_id: str = "") -> list[JobRecord]:
         where, params = self._filter_sql(flt)
@@ -193,7 +225,7 @@ class SqlTx(AccessSql, Tx):
             where += " AND job_id < ?"
             params.append(before_job_id)
         rows = self._q(f"SELECT * FROM jobs WHERE {where} ORDER BY job_id DESC LIMIT ?", [*params, limit])
-        return [row_to_job(r) for r in rows]
+        return self._jobs(rows)
 
     def watch_cursor(self) -> WatchCursor:
         if self.d.xid_horizon:
@@ -227,21 +259,6 @@ class SqlTx(AccessSql, Tx):
         where, params = ("WHERE campaign_id = ?", [campaign_id]) if campaign_id else ("", [])
         rows = self._q(f"SELECT state, COUNT(*) AS n FROM jobs {where} GROUP BY state", params)
         return {r["state"]: int(r["n"]) for r in rows}
-
-    # --- campaigns ---
-    def insert_campaign(self, campaign: CampaignRecord) -> None:
-        row = asdict(campaign)
-        row["selector"] = json.dumps(campaign.selector, sort_keys=True)
-        row["request_id"] = campaign.request_id or None
-        self._insert("campaigns", row, f"campaign (request {campaign.request_id!r})")
-
-    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
-        rows = self._q("SELECT * FROM campaigns WHERE campaign_id = ?", [campaign_id])
-        return _row_to_campaign(rows[0]) if rows else None
-
-    def get_campaign_by_request(self, request_id: str) -> CampaignRecord | None:
-        rows = self._q("SELECT * FROM campaigns WHERE request_id = ?", [request_id])
-        return _row_to_campaign(rows[0]) if rows else None
 
     # --- devices ---
     def upsert_device(self, device: DeviceRecord) -> None:
@@ -289,6 +306,22 @@ class SqlTx(AccessSql, Tx):
             [after_device_id, limit],
         )
         return [_row_to_device(r) for r in rows]
+
+    def list_devices_changed(self, since: float, limit: int, after_device_id: str = "") -> list[DeviceRecord]:
+        rows = self._q(
+            "SELECT * FROM devices WHERE profile_at >= ? AND device_id > ? ORDER BY device_id LIMIT ?",
+            [since, after_device_id, limit],
+        )
+        return [_row_to_device(r) for r in rows]
+
+    def get_devices(self, device_ids: list[str]) -> list[DeviceRecord]:
+        out: list[DeviceRecord] = []
+        for i in range(0, len(device_ids), 500):
+            chunk = device_ids[i : i + 500]
+            out += [
+                _row_to_device(r) for r in self._q(f"SELECT * FROM devices WHERE device_id IN ({_in(chunk)})", chunk)
+            ]
+        return out
 
     def fleet_counts(self) -> tuple[int, int]:
         row = self._q(
@@ -347,3 +380,12 @@ class SqlTx(AccessSql, Tx):
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._q("DELETE FROM adapters WHERE adapter_id = ?", [adapter_id])
+
+    def get_adapters(self, adapter_ids: list[str]) -> list[AdapterRecord]:
+        out: list[AdapterRecord] = []
+        for i in range(0, len(adapter_ids), 500):
+            chunk = adapter_ids[i : i + 500]
+            out += [
+                row_to_adapter(r) for r in self._q(f"SELECT * FROM adapters WHERE adapter_id IN ({_in(chunk)})", chunk)
+            ]
+        return out

@@ -7,14 +7,14 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from orchestrator.domain import (
+from orchestrator.access_records import (
     AuditEvent,
     AuditFilter,
     EnrollmentTokenRecord,
     OperatorRecord,
     OperatorTokenRecord,
-    Role,
 )
+from orchestrator.domain import Role
 from orchestrator.state.sql_base import SqlBase
 
 

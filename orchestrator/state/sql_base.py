@@ -21,6 +21,14 @@ class Dialect:
     xid_horizon = ""  # the oldest transaction id still running
     unique_errors: tuple[type[BaseException], ...] = ()
 
+    def minute_of(self, column: str) -> str:
+        """The whole minutes (UNIX seconds / 60, rounded down) of a time column."""
+        return f"CAST({column} / 60 AS INTEGER)"
+
+    def json_text(self, column: str, key: str) -> str:
+        """A top-level text field of a JSON column."""
+        return f"json_extract({column}, '$.{key}')"
+
 
 class SqlBase:
     """A DB-API cursor whose rows are dicts, and the dialect its statements are written in."""

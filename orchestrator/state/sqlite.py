@@ -39,6 +39,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orchestrator import metrics
 from orchestrator.state.base import StateStore, Tx
 from orchestrator.state.schema import LATEST, MIGRATIONS
 from orchestrator.state.sql import SqlTx
@@ -179,6 +180,15 @@ class SqliteStore(StateStore):
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """A savepoint in the shared batch; returns once the COMMIT covering it is durable."""
+        started = time.perf_counter()
+        try:
+            with self._transaction() as tx:
+                yield tx
+        finally:
+            metrics.transaction_seconds("sqlite", time.perf_counter() - started)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Tx]:
         if self._owner == threading.get_ident():
             raise RuntimeError("SqliteStore transactions do not nest")
         inline = _INLINE.get()
@@ -350,6 +360,8 @@ class SqliteStore(StateStore):
         try:
             self._conn.execute("COMMIT")
             self.commits += 1
+            if batch.members:
+                metrics.commit_batch(batch.members)
         except BaseException as exc:
             batch.error = exc
             if self._conn.in_transaction:

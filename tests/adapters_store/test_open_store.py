@@ -11,6 +11,7 @@ from adapters_store import (
     S3BlobStore,
     StoreConfigError,
     StoreError,
+    StoreUnavailable,
     open_store,
 )
 from tests.adapters_store.conftest import new_bucket
@@ -31,6 +32,10 @@ from tests.support.seaweed import SeaweedServer
         ("s3://bucket?endpoint=h:1&colour=blue", "unknown S3 parameter(s) colour"),
         ("s3://bucket?endpoint=h:1&secure=maybe", "secure must be true or false"),
         ("s3://bucket/some/path?endpoint=h:1", "takes no path"),
+        ("s3://bucket?endpoint=h:1&ca=ca.pem", "ca must be an absolute path"),
+        ("s3://bucket?endpoint=h:1&ca=/etc/ca.pem&secure=false", "ca applies to https only"),
+        ("s3://bucket?endpoint=h:1&ca=/nonexistent/ca.pem", "S3 CA file /nonexistent/ca.pem: no such file"),
+        ("s3://bucket?endpoint=h:1&ca=/dev/null", "S3 CA file /dev/null: not a usable PEM CA certificate"),
     ],
 )
 def test_bad_urls(url: str, message: str) -> None:
@@ -123,3 +128,24 @@ def test_s3_unreachable_endpoint_fails_fast() -> None:
     with pytest.raises(StoreError, match="unreachable"):
         # Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
         S3BlobStore("bucket", "127.0.0.1:9", "ak", "sk")
+
+
+def test_a_store_that_must_exist_but_is_not_there_is_an_outage(tmp_path: Path) -> None:
+    """A verification task opens the store with create=False: an unmounted file store root must
+    not be replaced by an empty one that answers "missing" for every upload."""
+    with pytest.raises(StoreUnavailable, match="not there"):
+        open_store(f"file://{tmp_path}/unmounted", env={}, create=False)
+    assert not (tmp_path / "unmounted").exists()
+    open_store(f"file://{tmp_path}/store", env={}).close()
+    open_store(f"file://{tmp_path}/store", env={}, create=False).close()
+    with pytest.raises(StoreUnavailable):
+        S3BlobStore("bucket", "127.0.0.1:9", "ak", "sk")  # nobody answers: an outage too
+
+
+@pytest.mark.s3
+def test_a_bucket_that_must_exist_but_is_not_there_is_an_outage(seaweed: SeaweedServer) -> None:
+    bucket = new_bucket()
+    with pytest.raises(StoreUnavailable, match="not there"):
+        S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, create=False)
+    S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key).close()
+    S3BlobStore(bucket, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, create=False).close()

@@ -57,8 +57,8 @@ def test_each_change_pushes_the_previous_desire_and_rollback_steps_back(state: S
     add_adapter(state, "ad-2", "d1", version=2)
 
     with state.transaction() as tx:
-        first = activation.activate_one(tx, "ad-1")
-        again = activation.activate_one(tx, "ad-1")
+        first = activation.activate_one(tx, "ad-1").changed
+        again = activation.activate_one(tx, "ad-1").changed
         activation.activate_one(tx, "ad-2")
     assert (first, again) == (["d1"], [])
     assert desired(state, "d1") == ("ad-2", ["", "ad-1"])
@@ -89,7 +89,7 @@ def test_by_name_each_matching_device_gets_its_latest_compatible_version(state: 
     add_adapter(state, "ad-3", "d3")
 
     with state.transaction() as tx:
-        changed = activation.activate_by_name(tx, "persona", DeviceSelector(labels={"tier": "beta"}))
+        changed = activation.activate_by_name(tx, "persona", DeviceSelector(labels={"tier": "beta"})).changed
 
     assert changed == ["d1"]  # d2 has no version, d3 is not selected
     assert desired(state, "d1")[0] == "ad-1" and desired(state, "d3")[0] == ""
@@ -110,8 +110,8 @@ def test_canary_shares_are_stable_and_only_grow(state: StateStore) -> None:
             )
 
     with state.transaction() as tx:
-        ten = activation.activate_canary(tx, "cmp-1", 10)
-        fifty = activation.activate_canary(tx, "cmp-1", 50)
+        ten = activation.activate_canary(tx, "cmp-1", 10).changed
+        fifty = activation.activate_canary(tx, "cmp-1", 50).changed
         with pytest.raises(InvalidArgument, match="canary_percent"):
             activation.activate_canary(tx, "cmp-1", 0)
 

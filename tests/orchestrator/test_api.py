@@ -48,13 +48,17 @@ def test_full_lifecycle_registers_a_verified_adapter(srv: ServerThread, tmp_path
     )
     assert url.adapter.sha256 == info.sha256 and url.url
     assert srv.store.hash_object(done.adapter.blob_key).sha256 == info.sha256
-    # A second completion of the same job is refused.
+    # A retry of the same completion (its reply was lost) answers the same adapter; a completion
+    # announcing other bytes is refused.
+    again = srv.agent.CompleteJob(
+        apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size),
+        metadata=md,
+    )
+    assert again.adapter == done.adapter
     assert (
         code_of(
             srv.agent.CompleteJob,
-            apb.CompleteJobRequest(
-                job_id=a.job_id, lease_epoch=a.lease_epoch, sha256=info.sha256, size_bytes=info.size
-            ),
+            apb.CompleteJobRequest(job_id=a.job_id, lease_epoch=a.lease_epoch, sha256="0" * 64, size_bytes=info.size),
             metadata=md,
         )
         == grpc.StatusCode.FAILED_PRECONDITION

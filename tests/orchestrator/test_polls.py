@@ -19,10 +19,10 @@ from adapters_store import FileBlobStore
 from orchestrator.audit import Actor
 from orchestrator.config import OrchestratorConfig
 from orchestrator.domain import AdapterRecord, JobFilter, JobState, Progress
-from orchestrator.errors import FailedPrecondition, NotFound, Unauthenticated
+from orchestrator.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from orchestrator.identity import DeviceCall
-from orchestrator.lifecycle import HeartbeatInput
 from orchestrator.polls import POOL_SIZE, InlinePolls, PgPolls, PollRunner, ThreadPolls
+from orchestrator.reports import HeartbeatInput
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
 from orchestrator.state.postgres import PostgresStore
@@ -123,6 +123,23 @@ def test_a_wrong_credential_or_unknown_device_is_refused_and_nothing_changes(wor
 
     assert world.job(job_id).state == JobState.QUEUED
     assert world.job(job_id).lease_epoch == 0
+
+
+def test_a_client_certificate_for_another_device_is_refused_and_nothing_changes(world: World) -> None:
+    call = world.enroll()
+    job_id = world.submit()
+    stolen = DeviceCall(call.device_id, call.credential, certified=("phone-2",))
+
+    with pytest.raises(PermissionDenied, match="certificate is for 'phone-2'"):
+        world.lease(stolen)
+    with pytest.raises(PermissionDenied):
+        world.heartbeat(stolen, running_job_id=job_id, running_epoch=1)
+    with pytest.raises(PermissionDenied):
+        world.lease(DeviceCall(call.device_id, call.credential, certified=()))
+
+    assert world.job(job_id).state == JobState.QUEUED
+    bound = DeviceCall(call.device_id, call.credential, certified=("phone-1", "phone-1-alias"))
+    assert world.lease(bound).job.job_id == job_id
 
 
 def test_a_job_that_does_not_fit_waits_and_says_why(world: World) -> None:
@@ -282,3 +299,75 @@ def test_function_polls_recover_from_connections_the_database_dropped(world: Wor
 
     assert 1 <= failures <= POOL_SIZE  # each dropped connection fails one poll, then is replaced
     assert world.heartbeat(call, eligible=True).stale_job_ids == []
+
+
+def test_polls_record_the_history_and_refusals_dashboards_read(world: World) -> None:
+    """Every runner writes the same job history (state changes, bounded progress points) and
+    stores the adapters a device refused, as the Python reference does."""
+    call = world.enroll()
+    job_id = world.submit()
+    epoch = world.lease(call).job.lease_epoch
+    running = {"running_job_id": job_id, "running_epoch": epoch}
+    for step, loss in ((1, 2.0), (1, 2.0), (2, float("nan")), (3, 1.25)):
+        world.clock.advance(1)
+        world.heartbeat(
+            call, **running, running_state=JobState.RUNNING, progress=Progress(step=step, total_steps=4, loss=loss)
+        )
+    world.heartbeat(
+        call, **running, running_state=JobState.PAUSED, eligibility_reason="TOO_HOT", progress=Progress(3, 4, 0, 1.25)
+    )
+    world.heartbeat(call, adapter_refusals={"ad-0001": "base fingerprint differs"})
+    _job, events, points = world.orch.queries.job_history(job_id)
+    assert [(e.state, e.attempt) for e in events] == [
+        (JobState.LEASED, 1),
+        (JobState.RUNNING, 1),
+        (JobState.PAUSED, 1),
+    ]
+    assert "TOO_HOT" in events[-1].message
+    assert [(p.step, p.total_steps, p.loss) for p in points] == [(1, 4, 2.0), (2, 4, None), (3, 4, 1.25)]
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {"ad-0001": "base fingerprint differs"}
+    world.heartbeat(call)  # the device no longer reports refusals (it restarted): they are gone
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {}
+
+
+def test_a_paused_campaign_hands_out_no_lease(world: World) -> None:
+    from orchestrator.domain import DeviceSelector
+
+    call = world.enroll()
+    view, _ = world.orch.campaigns.create(ADMIN, "", "c", DeviceSelector(), TRAINING, 0, 0.0)
+    world.orch.campaigns.pause(ADMIN, view.campaign.campaign_id)
+    single = world.submit()
+
+    assert world.lease(call).job.job_id == single  # only the job outside the paused campaign
+    assert world.lease(call).job is None
+    world.orch.campaigns.resume(ADMIN, view.campaign.campaign_id)
+    assert world.lease(call).job.campaign_id == view.campaign.campaign_id
+
+
+def test_heartbeats_record_refusals_and_carry_the_fleet_gate_policy(world: World) -> None:
+    from orchestrator.domain import DeviceSelector
+
+    call = world.enroll()
+    world.orch.identity.set_device_labels(ADMIN, "phone-1", {"tier": "beta"})
+    world.orch.policies.set(ADMIN, "beta", DeviceSelector(labels={"tier": "beta"}), {"min_battery_pct": 80.0}, 1)
+    world.orch.policies.set(ADMIN, "ga", DeviceSelector(labels={"tier": "ga"}), {"min_battery_pct": 20.0}, 2)
+
+    got = world.heartbeat(call, eligible=True, adapter_refusals={"ad-9": "load failed: bad shapes"})
+
+    assert (got.gate_policy, got.gate_policy_names) == ({"min_battery_pct": 80.0}, ["beta"])
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {"ad-9": "load failed: bad shapes"}
+    world.orch.policies.delete(ADMIN, "beta")
+    got = world.heartbeat(call, eligible=True)
+    assert (got.gate_policy, got.gate_policy_names) == ({}, [])
+    assert world.orch.queries.get_device("phone-1").adapter_refusals == {}
+
+
+def test_uint64_extremes_in_a_heartbeat_are_kept_capped_on_every_runner(world: World) -> None:
+    call = world.enroll()
+    job_id = world.submit()
+    world.lease(call)
+
+    got = world.heartbeat(call, free_storage_bytes=2**64 - 1, running_job_id=job_id, running_epoch=2**64 - 1)
+
+    assert got.stale_job_ids == [job_id]  # no real epoch is that large
+    assert world.orch.queries.get_device("phone-1").capabilities["free_storage_bytes"] == 2**63 - 1

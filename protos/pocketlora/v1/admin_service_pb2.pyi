@@ -241,7 +241,7 @@ class AuditEvent(_message.Message):
     actor: _builtins.str
     """Who acted: an operator's name, a device id, or "bootstrap"."""
     actor_kind: _builtins.str
-    """What kind of actor: operator, device or bootstrap."""
+    """What kind of actor: operator, device, bootstrap, or system (the control loop halting a rollout)."""
     action: _builtins.str
     """The call's name, e.g. ActivateAdapter."""
     target: _builtins.str

@@ -158,6 +158,7 @@ class HeartbeatRequest(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     ACTIVE_ADAPTER_ID_FIELD_NUMBER: _builtins.int
     FREE_STORAGE_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPTER_REFUSALS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id; must match the credential."""
     eligible: _builtins.bool
@@ -178,6 +179,10 @@ class HeartbeatRequest(_message.Message):
     def running(self) -> Global___RunningJob:
         """The job being run, if any."""
 
+    @_builtins.property
+    def adapter_refusals(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.AdapterRefusal]:
+        """Adapters the device refuses to run (failed check, load failure, runtime crash), with why."""
+
     def __init__(
         self,
         *,
@@ -189,10 +194,11 @@ class HeartbeatRequest(_message.Message):
         running: Global___RunningJob | None = ...,
         active_adapter_id: _builtins.str = ...,
         free_storage_bytes: _builtins.int = ...,
+        adapter_refusals: _abc.Iterable[_types_pb2.AdapterRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["power", b"power", "running", b"running"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "free_storage_bytes", b"free_storage_bytes", "power", b"power", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "adapter_refusals", b"adapter_refusals", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "free_storage_bytes", b"free_storage_bytes", "power", b"power", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,6 +257,8 @@ class HeartbeatResponse(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     NEXT_POLL_AFTER_FIELD_NUMBER: _builtins.int
     STALE_JOB_IDS_FIELD_NUMBER: _builtins.int
+    GATE_POLICY_FIELD_NUMBER: _builtins.int
+    GATE_POLICY_NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cancel_job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Jobs an operator cancelled: stop them and discard their work."""
@@ -273,6 +281,14 @@ class HeartbeatResponse(_message.Message):
         but keep their checkpoints, since a job that comes back to this device resumes from them.
         """
 
+    @_builtins.property
+    def gate_policy(self) -> _types_pb2.GatePolicy:
+        """Gate thresholds the fleet's operators set for this device; unset means the device's own."""
+
+    @_builtins.property
+    def gate_policy_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the operator policies merged into gate_policy, lowest priority first."""
+
     def __init__(
         self,
         *,
@@ -281,10 +297,12 @@ class HeartbeatResponse(_message.Message):
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         next_poll_after: _duration_pb2.Duration | None = ...,
         stale_job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        gate_policy: _types_pb2.GatePolicy | None = ...,
+        gate_policy_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["desired_adapter", b"desired_adapter", "gate_policy", b"gate_policy", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after", "stale_job_ids", b"stale_job_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_job_ids", b"cancel_job_ids", "desired_adapter", b"desired_adapter", "gate_policy", b"gate_policy", "gate_policy_names", b"gate_policy_names", "lease_expires_at", b"lease_expires_at", "next_poll_after", b"next_poll_after", "stale_job_ids", b"stale_job_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,6 +336,26 @@ class Assignment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UploadFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
@@ -326,6 +364,7 @@ class Assignment(_message.Message):
     UPLOAD_URL_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DATASET_URL_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id."""
     attempt: _builtins.int
@@ -333,7 +372,10 @@ class Assignment(_message.Message):
     lease_epoch: _builtins.int
     """Fencing epoch to send with every report on this job."""
     upload_url: _builtins.str
-    """Presigned URL to PUT the adapter blob to, or empty when the store issues it later."""
+    """Presigned URL to upload the adapter blob to, or empty when the store issues it later. With
+    upload_fields empty, PUT the blob's bytes to it; otherwise POST a multipart/form-data body
+    to it carrying upload_fields, then the blob as the field "file" (an S3 POST policy).
+    """
     dataset_url: _builtins.str
     """Presigned URL to GET an operator-shipped dataset, or empty."""
     @_builtins.property
@@ -348,6 +390,12 @@ class Assignment(_message.Message):
     def upload_url_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When upload_url stops working."""
 
+    @_builtins.property
+    def upload_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Form fields of a POST upload (the policy, its signature, the key); empty for a PUT. The
+        store refuses a blob larger than the orchestrator's adapter size limit.
+        """
+
     def __init__(
         self,
         *,
@@ -359,10 +407,11 @@ class Assignment(_message.Message):
         upload_url: _builtins.str = ...,
         upload_url_expires_at: _timestamp_pb2.Timestamp | None = ...,
         dataset_url: _builtins.str = ...,
+        upload_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "training", b"training", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "dataset_url", b"dataset_url", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "training", b"training", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "dataset_url", b"dataset_url", "job_id", b"job_id", "lease_epoch", b"lease_epoch", "lease_expires_at", b"lease_expires_at", "training", b"training", "upload_fields", b"upload_fields", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,14 +493,35 @@ class ReportProgressResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UploadFieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_FIELD_NUMBER: _builtins.int
     UPLOAD_URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELDS_FIELD_NUMBER: _builtins.int
     cancel_requested: _builtins.bool
     """True when an operator cancelled the job: the device must stop."""
     upload_url: _builtins.str
-    """A fresh upload URL (with UPLOADING)."""
+    """A fresh upload URL (with UPLOADING), used as Assignment.upload_url is."""
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
         """New lease expiry."""
@@ -460,6 +530,10 @@ class ReportProgressResponse(_message.Message):
     def upload_url_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When upload_url stops working."""
 
+    @_builtins.property
+    def upload_fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Form fields of a POST upload to upload_url; empty for a PUT."""
+
     def __init__(
         self,
         *,
@@ -467,10 +541,11 @@ class ReportProgressResponse(_message.Message):
         cancel_requested: _builtins.bool = ...,
         upload_url: _builtins.str = ...,
         upload_url_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        upload_fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expires_at", b"lease_expires_at", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "lease_expires_at", b"lease_expires_at", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "lease_expires_at", b"lease_expires_at", "upload_fields", b"upload_fields", "upload_url", b"upload_url", "upload_url_expires_at", b"upload_url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -106,12 +106,15 @@ class SubmitCampaignRequest(_message.Message):
     TRAINING_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    TARGET_COUNT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
     name: _builtins.str
     """Human-readable name."""
     max_attempts: _builtins.int
     """Attempts allowed per job; 0 means the default."""
+    target_count: _builtins.int
+    """Create at most this many jobs (devices enrolling later count too); 0 means no limit."""
     @_builtins.property
     def selector(self) -> _types_pb2.DeviceSelector:
         """Which devices get a job."""
@@ -122,7 +125,7 @@ class SubmitCampaignRequest(_message.Message):
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """Optional deadline for every job."""
+        """Optional deadline: no job is created after it, and a job unfinished by then fails."""
 
     def __init__(
         self,
@@ -133,10 +136,11 @@ class SubmitCampaignRequest(_message.Message):
         training: _types_pb2.TrainingSpec | None = ...,
         max_attempts: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        target_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "selector", b"selector", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "max_attempts", b"max_attempts", "name", b"name", "request_id", b"request_id", "selector", b"selector", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "max_attempts", b"max_attempts", "name", b"name", "request_id", b"request_id", "selector", b"selector", "target_count", b"target_count", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,18 +172,57 @@ class Campaign(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FailuresByErrorClassEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     JOB_COUNT_FIELD_NUMBER: _builtins.int
     JOBS_BY_STATE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TARGET_COUNT_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    TRAINING_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FAILURES_BY_ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    ENROLLING_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """Server-assigned id."""
     name: _builtins.str
     """Human-readable name."""
     job_count: _builtins.int
     """Number of jobs created."""
+    state: _types_pb2.CampaignState.ValueType
+    """Where the campaign is in its life."""
+    target_count: _builtins.int
+    """Most jobs it creates; 0 means no limit."""
+    max_attempts: _builtins.int
+    """Attempts allowed per job."""
+    enrolling: _builtins.bool
+    """True while devices that enroll or start matching still get a job."""
+    progress: _builtins.float
+    """Share of its jobs that succeeded, 0 to 1."""
     @_builtins.property
     def jobs_by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Jobs by state name (e.g. "JOB_STATE_SUCCEEDED")."""
@@ -192,6 +235,22 @@ class Campaign(_message.Message):
     def selector(self) -> _types_pb2.DeviceSelector:
         """The selector used."""
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """No job is created after it, and a job unfinished by then fails; unset for none."""
+
+    @_builtins.property
+    def training(self) -> _types_pb2.TrainingSpec:
+        """What each device trains."""
+
+    @_builtins.property
+    def failures_by_error_class(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Failed jobs by the class of their last error (e.g. "ERROR_CLASS_DATASET_INVALID")."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When its state last changed."""
+
     def __init__(
         self,
         *,
@@ -201,10 +260,19 @@ class Campaign(_message.Message):
         jobs_by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         selector: _types_pb2.DeviceSelector | None = ...,
+        state: _types_pb2.CampaignState.ValueType = ...,
+        target_count: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        training: _types_pb2.TrainingSpec | None = ...,
+        max_attempts: _builtins.int = ...,
+        failures_by_error_class: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        enrolling: _builtins.bool = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        progress: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "selector", b"selector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deadline", b"deadline", "selector", b"selector", "training", b"training", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "created_at", b"created_at", "job_count", b"job_count", "jobs_by_state", b"jobs_by_state", "name", b"name", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "created_at", b"created_at", "deadline", b"deadline", "enrolling", b"enrolling", "failures_by_error_class", b"failures_by_error_class", "job_count", b"job_count", "jobs_by_state", b"jobs_by_state", "max_attempts", b"max_attempts", "name", b"name", "progress", b"progress", "selector", b"selector", "state", b"state", "target_count", b"target_count", "training", b"training", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,6 +443,60 @@ class GetJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
+
+@_typing.final
+class GetJobHistoryRequest(_message.Message):
+    """GetJobHistoryRequest names a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobHistoryRequest: _TypeAlias = GetJobHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetJobHistoryResponse(_message.Message):
+    """GetJobHistoryResponse is what happened to a job, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.JobEvent]:
+        """Every state change (at most 1000 per job are recorded)."""
+
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ProgressPoint]:
+        """Progress reports kept for the loss curve: about 500 per attempt at most, spread evenly
+        over the attempt's planned steps.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_types_pb2.JobEvent] | None = ...,
+        points: _abc.Iterable[_types_pb2.ProgressPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobHistoryResponse: _TypeAlias = GetJobHistoryResponse  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
@@ -703,6 +825,60 @@ class GetAdapterResponse(_message.Message):
 Global___GetAdapterResponse: _TypeAlias = GetAdapterResponse  # noqa: Y015
 
 @_typing.final
+class EvalGate(_message.Message):
+    """EvalGate requires an adapter to beat its base model on the device's held-out data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_IMPROVEMENT_FIELD_NUMBER: _builtins.int
+    min_improvement: _builtins.float
+    """Least relative improvement of the eval loss, (base - adapter) / base: 0.02 means the adapter's
+    loss must be at least 2% below the base's. An adapter without eval figures never passes.
+    """
+    def __init__(
+        self,
+        *,
+        min_improvement: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_improvement", b"min_improvement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvalGate: _TypeAlias = EvalGate  # noqa: Y015
+
+@_typing.final
+class ActivationRefusal(_message.Message):
+    """ActivationRefusal is a device left out of an activation, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device."""
+    adapter_id: _builtins.str
+    """The adapter it would have been given."""
+    reason: _builtins.str
+    """Why not (e.g. the eval gate's figures)."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        adapter_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "device_id", b"device_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivationRefusal: _TypeAlias = ActivationRefusal  # noqa: Y015
+
+@_typing.final
 class ActivateAdapterRequest(_message.Message):
     """ActivateAdapterRequest chooses adapters to activate. Set exactly one way of choosing."""
 
@@ -713,6 +889,7 @@ class ActivateAdapterRequest(_message.Message):
     SELECTOR_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    EVAL_GATE_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     """Activate this adapter on the device that trained it."""
     adapter_name: _builtins.str
@@ -725,6 +902,10 @@ class ActivateAdapterRequest(_message.Message):
     def selector(self) -> _types_pb2.DeviceSelector:
         """The devices for adapter_name."""
 
+    @_builtins.property
+    def eval_gate(self) -> Global___EvalGate:
+        """When set, only adapters that pass this gate are activated (one adapter_id: refused otherwise)."""
+
     def __init__(
         self,
         *,
@@ -733,10 +914,11 @@ class ActivateAdapterRequest(_message.Message):
         selector: _types_pb2.DeviceSelector | None = ...,
         campaign_id: _builtins.str = ...,
         canary_percent: _builtins.int = ...,
+        eval_gate: Global___EvalGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["eval_gate", b"eval_gate", "selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "adapter_name", b"adapter_name", "campaign_id", b"campaign_id", "canary_percent", b"canary_percent", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "adapter_name", b"adapter_name", "campaign_id", b"campaign_id", "canary_percent", b"canary_percent", "eval_gate", b"eval_gate", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -749,18 +931,24 @@ class ActivateAdapterResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Devices whose desired adapter changed."""
+
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivationRefusal]:
+        """Devices left out, with the reason."""
 
     def __init__(
         self,
         *,
         device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        refused: _abc.Iterable[Global___ActivationRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -925,11 +1113,54 @@ class GetFleetSummaryResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class QueuedByBaseModelEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class DevicesByAdapterSyncEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOBS_BY_STATE_FIELD_NUMBER: _builtins.int
     DEVICES_BY_ELIGIBILITY_FIELD_NUMBER: _builtins.int
     DEVICE_COUNT_FIELD_NUMBER: _builtins.int
     DEVICES_ONLINE_FIELD_NUMBER: _builtins.int
     ADAPTER_COUNT_FIELD_NUMBER: _builtins.int
+    QUEUED_BY_BASE_MODEL_FIELD_NUMBER: _builtins.int
+    DEVICES_BY_ADAPTER_SYNC_FIELD_NUMBER: _builtins.int
+    FINISHED_PER_MINUTE_FIELD_NUMBER: _builtins.int
     device_count: _builtins.int
     """Enrolled devices."""
     devices_online: _builtins.int
@@ -944,6 +1175,20 @@ class GetFleetSummaryResponse(_message.Message):
     def devices_by_eligibility(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Devices by eligibility reason name."""
 
+    @_builtins.property
+    def queued_by_base_model(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Queued jobs by the base model they need (the 20 largest; the rest under "other")."""
+
+    @_builtins.property
+    def devices_by_adapter_sync(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Devices by whether they run the adapter operators want: CONVERGED, PENDING (online, not
+        loaded yet), REFUSED (the device refused it) or OFFLINE (not seen recently).
+        """
+
+    @_builtins.property
+    def finished_per_minute(self) -> _containers.RepeatedCompositeFieldContainer[Global___MinuteCount]:
+        """Jobs that ended per minute over the last 30 minutes, oldest first."""
+
     def __init__(
         self,
         *,
@@ -952,14 +1197,49 @@ class GetFleetSummaryResponse(_message.Message):
         device_count: _builtins.int = ...,
         devices_online: _builtins.int = ...,
         adapter_count: _builtins.int = ...,
+        queued_by_base_model: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        devices_by_adapter_sync: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        finished_per_minute: _abc.Iterable[Global___MinuteCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_count", b"adapter_count", "device_count", b"device_count", "devices_by_eligibility", b"devices_by_eligibility", "devices_online", b"devices_online", "jobs_by_state", b"jobs_by_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_count", b"adapter_count", "device_count", b"device_count", "devices_by_adapter_sync", b"devices_by_adapter_sync", "devices_by_eligibility", b"devices_by_eligibility", "devices_online", b"devices_online", "finished_per_minute", b"finished_per_minute", "jobs_by_state", b"jobs_by_state", "queued_by_base_model", b"queued_by_base_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFleetSummaryResponse: _TypeAlias = GetFleetSummaryResponse  # noqa: Y015
+
+@_typing.final
+class MinuteCount(_message.Message):
+    """MinuteCount counts jobs that ended within one minute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINUTE_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    succeeded: _builtins.int
+    """Jobs that succeeded in it."""
+    failed: _builtins.int
+    """Jobs that failed or were cancelled in it."""
+    @_builtins.property
+    def minute(self) -> _timestamp_pb2.Timestamp:
+        """Start of the minute."""
+
+    def __init__(
+        self,
+        *,
+        minute: _timestamp_pb2.Timestamp | None = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["minute", b"minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "minute", b"minute", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MinuteCount: _TypeAlias = MinuteCount  # noqa: Y015
 
 @_typing.final
 class CreateEnrollmentTokenRequest(_message.Message):
@@ -1050,3 +1330,925 @@ class CreateEnrollmentTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateEnrollmentTokenResponse: _TypeAlias = CreateEnrollmentTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignsRequest(_message.Message):
+    """ListCampaignsRequest asks for a page of campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (1-1000; 0 means 100)."""
+    page_token: _builtins.str
+    """Token from a previous response, or empty for the first page."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.CampaignState.ValueType]:
+        """Only campaigns in one of these states (empty: any)."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[_types_pb2.CampaignState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """ListCampaignsResponse is a page of campaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page, or empty at the end."""
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """The campaigns with their summaries."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015
+
+@_typing.final
+class PauseCampaignRequest(_message.Message):
+    """PauseCampaignRequest names a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign's id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignRequest: _TypeAlias = PauseCampaignRequest  # noqa: Y015
+
+@_typing.final
+class PauseCampaignResponse(_message.Message):
+    """PauseCampaignResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign after the pause."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignResponse: _TypeAlias = PauseCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignRequest(_message.Message):
+    """ResumeCampaignRequest names a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign's id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignRequest: _TypeAlias = ResumeCampaignRequest  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignResponse(_message.Message):
+    """ResumeCampaignResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign after the resume."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignResponse: _TypeAlias = ResumeCampaignResponse  # noqa: Y015
+
+@_typing.final
+class CancelCampaignRequest(_message.Message):
+    """CancelCampaignRequest names a campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign's id."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelCampaignRequest: _TypeAlias = CancelCampaignRequest  # noqa: Y015
+
+@_typing.final
+class CancelCampaignResponse(_message.Message):
+    """CancelCampaignResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    CANCELLED_JOBS_FIELD_NUMBER: _builtins.int
+    cancelled_jobs: _builtins.int
+    """Unfinished jobs this call cancelled."""
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign after the cancellation."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+        cancelled_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "cancelled_jobs", b"cancelled_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelCampaignResponse: _TypeAlias = CancelCampaignResponse  # noqa: Y015
+
+@_typing.final
+class RolloutStep(_message.Message):
+    """RolloutStep is one step of a rollout and how its devices are doing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    """Share of the eligible devices that have the adapter once this step has started, 1-100."""
+    devices: _builtins.int
+    """Devices this step added."""
+    active: _builtins.int
+    """Of those, devices that report the adapter active."""
+    failed: _builtins.int
+    """Of those, devices that refused it."""
+    pending: _builtins.int
+    """Of those, devices that have not reported yet."""
+    rolled_back: _builtins.int
+    """Of those, devices sent back to their previous adapter."""
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int = ...,
+        devices: _builtins.int = ...,
+        active: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        rolled_back: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "devices", b"devices", "failed", b"failed", "pending", b"pending", "percent", b"percent", "rolled_back", b"rolled_back"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutStep: _TypeAlias = RolloutStep  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Rollout activates a campaign's adapters step by step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    CURRENT_STEP_FIELD_NUMBER: _builtins.int
+    EVAL_GATE_FIELD_NUMBER: _builtins.int
+    MIN_HEALTHY_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_FAILURE_SHARE_FIELD_NUMBER: _builtins.int
+    BAKE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    STEP_STARTED_AT_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_DEVICES_FIELD_NUMBER: _builtins.int
+    GATE_REFUSED_DEVICES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """Server-assigned id."""
+    campaign_id: _builtins.str
+    """The campaign whose adapters it activates."""
+    state: _types_pb2.RolloutState.ValueType
+    """Where it is."""
+    current_step: _builtins.int
+    """Index of the step in progress (0-based); equal to the number of steps once all are done."""
+    min_healthy_share: _builtins.float
+    """Share of a step's devices that must report the adapter active before the next step starts."""
+    max_failure_share: _builtins.float
+    """Share of a step's devices that may refuse the adapter; above it the rollout halts and that
+    step's devices are rolled back.
+    """
+    message: _builtins.str
+    """What happened last (why it halted, what was rolled back)."""
+    eligible_devices: _builtins.int
+    """Devices whose adapter passed the gate when the current step started."""
+    gate_refused_devices: _builtins.int
+    """Succeeded devices whose adapter the eval gate kept out, at that time."""
+    request_id: _builtins.str
+    """The starter's idempotency key."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutStep]:
+        """The steps (percent of eligible devices) and their devices."""
+
+    @_builtins.property
+    def eval_gate(self) -> Global___EvalGate:
+        """Adapters must pass this gate to be eligible; unset means every succeeded adapter is."""
+
+    @_builtins.property
+    def bake(self) -> _duration_pb2.Duration:
+        """Least time a step runs before the next one starts."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was started."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    @_builtins.property
+    def step_started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the current step started."""
+
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        state: _types_pb2.RolloutState.ValueType = ...,
+        steps: _abc.Iterable[Global___RolloutStep] | None = ...,
+        current_step: _builtins.int = ...,
+        eval_gate: Global___EvalGate | None = ...,
+        min_healthy_share: _builtins.float = ...,
+        max_failure_share: _builtins.float = ...,
+        bake: _duration_pb2.Duration | None = ...,
+        message: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        step_started_at: _timestamp_pb2.Timestamp | None = ...,
+        eligible_devices: _builtins.int = ...,
+        gate_refused_devices: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bake", b"bake", "created_at", b"created_at", "eval_gate", b"eval_gate", "step_started_at", b"step_started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bake", b"bake", "campaign_id", b"campaign_id", "created_at", b"created_at", "current_step", b"current_step", "eligible_devices", b"eligible_devices", "eval_gate", b"eval_gate", "gate_refused_devices", b"gate_refused_devices", "max_failure_share", b"max_failure_share", "message", b"message", "min_healthy_share", b"min_healthy_share", "request_id", b"request_id", "rollout_id", b"rollout_id", "state", b"state", "step_started_at", b"step_started_at", "steps", b"steps", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutDevice(_message.Message):
+    """RolloutDevice is one device of a rollout: the adapter it should run and the one it runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    DESIRED_ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    ACTIVE_ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device."""
+    step: _builtins.int
+    """Index of the step that gave it the adapter (0-based)."""
+    adapter_id: _builtins.str
+    """The adapter the rollout gave it."""
+    desired_adapter_id: _builtins.str
+    """What the device wants now (the rollout's adapter, or another after a rollback)."""
+    active_adapter_id: _builtins.str
+    """What the device reports active; empty for the base model."""
+    outcome: _types_pb2.TargetOutcome.ValueType
+    """How it is doing."""
+    reason: _builtins.str
+    """Why it failed or was rolled back, as the device or the rollout said."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        adapter_id: _builtins.str = ...,
+        desired_adapter_id: _builtins.str = ...,
+        active_adapter_id: _builtins.str = ...,
+        outcome: _types_pb2.TargetOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "adapter_id", b"adapter_id", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "outcome", b"outcome", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutDevice: _TypeAlias = RolloutDevice  # noqa: Y015
+
+@_typing.final
+class StartRolloutRequest(_message.Message):
+    """StartRolloutRequest describes a staged activation of a campaign's adapters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    EVAL_GATE_FIELD_NUMBER: _builtins.int
+    MIN_HEALTHY_SHARE_FIELD_NUMBER: _builtins.int
+    MAX_FAILURE_SHARE_FIELD_NUMBER: _builtins.int
+    BAKE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    campaign_id: _builtins.str
+    """The campaign."""
+    min_healthy_share: _builtins.float
+    """Share of a step's devices that must report the adapter active, above 0 and up to 1; unset
+    means 0.9.
+    """
+    max_failure_share: _builtins.float
+    """Share of a step's devices that may refuse it before the rollout halts, 0 to below 1 (0: any
+    refusal halts); unset means 0.1.
+    """
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Increasing shares of the eligible devices, 1-100, ending at 100; empty means 1, 10, 50, 100."""
+
+    @_builtins.property
+    def eval_gate(self) -> Global___EvalGate:
+        """Only adapters passing this gate are eligible."""
+
+    @_builtins.property
+    def bake(self) -> _duration_pb2.Duration:
+        """Least time each step runs; unset means none."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        eval_gate: Global___EvalGate | None = ...,
+        min_healthy_share: _builtins.float | None = ...,
+        max_failure_share: _builtins.float | None = ...,
+        bake: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_failure_share", b"_max_failure_share", "_min_healthy_share", b"_min_healthy_share", "bake", b"bake", "eval_gate", b"eval_gate", "max_failure_share", b"max_failure_share", "min_healthy_share", b"min_healthy_share"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_failure_share", b"_max_failure_share", "_min_healthy_share", b"_min_healthy_share", "bake", b"bake", "campaign_id", b"campaign_id", "eval_gate", b"eval_gate", "max_failure_share", b"max_failure_share", "min_healthy_share", b"min_healthy_share", "request_id", b"request_id", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_failure_share: _TypeAlias = _typing.Literal["max_failure_share"]  # noqa: Y015
+    _WhichOneofArgType__max_failure_share: _TypeAlias = _typing.Literal["_max_failure_share", b"_max_failure_share"]  # noqa: Y015
+    _WhichOneofReturnType__min_healthy_share: _TypeAlias = _typing.Literal["min_healthy_share"]  # noqa: Y015
+    _WhichOneofArgType__min_healthy_share: _TypeAlias = _typing.Literal["_min_healthy_share", b"_min_healthy_share"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_failure_share) -> _WhichOneofReturnType__max_failure_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_healthy_share) -> _WhichOneofReturnType__min_healthy_share | None: ...
+
+Global___StartRolloutRequest: _TypeAlias = StartRolloutRequest  # noqa: Y015
+
+@_typing.final
+class StartRolloutResponse(_message.Message):
+    """StartRolloutResponse returns the rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the request_id had been seen before."""
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout (new, or the earlier one with the same request_id)."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutResponse: _TypeAlias = StartRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """GetRolloutRequest names a rollout, or a campaign for its latest rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_DEVICES_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The rollout's id."""
+    campaign_id: _builtins.str
+    """Or: the campaign whose latest rollout to return."""
+    include_devices: _builtins.bool
+    """Also return every device of the rollout."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        include_devices: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "include_devices", b"include_devices", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """GetRolloutResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutDevice]:
+        """Its devices, with include_devices."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+        devices: _abc.Iterable[Global___RolloutDevice] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    """ListRolloutsRequest asks for a page of rollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """Only this campaign's rollouts."""
+    page_size: _builtins.int
+    """At most this many (1-1000; 0 means 100)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.RolloutState.ValueType]:
+        """Only rollouts in one of these states (empty: any)."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        states: _abc.Iterable[_types_pb2.RolloutState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    """ListRolloutsResponse is a page of rollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page, or empty at the end."""
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """The rollouts."""
+
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class PauseRolloutRequest(_message.Message):
+    """PauseRolloutRequest names a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The rollout's id."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutRequest: _TypeAlias = PauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PauseRolloutResponse(_message.Message):
+    """PauseRolloutResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout after the pause."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutResponse: _TypeAlias = PauseRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutRequest(_message.Message):
+    """ResumeRolloutRequest names a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The rollout's id."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutRequest: _TypeAlias = ResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutResponse(_message.Message):
+    """ResumeRolloutResponse returns it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout after the resume."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutResponse: _TypeAlias = ResumeRolloutResponse  # noqa: Y015
+
+@_typing.final
+class UndoRolloutRequest(_message.Message):
+    """UndoRolloutRequest names a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The rollout's id."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRolloutRequest: _TypeAlias = UndoRolloutRequest  # noqa: Y015
+
+@_typing.final
+class UndoRolloutResponse(_message.Message):
+    """UndoRolloutResponse says what was rolled back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout after the undo."""
+
+    @_builtins.property
+    def rolled_back_device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Devices sent back to their previous adapter."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+        rolled_back_device_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rolled_back_device_ids", b"rolled_back_device_ids", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRolloutResponse: _TypeAlias = UndoRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetGatePolicy(_message.Message):
+    """FleetGatePolicy is an operator's gate policy for the devices a selector matches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique name: 1-64 letters, digits, '.', '_', '-'."""
+    priority: _builtins.int
+    """Where several policies match a device, higher priorities override lower ones field by field."""
+    @_builtins.property
+    def selector(self) -> _types_pb2.DeviceSelector:
+        """The devices it applies to."""
+
+    @_builtins.property
+    def policy(self) -> _types_pb2.GatePolicy:
+        """The thresholds it sets."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        selector: _types_pb2.DeviceSelector | None = ...,
+        policy: _types_pb2.GatePolicy | None = ...,
+        priority: _builtins.int = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "selector", b"selector", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy", "priority", b"priority", "selector", b"selector", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetGatePolicy: _TypeAlias = FleetGatePolicy  # noqa: Y015
+
+@_typing.final
+class SetGatePolicyRequest(_message.Message):
+    """SetGatePolicyRequest creates or replaces a gate policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___FleetGatePolicy:
+        """The policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___FleetGatePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGatePolicyRequest: _TypeAlias = SetGatePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetGatePolicyResponse(_message.Message):
+    """SetGatePolicyResponse returns it as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___FleetGatePolicy:
+        """The policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___FleetGatePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetGatePolicyResponse: _TypeAlias = SetGatePolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListGatePoliciesRequest(_message.Message):
+    """ListGatePoliciesRequest asks for every gate policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGatePoliciesRequest: _TypeAlias = ListGatePoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListGatePoliciesResponse(_message.Message):
+    """ListGatePoliciesResponse holds them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___FleetGatePolicy]:
+        """Every policy, lowest priority first."""
+
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___FleetGatePolicy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGatePoliciesResponse: _TypeAlias = ListGatePoliciesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteGatePolicyRequest(_message.Message):
+    """DeleteGatePolicyRequest names a policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The policy's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteGatePolicyRequest: _TypeAlias = DeleteGatePolicyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteGatePolicyResponse(_message.Message):
+    """DeleteGatePolicyResponse says whether it existed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """False when there was no such policy."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteGatePolicyResponse: _TypeAlias = DeleteGatePolicyResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class OperatorServiceStub:
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.GetJobHistory = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/GetJobHistory',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/pocketlora.v1.OperatorService/ListJobs',
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListJobsRequest.SerializeToString,
@@ -115,6 +120,71 @@ class OperatorServiceStub:
                 request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenResponse.FromString,
                 _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ListCampaigns',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
+        self.PauseCampaign = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/PauseCampaign',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignResponse.FromString,
+                _registered_method=True)
+        self.ResumeCampaign = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ResumeCampaign',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignResponse.FromString,
+                _registered_method=True)
+        self.CancelCampaign = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/CancelCampaign',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/StartRollout',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/GetRollout',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ListRollouts',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/PauseRollout',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ResumeRollout',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.UndoRollout = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/UndoRollout',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutResponse.FromString,
+                _registered_method=True)
+        self.SetGatePolicy = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/SetGatePolicy',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyResponse.FromString,
+                _registered_method=True)
+        self.ListGatePolicies = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/ListGatePolicies',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesResponse.FromString,
+                _registered_method=True)
+        self.DeleteGatePolicy = channel.unary_unary(
+                '/pocketlora.v1.OperatorService/DeleteGatePolicy',
+                request_serializer=pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -151,6 +221,13 @@ class OperatorServiceServicer:
 
     def GetJob(self, request, context):
         """GetJob returns one job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobHistory(self, request, context):
+        """GetJobHistory returns a job's state changes and its recorded progress points.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,6 +310,98 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCampaigns(self, request, context):
+        """ListCampaigns returns campaigns, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseCampaign(self, request, context):
+        """PauseCampaign stops leasing the campaign's jobs and creating new ones; running jobs go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCampaign(self, request, context):
+        """ResumeCampaign undoes a pause.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCampaign(self, request, context):
+        """CancelCampaign cancels the campaign and every unfinished job of it; running devices stop at
+        their next heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """StartRollout activates a campaign's adapters in steps, each held until its devices are healthy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns a rollout with its steps and, on request, every device's desired and actual adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """ListRollouts returns rollouts, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """PauseRollout holds a rollout at its current step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """ResumeRollout lets a paused rollout go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollout(self, request, context):
+        """UndoRollout rolls back every device the rollout changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetGatePolicy(self, request, context):
+        """SetGatePolicy creates or replaces a named gate policy for the devices a selector matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGatePolicies(self, request, context):
+        """ListGatePolicies returns every gate policy, lowest priority first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGatePolicy(self, request, context):
+        """DeleteGatePolicy removes a gate policy; its devices go back to their own thresholds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +429,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'GetJobHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobHistory,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -315,6 +489,71 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.CreateEnrollmentToken,
                     request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenResponse.SerializeToString,
+            ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.SerializeToString,
+            ),
+            'PauseCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCampaign,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignResponse.SerializeToString,
+            ),
+            'ResumeCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCampaign,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignResponse.SerializeToString,
+            ),
+            'CancelCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCampaign,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutResponse.SerializeToString,
+            ),
+            'UndoRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollout,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutResponse.SerializeToString,
+            ),
+            'SetGatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGatePolicy,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyResponse.SerializeToString,
+            ),
+            'ListGatePolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGatePolicies,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesResponse.SerializeToString,
+            ),
+            'DeleteGatePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGatePolicy,
+                    request_deserializer=pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +692,33 @@ class OperatorService:
             '/pocketlora.v1.OperatorService/GetJob',
             pocketlora_dot_v1_dot_operator__service__pb2.GetJobRequest.SerializeToString,
             pocketlora_dot_v1_dot_operator__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/GetJobHistory',
+            pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.GetJobHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -750,6 +1016,357 @@ class OperatorService:
             '/pocketlora.v1.OperatorService/CreateEnrollmentToken',
             pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenRequest.SerializeToString,
             pocketlora_dot_v1_dot_operator__service__pb2.CreateEnrollmentTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ListCampaigns',
+            pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/PauseCampaign',
+            pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.PauseCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ResumeCampaign',
+            pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ResumeCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/CancelCampaign',
+            pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.CancelCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/StartRollout',
+            pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/GetRollout',
+            pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ListRollouts',
+            pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/PauseRollout',
+            pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.PauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ResumeRollout',
+            pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/UndoRollout',
+            pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.UndoRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/SetGatePolicy',
+            pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.SetGatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGatePolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/ListGatePolicies',
+            pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.ListGatePoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGatePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.OperatorService/DeleteGatePolicy',
+            pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyRequest.SerializeToString,
+            pocketlora_dot_v1_dot_operator__service__pb2.DeleteGatePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,8 @@ class OperatorServiceStub:
     """CancelJob cancels a job; a running device learns it on its next heartbeat."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobRequest, _operator_service_pb2.GetJobResponse]
     """GetJob returns one job."""
+    GetJobHistory: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobHistoryRequest, _operator_service_pb2.GetJobHistoryResponse]
+    """GetJobHistory returns a job's state changes and its recorded progress points."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListJobsRequest, _operator_service_pb2.ListJobsResponse]
     """ListJobs returns jobs matching a filter, newest first, a page at a time."""
     WatchJobs: _grpc.UnaryStreamMultiCallable[_operator_service_pb2.WatchJobsRequest, _operator_service_pb2.WatchJobsResponse]
@@ -68,6 +70,34 @@ class OperatorServiceStub:
     """GetFleetSummary counts jobs by state and devices by eligibility."""
     CreateEnrollmentToken: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.CreateEnrollmentTokenRequest, _operator_service_pb2.CreateEnrollmentTokenResponse]
     """CreateEnrollmentToken issues a token that devices use to enroll."""
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListCampaignsRequest, _operator_service_pb2.ListCampaignsResponse]
+    """ListCampaigns returns campaigns, newest first, a page at a time."""
+    PauseCampaign: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.PauseCampaignRequest, _operator_service_pb2.PauseCampaignResponse]
+    """PauseCampaign stops leasing the campaign's jobs and creating new ones; running jobs go on."""
+    ResumeCampaign: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ResumeCampaignRequest, _operator_service_pb2.ResumeCampaignResponse]
+    """ResumeCampaign undoes a pause."""
+    CancelCampaign: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.CancelCampaignRequest, _operator_service_pb2.CancelCampaignResponse]
+    """CancelCampaign cancels the campaign and every unfinished job of it; running devices stop at
+    their next heartbeat.
+    """
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.StartRolloutRequest, _operator_service_pb2.StartRolloutResponse]
+    """StartRollout activates a campaign's adapters in steps, each held until its devices are healthy."""
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.GetRolloutRequest, _operator_service_pb2.GetRolloutResponse]
+    """GetRollout returns a rollout with its steps and, on request, every device's desired and actual adapter."""
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListRolloutsRequest, _operator_service_pb2.ListRolloutsResponse]
+    """ListRollouts returns rollouts, newest first, a page at a time."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.PauseRolloutRequest, _operator_service_pb2.PauseRolloutResponse]
+    """PauseRollout holds a rollout at its current step."""
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ResumeRolloutRequest, _operator_service_pb2.ResumeRolloutResponse]
+    """ResumeRollout lets a paused rollout go on."""
+    UndoRollout: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.UndoRolloutRequest, _operator_service_pb2.UndoRolloutResponse]
+    """UndoRollout rolls back every device the rollout changed."""
+    SetGatePolicy: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.SetGatePolicyRequest, _operator_service_pb2.SetGatePolicyResponse]
+    """SetGatePolicy creates or replaces a named gate policy for the devices a selector matches."""
+    ListGatePolicies: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.ListGatePoliciesRequest, _operator_service_pb2.ListGatePoliciesResponse]
+    """ListGatePolicies returns every gate policy, lowest priority first."""
+    DeleteGatePolicy: _grpc.UnaryUnaryMultiCallable[_operator_service_pb2.DeleteGatePolicyRequest, _operator_service_pb2.DeleteGatePolicyResponse]
+    """DeleteGatePolicy removes a gate policy; its devices go back to their own thresholds."""
 
 @_typing.type_check_only
 class OperatorServiceAsyncStub(OperatorServiceStub):
@@ -84,6 +114,8 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """CancelJob cancels a job; a running device learns it on its next heartbeat."""
     GetJob: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobRequest, _operator_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns one job."""
+    GetJobHistory: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetJobHistoryRequest, _operator_service_pb2.GetJobHistoryResponse]  # type: ignore[assignment]
+    """GetJobHistory returns a job's state changes and its recorded progress points."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListJobsRequest, _operator_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs returns jobs matching a filter, newest first, a page at a time."""
     WatchJobs: _aio.UnaryStreamMultiCallable[_operator_service_pb2.WatchJobsRequest, _operator_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
@@ -106,6 +138,34 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """GetFleetSummary counts jobs by state and devices by eligibility."""
     CreateEnrollmentToken: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.CreateEnrollmentTokenRequest, _operator_service_pb2.CreateEnrollmentTokenResponse]  # type: ignore[assignment]
     """CreateEnrollmentToken issues a token that devices use to enroll."""
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListCampaignsRequest, _operator_service_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """ListCampaigns returns campaigns, newest first, a page at a time."""
+    PauseCampaign: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.PauseCampaignRequest, _operator_service_pb2.PauseCampaignResponse]  # type: ignore[assignment]
+    """PauseCampaign stops leasing the campaign's jobs and creating new ones; running jobs go on."""
+    ResumeCampaign: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ResumeCampaignRequest, _operator_service_pb2.ResumeCampaignResponse]  # type: ignore[assignment]
+    """ResumeCampaign undoes a pause."""
+    CancelCampaign: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.CancelCampaignRequest, _operator_service_pb2.CancelCampaignResponse]  # type: ignore[assignment]
+    """CancelCampaign cancels the campaign and every unfinished job of it; running devices stop at
+    their next heartbeat.
+    """
+    StartRollout: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.StartRolloutRequest, _operator_service_pb2.StartRolloutResponse]  # type: ignore[assignment]
+    """StartRollout activates a campaign's adapters in steps, each held until its devices are healthy."""
+    GetRollout: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.GetRolloutRequest, _operator_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """GetRollout returns a rollout with its steps and, on request, every device's desired and actual adapter."""
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListRolloutsRequest, _operator_service_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """ListRollouts returns rollouts, newest first, a page at a time."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.PauseRolloutRequest, _operator_service_pb2.PauseRolloutResponse]  # type: ignore[assignment]
+    """PauseRollout holds a rollout at its current step."""
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ResumeRolloutRequest, _operator_service_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
+    """ResumeRollout lets a paused rollout go on."""
+    UndoRollout: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.UndoRolloutRequest, _operator_service_pb2.UndoRolloutResponse]  # type: ignore[assignment]
+    """UndoRollout rolls back every device the rollout changed."""
+    SetGatePolicy: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.SetGatePolicyRequest, _operator_service_pb2.SetGatePolicyResponse]  # type: ignore[assignment]
+    """SetGatePolicy creates or replaces a named gate policy for the devices a selector matches."""
+    ListGatePolicies: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.ListGatePoliciesRequest, _operator_service_pb2.ListGatePoliciesResponse]  # type: ignore[assignment]
+    """ListGatePolicies returns every gate policy, lowest priority first."""
+    DeleteGatePolicy: _aio.UnaryUnaryMultiCallable[_operator_service_pb2.DeleteGatePolicyRequest, _operator_service_pb2.DeleteGatePolicyResponse]  # type: ignore[assignment]
+    """DeleteGatePolicy removes a gate policy; its devices go back to their own thresholds."""
 
 class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OperatorService is called by operators, the CLI and dashboards."""
@@ -149,6 +209,14 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_service_pb2.GetJobResponse, _abc.Awaitable[_operator_service_pb2.GetJobResponse]]:
         """GetJob returns one job."""
+
+    @_abc_1.abstractmethod
+    def GetJobHistory(
+        self,
+        request: _operator_service_pb2.GetJobHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.GetJobHistoryResponse, _abc.Awaitable[_operator_service_pb2.GetJobHistoryResponse]]:
+        """GetJobHistory returns a job's state changes and its recorded progress points."""
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -237,5 +305,111 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_service_pb2.CreateEnrollmentTokenResponse, _abc.Awaitable[_operator_service_pb2.CreateEnrollmentTokenResponse]]:
         """CreateEnrollmentToken issues a token that devices use to enroll."""
+
+    @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _operator_service_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ListCampaignsResponse, _abc.Awaitable[_operator_service_pb2.ListCampaignsResponse]]:
+        """ListCampaigns returns campaigns, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def PauseCampaign(
+        self,
+        request: _operator_service_pb2.PauseCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.PauseCampaignResponse, _abc.Awaitable[_operator_service_pb2.PauseCampaignResponse]]:
+        """PauseCampaign stops leasing the campaign's jobs and creating new ones; running jobs go on."""
+
+    @_abc_1.abstractmethod
+    def ResumeCampaign(
+        self,
+        request: _operator_service_pb2.ResumeCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ResumeCampaignResponse, _abc.Awaitable[_operator_service_pb2.ResumeCampaignResponse]]:
+        """ResumeCampaign undoes a pause."""
+
+    @_abc_1.abstractmethod
+    def CancelCampaign(
+        self,
+        request: _operator_service_pb2.CancelCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.CancelCampaignResponse, _abc.Awaitable[_operator_service_pb2.CancelCampaignResponse]]:
+        """CancelCampaign cancels the campaign and every unfinished job of it; running devices stop at
+        their next heartbeat.
+        """
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _operator_service_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.StartRolloutResponse, _abc.Awaitable[_operator_service_pb2.StartRolloutResponse]]:
+        """StartRollout activates a campaign's adapters in steps, each held until its devices are healthy."""
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _operator_service_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.GetRolloutResponse, _abc.Awaitable[_operator_service_pb2.GetRolloutResponse]]:
+        """GetRollout returns a rollout with its steps and, on request, every device's desired and actual adapter."""
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _operator_service_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ListRolloutsResponse, _abc.Awaitable[_operator_service_pb2.ListRolloutsResponse]]:
+        """ListRollouts returns rollouts, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _operator_service_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.PauseRolloutResponse, _abc.Awaitable[_operator_service_pb2.PauseRolloutResponse]]:
+        """PauseRollout holds a rollout at its current step."""
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _operator_service_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ResumeRolloutResponse, _abc.Awaitable[_operator_service_pb2.ResumeRolloutResponse]]:
+        """ResumeRollout lets a paused rollout go on."""
+
+    @_abc_1.abstractmethod
+    def UndoRollout(
+        self,
+        request: _operator_service_pb2.UndoRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.UndoRolloutResponse, _abc.Awaitable[_operator_service_pb2.UndoRolloutResponse]]:
+        """UndoRollout rolls back every device the rollout changed."""
+
+    @_abc_1.abstractmethod
+    def SetGatePolicy(
+        self,
+        request: _operator_service_pb2.SetGatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.SetGatePolicyResponse, _abc.Awaitable[_operator_service_pb2.SetGatePolicyResponse]]:
+        """SetGatePolicy creates or replaces a named gate policy for the devices a selector matches."""
+
+    @_abc_1.abstractmethod
+    def ListGatePolicies(
+        self,
+        request: _operator_service_pb2.ListGatePoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.ListGatePoliciesResponse, _abc.Awaitable[_operator_service_pb2.ListGatePoliciesResponse]]:
+        """ListGatePolicies returns every gate policy, lowest priority first."""
+
+    @_abc_1.abstractmethod
+    def DeleteGatePolicy(
+        self,
+        request: _operator_service_pb2.DeleteGatePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_service_pb2.DeleteGatePolicyResponse, _abc.Awaitable[_operator_service_pb2.DeleteGatePolicyResponse]]:
+        """DeleteGatePolicy removes a gate policy; its devices go back to their own thresholds."""
 
 def add_OperatorServiceServicer_to_server(servicer: OperatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

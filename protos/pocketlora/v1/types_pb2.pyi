@@ -153,6 +153,8 @@ class _EligibilityReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Eli
     """Other processes keep the CPU busier than the policy allows."""
     ELIGIBILITY_REASON_SENSOR_UNKNOWN: _EligibilityReason.ValueType  # 7
     """A sensor the policy needs gave no reading."""
+    ELIGIBILITY_REASON_OUTSIDE_HOURS: _EligibilityReason.ValueType  # 8
+    """The local time is outside the hours the policy allows training in."""
 
 class EligibilityReason(_EligibilityReason, metaclass=_EligibilityReasonEnumTypeWrapper):
     """EligibilityReason says whether a device may train now, and if not, why."""
@@ -173,7 +175,109 @@ ELIGIBILITY_REASON_CPU_BUSY: EligibilityReason.ValueType  # 6
 """Other processes keep the CPU busier than the policy allows."""
 ELIGIBILITY_REASON_SENSOR_UNKNOWN: EligibilityReason.ValueType  # 7
 """A sensor the policy needs gave no reading."""
+ELIGIBILITY_REASON_OUTSIDE_HOURS: EligibilityReason.ValueType  # 8
+"""The local time is outside the hours the policy allows training in."""
 Global___EligibilityReason: _TypeAlias = EligibilityReason  # noqa: Y015
+
+class _CampaignState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CampaignStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CampaignState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAMPAIGN_STATE_UNSPECIFIED: _CampaignState.ValueType  # 0
+    """The state is not set; never stored."""
+    CAMPAIGN_STATE_ACTIVE: _CampaignState.ValueType  # 1
+    """Open: devices that enroll or start matching its selector get a job, and its jobs are leased."""
+    CAMPAIGN_STATE_PAUSED: _CampaignState.ValueType  # 2
+    """An operator paused it: no job of it is leased and no new job is created; running jobs go on."""
+    CAMPAIGN_STATE_CLOSED: _CampaignState.ValueType  # 3
+    """No new jobs (its deadline passed or it reached its target count); its jobs run to the end."""
+    CAMPAIGN_STATE_CANCELLED: _CampaignState.ValueType  # 4
+    """An operator cancelled it and every unfinished job of it. Terminal."""
+
+class CampaignState(_CampaignState, metaclass=_CampaignStateEnumTypeWrapper):
+    """CampaignState is where a campaign is in its life."""
+
+CAMPAIGN_STATE_UNSPECIFIED: CampaignState.ValueType  # 0
+"""The state is not set; never stored."""
+CAMPAIGN_STATE_ACTIVE: CampaignState.ValueType  # 1
+"""Open: devices that enroll or start matching its selector get a job, and its jobs are leased."""
+CAMPAIGN_STATE_PAUSED: CampaignState.ValueType  # 2
+"""An operator paused it: no job of it is leased and no new job is created; running jobs go on."""
+CAMPAIGN_STATE_CLOSED: CampaignState.ValueType  # 3
+"""No new jobs (its deadline passed or it reached its target count); its jobs run to the end."""
+CAMPAIGN_STATE_CANCELLED: CampaignState.ValueType  # 4
+"""An operator cancelled it and every unfinished job of it. Terminal."""
+Global___CampaignState: _TypeAlias = CampaignState  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """The state is not set; never stored."""
+    ROLLOUT_STATE_RUNNING: _RolloutState.ValueType  # 1
+    """Activating step by step; the control loop moves on when a step's devices are healthy."""
+    ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 2
+    """An operator paused it: no step starts or ends until it is resumed."""
+    ROLLOUT_STATE_HALTED: _RolloutState.ValueType  # 3
+    """A step crossed the failure threshold; that step's devices were rolled back. Terminal."""
+    ROLLOUT_STATE_COMPLETED: _RolloutState.ValueType  # 4
+    """Every step was healthy. Terminal."""
+    ROLLOUT_STATE_UNDONE: _RolloutState.ValueType  # 5
+    """An operator undid it: every device it changed was rolled back. Terminal."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """RolloutState is where a staged activation of a campaign's adapters is."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""The state is not set; never stored."""
+ROLLOUT_STATE_RUNNING: RolloutState.ValueType  # 1
+"""Activating step by step; the control loop moves on when a step's devices are healthy."""
+ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 2
+"""An operator paused it: no step starts or ends until it is resumed."""
+ROLLOUT_STATE_HALTED: RolloutState.ValueType  # 3
+"""A step crossed the failure threshold; that step's devices were rolled back. Terminal."""
+ROLLOUT_STATE_COMPLETED: RolloutState.ValueType  # 4
+"""Every step was healthy. Terminal."""
+ROLLOUT_STATE_UNDONE: RolloutState.ValueType  # 5
+"""An operator undid it: every device it changed was rolled back. Terminal."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+class _TargetOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TargetOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TargetOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TARGET_OUTCOME_UNSPECIFIED: _TargetOutcome.ValueType  # 0
+    """Not set; never stored."""
+    TARGET_OUTCOME_PENDING: _TargetOutcome.ValueType  # 1
+    """The adapter is desired; the device has not reported it active yet."""
+    TARGET_OUTCOME_ACTIVE: _TargetOutcome.ValueType  # 2
+    """The device reports the adapter active and has not refused it."""
+    TARGET_OUTCOME_FAILED: _TargetOutcome.ValueType  # 3
+    """The device refused the adapter (a failed check, a load failure, a runtime crash)."""
+    TARGET_OUTCOME_ROLLED_BACK: _TargetOutcome.ValueType  # 4
+    """The rollout was halted or undone and the device went back to its previous adapter."""
+
+class TargetOutcome(_TargetOutcome, metaclass=_TargetOutcomeEnumTypeWrapper):
+    """TargetOutcome is how one device of a rollout is doing with the adapter it was given."""
+
+TARGET_OUTCOME_UNSPECIFIED: TargetOutcome.ValueType  # 0
+"""Not set; never stored."""
+TARGET_OUTCOME_PENDING: TargetOutcome.ValueType  # 1
+"""The adapter is desired; the device has not reported it active yet."""
+TARGET_OUTCOME_ACTIVE: TargetOutcome.ValueType  # 2
+"""The device reports the adapter active and has not refused it."""
+TARGET_OUTCOME_FAILED: TargetOutcome.ValueType  # 3
+"""The device refused the adapter (a failed check, a load failure, a runtime crash)."""
+TARGET_OUTCOME_ROLLED_BACK: TargetOutcome.ValueType  # 4
+"""The rollout was halted or undone and the device went back to its previous adapter."""
+Global___TargetOutcome: _TypeAlias = TargetOutcome  # noqa: Y015
 
 class _Quantization:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -468,6 +572,7 @@ class TrainingSpec(_message.Message):
     CHECKPOINT_EVERY_STEPS_FIELD_NUMBER: _builtins.int
     DATASET_OBJECT_FIELD_NUMBER: _builtins.int
     DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    EVAL_SHARE_FIELD_NUMBER: _builtins.int
     adapter_name: _builtins.str
     """Name of the adapter; versions are counted per (device, adapter name)."""
     base_model_id: _builtins.str
@@ -500,6 +605,11 @@ class TrainingSpec(_message.Message):
     """Store key of a dataset the operator shipped through the adapter store, instead of `dataset`."""
     dataset_sha256: _builtins.str
     """sha256 of the shipped dataset object, checked by the device after download."""
+    eval_share: _builtins.float
+    """Share of the device's examples held out of training (0 to 0.5): the device reports the eval
+    loss of the base and of the new adapter on them, and the adapter's manifest records both.
+    0 means no evaluation.
+    """
     @_builtins.property
     def lora(self) -> Global___LoraSettings:
         """LoRA hyperparameters."""
@@ -524,10 +634,11 @@ class TrainingSpec(_message.Message):
         checkpoint_every_steps: _builtins.int = ...,
         dataset_object: _builtins.str = ...,
         dataset_sha256: _builtins.str = ...,
+        eval_share: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_name", b"adapter_name", "base_model_id", b"base_model_id", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "dataset_object", b"dataset_object", "dataset_sha256", b"dataset_sha256", "effective_batch", b"effective_batch", "epochs", b"epochs", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "micro_batch", b"micro_batch", "on_4bit_unsupported", b"on_4bit_unsupported", "quantization", b"quantization", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_name", b"adapter_name", "base_model_id", b"base_model_id", "checkpoint_every_steps", b"checkpoint_every_steps", "dataset", b"dataset", "dataset_object", b"dataset_object", "dataset_sha256", b"dataset_sha256", "effective_batch", b"effective_batch", "epochs", b"epochs", "eval_share", b"eval_share", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora", b"lora", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "micro_batch", b"micro_batch", "on_4bit_unsupported", b"on_4bit_unsupported", "quantization", b"quantization", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -749,6 +860,7 @@ class Device(_message.Message):
     REPORTED_LABELS_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ADAPTER_REFUSALS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device's id."""
     eligible: _builtins.bool
@@ -793,6 +905,10 @@ class Device(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels set by admins or fixed by the enrollment token; selectors target these."""
 
+    @_builtins.property
+    def adapter_refusals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRefusal]:
+        """Adapters the device refused to run, with its reasons (as its heartbeats report them)."""
+
     def __init__(
         self,
         *,
@@ -810,14 +926,210 @@ class Device(_message.Message):
         reported_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        adapter_refusals: _abc.Iterable[Global___AdapterRefusal] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "enrolled_at", b"enrolled_at", "last_seen", b"last_seen", "power", b"power", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen", b"last_seen", "power", b"power", "reported_labels", b"reported_labels", "revoked_at", b"revoked_at", "running_job_id", b"running_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adapter_id", b"active_adapter_id", "adapter_refusals", b"adapter_refusals", "capabilities", b"capabilities", "desired_adapter_id", b"desired_adapter_id", "device_id", b"device_id", "eligibility_detail", b"eligibility_detail", "eligibility_reason", b"eligibility_reason", "eligible", b"eligible", "enrolled_at", b"enrolled_at", "labels", b"labels", "last_seen", b"last_seen", "power", b"power", "reported_labels", b"reported_labels", "revoked_at", b"revoked_at", "running_job_id", b"running_job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
+class AdapterRefusal(_message.Message):
+    """AdapterRefusal is a device's report that it will not run an adapter, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    adapter_id: _builtins.str
+    """The refused adapter's id."""
+    reason: _builtins.str
+    """Why: a failed check, a load failure, a runtime that would not start."""
+    def __init__(
+        self,
+        *,
+        adapter_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterRefusal: _TypeAlias = AdapterRefusal  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    """JobEvent is one state change of a job, as recorded when it happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ERROR_CLASS_FIELD_NUMBER: _builtins.int
+    state: Global___JobState.ValueType
+    """The state entered."""
+    attempt: _builtins.int
+    """The attempt the job was on."""
+    message: _builtins.str
+    """Why, where the state has a reason: a pause's gate reason, a retry, an error."""
+    error_class: Global___ErrorClass.ValueType
+    """The error class of the attempt that ended, when it ended in an error."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When the job entered the state."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___JobState.ValueType = ...,
+        attempt: _builtins.int = ...,
+        message: _builtins.str = ...,
+        error_class: Global___ErrorClass.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "error_class", b"error_class", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class ProgressPoint(_message.Message):
+    """ProgressPoint is one recorded progress report of an attempt (a bounded sample per attempt)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    TOKENS_SEEN_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt it belongs to."""
+    step: _builtins.int
+    """Optimizer steps done."""
+    total_steps: _builtins.int
+    """Optimizer steps planned."""
+    loss: _builtins.float
+    """Training loss at that step."""
+    tokens_seen: _builtins.int
+    """Tokens processed so far."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When it was reported."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        tokens_seen: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "attempt", b"attempt", "loss", b"loss", "step", b"step", "tokens_seen", b"tokens_seen", "total_steps", b"total_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressPoint: _TypeAlias = ProgressPoint  # noqa: Y015
+
+@_typing.final
+class GatePolicy(_message.Message):
+    """GatePolicy holds the gate thresholds a fleet operator sets; unset fields leave the device's
+    own values in place.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRE_CHARGING_FIELD_NUMBER: _builtins.int
+    MIN_BATTERY_PCT_FIELD_NUMBER: _builtins.int
+    TEMP_HIGH_C_FIELD_NUMBER: _builtins.int
+    TEMP_LOW_C_FIELD_NUMBER: _builtins.int
+    MIN_FREE_STORAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CPU_LOAD_PCT_FIELD_NUMBER: _builtins.int
+    START_HOUR_FIELD_NUMBER: _builtins.int
+    END_HOUR_FIELD_NUMBER: _builtins.int
+    require_charging: _builtins.bool
+    """Train only on external power."""
+    min_battery_pct: _builtins.float
+    """Minimum battery charge in percent."""
+    temp_high_c: _builtins.float
+    """Pause at or above this temperature (degrees Celsius)."""
+    temp_low_c: _builtins.float
+    """Resume only below this temperature (degrees Celsius)."""
+    min_free_storage_bytes: _builtins.int
+    """Minimum free storage in bytes."""
+    max_cpu_load_pct: _builtins.float
+    """Maximum CPU load of other processes in percent."""
+    start_hour: _builtins.int
+    """First hour of the day (device local time, 0-23) in which training is allowed; with end_hour."""
+    end_hour: _builtins.int
+    """Hour of the day at which the allowed window ends (exclusive, 0-23; below start_hour wraps
+    past midnight); with start_hour.
+    """
+    def __init__(
+        self,
+        *,
+        require_charging: _builtins.bool | None = ...,
+        min_battery_pct: _builtins.float | None = ...,
+        temp_high_c: _builtins.float | None = ...,
+        temp_low_c: _builtins.float | None = ...,
+        min_free_storage_bytes: _builtins.int | None = ...,
+        max_cpu_load_pct: _builtins.float | None = ...,
+        start_hour: _builtins.int | None = ...,
+        end_hour: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_end_hour", b"_end_hour", "_max_cpu_load_pct", b"_max_cpu_load_pct", "_min_battery_pct", b"_min_battery_pct", "_min_free_storage_bytes", b"_min_free_storage_bytes", "_require_charging", b"_require_charging", "_start_hour", b"_start_hour", "_temp_high_c", b"_temp_high_c", "_temp_low_c", b"_temp_low_c", "end_hour", b"end_hour", "max_cpu_load_pct", b"max_cpu_load_pct", "min_battery_pct", b"min_battery_pct", "min_free_storage_bytes", b"min_free_storage_bytes", "require_charging", b"require_charging", "start_hour", b"start_hour", "temp_high_c", b"temp_high_c", "temp_low_c", b"temp_low_c"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end_hour", b"_end_hour", "_max_cpu_load_pct", b"_max_cpu_load_pct", "_min_battery_pct", b"_min_battery_pct", "_min_free_storage_bytes", b"_min_free_storage_bytes", "_require_charging", b"_require_charging", "_start_hour", b"_start_hour", "_temp_high_c", b"_temp_high_c", "_temp_low_c", b"_temp_low_c", "end_hour", b"end_hour", "max_cpu_load_pct", b"max_cpu_load_pct", "min_battery_pct", b"min_battery_pct", "min_free_storage_bytes", b"min_free_storage_bytes", "require_charging", b"require_charging", "start_hour", b"start_hour", "temp_high_c", b"temp_high_c", "temp_low_c", b"temp_low_c"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__end_hour: _TypeAlias = _typing.Literal["end_hour"]  # noqa: Y015
+    _WhichOneofArgType__end_hour: _TypeAlias = _typing.Literal["_end_hour", b"_end_hour"]  # noqa: Y015
+    _WhichOneofReturnType__max_cpu_load_pct: _TypeAlias = _typing.Literal["max_cpu_load_pct"]  # noqa: Y015
+    _WhichOneofArgType__max_cpu_load_pct: _TypeAlias = _typing.Literal["_max_cpu_load_pct", b"_max_cpu_load_pct"]  # noqa: Y015
+    _WhichOneofReturnType__min_battery_pct: _TypeAlias = _typing.Literal["min_battery_pct"]  # noqa: Y015
+    _WhichOneofArgType__min_battery_pct: _TypeAlias = _typing.Literal["_min_battery_pct", b"_min_battery_pct"]  # noqa: Y015
+    _WhichOneofReturnType__min_free_storage_bytes: _TypeAlias = _typing.Literal["min_free_storage_bytes"]  # noqa: Y015
+    _WhichOneofArgType__min_free_storage_bytes: _TypeAlias = _typing.Literal["_min_free_storage_bytes", b"_min_free_storage_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__require_charging: _TypeAlias = _typing.Literal["require_charging"]  # noqa: Y015
+    _WhichOneofArgType__require_charging: _TypeAlias = _typing.Literal["_require_charging", b"_require_charging"]  # noqa: Y015
+    _WhichOneofReturnType__start_hour: _TypeAlias = _typing.Literal["start_hour"]  # noqa: Y015
+    _WhichOneofArgType__start_hour: _TypeAlias = _typing.Literal["_start_hour", b"_start_hour"]  # noqa: Y015
+    _WhichOneofReturnType__temp_high_c: _TypeAlias = _typing.Literal["temp_high_c"]  # noqa: Y015
+    _WhichOneofArgType__temp_high_c: _TypeAlias = _typing.Literal["_temp_high_c", b"_temp_high_c"]  # noqa: Y015
+    _WhichOneofReturnType__temp_low_c: _TypeAlias = _typing.Literal["temp_low_c"]  # noqa: Y015
+    _WhichOneofArgType__temp_low_c: _TypeAlias = _typing.Literal["_temp_low_c", b"_temp_low_c"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__end_hour) -> _WhichOneofReturnType__end_hour | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_cpu_load_pct) -> _WhichOneofReturnType__max_cpu_load_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_battery_pct) -> _WhichOneofReturnType__min_battery_pct | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_free_storage_bytes) -> _WhichOneofReturnType__min_free_storage_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__require_charging) -> _WhichOneofReturnType__require_charging | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_hour) -> _WhichOneofReturnType__start_hour | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temp_high_c) -> _WhichOneofReturnType__temp_high_c | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temp_low_c) -> _WhichOneofReturnType__temp_low_c | None: ...
+
+Global___GatePolicy: _TypeAlias = GatePolicy  # noqa: Y015
 
 @_typing.final
 class Adapter(_message.Message):

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.tiny_models import sharpen_head
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -49,29 +51,11 @@ def memorise_data(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "memorise.jsonl", MEMORISE)
 
 
-def _sharpen(base: Path, out: Path, factor: float = 20.0) -> Path:
-    """Copy a tiny model with its output head scaled up.
-
-    A randomly initialised tiny model has near-uniform logits that a LoRA on attention cannot
-    sharpen (the final norm bounds the hidden state and lm_head is frozen), so the loss floor
-    sits near ln(vocab). A larger head lets the adapter actually memorise.
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(base, out)
-    weights = load_file(str(out / "model.safetensors"))
-    weights["lm_head.weight"] = weights["lm_head.weight"] * factor
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 @pytest.fixture(scope="session")
 def sharp_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _sharpen(tiny_llama, tmp_path_factory.mktemp("sharp") / "llama")
+    return sharpen_head(tiny_llama, tmp_path_factory.mktemp("sharp") / "llama")
 
 
 @pytest.fixture(scope="session")
 def sharp_gpt2(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _sharpen(tiny_gpt2, tmp_path_factory.mktemp("sharp") / "gpt2")
+    return sharpen_head(tiny_gpt2, tmp_path_factory.mktemp("sharp") / "gpt2")
