@@ -7,6 +7,11 @@ watchers. The poll follows the store's cursor over committed changes, so subscri
 writes of every replica (orchestrator/queries.py), and a subscriber sees every change committed
 after `subscribe` returned. The task runs only while someone is subscribed.
 
+Subscribers that follow one device are indexed by its id, so a change is offered only to the
+subscribers that can want it (the fleet-wide ones and that device's), and each change is encoded
+(e.g. into a WatchJobsResponse) once for all the subscribers that share an encoder. Long
+batches give the event loop back every few changes, so polls are not held up by a fan-out.
+
 Each subscriber has a bounded queue; one that falls that far behind (a stalled client) is
 dropped with `FeedOverflow` instead of holding the others back or growing without bound, and
 its client reconnects. `admit` is the one place that decides whether a new subscriber is taken
@@ -28,6 +33,9 @@ from orchestrator.state.base import WatchCursor
 
 log = logging.getLogger("pocketlora.orchestrator")
 
+# Turns a changed job into what a subscriber yields; shared encoders run once per change.
+Encoder = Callable[[JobRecord], Any]
+
 T = TypeVar("T")
 # Runs a blocking domain call off the event loop (the servers' executor).
 Runner = Callable[..., Awaitable[Any]]
@@ -35,6 +43,8 @@ Runner = Callable[..., Awaitable[Any]]
 POLL_S = 0.25
 BATCH = 500
 QUEUE_MAX = 10_000
+# Changes fanned out between two yields to the event loop.
+FAN_OUT_SLICE = 50
 
 
 class FeedOverflow(ResourceExhausted):
@@ -46,23 +56,30 @@ class FeedClosed(Unavailable):
 
 
 class Subscription:
-    """One subscriber's view of the feed: an async iterator of the jobs that changed and match."""
+    """One subscriber's view of the feed: an async iterator of the changes that match, each as
+    its encoder made it (the JobRecord itself without one)."""
 
-    def __init__(self, feed: ChangeFeed, flt: JobFilter) -> None:
+    def __init__(self, feed: ChangeFeed, flt: JobFilter, encode: Encoder | None = None) -> None:
         self.feed = feed
         self.filter = flt
-        self.queue: asyncio.Queue[JobRecord | BaseException] = asyncio.Queue()
+        self.encode = encode
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.dropped = False
 
-    def offer(self, job: JobRecord) -> None:
-        """Queue a change (on the feed's task)."""
+    def offer(self, job: JobRecord, encoded: dict[Encoder, Any]) -> None:
+        """Queue a change (on the feed's task); `encoded` holds this change's encodings so far."""
         if self.dropped or not self.filter.matches(job):
             return
         if self.queue.qsize() >= QUEUE_MAX:
             self.dropped = True
             self.queue.put_nowait(FeedOverflow(f"watch fell more than {QUEUE_MAX} changes behind; watch again"))
             return
-        self.queue.put_nowait(job)
+        if self.encode is None:
+            self.queue.put_nowait(job)
+            return
+        if self.encode not in encoded:
+            encoded[self.encode] = self.encode(job)
+        self.queue.put_nowait(encoded[self.encode])
 
     def close(self, reason: BaseException) -> None:
         """End the subscription with `reason` once queued changes are consumed."""
@@ -70,17 +87,17 @@ class Subscription:
             self.dropped = True
             self.queue.put_nowait(reason)
 
-    def __aiter__(self) -> AsyncIterator[JobRecord]:
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[JobRecord]:
+    async def _iterate(self) -> AsyncIterator[Any]:
         while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    async def next(self, timeout: float) -> JobRecord | None:
+    async def next(self, timeout: float) -> Any:
         """The next change, or None after `timeout` seconds without one (for keep-alives)."""
         try:
             item = await asyncio.wait_for(self.queue.get(), timeout)
@@ -99,6 +116,8 @@ class ChangeFeed:
         self.run = run
         self.poll_s = poll_s
         self.subscribers: set[Subscription] = set()
+        self._wide: set[Subscription] = set()  # filters naming no device
+        self._by_device: dict[str, set[Subscription]] = {}
         self.polls = 0  # store polls made (tests check that watchers share them)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -110,12 +129,14 @@ class ChangeFeed:
             raise FeedClosed("the orchestrator is stopping")
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, flt: JobFilter) -> AsyncIterator[Subscription]:
+    async def subscribe(self, flt: JobFilter, encode: Encoder | None = None) -> AsyncIterator[Subscription]:
         """A subscription for the body of the `async with`; every change committed after entry
-        that matches `flt` is delivered, in commit order."""
+        that matches `flt` is delivered, in commit order, as `encode` makes it."""
         self.admit(flt)
-        sub = Subscription(self, flt)
+        sub = Subscription(self, flt, encode)
         self.subscribers.add(sub)
+        group = self._by_device.setdefault(flt.device_id, set()) if flt.device_id else self._wide
+        group.add(sub)
         try:
             if self._task is None or self._task.done():
                 # The cursor is read before the first subscriber is told it is subscribed, so
@@ -126,6 +147,9 @@ class ChangeFeed:
             yield sub
         finally:
             self.subscribers.discard(sub)
+            group.discard(sub)
+            if flt.device_id and not group:
+                self._by_device.pop(flt.device_id, None)
 
     async def _follow(self, cursor: WatchCursor) -> None:
         """Poll the store while anyone is subscribed, handing each change to every subscriber."""
@@ -138,9 +162,12 @@ class ChangeFeed:
                 await asyncio.sleep(max(self.poll_s, 1.0))
                 continue
             self.polls += 1
-            for job in changed:
-                for sub in list(self.subscribers):
-                    sub.offer(job)
+            for n, job in enumerate(changed, 1):
+                encoded: dict[Encoder, Any] = {}
+                for sub in [*self._wide, *self._by_device.get(job.device_id, ())]:
+                    sub.offer(job, encoded)
+                if n % FAN_OUT_SLICE == 0:
+                    await asyncio.sleep(0)
             if len(changed) < BATCH:
                 await asyncio.sleep(self.poll_s)
 

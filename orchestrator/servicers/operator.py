@@ -9,6 +9,7 @@ from concurrent.futures import Executor
 
 import grpc
 
+from orchestrator.domain import JobRecord
 from orchestrator.feed import ChangeFeed
 from orchestrator.limits import Gatekeeper
 from orchestrator.polls import PollRunner
@@ -80,13 +81,13 @@ class OperatorServicer(FleetRpcs, pb_grpc.OperatorServiceServicer):
         principal = await self._principal(context, "WatchJobs")
         flt = convert.job_filter(request.filter)
         with self.gate.watch(principal.name):
-            async with self.feed.subscribe(flt) as changes:
+            async with self.feed.subscribe(flt, encode=watch_response) as changes:
                 if request.include_initial:
                     jobs, _ = await self._run(self.orch.queries.list_jobs, flt, 1000, "")
                     for job in reversed(jobs):
-                        yield pb.WatchJobsResponse(job=convert.job_pb(job))
-                async for job in changes:
-                    yield pb.WatchJobsResponse(job=convert.job_pb(job))
+                        yield watch_response(job)
+                async for response in changes:
+                    yield response
 
     @rpc
     async def ListDevices(
@@ -190,3 +191,8 @@ class OperatorServicer(FleetRpcs, pb_grpc.OperatorServiceServicer):
         return pb.CreateEnrollmentTokenResponse(
             token=token, expires_at=convert.ts(record.expires_at), token_id=record.token_id
         )
+
+
+def watch_response(job: JobRecord) -> pb.WatchJobsResponse:
+    """A change as WatchJobs sends it; the change feed encodes each change once for all streams."""
+    return pb.WatchJobsResponse(job=convert.job_pb(job))
