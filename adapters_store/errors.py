@@ -4,6 +4,7 @@
     ├── BlobNotFound            the key holds no object
     ├── IntegrityError          an object is missing, too large, or its bytes are not the ones announced
     ├── AdapterFormatError      a file is not a well-formed PocketLoRA adapter (or not safetensors)
+    │   └── IncompatibleForm    an adapter cannot take a bundle's runtime form (other base, targets, rank)
     ├── TransferError           a presigned upload/download got a non-2xx HTTP answer
     ├── InvalidKey              a key is malformed (leading '/', '..', empty segment, bad charset)
     ├── StoreConfigError        a store URL or its environment is incomplete or wrong
@@ -66,6 +67,10 @@ class IntegrityError(StoreError):
 
 class AdapterFormatError(StoreError):
     """A file is not a well-formed PocketLoRA adapter blob, manifest or safetensors file."""
+
+
+class IncompatibleForm(AdapterFormatError):
+    """A well-formed adapter that a runtime bundle cannot serve; the message says why."""
 
 
 class TransferError(StoreError):

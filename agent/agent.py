@@ -63,14 +63,13 @@ class AgentConfig:
     progress_every_s: float = 2.0
     memory_budget_mb: int = 0
     torch_threads: int = 0
-    # Run the inference runtime (a child process) so desired adapters are loaded and activated.
-    serve_adapters: bool = True
-    # Rotate the device credential once it is this old (0: never).
-    rotate_credential_after_s: float = 30 * 86400
+    serve_adapters: bool = True  # run the inference runtime child that loads and activates desired adapters
+    rotate_credential_after_s: float = 30 * 86400  # rotate the device credential once it is this old (0: never)
+    runtime: str = "auto"  # onnx | torch | auto (agent.serving)
+    inference_listen: str = ""  # DeviceInferenceService address for apps; "" = none
     tls: TlsConfig | None = None  # to the orchestrator (None: plaintext)
     store_tls: TlsConfig | None = None  # the CA presigned-URL transfers trust (None: the system's roots)
-    # The fleet's gate policy may only tighten the local one, never loosen it.
-    local_veto: bool = False
+    local_veto: bool = False  # the fleet's gate policy may only tighten the local one, never loosen it
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -110,6 +109,8 @@ class Agent:
             self.base_fingerprint,
             self._emit,
             torch_threads=config.torch_threads,
+            runtime=config.runtime,
+            listen=config.inference_listen,
             ssl_context=self.transfer_ssl,
         )
         self.fleet_gate = FleetGate(gate, veto=config.local_veto)
@@ -120,11 +121,6 @@ class Agent:
             # adapter was already uploaded, ask again for it to be completed.
             self.job.state = JobState.UPLOADING if self.job.uploaded_sha256 else JobState.PAUSED
             self._emit("resumed_after_restart", job_id=self.job.job_id)
-
-    @property
-    def runtime(self) -> Any:
-        """The inference runtime child (None until the first adapter switch)."""
-        return self.adapters.runtime
 
     # ------------------------------------------------------------------ plumbing
     def _emit(self, kind: str, **data: Any) -> None:
@@ -148,6 +144,7 @@ class Agent:
         cfg = self.cfg
         caps = detect_capabilities(cfg.work_dir, cfg.base_model_id, self.base_fingerprint, cfg.labels,
                                    cfg.memory_budget_mb * 2**20, base_model_dir=cfg.base_model_dir)  # fmt: skip
+        caps.inference_runtimes.extend(self.adapters.serving.advertised())  # type: ignore[arg-type]
         delay = 1.0
         while True:
             try:
@@ -431,8 +428,7 @@ class Agent:
             self.adapters.refused,
         )
         reply = self.client.heartbeat(req)
-        wait = reply.next_poll_after.ToNanoseconds() / 1e9
-        self.next_heartbeat = time.monotonic() + max(wait, 0.2)
+        self.next_heartbeat = time.monotonic() + max(reply.next_poll_after.ToNanoseconds() / 1e9, 0.2)
         fleet = fleet_fields(reply.gate_policy if reply.HasField("gate_policy") else None)
         changed = self.fleet_gate.apply(fleet, list(reply.gate_policy_names))
         if changed:
@@ -448,3 +444,5 @@ class Agent:
             self.adapters.want(reply.desired_adapter if reply.HasField("desired_adapter") else None)
             if len(self.adapters.refused) != refused:
                 self.next_heartbeat = 0.0  # tell the orchestrator now: a rollout may be waiting on it
+            elif self.adapters.serving.loading:  # look again soon: the desired adapter waits for it
+                self.next_heartbeat = min(self.next_heartbeat, time.monotonic() + 2.0)

@@ -253,10 +253,18 @@ class DeviceClient:
         )
         return self._call(pb.FailJobResponse, self.stub.FailJob, request)
 
-    def adapter_download_url(self, adapter_id: str) -> pb.GetAdapterDownloadUrlResponse:
-        """A short-lived URL for one of this device's adapters."""
-        request = pb.GetAdapterDownloadUrlRequest(adapter_id=adapter_id)
+    def adapter_download_url(self, adapter_id: str, *, onnx: bool = False) -> pb.GetAdapterDownloadUrlResponse:
+        """A short-lived URL for one of this device's adapters: the safetensors blob, or with onnx
+        its .onnx_adapter form (Transient while it is being converted, Gone when it cannot be)."""
+        form = pb.ADAPTER_FORM_ONNX_ADAPTER if onnx else pb.ADAPTER_FORM_SAFETENSORS
+        request = pb.GetAdapterDownloadUrlRequest(adapter_id=adapter_id, form=form)
         return self._call(pb.GetAdapterDownloadUrlResponse, self.stub.GetAdapterDownloadUrl, request)
+
+    def runtime_bundle_url(self, base_fingerprint: str) -> pb.GetRuntimeBundleUrlResponse:
+        """A short-lived URL for the ONNX runtime bundle of this device's base (Transient while it
+        is being exported, Gone with NOT_FOUND when the orchestrator exports none for it)."""
+        request = pb.GetRuntimeBundleUrlRequest(runtime=tpb.INFERENCE_RUNTIME_ONNX, base_fingerprint=base_fingerprint)
+        return self._call(pb.GetRuntimeBundleUrlResponse, self.stub.GetRuntimeBundleUrl, request)
 
     def close(self) -> None:
         """Close the channel."""

@@ -1,8 +1,10 @@
 """The agent's handle on the inference runtime, which runs in a child process.
 
-The polling agent must stay torch-free and light, so the base model lives in
-`python -m agent.runtime_host`; this class speaks to it with one JSON object per line.
-Loading an adapter never reloads the base: the child keeps it resident (agent.runtime).
+The polling agent must stay light (no torch, no model in its memory), so the model lives in
+`python -m agent.runtime_host`; this class speaks to it with one JSON object per line. The
+child holds the torch runtime (a base model folder) or the ORT one (a runtime bundle), and
+serves DeviceInferenceService to apps when given an address. Loading an adapter never
+reloads the base: the child keeps it resident.
 """
 
 from __future__ import annotations
@@ -25,24 +27,50 @@ class RuntimeHostError(Exception):
 class RuntimeHost:
     """A child process holding the base model and its resident adapters."""
 
-    def __init__(self, base_model_dir: Path, *, torch_threads: int = 0, max_resident_bytes: int = 256 * 2**20) -> None:
-        threads = torch_threads or 1  # a background service: one thread unless told otherwise
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        backend: str = "torch",
+        threads: int = 0,
+        max_resident_bytes: int = 256 * 2**20,
+        serve: str = "",
+        wait: bool = True,
+    ) -> None:
+        threads = threads or 1  # a background service: one thread unless told otherwise
         cmd = [
             sys.executable,
             "-m",
             "agent.runtime_host",
-            "--base-model",
-            str(base_model_dir),
+            "--backend",
+            backend,
+            "--model",
+            str(model_dir),
             "--max-resident-bytes",
             str(max_resident_bytes),
-            "--torch-threads",
+            "--threads",
             str(threads),
         ]
+        if serve:
+            cmd += ["--serve", serve]
+        self.backend = backend
         env = {**os.environ, **thread_env(threads)}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         self._lock = threading.Lock()
-        self._loaded: set[str] = set()
-        self.call("ping")  # wait until the base model is loaded
+        self.base_fingerprint = ""
+        self.address = ""  # where DeviceInferenceService listens ("" if not served)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until the child has loaded its model (RuntimeHostError when it could not)."""
+        try:
+            hello = self.call("ping")
+        except RuntimeHostError:
+            self.kill()  # a child that answered with an error may still be running
+            raise
+        self.base_fingerprint = str(hello["base_fingerprint"])
+        self.address = str(hello["address"])
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one command and wait for its reply."""
@@ -92,4 +120,10 @@ class RuntimeHost:
                     self.proc.stdin.close()
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
+                self.kill()
+
+    def kill(self) -> None:
+        """Stop the child at once (one still loading its model holds nothing to save)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

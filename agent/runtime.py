@@ -1,11 +1,7 @@
-"""The inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
+"""The torch inference runtime: one resident base model, LoRA adapters hot-swapped without reloading it.
 
-    AdapterRuntimeError         base of everything raised on purpose; messages name adapter and file
-    ├── AdapterLoadError        unusable folder: pickled .bin, no safetensors, bad config or shapes
-    │   └── IncompatibleAdapter manifest.json names a different base fingerprint
-    ├── AdapterNotLoaded        the name is not resident (never loaded, unloaded or evicted)
-    ├── AdapterBusy             unload of the active adapter (activate another one or None first)
-    └── RuntimeClosed           close() was called
+Its interface and error tree (agent.runtime_base) are shared with the onnxruntime-genai backend
+(agent.ort_runtime); both are re-exported here.
 
 Concurrency: peft keeps the active adapter as attributes on every LoRA layer (`set_adapter`
 writes `_active_adapter`, `disable_adapter_layers` writes `_disable_adapters`), and its per-call
@@ -32,79 +28,44 @@ torch, transformers and peft are imported lazily: importing this module is cheap
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-from adapters_store.blob import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME, ensure_safetensors
-from adapters_store.errors import AdapterFormatError
 from adapters_store.fingerprint import model_fingerprint, read_safetensors_header
+from agent.adapter_files import check_adapter_dir, manifest_fingerprint, strip_sha
+from agent.residency import Residency, Resident
+from agent.runtime_base import (
+    AdapterBusy,
+    AdapterLoadError,
+    AdapterNotLoaded,
+    AdapterRuntimeError,
+    GenerateRequest,
+    GenerationResult,
+    IncompatibleAdapter,
+    RuntimeClosed,
+    StreamChunk,
+)
 
-_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# peft stores adapters as ModuleDict keys; a '.' would break module paths.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Config keys that do not change the adapter's modules: a slot is reusable when the rest matches.
-_CONFIG_IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+__all__ = [
+    "AdapterBusy",
+    "AdapterLoadError",
+    "AdapterNotLoaded",
+    "AdapterRuntime",
+    "AdapterRuntimeError",
+    "GenerationResult",
+    "IncompatibleAdapter",
+    "RuntimeClosed",
+]
+
 _MAX_FREE_SLOTS = 2
 _UNKNOWN = object()  # "which adapter the layers have applied" after peft changed it behind us
-
-
-class AdapterRuntimeError(Exception):
-    """Base of the runtime's deliberate errors."""
-
-
-class AdapterLoadError(AdapterRuntimeError):
-    """The adapter folder cannot be loaded (format, config or shape problem)."""
-
-
-class IncompatibleAdapter(AdapterLoadError):
-    """The adapter was trained on a different base model."""
-
-    def __init__(self, name: str, adapter_fingerprint: str, base_fingerprint: str) -> None:
-        super().__init__(
-            f"adapter {name!r} was trained on base {adapter_fingerprint}, "
-            f"but this runtime serves base {base_fingerprint}"
-        )
-        self.adapter_fingerprint = adapter_fingerprint
-        self.base_fingerprint = base_fingerprint
-
-
-class AdapterNotLoaded(AdapterRuntimeError, LookupError):
-    """The named adapter is not resident."""
-
-
-class AdapterBusy(AdapterRuntimeError):
-    """The adapter is active and cannot be unloaded."""
-
-
-class RuntimeClosed(AdapterRuntimeError):
-    """The runtime was closed."""
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """Generated text, the adapter that produced it (None = base), new tokens and wall seconds."""
-
-    text: str
-    adapter: str | None
-    tokens: int
-    seconds: float
-
-
-@dataclass
-class _Resident:
-    name: str
-    slot: str  # peft adapter name; "pl_<n>" never collides with peft's "lora_" prefix check
-    nbytes: int
-    pins: int = 0
-    draining: bool = False  # unloaded while pinned: free the slot when the last pin goes
 
 
 @dataclass
@@ -112,54 +73,6 @@ class _Slot:
     config_key: str
     tensors: dict[str, Any]  # saved-name -> tensor sharing storage with the LoRA parameter
     nbytes: int
-
-
-def _strip_sha(fingerprint: str) -> str:
-    return fingerprint.removeprefix("sha256:")
-
-
-def _check_adapter_dir(name: str, adapter_dir: Path) -> tuple[Path, str]:
-    """Return (safetensors weights, config key) of a loadable adapter folder, or raise why not."""
-    if not _NAME.fullmatch(name):
-        raise AdapterLoadError(f"adapter name {name!r} must match [A-Za-z0-9_-]{{1,64}}")
-    if not adapter_dir.is_dir():
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} is not a directory")
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLED_SUFFIXES)
-        if pickled:
-            raise AdapterLoadError(
-                f"adapter {name!r}: {adapter_dir} holds only pickled weights ({', '.join(pickled)}); "
-                f"PocketLoRA loads only {WEIGHTS_NAME} (unpickling can run code)"
-            )
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir} has no {WEIGHTS_NAME}")
-    try:
-        ensure_safetensors(weights)  # also catches a pickle renamed to .safetensors
-    except AdapterFormatError as exc:
-        raise AdapterLoadError(f"adapter {name!r}: {adapter_dir}: {exc}") from None
-    try:
-        config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"adapter {name!r}: unreadable {CONFIG_NAME}: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"adapter {name!r}: {CONFIG_NAME} must be a JSON object")
-    key = {k: v for k, v in config.items() if k not in _CONFIG_IGNORED}
-    return weights, json.dumps(key, sort_keys=True)
-
-
-def _manifest_fingerprint(name: str, adapter_dir: Path) -> str | None:
-    """Return manifest.json's base_fingerprint, None when the folder has no manifest."""
-    path = adapter_dir / MANIFEST_NAME
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"adapter {name!r}: unreadable {MANIFEST_NAME}: {exc}") from None
-    value = manifest.get("base_fingerprint") if isinstance(manifest, dict) else None
-    if not isinstance(value, str):
-        raise AdapterLoadError(f"adapter {name!r}: {MANIFEST_NAME} has no base_fingerprint string")
-    return value
 
 
 class AdapterRuntime:
@@ -179,7 +92,6 @@ class AdapterRuntime:
             torch.set_num_threads(torch_threads)  # process-wide: torch has no per-model setting
         self._torch = torch
         self.base_model_dir = Path(base_model_dir)
-        self.max_resident_bytes = max_resident_bytes
         # Headers only: fails fast on a folder without safetensors weights, before the big load.
         self._base_fingerprint = model_fingerprint(self.base_model_dir)
         self._tokenizer = AutoTokenizer.from_pretrained(self.base_model_dir)
@@ -188,13 +100,12 @@ class AdapterRuntime:
         self._model: Any = model.eval()
         self._peft: Any = None  # the PeftModel wrapper, created by the first load
         self._model_lock = threading.Lock()  # every touch of module state; see module docstring
-        # Guards registry, active and pins; never held while waiting for the model lock.
+        self._reg = Residency(max_resident_bytes)  # names -> slots, LRU, active, pins
+        # Guards the slot tables; never held while waiting for the model lock.
         self._state = threading.Lock()
-        self._residents: OrderedDict[str, _Resident] = OrderedDict()  # oldest use first
         self._slots: dict[str, _Slot] = {}  # every adapter peft holds, bound or free
         self._free: OrderedDict[str, None] = OrderedDict()  # unbound slots, oldest first
         self._next_slot = 0
-        self._active: str | None = None
         self._applied: object = None  # slot the layers currently apply, None = base (model lock)
         self._layers_enabled = True
         self._closed = False
@@ -207,12 +118,23 @@ class AdapterRuntime:
     @property
     def active(self) -> str | None:
         """The adapter new requests use by default; None means the base model."""
-        return self._active
+        return self._reg.active
+
+    @property
+    def max_resident_bytes(self) -> int:
+        """Budget of resident adapters' bytes (free slots count against it too)."""
+        return self._reg.max_bytes
 
     def resident(self) -> dict[str, int]:
         """Return resident adapters and their weight bytes, least recently used first."""
+        return self._reg.sizes()
+
+    def _free_slots(self, slots: list[str | None]) -> None:
+        """Slots the registry let go become reusable (trimmed by the next model-lock holder)."""
         with self._state:
-            return {r.name: r.nbytes for r in self._residents.values()}
+            for slot in slots:
+                if slot is not None:
+                    self._free[slot] = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -222,17 +144,16 @@ class AdapterRuntime:
         """Load an adapter from a peft folder (safetensors only) without activating it; return bytes."""
         self._check_open()
         adapter_dir = Path(adapter_dir)
-        weights, config_key = _check_adapter_dir(name, adapter_dir)
+        weights, config_key = check_adapter_dir(name, adapter_dir)
         if expected_fingerprint_check:
-            theirs = _manifest_fingerprint(name, adapter_dir)
-            if theirs is not None and _strip_sha(theirs) != _strip_sha(self._base_fingerprint):
+            theirs = manifest_fingerprint(name, adapter_dir)
+            if theirs is not None and strip_sha(theirs) != strip_sha(self._base_fingerprint):
                 raise IncompatibleAdapter(name, theirs, self._base_fingerprint)
         nbytes = weights.stat().st_size
         with self._model_lock:
             self._check_open()
+            self._reg.check_free(name)
             with self._state:
-                if name in self._residents:
-                    raise AdapterLoadError(f"adapter {name!r} is already loaded; unload it first")
                 slot = next((s for s in self._free if self._slots[s].config_key == config_key), None)
                 if slot is not None:
                     del self._free[slot]
@@ -241,9 +162,7 @@ class AdapterRuntime:
             else:
                 slot = self._new_slot_locked(name, adapter_dir, weights, config_key)
             self._slots[slot].nbytes = nbytes
-            with self._state:
-                self._residents[name] = _Resident(name, slot, nbytes)
-                self._evict_locked(keep=name)
+            self._free_slots(list(self._reg.add(name, slot, nbytes)))
             self._trim_locked()
         return nbytes
 
@@ -251,7 +170,7 @@ class AdapterRuntime:
         """Inject a new peft adapter from the folder and map its tensors (model lock held)."""
         from peft import PeftModel, get_peft_model_state_dict
 
-        slot = f"pl_{self._next_slot}"
+        slot = f"pl_{self._next_slot}"  # never collides with peft's "lora_" prefix check
         self._next_slot += 1
         # peft picks adapter_model.safetensors over a .bin (load_peft_weights) and we checked it
         # exists, so torch.load is never reached.
@@ -312,22 +231,10 @@ class AdapterRuntime:
                 self._peft.delete_adapter(slot)
         self._applied = _UNKNOWN
 
-    def _evict_locked(self, keep: str) -> None:
-        """Free least recently used adapters until under budget (state lock held)."""
-        total = sum(r.nbytes for r in self._residents.values())
-        for res in list(self._residents.values()):
-            if total <= self.max_resident_bytes:
-                return
-            if res.name in (keep, self._active) or res.pins > 0:
-                continue
-            del self._residents[res.name]
-            self._free[res.slot] = None
-            total -= res.nbytes
-
     def _trim_locked(self) -> None:
         """Delete free slots beyond the count cap or the byte budget (model lock held)."""
+        bound = sum(self._reg.sizes().values())
         with self._state:
-            bound = sum(r.nbytes for r in self._residents.values())
             doomed = []
             free_bytes = sum(self._slots[s].nbytes for s in self._free)
             while self._free and (len(self._free) > _MAX_FREE_SLOTS or bound + free_bytes > self.max_resident_bytes):
@@ -349,38 +256,20 @@ class AdapterRuntime:
     def activate(self, name: str | None) -> None:
         """Make a resident adapter (or None, the base) the default for new requests."""
         self._check_open()
-        with self._state:
-            if name is not None:
-                if name not in self._residents:
-                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-                self._residents.move_to_end(name)
-            self._active = name
+        self._reg.activate(name)
         # Apply now if the model is idle, so the next request starts without the switch cost;
         # if a request is running, the next request applies its own pinned adapter anyway.
         if self._model_lock.acquire(blocking=False):
             try:
-                with self._state:
-                    current = self._active
-                    slot = None if current is None else self._residents[current].slot
                 if not self._closed:
-                    self._apply_locked(slot)
+                    self._apply_locked(self._reg.active_handle())
             finally:
                 self._model_lock.release()
 
     def unload(self, name: str) -> None:
         """Drop a resident adapter; refuses the active one (AdapterBusy)."""
         self._check_open()
-        with self._state:
-            res = self._residents.get(name)
-            if res is None:
-                raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-            if name == self._active:
-                raise AdapterBusy(f"adapter {name!r} is active; activate another adapter or None first")
-            del self._residents[name]
-            if res.pins > 0:
-                res.draining = True  # the last in-flight request frees the slot
-            else:
-                self._free[res.slot] = None
+        self._free_slots([self._reg.remove(name)])  # None while pinned: the last request frees it
         self._trim_nowait()
 
     def _apply_locked(self, slot: str | None) -> None:
@@ -398,6 +287,11 @@ class AdapterRuntime:
                 self._peft.set_adapter(slot, inference_mode=True)
         self._applied = slot
 
+    def _pin(self, adapter: str | EllipsisType | None) -> tuple[str | None, Resident | None]:
+        """Resolve and pin a request's adapter at admission (default: the active one)."""
+        self._check_open()
+        return self._reg.pin(adapter)
+
     def generate(
         self,
         prompt: str,
@@ -408,37 +302,43 @@ class AdapterRuntime:
     ) -> GenerationResult:
         """Greedy-generate a reply with the adapter pinned at admission (default: the active one)."""
         started = time.perf_counter()
-        self._check_open()
-        with self._state:
-            name = self._active if adapter is ... else adapter
-            res: _Resident | None = None
-            if name is not None:
-                res = self._residents.get(name)
-                if res is None:
-                    raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
-                res.pins += 1
-                self._residents.move_to_end(name)
+        name, res = self._pin(adapter)
         try:
             with self._model_lock:
                 self._check_open()
-                self._apply_locked(None if res is None else res.slot)
-                text, tokens = self._generate_locked(prompt, max_new_tokens, chat)
+                self._apply_locked(None if res is None else res.handle)
+                text, ids = self._generate_locked(prompt, max_new_tokens, chat)
                 self._unpin(res)
                 res = None
                 self._trim_locked()
         finally:
             self._unpin(res)  # only when the generation raised
-        return GenerationResult(text, name, tokens, time.perf_counter() - started)
+        eos = self._tokenizer.eos_token_id
+        kept = tuple(i for i in ids if i != eos)
+        finish = "eos" if len(kept) < len(ids) else "length"
+        return GenerationResult(
+            text, name, len(ids), time.perf_counter() - started, finish_reason=finish, token_ids=kept
+        )
 
-    def _unpin(self, res: _Resident | None) -> None:
-        if res is None:
-            return
-        with self._state:
-            res.pins -= 1
-            if res.draining and res.pins == 0:
-                self._free[res.slot] = None
+    def stream(self, request: GenerateRequest) -> Iterator[StreamChunk]:
+        """Stream a reply token by token; the adapter is pinned when iteration starts, and the
+        model stays with this request until the stream ends or is closed."""
+        from agent.torch_stream import stream_tokens
 
-    def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, int]:
+        name, res = self._pin(request.adapter)
+        try:
+            with self._model_lock:
+                self._check_open()
+                self._apply_locked(None if res is None else res.handle)
+                yield from stream_tokens(self._model, self._tokenizer, request, name)
+        finally:
+            self._unpin(res)
+            self._trim_nowait()
+
+    def _unpin(self, res: Resident | None) -> None:
+        self._free_slots([self._reg.unpin(res)])
+
+    def _generate_locked(self, prompt: str, max_new_tokens: int, chat: bool) -> tuple[str, list[int]]:
         """Tokenize, generate greedily and decode (model lock held; fast tokenizers are not
         safe to share between threads either)."""
         from transformers import GenerationConfig
@@ -463,7 +363,7 @@ class AdapterRuntime:
         with self._torch.inference_mode():
             out = self._model.generate(**enc, generation_config=config)
         new = out[0, n_in:]
-        return str(tok.decode(new, skip_special_tokens=True)), int(new.shape[0])
+        return str(tok.decode(new, skip_special_tokens=True)), [int(i) for i in new]
 
     def close(self) -> None:
         """Release the model; later calls raise RuntimeClosed."""
@@ -471,11 +371,10 @@ class AdapterRuntime:
             self._closed = True
             self._peft = None
             self._model = None
+            self._reg.clear()
             with self._state:
-                self._residents.clear()
                 self._slots.clear()
                 self._free.clear()
-                self._active = None
 
     def __enter__(self) -> AdapterRuntime:
         return self

@@ -1,9 +1,14 @@
-"""Child process serving the inference runtime over stdin/stdout (one JSON object per line).
+"""Child process serving an inference runtime: JSON commands on stdin/stdout from the agent,
+and (with --serve) DeviceInferenceService for apps on the device.
+
+Backends: `torch` (agent.runtime: transformers + peft on a Hugging Face base folder) or `onnx`
+(agent.ort_runtime: onnxruntime-genai on a runtime bundle; this process then imports neither
+torch nor transformers).
 
 It runs below normal priority (nice 10, the lowest best-effort I/O level) so the device's own
 foreground work comes first, yet above the training child (nice 19, idle I/O): an answer is
 waited for, a training step is not. Its thread pools are capped by the parent's environment
-(agent.inference) and torch's by --torch-threads.
+(agent.inference) and the backend's by --threads.
 """
 
 from __future__ import annotations
@@ -16,17 +21,30 @@ from pathlib import Path
 from typing import Any
 
 from agent.procinfo import IOPRIO_CLASS_BE, lower_priority
+from agent.runtime_base import InferenceBackend
 
 INFERENCE_NICE = 10
 INFERENCE_IO_LEVEL = 7  # the lowest of the best-effort class's levels 0-7
 
 
+def _runtime(args: argparse.Namespace) -> InferenceBackend:
+    if args.backend == "onnx":
+        from agent.ort_runtime import OrtRuntime
+
+        return OrtRuntime(args.model, max_resident_bytes=args.max_resident_bytes, threads=args.threads or None)
+    from agent.runtime import AdapterRuntime
+
+    return AdapterRuntime(args.model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.threads or None)
+
+
 def main() -> int:
-    """Load the base once, then answer commands until stdin closes."""
+    """Load the model once, then answer commands until stdin closes."""
     parser = argparse.ArgumentParser(description="PocketLoRA inference runtime host")
-    parser.add_argument("--base-model", required=True, type=Path)
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument("--model", required=True, type=Path, help="base model folder (torch) or runtime bundle (onnx)")
     parser.add_argument("--max-resident-bytes", type=int, default=256 * 2**20)
-    parser.add_argument("--torch-threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--serve", default="", help="DeviceInferenceService address: unix:/path or 127.0.0.1:PORT")
     args = parser.parse_args()
     for problem in lower_priority(INFERENCE_NICE, IOPRIO_CLASS_BE, INFERENCE_IO_LEVEL):
         print(f"runtime host: could not lower its priority: {problem}", file=sys.stderr)
@@ -35,16 +53,17 @@ def main() -> int:
     # Replies go on the real stdout; anything libraries print goes to stderr.
     out = sys.stdout
     sys.stdout = sys.stderr
-    from agent.runtime import AdapterRuntime
+    runtime = _runtime(args)
+    server, address = None, ""
+    if args.serve:
+        from agent.inference_server import serve_inference
 
-    runtime = AdapterRuntime(
-        args.base_model, max_resident_bytes=args.max_resident_bytes, torch_threads=args.torch_threads or None
-    )
+        server, address = serve_inference(runtime, args.serve, args.backend)
 
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd.get("op")
         if op == "ping":
-            return {"base_fingerprint": runtime.base_fingerprint}
+            return {"base_fingerprint": runtime.base_fingerprint, "address": address, "backend": args.backend}
         if op == "has":
             return {"resident": cmd["name"] in runtime.resident()}
         if op == "load":
@@ -70,6 +89,8 @@ def main() -> int:
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+    if server is not None:
+        server.stop(grace=2).wait()
     runtime.close()
     return 0
 

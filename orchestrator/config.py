@@ -53,6 +53,11 @@ class OrchestratorConfig:
     # Bootstrap operator token (e.g. from POCKETLORA_OPERATOR_TOKEN): registered as the token of
     # an admin named `admin` when no admin exists yet, never after; empty disables it.
     bootstrap_token: str = ""
+    # Base models whose runtime bundles this orchestrator exports for the on-device ONNX
+    # runtime: base model id -> local Hugging Face folder. Empty: devices get NOT_FOUND.
+    runtime_bases: dict[str, str] = field(default_factory=dict)
+    # Weight precision of exported bundles: "int4" (what devices run) or "fp32" (exact).
+    bundle_precision: str = "int4"
 
     @property
     def retry(self) -> RetryPolicy:
@@ -68,3 +73,5 @@ class OrchestratorConfig:
         for name in ("credential_cache_s", "last_seen_write_s", "campaign_rescan_s", "gate_policy_refresh_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.bundle_precision not in ("int4", "fp32"):
+            raise ValueError(f"bundle_precision must be int4 or fp32, got {self.bundle_precision!r}")

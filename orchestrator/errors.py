@@ -9,9 +9,10 @@ OrchestratorError
 ├── PermissionDenied     a valid caller acting on what is not theirs
 ├── ResourceExhausted    the caller is over one of its limits (too many calls, a watch that
 │                        fell behind): retry later
-└── Unavailable          a dependency (the adapter store, the verification task) is down, or
-                         the server is stopping: nothing was decided, the caller should retry
-                         the same call later (maybe elsewhere)
+└── Unavailable          a dependency (the adapter store, the verification task) is down, the
+                         server is stopping, or what was asked for is still being made (a
+                         runtime form): nothing was decided, the caller should retry the same
+                         call later (maybe elsewhere)
 
 Every error pickles to the same class and fields (PortableError), so it crosses Ray task and
 actor boundaries intact.
@@ -61,8 +62,8 @@ class ResourceExhausted(OrchestratorError):
 
 
 class Unavailable(OrchestratorError):
-    """Something the call needs is down for now, or the server is stopping; the same call may
-    succeed later, maybe on another replica."""
+    """Something the call needs is down for now, still being made, or the server is stopping;
+    the same call may succeed later, maybe on another replica."""
 
 
 T = TypeVar("T")

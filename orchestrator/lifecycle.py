@@ -80,6 +80,7 @@ class JobLifecycle:
         clock: Callable[[], float],
         verifier: Verifier = local_verifier,
         policies: GatePolicies | None = None,
+        on_verified: Callable[[AdapterRecord], None] | None = None,
     ) -> None:
         self.state = state
         self.blobs = blobs
@@ -88,6 +89,7 @@ class JobLifecycle:
         self.clock = clock
         self.verifier = verifier
         self.policies = policies or GatePolicies(state, config, clock)
+        self.on_verified = on_verified  # told of every adapter registered, after its commit
         self.fleet = FleetStats(clock)
 
     def pace(self, *, running: bool) -> float:
@@ -268,6 +270,8 @@ class JobLifecycle:
             job.succeed(adapter.adapter_id, now)
             tx.save_job(job)
             release_device(tx, call.device_id, job_id)
+        if self.on_verified is not None:
+            self.on_verified(adapter)
         return adapter
 
     def fail(self, call: DeviceCall, job_id: str, epoch: int, error: ErrorClass, message: str) -> tuple[bool, JobState]:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapters_store import open_store
+from adapters_store.runtime_bundle import BundleSettings
 from orchestrator.config import OrchestratorConfig
 from orchestrator.feed import ChangeFeed
 from orchestrator.http.server import HttpServer, start_http
@@ -24,6 +25,7 @@ from orchestrator.limits import Gatekeeper, LimitsInterceptor
 from orchestrator.metrics import Sample
 from orchestrator.operators import BOOTSTRAP_ADMIN
 from orchestrator.polls import PollRunner, open_poll_runner
+from orchestrator.runtime_forms import RuntimeForms
 from orchestrator.service import Orchestrator
 from orchestrator.servicers.admin import AdminServicer
 from orchestrator.servicers.agent import AgentServicer
@@ -64,10 +66,24 @@ _OPTIONS = [
 
 
 def build_orchestrator(
-    db_url: str, store_url: str, config: OrchestratorConfig, *, verifier: Verifier = local_verifier
+    db_url: str,
+    store_url: str,
+    config: OrchestratorConfig,
+    *,
+    verifier: Verifier = local_verifier,
+    forms: dict[str, Any] | None = None,
 ) -> Orchestrator:
-    """Open the state and blob stores a deployment names and wire the domain service."""
-    return Orchestrator(open_state(db_url), open_store(store_url), config, verifier=verifier)
+    """Open the state and blob stores a deployment names and wire the domain service.
+
+    `forms` are keyword arguments of RuntimeForms (exporter, converter, exports) when the
+    config names runtime bases.
+    """
+    store = open_store(store_url)
+    runtime_forms = None
+    if config.runtime_bases:
+        settings = BundleSettings(precision=config.bundle_precision)
+        runtime_forms = RuntimeForms(store, config.runtime_bases, settings, **(forms or {}))
+    return Orchestrator(open_state(db_url), store, config, verifier=verifier, runtime_forms=runtime_forms)
 
 
 @dataclass

@@ -9,6 +9,7 @@
     rollouts   (rollouts.py)       staged activation of a campaign's adapters, halted by failures
     policies   (gate_policies.py)  the gate thresholds operators set, sent in heartbeat replies
     queries    (queries.py)        operator reads and watches
+    runtimes   (runtimes.py)       runtime bundles and adapters' .onnx_adapter forms for devices
 
 Nothing here knows gRPC or Ray: servicers convert requests and call one method of one role; the
 Ray layer runs `control_tick` on a timer and adapter verification as tasks.
@@ -32,6 +33,8 @@ from orchestrator.lifecycle import JobLifecycle, Verifier, local_verifier
 from orchestrator.operators import Operators
 from orchestrator.queries import Queries
 from orchestrator.rollouts import Rollouts
+from orchestrator.runtime_forms import RuntimeForms
+from orchestrator.runtimes import RuntimeDownloads
 from orchestrator.state.base import StateStore
 
 log = logging.getLogger("pocketlora.orchestrator")
@@ -57,6 +60,7 @@ class Orchestrator:
         *,
         clock: Callable[[], float] = time.time,
         verifier: Verifier = local_verifier,
+        runtime_forms: RuntimeForms | None = None,
     ) -> None:
         self.state = state
         self.blobs = blobs
@@ -66,7 +70,10 @@ class Orchestrator:
         self.operators = Operators(state, config, clock)
         self.audit = AuditLog(state, clock)
         self.policies = GatePolicies(state, config, clock)
-        self.jobs = JobLifecycle(state, blobs, config, self.identity, clock, verifier, self.policies)
+        # A verified adapter gets its runtime form in the background (None: no bundles here).
+        on_verified = runtime_forms.adapter_verified if runtime_forms is not None else None
+        self.jobs = JobLifecycle(state, blobs, config, self.identity, clock, verifier, self.policies, on_verified)
+        self.runtimes = RuntimeDownloads(self.jobs, self.identity, runtime_forms, config, clock)
         self.fleet = FleetOps(state, config, clock)
         self.campaigns = Campaigns(state, config, clock)
         self.rollouts = Rollouts(state, clock)
@@ -90,5 +97,6 @@ class Orchestrator:
 
     def close(self) -> None:
         """Release the stores."""
+        self.runtimes.close()
         self.state.close()
         self.blobs.close()

@@ -3,8 +3,8 @@
 The commands live by role (job_cli.py: jobs; watch_cli.py: job watch; operator_cli.py: devices, adapters, tokens, the
 summary; admin_cli.py: operators, tokens, device identities, the audit log; campaign_cli.py and
 rollout_cli.py: campaigns and rollouts; policy_cli.py: fleet gate policies; orchestrator_cli.py: the orchestrator's
-serve and health commands; commands.py: the agent, inference and the demo) and register themselves on the groups of
-cli_common.py (or their own) when imported here.
+serve and health commands; commands.py: the agent and the demo; infer_cli.py: inference) and register themselves on
+the groups of cli_common.py (or their own) when imported here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pocketlora import (
     admin_cli,
     campaign_cli,
     commands,
+    infer_cli,
     job_cli,
     operator_cli,
     orchestrator_cli,
@@ -30,6 +31,7 @@ COMMAND_MODULES = (
     admin_cli,
     commands,
     orchestrator_cli,
+    infer_cli,
     job_cli,
     operator_cli,
     watch_cli,

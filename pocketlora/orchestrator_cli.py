@@ -64,6 +64,18 @@ def _check_stores(db: str, store: str) -> None:
         raise UserError(f"cannot open stores: {exc}") from None
 
 
+def _runtime_bases(values: list[str]) -> dict[str, str]:
+    """--runtime-base [ID=]DIR values as {id: absolute folder}."""
+    bases = {}
+    for value in values:
+        base_id, sep, folder = value.partition("=")
+        path = Path(folder if sep else value).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise typer.BadParameter(f"{value!r}: no config.json in {path}", param_hint="--runtime-base")
+        bases[base_id if sep else path.name] = str(path)
+    return bases
+
+
 @orchestrator_app.command("serve")
 def serve(
     listen: Annotated[
@@ -108,6 +120,13 @@ def serve(
             " as the first admin's when no admin exists yet.",
         ),
     ] = True,
+    runtime_base: Annotated[
+        list[str],
+        typer.Option(
+            help="[ID=]DIR of a base model to export a runtime bundle for (ONNX devices); repeatable. ID defaults to the folder name."
+        ),
+    ] = [],  # noqa: B006
+    bundle_precision: Annotated[str, typer.Option(help="Bundle weights: int4 | fp32.")] = "int4",
     tls_cert: Annotated[
         Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate chain (PEM).", show_default=False)
     ] = None,
@@ -132,6 +151,8 @@ def serve(
     from pocketlora.tls import TlsConfigError, check_listen, load_server_tls
 
     _check_listen(listen)
+    if bundle_precision not in ("int4", "fp32"):
+        raise typer.BadParameter(f"{bundle_precision!r} is not int4 or fp32", param_hint="--bundle-precision")
     if http_listen:
         _check_listen(http_listen, "--http-listen")
     if ray_code not in CODE_MODES:
@@ -154,6 +175,8 @@ def serve(
         reap_interval_s=reap_interval_s,
         bootstrap_token=operator_token,
         enrollment_token=enrollment_token,
+        runtime_bases=_runtime_bases(runtime_base),
+        bundle_precision=bundle_precision,
     )
     _check_stores(db, store)
     if ray_address and store.startswith("file:"):

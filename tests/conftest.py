@@ -1,4 +1,5 @@
-"""Session-wide test servers (PostgreSQL) and environment: offline, loopback only, no telemetry."""
+"""Session-wide test servers (PostgreSQL), a tiny runtime bundle, and the environment: offline,
+loopback only, no telemetry."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.support.onnx_models import TinyBundle, build_tiny_bundle
 from tests.support.postgres import PostgresServer, find_pg_bin
 from tests.support.seaweed import SeaweedServer, find_weed
 
@@ -42,3 +44,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh database on the session's server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
+    """A tiny Llama's fp32 runtime bundle and three adapters in every form, exported once."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))

@@ -137,7 +137,7 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
             120,
             "the device to activate the adapter",
         )
-        runtime = agent.runtime
+        runtime = agent.adapters.runtime
         assert runtime is not None
         runtime_pid = runtime.proc.pid
         prompt = "Say the code 3."
@@ -156,7 +156,7 @@ def test_whole_loop_trains_verifies_activates_and_changes_outputs(
         )
         assert runtime.generate(prompt, max_new_tokens=12)["text"] == plain["text"]
         assert not runtime.has(adapter.adapter_id)  # the old adapter was unloaded after the swap
-        assert agent.runtime is runtime and runtime.proc.pid == runtime_pid
+        assert agent.adapters.runtime is runtime and runtime.proc.pid == runtime_pid
         kinds = [k for k, _ in events]
         assert kinds.index("leased") < kinds.index("uploaded") < kinds.index("completed")
     finally:

@@ -11,6 +11,7 @@ actors and tasks (Ray Serve's controller pattern):
   verification as a Ray task) and unwrap_ray_errors (a task's own error, not Ray's wrapper).
 - deployment.py: where they run (front ends spread over ingress nodes, the control loop
   restartable anywhere) and supervision (lost front ends replaced, endpoints health-checked).
+- forms.py: runtime bundle exports and adapter conversions (.onnx_adapter) as Ray tasks.
 - probe.py: the versions and code digest compared between the driver and every node.
 """
 

@@ -219,7 +219,15 @@ class FrontendActor:
             log.warning("no verification worker free within %.0f s; serving without a warm one", WARM_UP_S)
             ray.cancel(warming)
         verifier = ray_verifier(self.store_url, self.env)
-        orch = build_orchestrator(self.db_url, self.store_url, config_from_dict(self.config), verifier=verifier)
+        from orchestrator.ray_layer.forms import ray_forms
+
+        orch = build_orchestrator(
+            self.db_url,
+            self.store_url,
+            config_from_dict(self.config),
+            verifier=verifier,
+            forms=ray_forms(self.store_url, self.env, exports=False),
+        )
         serving = self.serving
         self.running = await start_server(
             orch,
@@ -258,9 +266,12 @@ class ControlLoopActor:
     ) -> None:
         _check_code(expected)
         env.apply()
+        from orchestrator.ray_layer.forms import ray_forms
         from orchestrator.server import build_orchestrator
 
-        self.orch = build_orchestrator(db_url, store_url, config_from_dict(config))
+        self.orch = build_orchestrator(
+            db_url, store_url, config_from_dict(config), forms=ray_forms(store_url, env, exports=True)
+        )
         self.interval = self.orch.config.reap_interval_s
         self.done = {"ticks": 0, "reaped": 0, "campaign_jobs": 0, "rollout_changes": 0}
         self._stopping: asyncio.Event | None = None
@@ -269,6 +280,10 @@ class ControlLoopActor:
         """Run the control loop's passes until stop() is called."""
         loop = asyncio.get_running_loop()
         self._stopping = self._stopping or asyncio.Event()
+        forms = self.orch.runtimes.forms
+        if forms is not None:
+            # Bases without a bundle are exported once, in the background (Ray tasks).
+            await loop.run_in_executor(None, forms.ensure_bundles)
         while not self._stopping.is_set():
             try:
                 tick = await loop.run_in_executor(None, self.orch.control_tick)

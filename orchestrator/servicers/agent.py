@@ -154,9 +154,38 @@ class AgentServicer(ServicerBase, pb_grpc.AgentServiceServicer):
     async def GetAdapterDownloadUrl(
         self, request: pb.GetAdapterDownloadUrlRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAdapterDownloadUrlResponse:
-        adapter, url, expires = await self._run(self.orch.jobs.adapter_download, _caller(context), request.adapter_id)
+        call = _caller(context)
+        if request.form == pb.ADAPTER_FORM_ONNX_ADAPTER:
+            adapter, form, url, expires = await self._run(self.orch.runtimes.adapter_form, call, request.adapter_id)
+            return pb.GetAdapterDownloadUrlResponse(
+                adapter=convert.adapter_ref(adapter),
+                url=url,
+                expires_at=convert.ts(expires),
+                runtime_form=convert.runtime_form(form),
+            )
+        if request.form not in (pb.ADAPTER_FORM_UNSPECIFIED, pb.ADAPTER_FORM_SAFETENSORS):
+            await self._run(self.orch.identity.authenticate, call)
+            raise InvalidArgument("form", f"{request.form} is not an adapter form")
+        adapter, url, expires = await self._run(self.orch.jobs.adapter_download, call, request.adapter_id)
         return pb.GetAdapterDownloadUrlResponse(
             adapter=convert.adapter_ref(adapter), url=url, expires_at=convert.ts(expires)
+        )
+
+    @rpc
+    async def GetRuntimeBundleUrl(
+        self, request: pb.GetRuntimeBundleUrlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetRuntimeBundleUrlResponse:
+        call = _caller(context)
+        if request.runtime != tpb.INFERENCE_RUNTIME_ONNX:
+            await self._run(self.orch.identity.authenticate, call)
+            raise InvalidArgument("runtime", "only INFERENCE_RUNTIME_ONNX has runtime bundles")
+        ref, url, expires = await self._run(self.orch.runtimes.bundle, call, request.base_fingerprint)
+        return pb.GetRuntimeBundleUrlResponse(
+            sha256=ref.sha256,
+            size_bytes=ref.size,
+            url=url,
+            expires_at=convert.ts(expires),
+            manifest_json=ref.manifest.to_json(),
         )
 
 

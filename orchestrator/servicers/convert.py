@@ -169,6 +169,10 @@ def byte_count(value: int) -> int:
     return min(value, _MAX_BYTES)
 
 
+def _runtime(number: int) -> wire.InferenceRuntime | None:
+    return wire.from_pb(wire.InferenceRuntime, number)
+
+
 def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
     """Capabilities as stored (labels included; the service splits them off)."""
     out = {
@@ -183,11 +187,23 @@ def capabilities_dict(caps: pb.Capabilities) -> dict[str, Any]:
         "base_fingerprint": caps.base_fingerprint[:100],
         "memory_budget_bytes": byte_count(caps.memory_budget_bytes),
         "native_bf16": caps.native_bf16,
+        "inference_runtimes": [str(r) for r in map(_runtime, caps.inference_runtimes) if r is not None],
         "labels": dict(caps.labels),
     }
     if caps.HasField("base_shape"):
         out["base_shape"] = base_shape_dict(caps.base_shape)
     return out
+
+
+def runtime_form(form: dict[str, Any]) -> agent_pb.RuntimeForm:
+    """An adapter's .onnx_adapter form as stored (adapters_store.onnx_adapter.form_manifest)."""
+    return agent_pb.RuntimeForm(
+        form=agent_pb.ADAPTER_FORM_ONNX_ADAPTER,
+        sha256=str(form["sha256"]),
+        size_bytes=int(form["size"]),
+        bundle_sha256=str(form["bundle_sha256"]),
+        manifest_json=json.dumps(form, sort_keys=True),
+    )
 
 
 def power_dict(power: pb.PowerState) -> dict[str, Any]:
@@ -202,6 +218,8 @@ def power_dict(power: pb.PowerState) -> dict[str, Any]:
 def device_pb(device: DeviceRecord) -> pb.Device:
     """A stored device as the API shows it."""
     caps = {k: v for k, v in device.capabilities.items() if k != "labels"}
+    names = [wire.from_pb_name(wire.InferenceRuntime, n) for n in caps.get("inference_runtimes", [])]
+    caps["inference_runtimes"] = [wire.to_pb(r) for r in names if r is not None]
     cap_pb = pb.Capabilities(labels=device.reported_labels, **caps)
     power = pb.PowerState(has_battery=bool(device.power.get("has_battery")))
     for name in ("charging", "battery_pct", "temperature_c"):

@@ -122,10 +122,10 @@ def test_free_slot_reused_in_place(
     rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]
 ) -> None:
     rt.load("alpha", models["alpha"])
-    slot = rt._residents["alpha"].slot
+    slot = rt._reg.get("alpha").handle
     rt.unload("alpha")
     rt.load("beta", models["beta"])  # same LoRA config: copied into alpha's old slot
-    assert rt._residents["beta"].slot == slot
+    assert rt._reg.get("beta").handle == slot
     assert len(rt._peft.peft_config) == 1
     assert rt.generate(PROMPT, max_new_tokens=TOKENS, adapter="beta").text == references["beta"]
     rt.load("alpha", models["alpha"])  # no free slot: a new one
@@ -157,7 +157,7 @@ def test_mismatched_weights_refused_for_free_slot(rt: AdapterRuntime, models: di
     rt.load("beta", models["beta"])
     with pytest.raises(AdapterLoadError, match="do not match"):
         rt.load("partial", partial)
-    assert set(rt._slots) == {rt._residents["beta"].slot}
+    assert set(rt._slots) == {rt._reg.get("beta").handle}
 
 
 def test_double_load_and_bad_names_refused(rt: AdapterRuntime, models: dict[str, Path]) -> None:
@@ -188,10 +188,10 @@ def test_lru_eviction_by_bytes(models: dict[str, Path]) -> None:
 
         # Nor one pinned by an in-flight request.
         rt.activate(None)
-        rt._residents["alpha"].pins = 1
+        _, pinned = rt._reg.pin("alpha")
         rt.load("gamma", models["gamma"])
         assert set(rt.resident()) == {"alpha", "gamma"}
-        rt._unpin(rt._residents["alpha"])
+        rt._unpin(pinned)
 
 
 def test_pickled_bin_refused_without_unpickling(
@@ -256,7 +256,7 @@ def test_unload_while_pinned_finishes_the_request(
     rt: AdapterRuntime, models: dict[str, Path], references: dict[str | None, str]
 ) -> None:
     rt.load("alpha", models["alpha"])
-    slot = rt._residents["alpha"].slot
+    slot = rt._reg.get("alpha").handle
     results = []
     with rt._model_lock:  # hold the model so the request is admitted but cannot run yet
         worker = threading.Thread(
@@ -264,7 +264,7 @@ def test_unload_while_pinned_finishes_the_request(
         )
         worker.start()
         deadline = time.monotonic() + 10
-        while rt._residents["alpha"].pins == 0 and time.monotonic() < deadline:
+        while rt._reg.get("alpha").pins == 0 and time.monotonic() < deadline:
             time.sleep(0.001)
         rt.unload("alpha")  # returns at once, even though the model is busy
         rt.activate(None)  # nor does activate wait for the model

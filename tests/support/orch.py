@@ -11,7 +11,9 @@ from types import TracebackType
 from typing import Any
 
 from adapters_store import AdapterManifest, BlobInfo, BlobStore, FileBlobStore, pack_adapter
+from adapters_store.runtime_bundle import BundleSettings
 from orchestrator.config import OrchestratorConfig
+from orchestrator.runtime_forms import RuntimeForms
 from orchestrator.server import RunningServer, start_server
 from orchestrator.service import Orchestrator
 from orchestrator.state import open_state
@@ -54,7 +56,10 @@ class ServerThread:
     ) -> None:
         self.store = store or FileBlobStore(tmp / "blobs", url_secret=secrets.token_bytes(32))
         cfg = OrchestratorConfig(**{"bootstrap_token": OPERATOR_TOKEN, "enrollment_token": ENROLL_TOKEN, **config})
-        kw = {"clock": clock} if clock else {}
+        kw: dict[str, Any] = {"clock": clock} if clock else {}
+        if cfg.runtime_bases:  # exports and conversions in this process, as without Ray
+            settings = BundleSettings(precision=cfg.bundle_precision)
+            kw["runtime_forms"] = RuntimeForms(self.store, cfg.runtime_bases, settings)
         self.orch = Orchestrator(open_state(db_url or f"sqlite:///{tmp / 'state.db'}"), self.store, cfg, **kw)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -105,6 +110,8 @@ class ServerThread:
             asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if self.orch.runtimes.forms is not None:
+            self.orch.runtimes.forms.close(wait=True)  # an export or conversion still running
         self.orch.state.close()
         self.store.close()
 

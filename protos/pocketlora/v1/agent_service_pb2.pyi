@@ -15,6 +15,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from protos.pocketlora.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -26,6 +27,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AdapterForm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterFormEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterForm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_FORM_UNSPECIFIED: _AdapterForm.ValueType  # 0
+    """Not set: the trained safetensors blob."""
+    ADAPTER_FORM_SAFETENSORS: _AdapterForm.ValueType  # 1
+    """The trained blob: peft safetensors with its config and manifest (the source of truth)."""
+    ADAPTER_FORM_ONNX_ADAPTER: _AdapterForm.ValueType  # 2
+    """ONNX Runtime's .onnx_adapter for the runtime bundle of the adapter's base."""
+
+class AdapterForm(_AdapterForm, metaclass=_AdapterFormEnumTypeWrapper):
+    """AdapterForm is the file format an adapter is downloaded in."""
+
+ADAPTER_FORM_UNSPECIFIED: AdapterForm.ValueType  # 0
+"""Not set: the trained safetensors blob."""
+ADAPTER_FORM_SAFETENSORS: AdapterForm.ValueType  # 1
+"""The trained blob: peft safetensors with its config and manifest (the source of truth)."""
+ADAPTER_FORM_ONNX_ADAPTER: AdapterForm.ValueType  # 2
+"""ONNX Runtime's .onnx_adapter for the runtime bundle of the adapter's base."""
+Global___AdapterForm: _TypeAlias = AdapterForm  # noqa: Y015
 
 @_typing.final
 class EnrollRequest(_message.Message):
@@ -677,20 +702,62 @@ class GetAdapterDownloadUrlRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    FORM_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     """The adapter's id; it must belong to the calling device."""
+    form: Global___AdapterForm.ValueType
+    """The format wanted; unset means the safetensors blob."""
     def __init__(
         self,
         *,
         adapter_id: _builtins.str = ...,
+        form: Global___AdapterForm.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "form", b"form"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAdapterDownloadUrlRequest: _TypeAlias = GetAdapterDownloadUrlRequest  # noqa: Y015
+
+@_typing.final
+class RuntimeForm(_message.Message):
+    """RuntimeForm describes the file behind a URL for a runtime form of an adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORM_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    MANIFEST_JSON_FIELD_NUMBER: _builtins.int
+    form: Global___AdapterForm.ValueType
+    """The format of the file."""
+    sha256: _builtins.str
+    """sha256 of the file, lowercase hex."""
+    size_bytes: _builtins.int
+    """Size of the file in bytes."""
+    bundle_sha256: _builtins.str
+    """sha256 of the runtime bundle the form was made for."""
+    manifest_json: _builtins.str
+    """The form's manifest (rank, scaling, modules, base fingerprint), as JSON."""
+    def __init__(
+        self,
+        *,
+        form: Global___AdapterForm.ValueType = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        bundle_sha256: _builtins.str = ...,
+        manifest_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_sha256", b"bundle_sha256", "form", b"form", "manifest_json", b"manifest_json", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuntimeForm: _TypeAlias = RuntimeForm  # noqa: Y015
 
 @_typing.final
 class GetAdapterDownloadUrlResponse(_message.Message):
@@ -701,15 +768,20 @@ class GetAdapterDownloadUrlResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RUNTIME_FORM_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """Presigned GET URL."""
     @_builtins.property
     def adapter(self) -> Global___AdapterRef:
-        """The adapter, for verification after download."""
+        """The adapter, for verification after download (of the safetensors form)."""
 
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When url stops working."""
+
+    @_builtins.property
+    def runtime_form(self) -> Global___RuntimeForm:
+        """With ADAPTER_FORM_ONNX_ADAPTER: the file the URL serves, for verification after download."""
 
     def __init__(
         self,
@@ -717,14 +789,81 @@ class GetAdapterDownloadUrlResponse(_message.Message):
         adapter: Global___AdapterRef | None = ...,
         url: _builtins.str = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        runtime_form: Global___RuntimeForm | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "expires_at", b"expires_at", "runtime_form", b"runtime_form"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "expires_at", b"expires_at", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "expires_at", b"expires_at", "runtime_form", b"runtime_form", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAdapterDownloadUrlResponse: _TypeAlias = GetAdapterDownloadUrlResponse  # noqa: Y015
+
+@_typing.final
+class GetRuntimeBundleUrlRequest(_message.Message):
+    """GetRuntimeBundleUrlRequest asks for the runtime bundle of the device's base model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    BASE_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    runtime: _types_pb2.InferenceRuntime.ValueType
+    """The runtime the bundle is for; only INFERENCE_RUNTIME_ONNX has bundles."""
+    base_fingerprint: _builtins.str
+    """Fingerprint of the device's base model, "sha256:<hex>"."""
+    def __init__(
+        self,
+        *,
+        runtime: _types_pb2.InferenceRuntime.ValueType = ...,
+        base_fingerprint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_fingerprint", b"base_fingerprint", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRuntimeBundleUrlRequest: _TypeAlias = GetRuntimeBundleUrlRequest  # noqa: Y015
+
+@_typing.final
+class GetRuntimeBundleUrlResponse(_message.Message):
+    """GetRuntimeBundleUrlResponse is a short-lived URL to the bundle (a tar)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    MANIFEST_JSON_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """sha256 of the bundle tar, lowercase hex; also the bundle's id."""
+    size_bytes: _builtins.int
+    """Size of the tar in bytes."""
+    url: _builtins.str
+    """Presigned GET URL."""
+    manifest_json: _builtins.str
+    """The bundle manifest (base, export settings, LoRA inputs), as JSON."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When url stops working."""
+
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        url: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        manifest_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "manifest_json", b"manifest_json", "sha256", b"sha256", "size_bytes", b"size_bytes", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRuntimeBundleUrlResponse: _TypeAlias = GetRuntimeBundleUrlResponse  # noqa: Y015
 
 @_typing.final
 class RotateCredentialRequest(_message.Message):

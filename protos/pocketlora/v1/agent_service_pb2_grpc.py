@@ -75,6 +75,11 @@ class AgentServiceStub:
                 request_serializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.SerializeToString,
                 response_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.FromString,
                 _registered_method=True)
+        self.GetRuntimeBundleUrl = channel.unary_unary(
+                '/pocketlora.v1.AgentService/GetRuntimeBundleUrl',
+                request_serializer=pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlRequest.SerializeToString,
+                response_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -125,7 +130,10 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAdapterDownloadUrl(self, request, context):
-        """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters.
+        """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters,
+        as trained (safetensors) or in its runtime form (.onnx_adapter). A runtime form still being
+        converted answers UNAVAILABLE (ask again later); one that cannot exist (the bundle cannot
+        serve the adapter) answers FAILED_PRECONDITION with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +141,15 @@ class AgentServiceServicer:
 
     def RotateCredential(self, request, context):
         """Issues a new credential; the current one stays valid until the new one is first used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRuntimeBundleUrl(self, request, context):
+        """GetRuntimeBundleUrl returns a short-lived URL to download the runtime bundle of the device's
+        base model. NOT_FOUND when the orchestrator exports no bundle for that base; UNAVAILABLE
+        while the export runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +197,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RotateCredential,
                     request_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.FromString,
                     response_serializer=pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.SerializeToString,
+            ),
+            'GetRuntimeBundleUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRuntimeBundleUrl,
+                    request_deserializer=pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlRequest.FromString,
+                    response_serializer=pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +421,33 @@ class AgentService:
             '/pocketlora.v1.AgentService/RotateCredential',
             pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialRequest.SerializeToString,
             pocketlora_dot_v1_dot_agent__service__pb2.RotateCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRuntimeBundleUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pocketlora.v1.AgentService/GetRuntimeBundleUrl',
+            pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlRequest.SerializeToString,
+            pocketlora_dot_v1_dot_agent__service__pb2.GetRuntimeBundleUrlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,9 +54,18 @@ class AgentServiceStub:
     FailJob: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.FailJobRequest, _agent_service_pb2.FailJobResponse]
     """FailJob reports a failed attempt."""
     GetAdapterDownloadUrl: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetAdapterDownloadUrlRequest, _agent_service_pb2.GetAdapterDownloadUrlResponse]
-    """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+    """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters,
+    as trained (safetensors) or in its runtime form (.onnx_adapter). A runtime form still being
+    converted answers UNAVAILABLE (ask again later); one that cannot exist (the bundle cannot
+    serve the adapter) answers FAILED_PRECONDITION with the reason.
+    """
     RotateCredential: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.RotateCredentialRequest, _agent_service_pb2.RotateCredentialResponse]
     """Issues a new credential; the current one stays valid until the new one is first used."""
+    GetRuntimeBundleUrl: _grpc.UnaryUnaryMultiCallable[_agent_service_pb2.GetRuntimeBundleUrlRequest, _agent_service_pb2.GetRuntimeBundleUrlResponse]
+    """GetRuntimeBundleUrl returns a short-lived URL to download the runtime bundle of the device's
+    base model. NOT_FOUND when the orchestrator exports no bundle for that base; UNAVAILABLE
+    while the export runs.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -78,9 +87,18 @@ class AgentServiceAsyncStub(AgentServiceStub):
     FailJob: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.FailJobRequest, _agent_service_pb2.FailJobResponse]  # type: ignore[assignment]
     """FailJob reports a failed attempt."""
     GetAdapterDownloadUrl: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetAdapterDownloadUrlRequest, _agent_service_pb2.GetAdapterDownloadUrlResponse]  # type: ignore[assignment]
-    """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+    """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters,
+    as trained (safetensors) or in its runtime form (.onnx_adapter). A runtime form still being
+    converted answers UNAVAILABLE (ask again later); one that cannot exist (the bundle cannot
+    serve the adapter) answers FAILED_PRECONDITION with the reason.
+    """
     RotateCredential: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.RotateCredentialRequest, _agent_service_pb2.RotateCredentialResponse]  # type: ignore[assignment]
     """Issues a new credential; the current one stays valid until the new one is first used."""
+    GetRuntimeBundleUrl: _aio.UnaryUnaryMultiCallable[_agent_service_pb2.GetRuntimeBundleUrlRequest, _agent_service_pb2.GetRuntimeBundleUrlResponse]  # type: ignore[assignment]
+    """GetRuntimeBundleUrl returns a short-lived URL to download the runtime bundle of the device's
+    base model. NOT_FOUND when the orchestrator exports no bundle for that base; UNAVAILABLE
+    while the export runs.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is called by device agents."""
@@ -141,7 +159,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_service_pb2.GetAdapterDownloadUrlRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.GetAdapterDownloadUrlResponse, _abc.Awaitable[_agent_service_pb2.GetAdapterDownloadUrlResponse]]:
-        """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters."""
+        """GetAdapterDownloadUrl returns a short-lived URL to download one of the device's adapters,
+        as trained (safetensors) or in its runtime form (.onnx_adapter). A runtime form still being
+        converted answers UNAVAILABLE (ask again later); one that cannot exist (the bundle cannot
+        serve the adapter) answers FAILED_PRECONDITION with the reason.
+        """
 
     @_abc_1.abstractmethod
     def RotateCredential(
@@ -150,5 +172,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_service_pb2.RotateCredentialResponse, _abc.Awaitable[_agent_service_pb2.RotateCredentialResponse]]:
         """Issues a new credential; the current one stays valid until the new one is first used."""
+
+    @_abc_1.abstractmethod
+    def GetRuntimeBundleUrl(
+        self,
+        request: _agent_service_pb2.GetRuntimeBundleUrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_service_pb2.GetRuntimeBundleUrlResponse, _abc.Awaitable[_agent_service_pb2.GetRuntimeBundleUrlResponse]]:
+        """GetRuntimeBundleUrl returns a short-lived URL to download the runtime bundle of the device's
+        base model. NOT_FOUND when the orchestrator exports no bundle for that base; UNAVAILABLE
+        while the export runs.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

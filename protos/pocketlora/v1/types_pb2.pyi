@@ -379,6 +379,30 @@ MIXED_PRECISION_FP16: MixedPrecision.ValueType  # 3
 """Matrix products in float16, a GPU setting; a CPU device trains bf16 or fp32 instead and says so."""
 Global___MixedPrecision: _TypeAlias = MixedPrecision  # noqa: Y015
 
+class _InferenceRuntime:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InferenceRuntimeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InferenceRuntime.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INFERENCE_RUNTIME_UNSPECIFIED: _InferenceRuntime.ValueType  # 0
+    """Not set."""
+    INFERENCE_RUNTIME_ONNX: _InferenceRuntime.ValueType  # 1
+    """onnxruntime-genai with a runtime bundle (int4 base, LoRA adapters as .onnx_adapter files)."""
+    INFERENCE_RUNTIME_TORCH: _InferenceRuntime.ValueType  # 2
+    """transformers + peft in fp32 (needs torch on the device)."""
+
+class InferenceRuntime(_InferenceRuntime, metaclass=_InferenceRuntimeEnumTypeWrapper):
+    """InferenceRuntime is an engine a device can answer prompts with."""
+
+INFERENCE_RUNTIME_UNSPECIFIED: InferenceRuntime.ValueType  # 0
+"""Not set."""
+INFERENCE_RUNTIME_ONNX: InferenceRuntime.ValueType  # 1
+"""onnxruntime-genai with a runtime bundle (int4 base, LoRA adapters as .onnx_adapter files)."""
+INFERENCE_RUNTIME_TORCH: InferenceRuntime.ValueType  # 2
+"""transformers + peft in fp32 (needs torch on the device)."""
+Global___InferenceRuntime: _TypeAlias = InferenceRuntime  # noqa: Y015
+
 @_typing.final
 class BaseModelShape(_message.Message):
     """BaseModelShape is what training memory depends on in a device's base model, read from its
@@ -508,6 +532,7 @@ class Capabilities(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     BASE_SHAPE_FIELD_NUMBER: _builtins.int
     NATIVE_BF16_FIELD_NUMBER: _builtins.int
+    INFERENCE_RUNTIMES_FIELD_NUMBER: _builtins.int
     ram_bytes: _builtins.int
     """Total physical memory in bytes."""
     free_storage_bytes: _builtins.int
@@ -541,6 +566,10 @@ class Capabilities(_message.Message):
     def base_shape(self) -> Global___BaseModelShape:
         """The shape of the installed base model, for memory planning; unset when unknown."""
 
+    @_builtins.property
+    def inference_runtimes(self) -> _containers.RepeatedScalarFieldContainer[Global___InferenceRuntime.ValueType]:
+        """Inference runtimes the device can run, preferred first."""
+
     def __init__(
         self,
         *,
@@ -557,10 +586,11 @@ class Capabilities(_message.Message):
         memory_budget_bytes: _builtins.int = ...,
         base_shape: Global___BaseModelShape | None = ...,
         native_bf16: _builtins.bool = ...,
+        inference_runtimes: _abc.Iterable[Global___InferenceRuntime.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["base_shape", b"base_shape"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "base_shape", b"base_shape", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "native_bf16", b"native_bf16", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "base_fingerprint", b"base_fingerprint", "base_model_id", b"base_model_id", "base_shape", b"base_shape", "cpu", b"cpu", "cpu_count", b"cpu_count", "free_storage_bytes", b"free_storage_bytes", "inference_runtimes", b"inference_runtimes", "labels", b"labels", "memory_budget_bytes", b"memory_budget_bytes", "native_bf16", b"native_bf16", "platform", b"platform", "ram_bytes", b"ram_bytes", "supports_4bit", b"supports_4bit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

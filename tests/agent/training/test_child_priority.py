@@ -74,7 +74,7 @@ def test_training_child_runs_at_nice_19_idle_io_with_capped_threads(
 
 @pytest.mark.slow
 def test_inference_child_is_niced_with_capped_threads(tiny_llama: Path) -> None:
-    host = RuntimeHost(tiny_llama, torch_threads=1)
+    host = RuntimeHost(tiny_llama, threads=1)
     try:
         host.generate("hello", max_new_tokens=2)  # the pools exist once a forward ran
         priority = read_priority(host.proc.pid)
