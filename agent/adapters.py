@@ -87,8 +87,6 @@ class AdapterSwitcher:
             if self.serving.listen and self.serving.host is None:
                 self._start()  # the inference API serves the base before any adapter arrives
             return
-        if not self._start():
-            return
         if desired and not is_id(desired):
             self._refuse(desired, "not a valid adapter id")
             return
