@@ -251,7 +251,7 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
         )
         try:
             job_id = submit(srv, "stale-phone", LONG_SPEC)
-            wait_for(lambda: agent.job is not None and agent.job.progress.get("step", 0) >= 4, 180, "four steps")
+            wait_for(lambda: agent.job is not None and agent.job.progress.get("step", 0) >= 4, 400, "four steps")
             skew[0] = 60.0
             dropped = wait_for(
                 lambda: [d for k, d in events if k == "job_dropped"], 60, "the agent to drop the stale lease"

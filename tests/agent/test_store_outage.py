@@ -79,7 +79,7 @@ def test_a_store_outage_at_completion_ends_succeeded_once_the_store_is_back(
             job_id = srv.operator.SubmitJob(
                 opb.SubmitJobRequest(device_id="outage-phone", training=SPEC), metadata=op_md()
             ).job.job_id
-            wait_for(lambda: sum(k == "complete_retry" for k, _ in events) >= 3, 180, "three refused completions")
+            wait_for(lambda: sum(k == "complete_retry" for k, _ in events) >= 3, 400, "three refused completions")
             job = _job(srv, job_id)
             assert job.state == tpb.JOB_STATE_UPLOADING and job.attempt == 1  # not failed, not requeued
             retries = [d for k, d in events if k == "complete_retry"]
