@@ -243,7 +243,8 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
     the checkpoints, and when the job comes back to it the second attempt resumes from them."""
     skew = [0.0]
     with ServerThread(
-        tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=6.0, retry_base_s=0.5, reap_every_s=0.5
+        # A lease long enough that a loaded machine's slow heartbeat never loses it before the jump.
+        tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=20.0, retry_base_s=0.5, reap_every_s=0.5
     ) as srv:
         # Progress reports far apart, so the heartbeat (not a refused report) is what hears it.
         agent, stop, thread, events = run_agent(
@@ -252,7 +253,7 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
         try:
             job_id = submit(srv, "stale-phone", LONG_SPEC)
             wait_for(lambda: agent.job is not None and agent.job.progress.get("step", 0) >= 4, 400, "four steps")
-            skew[0] = 60.0
+            skew[0] = 120.0
             dropped = wait_for(
                 lambda: [d for k, d in events if k == "job_dropped"], 60, "the agent to drop the stale lease"
             )
