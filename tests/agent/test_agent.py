@@ -244,7 +244,11 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
     skew = [0.0]
     with ServerThread(
         # A lease long enough that a loaded machine's slow heartbeat never loses it before the jump.
-        tmp_path / "orch", clock=lambda: time.time() + skew[0], lease_s=20.0, retry_base_s=0.5, reap_every_s=0.5
+        tmp_path / "orch",
+        clock=lambda: time.time() + skew[0],
+        lease_s=20.0,
+        retry_base_s=0.5,
+        reap_every_s=0.5,
     ) as srv:
         # Progress reports far apart, so the heartbeat (not a refused report) is what hears it.
         agent, stop, thread, events = run_agent(
