@@ -37,7 +37,7 @@ def cluster(tmp_path: Path, tiny_bundle: TinyBundle, monkeypatch: pytest.MonkeyP
     """Orchestrator on in-process Ray exporting the tiny base's bundle; yields its address."""
     import ray
 
-    from orchestrator.ray_layer import init_ray, start_orchestrator, stop_orchestrator
+    from orchestrator.ray_layer import Deployment, init_ray
 
     monkeypatch.setenv("POCKETLORA_URL_SECRET", "ab" * 32)
     ray_tmp = Path(tempfile.mkdtemp(prefix="plray-"))
@@ -50,11 +50,11 @@ def cluster(tmp_path: Path, tiny_bundle: TinyBundle, monkeypatch: pytest.MonkeyP
         runtime_bases={"tiny-llama": str(tiny_bundle.base)},
     )
     store_url = f"file://{tmp_path / 'blobs'}"
-    frontends, control, ports = start_orchestrator(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
+    deployment = Deployment(f"sqlite:///{tmp_path / 'state.db'}", store_url, config)
     try:
-        yield f"127.0.0.1:{ports[0]}"
+        yield deployment.start()[0].address
     finally:
-        stop_orchestrator(frontends, control)
+        deployment.stop()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
