@@ -264,7 +264,9 @@ def test_a_lease_lost_under_a_running_agent_stops_training_and_resumes_from_its_
                 150,
                 "the agent to drop the stale lease",
             )
-            assert dropped[0]["reason"] == "no longer leased to this device"
+            # A heartbeat usually hears it first; a report racing it is refused as stale the same way.
+            reason = dropped[0]["reason"]
+            assert reason == "no longer leased to this device" or "stale lease" in reason, reason
             done = wait_for(
                 lambda: (j := job_of(srv, job_id)).state == tpb.JOB_STATE_SUCCEEDED and j,
                 240,
