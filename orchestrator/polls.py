@@ -108,8 +108,6 @@ _HEARTBEAT = (
     "%s::text, %s::text, %s::float8, %s::float8, %s::float8, %s::text, %s::bigint, %s::text, %s::text,"
     " %s::text, %s::text, %s::boolean, %s::text, %s::text, %s::text, %s::bigint, %s::text)"
 )
-# Proto epochs are uint64; the column is signed 64-bit.
-_INT64_MAX = 2**63 - 1
 _FLEET = "SELECT (SELECT COUNT(*) FROM devices) AS d, (SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED') AS q"
 # Connections per replica. Each poll that writes waits for its commit's WAL flush; PostgreSQL
 # flushes the commits of every backend waiting at that moment together, so more connections in
@@ -243,7 +241,7 @@ class PgPolls(PollRunner):
             self.config.lease_s,
             self.config.last_seen_write_s,
             hb.running_job_id,
-            hb.running_epoch if hb.running_epoch <= _INT64_MAX else -1,  # no lease has that epoch
+            hb.running_epoch,  # validate_heartbeat capped it to the column's range
             hb.running_state.value if hb.running_state is not None else None,
             progress_json(hb.progress) if hb.progress is not None else None,
             hb.eligibility_reason,
@@ -252,7 +250,7 @@ class PgPolls(PollRunner):
             hb.eligibility_reason,
             hb.eligibility_detail,
             hb.active_adapter_id,
-            min(hb.free_storage_bytes, _INT64_MAX),
+            hb.free_storage_bytes,
             json.dumps(hb.adapter_refusals, sort_keys=True),
         )
         outcome, expires, adapter_json, labels, caps = await self._one(_HEARTBEAT, params)
