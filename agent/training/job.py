@@ -24,6 +24,7 @@ from agent.training.arch import read_config, resolve_targets
 from agent.training.datasets import dataset_sha256, read_records
 from agent.training.errors import DatasetError, IncompatibleBase, SpecError
 from agent.training.evaluation import split_holdout
+from agent.training.heap import active_allocator
 from agent.training.memory import plan_memory
 from agent.training.precision import cpu_has_native_bf16
 from agent.training.spec import TrainingSpec
@@ -115,7 +116,15 @@ def run_job(job_dir: Path, *, emit: Emit, should_pause: Callable[[], bool]) -> s
     for note in (precision_note, fallback_note):
         if note:
             plan.notes.insert(0, note)
-    emit({"event": "plan", **plan.to_dict(), "mixed_precision": precision, "torch_threads": torch.get_num_threads()})
+    emit(
+        {
+            "event": "plan",
+            **plan.to_dict(),
+            "mixed_precision": precision,
+            "torch_threads": torch.get_num_threads(),
+            "allocator": active_allocator(),
+        }
+    )
 
     loaded = load_for_training(
         spec,

@@ -16,8 +16,8 @@ import torch
 from adapters_store.memory_plan import resolve_precision
 from agent.training.arch import arch_name, read_config, resolve_targets
 from agent.training.errors import IncompatibleBase, Unsupported4Bit
+from agent.training.heap import trim_heap
 from agent.training.precision import cpu_has_native_bf16
-from agent.training.quantized import trim_heap
 from agent.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from adapters_store.fingerprint import read_safetensors_header
+from agent.training.heap import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +50,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _COPY_CHUNK = 8 * 2**20
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
-    # Tensors of a few MB freed in a loop leave glibc's heap fragmented: quantizing a model
-    # tensor by tensor keeps hundreds of MiB of freed memory resident without this.
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 class QuantizedCopyUnsupported(RuntimeError):

@@ -22,6 +22,7 @@ from typing import IO, Any, Literal
 
 from agent.procinfo import thread_env
 from agent.training.errors import EXIT_DONE, EXIT_PAUSED
+from agent.training.heap import allocator_env
 from agent.training.spec import TrainingSpec
 from protos.wire import ErrorClass
 
@@ -102,6 +103,8 @@ class TrainingProcess:
         # Native thread pools (OpenMP, MKL, tokenizers) size themselves when first used, from
         # the environment: cap them before the child starts, at the spec's torch_threads.
         env.update(thread_env(_spec_threads(self.job_dir)))
+        # jemalloc when installed: glibc's heap keeps NF4's freed step buffers (agent.training.heap).
+        env.update(allocator_env(env))
         # The worker arms PR_SET_PDEATHSIG itself and checks it still has this parent. No
         # preexec_fn here: running Python between fork and exec in a process with gRPC's threads
         # aborted the child ("epoll_wait error: Bad file descriptor" from grpc's poller), and

@@ -3,7 +3,7 @@
 Reads JOB_DIR/spec.json, trains (resuming from JOB_DIR/checkpoint when present) and reports on
 stdout, one JSON object per line:
     {"event": "plan", micro_batch, grad_accum, checkpointing, offload_optimizer,
-     estimate_bytes, budget_bytes, notes, mixed_precision, torch_threads}
+     estimate_bytes, budget_bytes, notes, mixed_precision, torch_threads, allocator}
     {"event": "resumed", "step"}                 only when a checkpoint was picked up
     {"event": "progress", "step", "total_steps", "epoch", "loss", "tokens_seen"}
     {"event": "checkpoint", "step"}

@@ -1,7 +1,7 @@
 """The real training and inference children run below normal priority with capped threads.
 
 Read from outside, as an operator would: nice from /proc/<pid>/stat, the thread count from
-/proc/<pid>/status, the environment from /proc/<pid>/environ, the I/O class from ioprio_get.
+/proc/<pid>/status, the environment from /proc/<pid>/environ, the I/O class from ioprio_get, the allocator from /proc/<pid>/maps.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ pytest.importorskip("torch")
 
 from agent.inference import RuntimeHost
 from agent.procinfo import IOPRIO_CLASS_BE, IOPRIO_CLASS_IDLE, Priority, read_priority
+from agent.training.heap import active_allocator, jemalloc_path
 from agent.training.runner import TrainingProcess, write_spec
 from agent.training.spec import TrainingSpec
 
@@ -56,6 +57,7 @@ def test_training_child_runs_at_nice_19_idle_io_with_capped_threads(
             assert proc.pid is not None
             seen["priority"] = read_priority(proc.pid)
             seen["environ"] = _environ(proc.pid)
+            seen["allocator"] = active_allocator(proc.pid)
             training.set()
             proc.request_pause()
 
@@ -70,6 +72,9 @@ def test_training_child_runs_at_nice_19_idle_io_with_capped_threads(
     assert priority.threads <= 1 + OTHER_THREADS, priority
     assert seen["plan"]["torch_threads"] == 1
     assert seen["environ"]["OMP_NUM_THREADS"] == "1" and seen["environ"]["MKL_NUM_THREADS"] == "1"
+    # jemalloc when installed (agent.training.heap), as the child itself reports and its maps show.
+    want = "jemalloc" if jemalloc_path() else "system"
+    assert seen["allocator"] == seen["plan"]["allocator"] == want
 
 
 @pytest.mark.slow
