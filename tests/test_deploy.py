@@ -64,6 +64,13 @@ class Proc:
     image: str = ""
     mounts: dict[str, str] = field(default_factory=dict)  # container path -> compose volume or "secret:NAME/KEY"
     networks: set[str] = field(default_factory=set)  # compose networks it is on (empty: not modelled)
+    # (subnet, TCP ports left open to it) when it starts behind deploy/edge-firewall.sh
+    firewall: tuple[str, set[int]] | None = None
+    user: str = ""
+    cap_add: set[str] = field(default_factory=set)
+
+
+FIREWALL = "pocketlora-edge-firewall"
 
 
 def parse(argv: list[str]) -> Any:
@@ -93,6 +100,11 @@ def compose_procs() -> list[Proc]:
         entry = svc.get("entrypoint", ["pocketlora"] if ours else [])
         command = svc.get("command", "")
         argv = [*entry, *(shlex.split(command) if isinstance(command, str) else command)]
+        firewall = None
+        if argv and argv[0] == FIREWALL:  # FIREWALL SUBNET PORTS -- COMMAND...: the command it runs
+            assert argv[3] == "--", argv
+            firewall = (argv[1], {int(port) for port in argv[2].split(",")})
+            argv = argv[4:]
         networks = svc.get("networks", ["default"])
         aliases = (
             {a for n in networks for a in (networks[n] or {}).get("aliases", [])}
@@ -103,6 +115,7 @@ def compose_procs() -> list[Proc]:
         proc = Proc(f"compose service {name}", argv, dict(svc.get("environment", {})), {name, *aliases}, image=image)
         proc.mounts = {v.split(":")[1]: v for v in svc.get("volumes", [])}
         proc.networks = set(networks)
+        proc.firewall, proc.user, proc.cap_add = firewall, str(svc.get("user", "")), set(svc.get("cap_add", []))
         if test and test[0] == "CMD" and test[1] in ("pocketlora", "ray"):
             proc.checks.append(test[1:])
         if not ours:

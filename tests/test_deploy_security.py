@@ -2,20 +2,25 @@
 sit on a network of their own with only what devices must reach (the front ends' gRPC port and
 the S3 API that presigned URLs name), while Ray, PostgreSQL and the serve process are on a
 backend network the agents are not on; the orchestrator holds its own S3 user, limited by policy
-to the adapters bucket, never MinIO's root credentials. The Kubernetes files say the same with
-NetworkPolicies."""
+to the adapters bucket, never MinIO's root credentials. The Ray nodes the agents can reach open
+only the front ends' port to them (deploy/edge-firewall.sh, run here with recording stand-ins
+for iptables and setpriv). The Kubernetes files say the same with NetworkPolicies."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.test_deploy import (
     COMPOSE,
+    FIREWALL,
     KUBE,
     _hostport,
     _ingress_units,
@@ -66,6 +71,110 @@ def test_agents_are_on_a_network_with_only_the_front_ends_and_the_store() -> Non
     ray_head = next(p for p in procs if p.argv[:2] == ["ray", "start"] and "--head" in p.argv)
     assert ray_head.networks & serve_proc.networks
     assert not ray_head.networks & edge
+
+
+def test_ray_nodes_on_the_agents_network_open_only_the_front_ends_port_to_it() -> None:
+    # Ray binds its raylet, object manager and worker ports on every interface whatever
+    # --node-ip-address says, so every Ray node the agents can reach starts behind the firewall,
+    # with the edge subnet allowed only the front ends' gRPC port, and Ray itself unprivileged.
+    procs = compose_procs()
+    _, serve = _serve(procs)
+    front = _hostport(serve.params["listen"])[1]
+    agents = [p for p, _ in _ours(procs, "agent", "run")]
+    edge = set.union(*(p.networks for p in agents))
+    (edge_name,) = edge
+    subnets = [c["subnet"] for c in yaml.safe_load(COMPOSE.read_text())["networks"][edge_name]["ipam"]["config"]]
+    ray_on_edge = [p for p in procs if p.argv[:2] == ["ray", "start"] and p.networks & edge]
+    assert ray_on_edge, "the front ends run on Ray nodes the agents reach"
+    for p in ray_on_edge:
+        assert p.firewall is not None, f"{p.where} is a Ray node on the agents' network without the firewall"
+        subnet, open_ports = p.firewall
+        assert subnets == [subnet], f"{p.where} filters {subnet}, the agents' network is {subnets}"
+        assert open_ports == {front}, f"{p.where} opens {sorted(open_ports)} to the agents"
+        assert p.user == "root" and p.cap_add == {"NET_ADMIN"}, p.where  # what iptables needs, nothing more
+    # The image carries the script under the name the entrypoints use, and iptables.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"COPY deploy/edge-firewall.sh /usr/local/bin/{FIREWALL}" in dockerfile
+    assert re.search(r"apt-get install [^\n]*\biptables\b", dockerfile)
+
+
+def _run_firewall(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    """Run deploy/edge-firewall.sh with iptables and setpriv replaced by recorders."""
+    log = tmp_path / "calls.jsonl"
+    for tool in ("iptables", "setpriv"):
+        fake = tmp_path / tool
+        fake.write_text(
+            "#!/usr/bin/env python3\n"
+            "import json, os, sys\n"
+            f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + '\\n')\n"
+        )
+        fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "edge-firewall.sh"), *args], env=env, capture_output=True, text=True
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return out, calls
+
+
+def test_the_edge_firewall_accepts_replies_and_the_open_ports_drops_the_rest_then_drops_privileges(
+    tmp_path: Path,
+) -> None:
+    out, calls = _run_firewall(tmp_path, "172.30.50.0/24", "50051", "--", "ray", "start", "--block")
+    assert out.returncode == 0, out.stderr
+    rules = [c[1:] for c in calls if c[0] == "iptables"]
+    assert rules == [
+        [
+            "-w",
+            "-A",
+            "INPUT",
+            "-s",
+            "172.30.50.0/24",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ],
+        [
+            "-w",
+            "-A",
+            "INPUT",
+            "-s",
+            "172.30.50.0/24",
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--dports",
+            "50051",
+            "-j",
+            "ACCEPT",
+        ],
+        ["-w", "-A", "INPUT", "-s", "172.30.50.0/24", "-j", "DROP"],
+    ]
+    (setpriv,) = [c[1:] for c in calls if c[0] == "setpriv"]
+    command = setpriv[setpriv.index("--") + 1 :]
+    assert command == ["ray", "start", "--block"]
+    assert {"--reuid=pocketlora", "--inh-caps=-all", "--bounding-set=-all"} <= set(setpriv)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("172.30.50.0/24", "50051", "ray", "start"),  # no --
+        ("172.30.50.0/24", "50051;reboot", "--", "ray"),  # not a port list
+        ("172.30.50.0/24", "", "--", "ray"),
+        ("172.30.50.0/24", "50051"),
+    ],
+)
+def test_the_edge_firewall_refuses_bad_arguments_before_touching_any_rule(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    out, calls = _run_firewall(tmp_path, *args)
+    assert out.returncode == 2 and "pocketlora-edge-firewall" in out.stderr
+    assert calls == []  # nothing ran: no rule added, no command started
 
 
 def test_the_orchestrator_holds_its_own_s3_user_limited_to_the_adapters_bucket() -> None:
