@@ -96,6 +96,7 @@ class Agent:
         self.job: LocalJob | None = LocalJob.load(config.work_dir)
         self.proc: TrainingProcess | None = None
         self.pausing = False
+        self.pause_reason: EligibilityReason | None = None  # why the running pause was asked for
         self.next_heartbeat = 0.0
         self.next_lease = 0.0
         self.completion = handin.Completion()
@@ -337,6 +338,7 @@ class Agent:
             if not elig.eligible and not self.pausing:
                 # Gate closed: the child finishes its optimizer step, checkpoints and exits.
                 self.pausing = True
+                self.pause_reason = elig.reason  # the gate may reopen before the child stops
                 requested_at = time.monotonic()
                 self.proc.request_pause()
                 self._emit(
@@ -353,7 +355,8 @@ class Agent:
         self.proc = None
         self.pausing = False
         if outcome.kind == "paused":
-            reason = None if elig.eligible else elig.reason
+            # Why the pause was asked for; the gate may have reopened while the child checkpointed.
+            reason = elig.reason if not elig.eligible else self.pause_reason
             if self._report(JobState.PAUSED, reason) is not None:
                 self.job.save(self.cfg.work_dir)
                 self._emit("paused", job_id=self.job.job_id, step=self.job.progress.get("step", 0))

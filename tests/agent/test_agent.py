@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +88,24 @@ SPEC = tpb.TrainingSpec(
 
 
 def run_agent(
-    srv: ServerThread, base: Path, work: Path, clock: ManualClock, device: str, *, progress_every_s: float = 0.5
+    srv: ServerThread,
+    base: Path,
+    work: Path,
+    clock: ManualClock,
+    device: str,
+    *,
+    progress_every_s: float = 0.5,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> tuple[Agent, threading.Event, threading.Thread, list[tuple[str, dict[str, Any]]]]:
     write_dataset(work / "datasets")
     write_trace(work / "trace.jsonl")
     events: list[tuple[str, dict[str, Any]]] = []
+
+    def listen(kind: str, data: dict[str, Any]) -> None:
+        events.append((kind, dict(data)))
+        if on_event is not None:
+            on_event(kind, data)
+
     cfg = AgentConfig(
         orchestrator=srv.address,
         device_id=device,
@@ -109,7 +122,7 @@ def run_agent(
         cfg,
         TraceSensors(work / "trace.jsonl", clock=clock),
         Gate(GatePolicy()),
-        listener=lambda k, d: events.append((k, dict(d))),
+        listener=listen,
     )
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
@@ -199,6 +212,29 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=1e-4)
     assert any(not np.allclose(t, 0) for n, t in b.items() if "lora_B" in n)  # it trained
+
+
+def test_a_pause_keeps_the_gates_reason_when_the_gate_reopens_before_the_child_stops(
+    srv: ServerThread, base: Path, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+
+    def blip(kind: str, _: dict[str, Any]) -> None:
+        if kind == "pausing":  # the heat was a blip: cool again before the child has checkpointed
+            clock.t = 350
+
+    _, stop, thread, events = run_agent(srv, base, tmp_path / "blip", clock, "blip-phone", on_event=blip)
+    try:
+        job_id = submit(srv, "blip-phone", LONG_SPEC)
+        wait_for(lambda: any(k == "progress" and d["step"] >= 2 for k, d in events), 120, "two optimizer steps")
+        clock.t = 150  # 50 °C
+        wait_for(lambda: any(k == "paused" for k, _ in events), 60, "the pause")
+        history = srv.operator.GetJobHistory(opb.GetJobHistoryRequest(job_id=job_id), metadata=op_md())
+        paused = [e.message for e in history.events if e.state == tpb.JOB_STATE_PAUSED]
+        assert paused == ["paused by the device's gate (TOO_HOT)"], paused
+    finally:
+        stop.set()
+        thread.join(60)
 
 
 def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(
