@@ -4,8 +4,10 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 \
     POCKETLORA_CACHE=/var/cache/pocketlora
 WORKDIR /app
-# iptables for the ingress nodes' edge firewall (deploy/edge-firewall.sh; setpriv is in util-linux).
-RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
+# iptables for the ingress nodes' edge firewall (deploy/edge-firewall.sh; setpriv is in util-linux);
+# jemalloc for the agents' training child (agent/training/heap.py).
+RUN apt-get update && apt-get install -y --no-install-recommends iptables libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 COPY deploy/edge-firewall.sh /usr/local/bin/pocketlora-edge-firewall
 # torch first (CPU build), so the project's requirements never pull a CUDA build.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu

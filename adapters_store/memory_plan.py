@@ -44,16 +44,18 @@ IMPORT_BYTES = 390 * MB
 # (421 MiB with the tiny test models, 458 MiB with SmolLM2 and its 3.5 MB tokenizer).
 RUNTIME_BYTES = 440 * MB
 # NF4 training keeps dequantization scratch on top of the 4-bit weights (bitsandbytes
-# dequantizes every linear in every forward and backward; glibc keeps the freed heap), in
-# proportion to the checkpoint.
-NF4_EXTRA_PER_FILE_BYTE = 0.15
+# dequantizes every linear in every forward and backward), in proportion to the checkpoint.
+# glibc malloc keeps much more of it (freed buffers stay resident behind longer-lived small
+# tensors; agent/training/heap.py) than jemalloc, which the training child uses when installed.
+NF4_EXTRA_PER_FILE_BYTE = {"jemalloc": 0.05, "system": 0.15}  # system: glibc malloc
 # Floats kept for backward per token per decoder layer, per unit of hidden / intermediate width.
 ACT_PER_HIDDEN = 13.0
 ACT_PER_INTERMEDIATE = 4.0
 # bitsandbytes' 4-bit matmul saves its fp32 inputs as well when no layer is checkpointed.
 NF4_ACT_PER_HIDDEN = 3.0
-# With checkpointing each layer keeps its input, the rotary tables and the dropout masks.
-CKPT_KEEP_PER_HIDDEN = 6.0
+# With checkpointing each layer keeps its input (and the rotary tables); under glibc the
+# recompute's freed scratch stays resident on top, in proportion to the tokens.
+CKPT_KEEP_PER_HIDDEN = {"jemalloc": 1.5, "system": 6.0}
 # Logit-sized float buffers alive at the loss peak (logits, log-softmax, their gradients).
 LOGIT_COPIES = 4.0
 # Logit bytes per loss chunk (agent.training.loss computes the head and loss chunk by chunk):
@@ -189,6 +191,9 @@ class PlanInputs:
     # "auto" (the planner decides), "on" or "off".
     checkpointing: str = "auto"
     offload_optimizer: str = "auto"
+    # The training process's allocator: "jemalloc" (the product's default where installed) or
+    # "system" (glibc malloc); the orchestrator plans for jemalloc, the device for what it runs.
+    allocator: str = "jemalloc"
 
 
 _API_PRECISION = {"MIXED_PRECISION_FP32": "fp32", "MIXED_PRECISION_BF16": "bf16", "MIXED_PRECISION_FP16": "fp16"}
@@ -265,12 +270,14 @@ def chunk_tokens(vocab: int) -> int:
     return max(1, CHUNK_LOGIT_BYTES // (4 * max(1, vocab)))
 
 
-def _activation_bytes(shape: BaseShape, micro_batch: int, seq: int, checkpointing: bool, nf4: bool) -> float:
+def _activation_bytes(
+    shape: BaseShape, micro_batch: int, seq: int, checkpointing: bool, nf4: bool, allocator: str
+) -> float:
     tokens = micro_batch * seq
     per_layer = tokens * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_INTERMEDIATE * shape.intermediate) * 4
     if checkpointing:
         # Every layer keeps its input; one layer at a time is recomputed with full activations.
-        return shape.layers * tokens * CKPT_KEEP_PER_HIDDEN * shape.hidden * 4 + per_layer
+        return shape.layers * tokens * CKPT_KEEP_PER_HIDDEN[allocator] * shape.hidden * 4 + per_layer
     if nf4:
         per_layer += tokens * NF4_ACT_PER_HIDDEN * shape.hidden * 4
     return shape.layers * per_layer
@@ -304,11 +311,11 @@ def estimate_peak_bytes(
     logits = tokens * shape.vocab * 4 * LOGIT_COPIES
     train_peak = (
         RUNTIME_BYTES
-        + (NF4_EXTRA_PER_FILE_BYTE * shape.file_bytes if inputs.nf4 else 0)
+        + (NF4_EXTRA_PER_FILE_BYTE[inputs.allocator] * shape.file_bytes if inputs.nf4 else 0)
         + weights
         + lora
         + logits
-        + _activation_bytes(shape, micro_batch, seq, checkpointing, inputs.nf4)
+        + _activation_bytes(shape, micro_batch, seq, checkpointing, inputs.nf4, inputs.allocator)
         + (_bf16_copies_bytes(shape, inputs.nf4, checkpointing) if inputs.bf16 else 0)
     )
     # Writing the NF4 copy holds the 4-bit tensors (the fp32 ones stream through); loading it

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,13 @@ def active_allocator(pid: int | str = "self") -> str:
     except OSError:
         return "system"
     return "jemalloc" if "libjemalloc" in maps else "system"
+
+
+def training_allocator(env: Mapping[str, str] | None = None) -> str:
+    """The allocator training runs with here: this process's, or the one a training child gets."""
+    if active_allocator() == "jemalloc" or allocator_env(os.environ if env is None else env):
+        return "jemalloc"
+    return "system"
 
 
 def trim_heap() -> None:

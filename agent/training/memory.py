@@ -24,6 +24,7 @@ from adapters_store.memory_plan import estimate_peak_bytes as _estimate
 from adapters_store.memory_plan import plan_memory as _plan
 from agent.training.arch import arch_info, default_target_modules, read_config, supports_chunked_loss
 from agent.training.errors import DoesNotFit, IncompatibleBase, Unsupported
+from agent.training.heap import training_allocator
 from agent.training.spec import TrainingSpec
 
 __all__ = ["MB", "MemoryPlan", "WeightStats", "base_shape", "estimate_peak_bytes", "plan_memory", "weight_stats"]
@@ -87,6 +88,7 @@ def plan_inputs(spec: TrainingSpec, targets: tuple[str, ...] | None = None) -> P
         micro_batch=spec.micro_batch,
         checkpointing=spec.gradient_checkpointing,
         offload_optimizer=spec.offload_optimizer,
+        allocator=training_allocator(),
     )
 
 

@@ -111,3 +111,24 @@ def test_unknown_architecture_and_missing_model(tmp_path: Path) -> None:
     assert estimate_peak_bytes(odd, spec_for(odd, target_modules=["q_proj"]), 1, False) > 0
     with pytest.raises(IncompatibleBase, match=r"no config\.json"):
         estimate_peak_bytes(tmp_path / "nothing", spec_for(tmp_path), 1, False)
+
+
+def test_the_device_plans_for_the_allocator_its_training_child_gets(
+    smol: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # glibc keeps NF4's freed dequantization buffers and the recompute's scratch (measured:
+    # benchmarks/training_memory.py); jemalloc, the training child's allocator where installed, does not.
+    from agent.training import heap
+    from agent.training import memory as plan
+
+    nf4 = spec_for(smol, max_seq_len=128)
+    by_allocator = {}
+    for allocator, env in (("jemalloc", {}), ("system", {heap.ALLOCATOR_ENV: "system"})):
+        monkeypatch.setattr(heap, "active_allocator", lambda pid="self": "system")
+        monkeypatch.setattr(heap, "jemalloc_path", lambda: "/lib/libjemalloc.so.2")
+        monkeypatch.setattr(plan, "training_allocator", lambda env=env: heap.training_allocator(env))
+        assert plan.plan_inputs(nf4).allocator == allocator
+        by_allocator[allocator] = estimate_peak_bytes(smol, nf4, 4, True)
+    assert by_allocator["system"] - by_allocator["jemalloc"] > 100 * MB, by_allocator
+    monkeypatch.setattr(heap, "jemalloc_path", lambda: None)
+    assert heap.training_allocator({}) == "system"  # not installed: glibc, and planned as such
