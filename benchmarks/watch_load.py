@@ -177,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.0, help="length of a window")
     parser.add_argument("--streams", type=int, default=0, help="watch streams (default 2,000; --quick 400)")
     parser.add_argument("--fleet-streams", type=int, default=10, help="streams that follow every job")
-    parser.add_argument("--rate", type=float, default=200.0, help="poll pairs per second")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="poll pairs per second (default 100: the one-process server at ~0.7 of a core before any watcher)",
+    )
     parser.add_argument(
         "--watchers-nice",
         type=int,
