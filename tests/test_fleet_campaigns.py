@@ -207,8 +207,14 @@ def test_a_rollout_step_whose_devices_fail_to_load_halts_and_rolls_back_that_ste
     assert len(refusers) >= 2  # more than half of the step's three devices: the threshold was crossed
     for name in refusers:
         assert "runtime did not start" in devices[name].seen("adapter_refused")[0]["reason"]
-        device = srv.operator.GetDevice(opb.GetDeviceRequest(device_id=name), metadata=op_md()).device
-        assert [r.adapter_id for r in device.adapter_refusals] == [by_device[name].adapter_id]
+
+        def refusals(name: str = name) -> list[str]:
+            device = srv.operator.GetDevice(opb.GetDeviceRequest(device_id=name), metadata=op_md()).device
+            return [r.adapter_id for r in device.adapter_refusals]
+
+        # A device that refused after the halt reports it with its next heartbeat, not at once.
+        wait_for(refusals, 30, f"{name}'s refusal on its device record")
+        assert refusals() == [by_device[name].adapter_id]
 
 
 def test_an_adapter_that_does_not_beat_its_base_is_refused_by_the_eval_gate(
