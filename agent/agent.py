@@ -96,7 +96,7 @@ class Agent:
         self.job: LocalJob | None = LocalJob.load(config.work_dir)
         self.proc: TrainingProcess | None = None
         self.pausing = False
-        self.pause_reason: EligibilityReason | None = None  # why the running pause was asked for
+        self.pause_reason: EligibilityReason | None = None  # why the gate asked for the running pause
         self.next_heartbeat = 0.0
         self.next_lease = 0.0
         self.completion = handin.Completion()
@@ -355,7 +355,6 @@ class Agent:
         self.proc = None
         self.pausing = False
         if outcome.kind == "paused":
-            # Why the pause was asked for; the gate may have reopened while the child checkpointed.
             reason = elig.reason if not elig.eligible else self.pause_reason
             if self._report(JobState.PAUSED, reason) is not None:
                 self.job.save(self.cfg.work_dir)

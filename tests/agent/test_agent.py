@@ -214,29 +214,6 @@ def test_hot_spell_pauses_within_one_step_and_resumes_to_the_same_adapter(
     assert any(not np.allclose(t, 0) for n, t in b.items() if "lora_B" in n)  # it trained
 
 
-def test_a_pause_keeps_the_gates_reason_when_the_gate_reopens_before_the_child_stops(
-    srv: ServerThread, base: Path, tmp_path: Path
-) -> None:
-    clock = ManualClock()
-
-    def blip(kind: str, _: dict[str, Any]) -> None:
-        if kind == "pausing":  # the heat was a blip: cool again before the child has checkpointed
-            clock.t = 350
-
-    _, stop, thread, events = run_agent(srv, base, tmp_path / "blip", clock, "blip-phone", on_event=blip)
-    try:
-        job_id = submit(srv, "blip-phone", LONG_SPEC)
-        wait_for(lambda: any(k == "progress" and d["step"] >= 2 for k, d in events), 120, "two optimizer steps")
-        clock.t = 150  # 50 °C
-        wait_for(lambda: any(k == "paused" for k, _ in events), 60, "the pause")
-        history = srv.operator.GetJobHistory(opb.GetJobHistoryRequest(job_id=job_id), metadata=op_md())
-        paused = [e.message for e in history.events if e.state == tpb.JOB_STATE_PAUSED]
-        assert paused == ["paused by the device's gate (TOO_HOT)"], paused
-    finally:
-        stop.set()
-        thread.join(60)
-
-
 def test_child_crash_fails_the_attempt_while_the_agent_keeps_heartbeating(
     srv: ServerThread, base: Path, tmp_path: Path
 ) -> None:
